@@ -1,0 +1,25 @@
+# Set-up is part of every target: a fresh machine needs only python3 (>= 3.10) with venv and pip.
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, pinned, so pip takes the local CPU wheel where one is provided (and PyPI's CUDA build
+# elsewhere); override with e.g. `make TORCH=torch==2.8.0` to keep another build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench install
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/pairrm-rlhf demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/pairrm-rlhf bench

@@ -1,0 +1,153 @@
+"""The pair-scoring engine: ordered (source, A, B) triples in, single-order logits f(x, A, B) out.
+
+Every scoring method goes through `PairScorer.score`. It is fast because it does as little as it can:
+each distinct text is tokenized once, identical triples are scored once, pairs are sorted by length and
+packed into batches under a token budget (padding only to the longest pair of each batch), the encoder
+keeps only its last layer, and the forward runs under `torch.inference_mode` and autocast. A CUDA
+out-of-memory error splits the batch and retries it; nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from .modeling import PairRMModel
+from .tokenization import PairLayout
+
+logger = logging.getLogger(__name__)
+
+Triple = tuple[str, str, str]
+
+
+def default_max_tokens(device: torch.device) -> int:
+    """Padded tokens per forward: small on CPU (attention is quadratic, caches are small), large on GPU."""
+    return 65536 if device.type == "cuda" else 8192
+
+
+class PairScorer:
+    """Batched single-order scoring of ordered pairs with one `PairRMModel`.
+
+    Args:
+        model: the encoder + head, already on `device`.
+        tokenizer: the text tokenizer (no prefix tokens; see `tokenization`).
+        layout: token ids and length budgets of a pair.
+        dtype: compute dtype: float32, or bfloat16/float16 through autocast.
+        max_tokens: padded tokens per batch (batch rows x longest pair); default by device.
+    """
+
+    def __init__(
+        self,
+        model: PairRMModel,
+        tokenizer: Tokenizer,
+        layout: PairLayout,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        max_tokens: int | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.device = device
+        self.dtype = dtype
+        self.max_tokens = max_tokens or default_max_tokens(device)
+
+    # ---- tokenization -------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, list[int]]:
+        """Token ids (no special tokens) of each distinct text, tokenized once, in one parallel call."""
+        distinct = list(dict.fromkeys(texts))
+        encodings = self.tokenizer.encode_batch(distinct, add_special_tokens=False)
+        return {text: enc.ids for text, enc in zip(distinct, encodings)}
+
+    def build(self, triples: Sequence[Triple]) -> list[tuple[list[int], tuple[int, int, int]]]:
+        """Input ids and prefix positions of each triple (no padding)."""
+        ids = self.tokenize([text for triple in triples for text in triple])
+        return [self.layout.pair(ids[s], ids[a], ids[b]) for s, a, b in triples]
+
+    def truncation_rate(self, triples: Sequence[Triple]) -> float:
+        """Fraction of triples in which some text is cut to fit PairRM's length budgets."""
+        if not triples:
+            return 0.0
+        ids = self.tokenize([text for triple in triples for text in triple])
+        return sum(self.layout.is_truncated(ids[s], ids[a], ids[b]) for s, a, b in triples) / len(triples)
+
+    # ---- scoring ------------------------------------------------------------------------------------
+    def score(
+        self,
+        triples: Sequence[Triple],
+        *,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """f(x, A, B) for each ordered triple, in the caller's order (float32 array).
+
+        `batch_size` caps the rows of one forward (the token budget always applies). The progress bar
+        defaults to on for jobs of more than one batch when logging is at INFO or below.
+        """
+        if not triples:
+            return np.zeros(0, dtype=np.float32)
+        unique = list(dict.fromkeys(triples))  # identical triples are scored once
+        index = {triple: i for i, triple in enumerate(unique)}
+        pairs = self.build(unique)
+        batches = self.plan(pairs, batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
+        results = np.empty(len(unique), dtype=np.float32)
+        with tqdm(total=len(unique), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:
+            for batch in batches:
+                results[batch] = self.forward([pairs[i] for i in batch])
+                bar.update(len(batch))
+        return results[[index[t] for t in triples]]
+
+    def plan(self, pairs: Sequence[tuple[list[int], tuple]], batch_size: int | None = None) -> list[list[int]]:
+        """Length-sorted batches (longest first) under the token budget; each a list of pair indices."""
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]), reverse=True)
+        batches: list[list[int]] = []
+        for i in order:
+            batch = batches[-1] if batches else None
+            longest = len(pairs[batch[0]][0]) if batch else 0
+            if batch and (len(batch) + 1) * longest <= self.max_tokens and (batch_size is None or len(batch) < batch_size):
+                batch.append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def forward(self, pairs: Sequence[tuple[list[int], tuple]]) -> np.ndarray:
+        """Run one padded batch; on CUDA out-of-memory, split it in halves and retry each."""
+        try:
+            return self._forward(pairs)
+        except torch.OutOfMemoryError:
+            if len(pairs) == 1:
+                raise
+            logger.warning("CUDA out of memory on a batch of %d pairs; splitting it and retrying", len(pairs))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_tokens = max(self.max_tokens // 2, 1)
+            half = len(pairs) // 2
+            return np.concatenate([self.forward(pairs[:half]), self.forward(pairs[half:])])
+
+    def _forward(self, pairs: Sequence[tuple[list[int], tuple]]) -> np.ndarray:
+        longest = max(len(ids) for ids, _ in pairs)
+        input_ids = torch.full((len(pairs), longest), self.layout.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), longest), dtype=torch.long)
+        for row, (ids, _) in enumerate(pairs):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        positions = torch.tensor([pos for _, pos in pairs], dtype=torch.long)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            logits = self.model(
+                input_ids.to(self.device, non_blocking=True),
+                mask.to(self.device, non_blocking=True),
+                positions.to(self.device, non_blocking=True),
+            )
+        return logits.cpu().numpy()

@@ -1,0 +1,392 @@
+"""`PairRM`: load a checkpoint and score with the method names and semantics of llm-blender's `Blender`.
+
+All methods return numpy arrays, like the reference, and go through one `PairScorer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import aggregation
+from .engine import PairScorer, Triple
+from .loading import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+CONVERSATION_INSTRUCTION = (  # the typo is part of the trained format
+    "Finish the following coversation in each i-th turn by filling in <Response i> with your response."
+)
+REF_MODES = ("longest", "shortest", "median_length", "first", "last")
+
+
+# ---- input checks: name the argument and the index -------------------------------------------------
+def check_texts(name: str, values: Any) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(value).__name__}")
+    return list(values)
+
+
+def check_lengths(**named: Sequence) -> None:
+    (first, reference), *rest = named.items()
+    for name, values in rest:
+        if len(values) != len(reference):
+            raise ValueError(f"{name} has {len(values)} items but {first} has {len(reference)}")
+
+
+def check_candidates(name: str, candidates: Any, n_inputs: int, same_count: bool = True) -> list[list[str]]:
+    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+        raise TypeError(f"{name} must be a list of lists of strings, got {type(candidates).__name__}")
+    if len(candidates) != n_inputs:
+        raise ValueError(f"{name} has {len(candidates)} items but inputs has {n_inputs}")
+    checked = [check_texts(f"{name}[{i}]", c) for i, c in enumerate(candidates)]
+    for i, c in enumerate(checked):
+        if not c:
+            raise ValueError(f"{name}[{i}] is empty: each input needs at least one candidate")
+        if same_count and len(c) != len(checked[0]):
+            raise ValueError(f"{name}[{i}] has {len(c)} candidates but {name}[0] has {len(checked[0])}")
+    return checked
+
+
+class PairRM:
+    """PairRM pairwise reward model: `from_pretrained`, then `compare`, `rank`, `rank_with_ref`, ...
+
+    f(x, A, B) > 0 means A is better than B for prompt x. The model is not antisymmetric (slot bias), so the
+    default comparison uses both orders: f(x, A, B) - f(x, B, A).
+    """
+
+    def __init__(self, scorer: PairScorer, kind: str = "hf"):
+        self.scorer = scorer
+        self.kind = kind
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        base_model: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_tokens: int | None = None,
+    ) -> "PairRM":
+        """Load `llm-blender/PairRM-hf`, `llm-blender/PairRM` or a local directory in either layout.
+
+        Args:
+            base_model: blender layout only: the base encoder (hub id or local directory) whose config and
+                tokenizer are read, overriding the checkpoint's `model_name`.
+            device: default CUDA when available, else CPU.
+            dtype: compute dtype; default float32 on CPU and bfloat16 (autocast) on CUDA. `float16` is the
+                reference's GPU mode.
+            max_tokens: padded tokens per batch; default 8192 on CPU, 65536 on CUDA.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = resolve_dtype(dtype, device)
+        checkpoint = load_checkpoint(name_or_path, base_model=base_model)
+        model = checkpoint.model.to(device)
+        scorer = PairScorer(model, checkpoint.tokenizer, checkpoint.layout, device=device, dtype=dtype, max_tokens=max_tokens)
+        return cls(scorer, checkpoint.kind)
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device
+
+    # ---- the building blocks ------------------------------------------------------------------------
+    @staticmethod
+    def _source(text: str, instruction: str | None) -> str:
+        # Literal [SEP] in user text becomes a space, as in the reference collator (both layouts).
+        return ((instruction or "") + text).replace("[SEP]", " ")
+
+    @staticmethod
+    def _candidate(text: str) -> str:
+        return text.replace("[SEP]", " ")
+
+    def _sources(self, inputs: list[str], instructions: Sequence[str] | None) -> list[str]:
+        if instructions is None:
+            return [self._source(x, None) for x in inputs]
+        instructions = check_texts("instructions", instructions)
+        check_lengths(inputs=inputs, instructions=instructions)
+        return [self._source(x, ins) for x, ins in zip(inputs, instructions)]
+
+    def pair_logits(
+        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        """Single-order f(x, A, B) for ordered triples of already-prepared text."""
+        return self.scorer.score(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+    def two_order_logits(
+        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        """f(x, A, B) - f(x, B, A) for each triple; exactly 0 without any forward when A == B."""
+        out = np.zeros(len(triples), dtype=np.float32)
+        todo = [i for i, (_, a, b) in enumerate(triples) if a != b]
+        both = [triples[i] for i in todo] + [(s, b, a) for s, a, b in (triples[i] for i in todo)]
+        logits = self.pair_logits(both, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        out[todo] = logits[: len(todo)] - logits[len(todo) :]
+        return out
+
+    def pairwise_matrices(
+        self, sources: list[str], candidates: list[list[str]], *, batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[np.ndarray]:
+        """For each source, M[i, j] = f(x, c_i, c_j) for i != j and 0 on the diagonal."""
+        triples, where = [], []
+        for k, (source, cands) in enumerate(zip(sources, candidates)):
+            for i, ci in enumerate(cands):
+                for j, cj in enumerate(cands):
+                    if i != j:
+                        triples.append((source, ci, cj))
+                        where.append((k, i, j))
+        logits = self.pair_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        matrices = [np.zeros((len(c), len(c)), dtype=np.float32) for c in candidates]
+        for (k, i, j), value in zip(where, logits):
+            matrices[k][i, j] = value
+        return matrices
+
+    # ---- llm-blender compatible API -----------------------------------------------------------------
+    def compare(
+        self,
+        inputs: Sequence[str],
+        candidates_A: Sequence[str],
+        candidates_B: Sequence[str],
+        instructions: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        return_logits: bool = False,
+        mode: str = "[A,B]+[B,A]",
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """Is A better than B? Booleans, or logits with `return_logits=True` (> 0 means A is better).
+
+        `mode="[A,B]+[B,A]"` (default) gives f(x,A,B) - f(x,B,A); `"[A,B]"` gives f(x,A,B); `"[B,A]"` f(x,B,A).
+        """
+        inputs = check_texts("inputs", inputs)
+        candidates_A = check_texts("candidates_A", candidates_A)
+        candidates_B = check_texts("candidates_B", candidates_B)
+        check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
+        sources = self._sources(inputs, instructions)
+        triples = [(s, self._candidate(a), self._candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
+        if mode == "[A,B]+[B,A]":
+            logits = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        elif mode == "[A,B]":
+            logits = self.pair_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        elif mode == "[B,A]":
+            logits = self.pair_logits([(s, b, a) for s, a, b in triples], batch_size=batch_size, show_progress_bar=show_progress_bar)
+        else:
+            raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r}")
+        return logits if return_logits else logits > 0
+
+    def probability(
+        self,
+        inputs: Sequence[str],
+        candidates_A: Sequence[str],
+        candidates_B: Sequence[str],
+        temperature: float = 1.0,
+        instructions: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Calibrated P(A > B | x) = sigmoid((f(x,A,B) - f(x,B,A)) / (2 T)).
+
+        At T=1 this is the sigmoid of the mean of the two orders' log-odds. TRL's former soft PairRMJudge
+        returned sigmoid(f(x,A,B) - f(x,B,A)), which is this at T=0.5.
+        """
+        logits = self.compare(inputs, candidates_A, candidates_B, instructions, batch_size, return_logits=True)
+        return aggregation.probability(logits, temperature)
+
+    def rank(
+        self,
+        inputs: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        instructions: Sequence[str] | None = None,
+        return_scores: bool = False,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """Rank each input's candidates by a full round-robin: 1-based ranks (1 = best), or scores.
+
+        score_i = (1/N) sum_j (f(x,c_i,c_j) - f(x,c_j,c_i)), as the reference; equal scores share a rank.
+        """
+        inputs = check_texts("inputs", inputs)
+        candidates = check_candidates("candidates", candidates, len(inputs))
+        sources = self._sources(inputs, instructions)
+        matrices = self.pairwise_matrices(
+            sources, [[self._candidate(c) for c in cands] for cands in candidates],
+            batch_size=batch_size, show_progress_bar=show_progress_bar,
+        )
+        scores = np.stack([aggregation.round_robin_scores(m) for m in matrices])
+        return scores if return_scores else aggregation.ranks_from_scores(scores)
+
+    def rank_with_ref(
+        self,
+        inputs: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        instructions: Sequence[str] | None = None,
+        return_scores: bool = False,
+        batch_size: int | None = None,
+        ref_mode: str = "longest",
+        ref_candidates: Sequence[str] | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """Score each candidate against one reference: f(x,c,ref) - f(x,ref,c) (ranks unless return_scores).
+
+        The reference is `ref_candidates[i]` when given, else picked from the candidates by character length:
+        `longest` (first on ties), `shortest`, `median_length` (sorted[N//2]), `first` or `last`. A candidate
+        equal to its reference scores exactly 0.
+        """
+        inputs = check_texts("inputs", inputs)
+        candidates = check_candidates("candidates", candidates, len(inputs))
+        if ref_candidates is None:
+            refs = [pick_reference(c, ref_mode) for c in candidates]
+        else:
+            refs = check_texts("ref_candidates", ref_candidates)
+            check_lengths(inputs=inputs, ref_candidates=refs)
+        sources = self._sources(inputs, instructions)
+        triples = [
+            (s, self._candidate(c), self._candidate(ref)) for s, cands, ref in zip(sources, candidates, refs) for c in cands
+        ]
+        flat = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        scores = flat.reshape(len(inputs), len(candidates[0]))
+        return scores if return_scores else aggregation.ranks_from_scores(scores)
+
+    def compare_conversations(
+        self,
+        conversations_a: Sequence[Sequence[dict]],
+        conversations_b: Sequence[Sequence[dict]],
+        batch_size: int | None = None,
+        return_logits: bool = False,
+        mode: str = "[A,B]+[B,A]",
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """Compare two multi-turn conversations with the same USER turns (roles USER/ASSISTANT, any case).
+
+        Rendered as the reference does: the source is the fixed instruction followed by
+        `USER: {u}\\nAssistant: <Response k>` lines; each candidate is `<Response k>: {a}` lines.
+        """
+        inputs, cands_a, cands_b = render_conversations(conversations_a, conversations_b)
+        instructions = [CONVERSATION_INSTRUCTION] * len(inputs)
+        return self.compare(inputs, cands_a, cands_b, instructions, batch_size, return_logits, mode, show_progress_bar)
+
+    def best_of_n(
+        self,
+        inputs: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        instructions: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> list[str]:
+        """The best candidate of each input by full ranking (the first one among equal best scores)."""
+        scores = self.rank(inputs, candidates, instructions, return_scores=True, batch_size=batch_size)
+        return [cands[int(np.argmax(row))] for cands, row in zip(candidates, scores)]
+
+    def best_of_n_generate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        n: int = 5,
+        instructions: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Sample `n` responses per prompt from a causal LM and return the best of each by full ranking.
+
+        `generate_kwargs` go to `model.generate` (default `do_sample=True`, `max_new_tokens=128`).
+        """
+        prompts = check_texts("prompts", prompts)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        samples = sample_responses(model, tokenizer, prompts, n, **generate_kwargs)
+        return self.best_of_n(prompts, samples, instructions, batch_size)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    resolved = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return resolved
+
+
+def pick_reference(candidates: list[str], mode: str) -> str:
+    if mode == "longest":
+        return max(candidates, key=len)
+    if mode == "shortest":
+        return min(candidates, key=len)
+    if mode == "median_length":
+        return sorted(candidates, key=len)[len(candidates) // 2]
+    if mode == "first":
+        return candidates[0]
+    if mode == "last":
+        return candidates[-1]
+    raise ValueError(f"ref_mode must be one of {REF_MODES}, got {mode!r}")
+
+
+def render_conversations(
+    conversations_a: Sequence[Sequence[dict]], conversations_b: Sequence[Sequence[dict]]
+) -> tuple[list[str], list[str], list[str]]:
+    """Validate two lists of conversations and render them in PairRM's multi-turn format."""
+    if isinstance(conversations_a, (str, dict)) or not isinstance(conversations_a, Sequence):
+        raise TypeError("conversations_a must be a list of conversations (lists of messages)")
+    if isinstance(conversations_b, (str, dict)) or not isinstance(conversations_b, Sequence):
+        raise TypeError("conversations_b must be a list of conversations (lists of messages)")
+    check_lengths(conversations_a=conversations_a, conversations_b=conversations_b)
+    inputs, cands_a, cands_b = [], [], []
+    for k, (conv_a, conv_b) in enumerate(zip(conversations_a, conversations_b)):
+        turns_a = _turns(f"conversations_a[{k}]", conv_a)
+        turns_b = _turns(f"conversations_b[{k}]", conv_b)
+        if len(turns_a) != len(turns_b):
+            raise ValueError(f"conversations_a[{k}] has {len(turns_a)} turns but conversations_b[{k}] has {len(turns_b)}")
+        for t, ((user_a, _), (user_b, _)) in enumerate(zip(turns_a, turns_b)):
+            if user_a != user_b:
+                raise ValueError(f"USER turn {t} of conversations_a[{k}] and conversations_b[{k}] differ")
+        inputs.append("\n".join(f"USER: {u}\nAssistant: <Response {t + 1}>" for t, (u, _) in enumerate(turns_a)))
+        cands_a.append("\n".join(f"<Response {t + 1}>: {a}" for t, (_, a) in enumerate(turns_a)))
+        cands_b.append("\n".join(f"<Response {t + 1}>: {a}" for t, (_, a) in enumerate(turns_b)))
+    return inputs, cands_a, cands_b
+
+
+def _turns(name: str, conversation: Any) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of a conversation that alternates USER / ASSISTANT messages."""
+    if isinstance(conversation, (str, dict)) or not isinstance(conversation, Sequence):
+        raise TypeError(f"{name} must be a list of messages, got {type(conversation).__name__}")
+    if not conversation or len(conversation) % 2:
+        raise ValueError(f"{name} must have an even, non-zero number of messages (USER, ASSISTANT, ...)")
+    turns = []
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise TypeError(f"{name}[{i}] must be a dict with a string 'content'")
+        expected = "USER" if i % 2 == 0 else "ASSISTANT"
+        if str(message.get("role", "")).upper() != expected:
+            raise ValueError(f"{name}[{i}] has role {message.get('role')!r}; expected {expected}")
+    for i in range(0, len(conversation), 2):
+        turns.append((conversation[i]["content"], conversation[i + 1]["content"]))
+    return turns
+
+
+def sample_responses(model: Any, tokenizer: Any, prompts: list[Any], n: int, **generate_kwargs: Any) -> list[list[str]]:
+    """`n` sampled responses per prompt (strings, or message lists rendered with the chat template)."""
+    generate_kwargs = {"do_sample": True, "max_new_tokens": 128, **generate_kwargs}
+    texts = [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(prompts[0], str))
+    finally:
+        tokenizer.padding_side = padding_side
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(**enc, num_return_sequences=n, pad_token_id=pad_id, **generate_kwargs)
+    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]

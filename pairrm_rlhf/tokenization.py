@@ -1,0 +1,107 @@
+"""Tokenization exactly as PairRM was trained, and the token layout of one pair.
+
+transformers 5's DeBERTa tokenizer class rebuilds its text normalizer and splits some text (ellipsis,
+ligatures, full-width forms, non-breaking spaces) differently from the fast tokenizer PairRM was trained
+with. We therefore load `tokenizer.json` with the `tokenizers` library, or build the same tokenizer from
+`spm.model` (what transformers 4's DeBERTa-v2 converter produced), and add special tokens ourselves.
+
+The four prefix tokens are *not* part of the text tokenizer: user text that contains `<|source|>` is
+tokenized as ordinary characters and can never create a prefix token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+PREFIX_TOKENS = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
+
+
+def tokenizer_from_spm(spm_path: str | Path, do_lower_case: bool = False, split_by_punct: bool = False) -> Tokenizer:
+    """The fast DeBERTa-v3 tokenizer built from a sentencepiece model, as transformers 4 converted it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(spm_path).read_bytes())
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    unk_id = next(i for i, piece in enumerate(proto.pieces) if piece.type == 2)  # UNKNOWN
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=False))
+
+    steps = [normalizers.Lowercase()] if do_lower_case else []
+    steps.append(normalizers.Strip())
+    if proto.normalizer_spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+    steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+
+    splitters = [pre_tokenizers.Punctuation(behavior="isolated")] if split_by_punct else []
+    splitters.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splitters)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    # Special tokens as DeBERTa-v3 registers them; [MASK] is appended after the sentencepiece vocab.
+    tokenizer.add_special_tokens(
+        [AddedToken(tok, normalized=(tok == "[UNK]"), special=True) for tok in SPECIAL_TOKENS]
+    )
+    return tokenizer
+
+
+def _without_prefix_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose added-token table lacks the four PairRM prefix tokens."""
+    state = json.loads(tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in PREFIX_TOKENS]
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def load_text_tokenizer(directory: str | Path, do_lower_case: bool = False, split_by_punct: bool = False) -> Tokenizer:
+    """Load the text tokenizer of a checkpoint or base-model directory (tokenizer.json, else spm.model)."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return _without_prefix_tokens(Tokenizer.from_file(str(directory / "tokenizer.json")))
+    if (directory / "spm.model").is_file():
+        return tokenizer_from_spm(directory / "spm.model", do_lower_case, split_by_punct)
+    raise FileNotFoundError(f"{directory} has neither tokenizer.json nor spm.model: cannot build the tokenizer")
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Token ids and length budgets of PairRM's input: `[CLS] <prefix> text [SEP]` three times.
+
+    The source segment holds at most `source_max_length` tokens (specials included); each candidate at most
+    `(source_max_length + 2 * candidate_max_length - len(source_segment)) // 2`, so budget the source does not
+    use is shared by the candidates. Truncation keeps the left part of the text and all special tokens.
+    The budget depends only on the example itself, so results never depend on batch composition.
+    """
+
+    cls_id: int
+    sep_id: int
+    pad_id: int
+    source_prefix_id: int
+    cand1_prefix_id: int
+    cand2_prefix_id: int
+    source_max_length: int = 1224
+    candidate_max_length: int = 412
+
+    def source_segment(self, text_ids: list[int]) -> list[int]:
+        return [self.cls_id, self.source_prefix_id, *text_ids[: self.source_max_length - 3], self.sep_id]
+
+    def candidate_budget(self, source_segment_length: int) -> int:
+        return (self.source_max_length + 2 * self.candidate_max_length - source_segment_length) // 2
+
+    def pair(self, source_ids: list[int], a_ids: list[int], b_ids: list[int]) -> tuple[list[int], tuple[int, int, int]]:
+        """Input ids of one ordered pair and the positions of its three prefix tokens."""
+        source = self.source_segment(source_ids)
+        keep = max(self.candidate_budget(len(source)) - 3, 0)
+        a = [self.cls_id, self.cand1_prefix_id, *a_ids[:keep], self.sep_id]
+        b = [self.cls_id, self.cand2_prefix_id, *b_ids[:keep], self.sep_id]
+        return source + a + b, (1, len(source) + 1, len(source) + len(a) + 1)
+
+    def is_truncated(self, source_ids: list[int], a_ids: list[int], b_ids: list[int]) -> bool:
+        """Whether any of the three texts loses tokens in this pair."""
+        if len(source_ids) > self.source_max_length - 3:
+            return True
+        keep = self.candidate_budget(len(source_ids) + 3) - 3
+        return len(a_ids) > keep or len(b_ids) > keep
