@@ -97,7 +97,8 @@ def build_random_pairrm(shape: str, device: torch.device, dtype: torch.dtype, ma
 
 # ---- the reference schedule ----------------------------------------------------------------------
 class Baseline:
-    """One forward per ordered pair over fixed groups of prompts, padded to the group's longest, unsorted."""
+    """One forward per ordered pair over fixed groups of prompts, padded to the group's longest, unsorted,
+    through transformers' own DeBERTa-v2 model (eager attention, all hidden states kept), as llm-blender runs."""
 
     def __init__(self, pairrm: PairRM, batch_size: int):
         scorer = pairrm.scorer
@@ -115,9 +116,12 @@ class Baseline:
             mask[row, : len(ids)] = 1
         positions = torch.tensor([pos for _, pos in pairs])
         device = self.scorer.device
-        with torch.no_grad():
-            out = self.model(input_ids.to(device), mask.to(device), positions.to(device))
-        return out.float().cpu().numpy()
+        with torch.no_grad():  # the stock transformers encoder keeping every layer, as the reference runs it
+            states = self.model.pretrained_model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
+            ).hidden_states
+            out = self.model.pair_logits(states[-1], positions.to(device))
+        return out.cpu().numpy()
 
     def rank_scores(self, prompts: list[str], candidates: list[list[str]]) -> np.ndarray:
         n = len(candidates[0])

@@ -7,8 +7,11 @@ Parameter names match both published checkpoint layouts (`pretrained_model.*`, `
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import DebertaV2Config, DebertaV2Model
 
 
@@ -29,9 +32,15 @@ class PairRMModel(nn.Module):
         )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states only: the encoder is called without keeping every layer's output."""
+        """Last-layer hidden states, keeping no other layer's output.
+
+        Inference uses our own disentangled attention (`fast_encoder`) when the configuration is DeBERTa-v3's;
+        training, and any other configuration, use the stock transformers encoder.
+        """
         encoder = self.pretrained_model
         embeddings = encoder.embeddings(input_ids=input_ids, mask=attention_mask)
+        if not self.training and supports_fast_encoder(self.config):
+            return fast_encoder(encoder.encoder, embeddings, attention_mask.bool())
         return encoder.encoder(embeddings, attention_mask, output_hidden_states=False).last_hidden_state
 
     def forward(
@@ -45,9 +54,119 @@ class PairRMModel(nn.Module):
         Positions are passed explicitly (the tokenizer knows them) rather than searched for by token id,
         so user text can never move them.
         """
-        hidden = self.encode(input_ids, attention_mask)
+        return self.pair_logits(self.encode(input_ids, attention_mask), prefix_positions)
+
+    def pair_logits(self, hidden: torch.Tensor, prefix_positions: torch.Tensor) -> torch.Tensor:
+        """The head on last-layer states: g([h_src; h_A]) - g([h_src; h_B]) per row, as float32."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         src, cand1, cand2 = hidden[rows, prefix_positions].unbind(1)
         left = self.head_layer(torch.cat([src, cand1], dim=-1))
         right = self.head_layer(torch.cat([src, cand2], dim=-1))
         return (left - right)[:, 0].float()
+
+
+# ---- inference-only encoder ---------------------------------------------------------------------
+# The same computation as transformers' DeBERTa-v2 encoder, written for speed: no per-batch copies of the
+# relative-position projections, no [B, L, L] mask, content and position terms summed into one additive
+# bias, and softmax(QK^T/s + bias)V done by `scaled_dot_product_attention`.
+
+
+def supports_fast_encoder(config: DebertaV2Config) -> bool:
+    """DeBERTa-v3 style: relative attention with c2p/p2c terms, log buckets, no conv layer."""
+    pos_att_type = set(config.pos_att_type or [])
+    return (
+        getattr(config, "relative_attention", False)
+        and pos_att_type <= {"c2p", "p2c"}
+        and getattr(config, "position_buckets", -1) > 0
+        and getattr(config, "conv_kernel_size", 0) == 0
+        and getattr(config, "attention_head_size", config.hidden_size // config.num_attention_heads)
+        == config.hidden_size // config.num_attention_heads
+    )
+
+
+def log_bucket_positions(length: int, buckets: int, max_position: int, device: torch.device) -> torch.Tensor:
+    """Relative positions i - j, exact within +-buckets/2 and log-spaced beyond (DeBERTa-v3's buckets)."""
+    pos = torch.arange(length, device=device)
+    rel = (pos[:, None] - pos[None, :]).double()
+    mid = buckets // 2
+    far = rel.abs().clamp(min=mid)  # values inside the exact window are replaced below
+    log_pos = torch.ceil(torch.log(far / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    return torch.where(rel.abs() <= mid, rel, log_pos * rel.sign()).long()
+
+
+_POSITION_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def relative_rows(length: int, span: int, max_position: int, device: torch.device) -> torch.Tensor:
+    """Rows of the 2*span relative embeddings for relative positions i - j = L-1 ... -(L-1), in that order."""
+    key = (length, span, max_position, str(device))
+    if key not in _POSITION_CACHE:
+        if len(_POSITION_CACHE) > 64:
+            _POSITION_CACHE.clear()
+        buckets = log_bucket_positions(2 * length - 1, span, max_position, device)[:, length - 1]  # r = m - (L-1)
+        _POSITION_CACHE[key] = (span + buckets.flip(0)).clamp(0, 2 * span - 1)
+    return _POSITION_CACHE[key]
+
+
+def skew(scores: torch.Tensor) -> torch.Tensor:
+    """[..., L, 2L-1] scores over relative positions -(L-1)..L-1 -> [..., L, L] with out[i, j] at r = j - i.
+
+    A strided view (Transformer-XL's relative shift): row i starts at column L-1-i, so no gather is needed.
+    """
+    *lead, length, width = scores.shape
+    scores = scores.contiguous()
+    stride = list(scores.stride())
+    return scores.as_strided((*lead, length, length), (*stride[:-2], width - 1, 1), scores.storage_offset() + length - 1)
+
+
+def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run a DeBERTa-v2 encoder's layers on embeddings `hidden` [B, L, H] with key padding `mask` [B, L]."""
+    length = hidden.shape[1]
+    span = encoder.position_buckets
+    rows = relative_rows(length, span, encoder.max_relative_positions, hidden.device)
+    rel_embeddings = encoder.get_rel_embedding()[rows]
+    key_bias = torch.zeros(mask.shape, device=hidden.device, dtype=torch.float32)
+    key_bias.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    for layer in encoder.layer:
+        attention = layer.attention
+        context = _disentangled_attention(attention.self, hidden, rel_embeddings, key_bias)
+        attended = attention.output(context, hidden)
+        hidden = layer.output(layer.intermediate(attended), attended)
+    return hidden
+
+
+def _disentangled_attention(
+    attn: nn.Module, hidden: torch.Tensor, rel_embeddings: torch.Tensor, key_bias: torch.Tensor
+) -> torch.Tensor:
+    """Disentangled self-attention. `rel_embeddings` [2L-1, H] holds relative positions i - j = L-1 ... -(L-1);
+    `key_bias` [B, L] is 0 for tokens and a large negative number for padding.
+
+    The attention bias c2p[i, j] + p2c[i, j] (query content . key position, key content . query position,
+    both at bucket(i - j)) is computed against every relative position with one matmul per term and turned
+    into [L, L] by `skew`, a strided view; softmax(QK^T / s + bias) V is `scaled_dot_product_attention`.
+    """
+    batch, length, _ = hidden.shape
+    heads = attn.num_attention_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [..., L, H*d] -> [..., H, L, d]
+        return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [H, B*L, d]: one GEMM per head
+        return x.transpose(0, 1).flatten(1, 2)
+
+    def unskew(x: torch.Tensor) -> torch.Tensor:  # [H, B*L, 2L-1] -> [B, H, L, L] (a view)
+        return skew(x.unflatten(1, (batch, length))).transpose(0, 1)
+
+    query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
+    scale = math.sqrt(query.shape[-1] * (1 + len(attn.pos_att_type)))
+    # Skewed column m of row a stands for b - a = m - (L-1). For c2p (a=i, b=j) that is -(i - j): the order
+    # of `rel_embeddings`. p2c is computed as [j, i] (a=j, b=i, +(i - j): the reversed rows), then transposed.
+    bias = key_bias.to(query.dtype)[:, None, None, :]
+    if "c2p" in attn.pos_att_type:
+        pos_key = split(attn.key_proj(rel_embeddings) if attn.share_att_key else attn.pos_key_proj(rel_embeddings))
+        bias = bias + unskew(torch.matmul(per_head(query), pos_key.transpose(-1, -2) / scale))
+    if "p2c" in attn.pos_att_type:
+        pos_query = split(attn.query_proj(rel_embeddings) if attn.share_att_key else attn.pos_query_proj(rel_embeddings))
+        bias = bias + unskew(torch.matmul(per_head(key), pos_query.flip(-2).transpose(-1, -2) / scale)).transpose(-1, -2)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0 / scale)
+    return context.transpose(1, 2).flatten(2)

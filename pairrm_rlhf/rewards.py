@@ -1,0 +1,334 @@
+"""TRL reward functions over PairRM.
+
+- `PairwiseReward` / `AsyncPairwiseReward`: GRPO/RLOO rewards, against a reference column or round-robin within
+  each prompt's group of generations.
+- `OnlineDPOJudgeReward`: makes OnlineDPOTrainer's chosen sample the one PairRM prefers.
+- `pairrm_reference_reward`, `pairrm_group_reward`: module-level functions for TRL's CLI
+  (`--reward_funcs pairrm_rlhf.rewards.pairrm_reference_reward`), configured by environment variables.
+
+All of them are plain callables (TRL treats `nn.Module`s as sequence-classification models) and load the model on
+first call. Text is rendered by `judges.render`, the same as the judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import aggregation
+from .judges import DEFAULT_MODEL, LazyPairRM, PairRMJudge, process_device, render
+from .pairrm import PairRM
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("probability", "logit", "win")
+MODES = ("reference", "group")
+ENV_VARS = ("PAIRRM_MODEL", "PAIRRM_DEVICE", "PAIRRM_DTYPE", "PAIRRM_BASE_MODEL")
+_TRL_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+
+
+def _check_rows(prompts: Any, completions: Any) -> tuple[list, list]:
+    for name, values in (("prompts", prompts), ("completions", completions)):
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a list, got {type(values).__name__}")
+    if len(prompts) != len(completions):
+        raise ValueError(f"completions has {len(completions)} items but prompts has {len(prompts)}")
+    return list(prompts), list(completions)
+
+
+# ---- OnlineDPO -----------------------------------------------------------------------------------------
+class OnlineDPOJudgeReward:
+    """Reward function for `trl.experimental.online_dpo.OnlineDPOTrainer` that judges each pair with PairRM.
+
+    The trainer calls it with `prompts = 2 * prompts` (rows i and B+i are the two samples of prompt i) and keeps as
+    chosen the first sample when reward(first) >= reward(second). Soft mode returns (P, 1 - P) with P the
+    calibrated probability that the first is better, hard mode (1, 0) or (0, 1) by the judge's decision (ties go to
+    the first, as the trainer's `>=` rule does). Either way the chosen sample is PairRM's preferred one, unless
+    the trainer's `missing_eos_penalty` (subtracted from these rewards) overrides it. Synchronous on purpose:
+    OnlineDPO does not await reward functions.
+    """
+
+    def __init__(
+        self,
+        judge: PairRMJudge | PairRM | LazyPairRM | str | os.PathLike = DEFAULT_MODEL,
+        *,
+        soft: bool = True,
+        temperature: float = 1.0,
+        name: str = "pairrm_judge",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        base_model: str | os.PathLike | None = None,
+        batch_size: int | None = None,
+    ):
+        if isinstance(judge, PairRMJudge):
+            if any(v is not None for v in (device, dtype, base_model, batch_size)):
+                raise ValueError("device, dtype, base_model and batch_size apply only when judge is not a PairRMJudge")
+            self.judge = judge
+        else:
+            self.judge = PairRMJudge(judge, device=device, dtype=dtype, base_model=base_model, batch_size=batch_size)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.soft = soft
+        self.temperature = temperature
+        self.__name__ = name
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
+        prompts, completions = _check_rows(prompts, completions)
+        if len(prompts) % 2:
+            raise ValueError(
+                f"prompts has {len(prompts)} rows; OnlineDPOTrainer's block layout has 2 * B rows (prompts = 2 * prompts)"
+            )
+        b = len(prompts) // 2
+        for i in range(b):
+            if prompts[i] != prompts[b + i]:
+                raise ValueError(
+                    f"prompts[{i}] and prompts[{b + i}] differ; expected OnlineDPOTrainer's block layout "
+                    "(prompts = 2 * prompts, rows i and B+i are two samples of one prompt)"
+                )
+        z = self.judge.two_order_logits(prompts[:b], [[completions[i], completions[b + i]] for i in range(b)])
+        if self.soft:
+            first = aggregation.probability(z, self.temperature)
+        else:
+            first = (z >= 0).astype(np.float32)
+        return [float(v) for v in first] + [float(v) for v in (1 - first)]
+
+
+# ---- PairwiseReward ------------------------------------------------------------------------------------
+class PairwiseReward:
+    """TRL reward function (`reward(prompts, completions, **columns) -> list[float]`) from PairRM comparisons.
+
+    Args:
+        model: a `PairRM`, a checkpoint id or path (loaded on first call), or a `LazyPairRM` to share one model.
+        mode: `"reference"`: compare each completion with its row's reference(s) from `reference_column` (a
+            string, or a list of strings: compared with each and averaged). `"group"`: round-robin among the
+            completions of the same prompt (GRPO/RLOO groups); no column needed.
+        output: `"probability"` (default): P(completion better) = sigmoid(z / (2 T)) with z the two-order logit;
+            in group mode the mean P(win) against the others. `"logit"`: z against the reference (averaged); in
+            group mode the reference `rank` score (1/N) sum_j z_ij. `"win"`: 1 / 0.5 / 0 for win / tie / loss,
+            averaged likewise.
+        temperature: T of the probability output.
+        group_size: group mode: rows per group (TRL's `num_generations`). Default: each run of consecutive rows
+            with an equal prompt is a group (two adjacent groups of the same prompt then merge).
+        gather: group mode under `torch.distributed`: gather the rows of all processes so groups split across
+            processes are scored whole (every process must call the reward at the same time, as TRL does).
+        name: `__name__`, which TRL uses in its logs (default `pairrm_reference` / `pairrm_group`).
+        device, dtype, base_model: passed to `PairRM.from_pretrained` when `model` is an id or path.
+
+    Reference mode logs the mean win rate (ties count 1/2) as `{name}/win_rate` through TRL's `log_metric`.
+    """
+
+    def __init__(
+        self,
+        model: PairRM | LazyPairRM | str | os.PathLike,
+        *,
+        reference_column: str = "reference",
+        output: str = "probability",
+        mode: str = "reference",
+        temperature: float = 1.0,
+        batch_size: int | None = None,
+        group_size: int | None = None,
+        gather: bool = True,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        base_model: str | os.PathLike | None = None,
+    ):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+        self._lazy = LazyPairRM.wrap(model, device=device, dtype=dtype, base_model=base_model)
+        self.reference_column = reference_column
+        self.output = output
+        self.mode = mode
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.group_size = group_size
+        self.gather = gather
+        self.__name__ = name or f"pairrm_{mode}"
+
+    @property
+    def pairrm(self) -> PairRM:
+        """The underlying `PairRM` (loaded on first access)."""
+        return self._lazy.get()
+
+    def __call__(
+        self, prompts: list, completions: list, log_metric: Callable[[str, float], None] | None = None, **kwargs: Any
+    ) -> list[float]:
+        prompts, completions = _check_rows(prompts, completions)
+        if self.mode == "group":
+            return self._group(prompts, completions)
+        return self._reference(prompts, completions, kwargs, log_metric)
+
+    # ---- reference mode ---------------------------------------------------------------------------------
+    def _reference(self, prompts: list, completions: list, columns: dict, log_metric: Callable | None) -> list[float]:
+        column = self.reference_column
+        if column not in columns:
+            given = sorted(k for k in columns if k not in _TRL_KWARGS)
+            raise ValueError(
+                f"PairwiseReward(mode='reference') needs the dataset column {column!r} (TRL passes columns as keyword "
+                f"arguments); got columns {given}. Set reference_column=... or use mode='group'."
+            )
+        references = columns[column]
+        if isinstance(references, str) or not isinstance(references, Sequence):
+            raise TypeError(f"{column} must be a list with one entry per completion, got {type(references).__name__}")
+        if len(references) != len(prompts):
+            raise ValueError(f"{column} has {len(references)} items but prompts has {len(prompts)}")
+        triples, owner = [], []
+        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, references)):
+            source, candidate = render(prompt, completion, name=f"completions[{i}]")
+            for j, ref in enumerate(_references(f"{column}[{i}]", refs)):
+                triples.append((source, candidate, render(prompt, ref, name=f"{column}[{i}][{j}]")[1]))
+                owner.append(i)
+        if not triples:
+            return []
+        z = self.pairrm.two_order_logits(triples, batch_size=self.batch_size)
+        counts = np.bincount(owner, minlength=len(prompts))
+        rewards = np.bincount(owner, weights=self._values(z), minlength=len(prompts)) / counts
+        if log_metric is not None:
+            wins = np.bincount(owner, weights=_wins(z), minlength=len(prompts)) / counts
+            log_metric(f"{self.__name__}/win_rate", float(wins.mean()))
+        return [float(r) for r in rewards]
+
+    def _values(self, z: np.ndarray) -> np.ndarray:
+        if self.output == "probability":
+            return aggregation.probability(z, self.temperature).astype(np.float64)
+        if self.output == "win":
+            return _wins(z)
+        return np.asarray(z, dtype=np.float64)
+
+    # ---- group mode -------------------------------------------------------------------------------------
+    def _group(self, prompts: list, completions: list) -> list[float]:
+        offset, rows = _gather_rows(list(zip(prompts, completions))) if self.gather else (0, list(zip(prompts, completions)))
+        end = offset + len(prompts)
+        spans = [(s, e) for s, e in self._spans([p for p, _ in rows]) if s < end and e > offset]  # groups with local rows
+        if not spans:
+            return []
+        sources, candidates = [], []
+        for s, e in spans:
+            rendered = [render(rows[k][0], rows[k][1], name=f"completions[{k}]") for k in range(s, e)]
+            sources.append(rendered[0][0])
+            candidates.append([c for _, c in rendered])
+        matrices = self.pairrm.pairwise_matrices(sources, candidates, batch_size=self.batch_size)
+        scores = np.zeros(len(rows))
+        for (s, e), matrix in zip(spans, matrices):
+            scores[s:e] = self._group_scores(matrix)
+        return [float(v) for v in scores[offset:end]]
+
+    def _group_scores(self, matrix: np.ndarray) -> np.ndarray:
+        """Each completion's score from M[i, j] = f(x, c_i, c_j) of its group."""
+        if self.output == "logit":
+            return aggregation.round_robin_scores(matrix).astype(np.float64)  # the reference `rank` score
+        z = np.asarray(matrix, dtype=np.float64) - np.asarray(matrix, dtype=np.float64).T  # two-order logits
+        n = len(matrix)
+        if n == 1:
+            return np.full(1, 0.5)
+        values = self._values(z)
+        np.fill_diagonal(values, 0.0)
+        return values.sum(axis=1) / (n - 1)
+
+    def _spans(self, prompts: list) -> list[tuple[int, int]]:
+        n = len(prompts)
+        if self.group_size is None:
+            starts = [k for k in range(n) if k == 0 or prompts[k] != prompts[k - 1]]
+            return list(zip(starts, starts[1:] + [n]))
+        size = self.group_size
+        if n % size:
+            raise ValueError(f"group mode with group_size={size} got {n} rows in all (over all processes): not a multiple")
+        for s in range(0, n, size):
+            for k in range(s + 1, s + size):
+                if prompts[k] != prompts[s]:
+                    raise ValueError(
+                        f"rows {s}..{s + size - 1} form one group (group_size={size}) but prompt of row {k} differs "
+                        f"from row {s}; TRL lays out each prompt's generations consecutively"
+                    )
+        return [(s, s + size) for s in range(0, n, size)]
+
+
+class AsyncPairwiseReward(PairwiseReward):
+    """`PairwiseReward` as a coroutine function, for trainers that await async rewards (GRPO, RLOO): scoring runs in
+    a worker thread so the event loop (and other async rewards) keep running. Not for OnlineDPO, which does not await.
+    """
+
+    async def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:  # type: ignore[override]
+        return await asyncio.to_thread(PairwiseReward.__call__, self, prompts, completions, **kwargs)
+
+
+def _references(name: str, refs: Any) -> list:
+    """A row's references: a string, a message list, or a list of those."""
+    if refs is None:
+        raise ValueError(f"{name} is None: every row needs a reference")
+    if isinstance(refs, str) or (isinstance(refs, Sequence) and refs and all(isinstance(m, dict) for m in refs)):
+        return [refs]
+    if isinstance(refs, Sequence) and not isinstance(refs, (bytes, dict)):
+        if not refs:
+            raise ValueError(f"{name} is an empty list: every row needs at least one reference")
+        for j, ref in enumerate(refs):
+            if ref is None:
+                raise ValueError(f"{name}[{j}] is None: every reference must be a string")
+            if not isinstance(ref, (str, Sequence)):
+                raise TypeError(f"{name}[{j}] must be a string (or a message list), got {type(ref).__name__}")
+        return list(refs)
+    raise TypeError(f"{name} must be a string or a list of strings, got {type(refs).__name__}")
+
+
+def _wins(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return (z > 0) + 0.5 * (z == 0)
+
+
+def _gather_rows(rows: list) -> tuple[int, list]:
+    """All processes' rows in process order (TRL's global order) and where this process's rows start."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, rows
+    parts: list = [None] * dist.get_world_size()
+    # NCCL object collectives use the calling thread's current CUDA device; async rewards run in worker threads,
+    # whose current device is cuda:0 on every process, so pin this process's device.
+    with torch.cuda.device(process_device()) if torch.cuda.is_available() else nullcontext():
+        dist.all_gather_object(parts, rows)
+    offset = sum(len(part) for part in parts[: dist.get_rank()])
+    return offset, [row for part in parts for row in part]
+
+
+# ---- TRL CLI --------------------------------------------------------------------------------------------
+_env_lock = threading.Lock()
+_env_models: dict[tuple, LazyPairRM] = {}
+_env_rewards: dict[tuple, PairwiseReward] = {}
+
+
+def _env_reward(mode: str, name: str) -> PairwiseReward:
+    """A shared reward for the current environment: `PAIRRM_MODEL` (default `llm-blender/PairRM-hf`),
+    `PAIRRM_DEVICE`, `PAIRRM_DTYPE`, `PAIRRM_BASE_MODEL`; one model per distinct setting, loaded on first use."""
+    env = tuple(os.environ.get(key) or None for key in ENV_VARS)
+    with _env_lock:
+        if env not in _env_models:
+            _env_models[env] = LazyPairRM(env[0] or DEFAULT_MODEL, device=env[1], dtype=env[2], base_model=env[3])
+        if (env, mode) not in _env_rewards:
+            _env_rewards[env, mode] = PairwiseReward(_env_models[env], mode=mode, name=name)
+        return _env_rewards[env, mode]
+
+
+def pairrm_reference_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+    """P(completion better than the row's `reference` column) by PairRM; for TRL's CLI
+    (`--reward_funcs pairrm_rlhf.rewards.pairrm_reference_reward`). Model from the `PAIRRM_*` environment."""
+    return _env_reward("reference", "pairrm_reference_reward")(prompts, completions, **kwargs)
+
+
+def pairrm_group_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+    """Mean P(win) of each completion against the others of its prompt's group, by PairRM; for TRL's CLI
+    (`--reward_funcs pairrm_rlhf.rewards.pairrm_group_reward`). Model from the `PAIRRM_*` environment."""
+    return _env_reward("group", "pairrm_group_reward")(prompts, completions, **kwargs)

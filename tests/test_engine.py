@@ -1,0 +1,117 @@
+"""The engine: same numbers as one pair at a time, whatever the batching; dedupe, budget, OOM back-off."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from transformers import DebertaV2Config
+
+import pairrm_rlhf.modeling as modeling
+from pairrm_rlhf.modeling import PairRMModel
+
+
+def _one_at_a_time(model, triples):
+    scorer = model.scorer
+    return np.array([scorer._forward(scorer.build([t])) for t in triples]).ravel()
+
+
+def _texts(rng, n, low, high):
+    words = ["alpha", "beta", "gamma", "delta", "return", "value", "the", "of", "module", "file", "path"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(low, high)))) for _ in range(n)]
+
+
+def test_fast_encoder_equals_transformers_encoder():
+    """Our inference attention reproduces transformers' DeBERTa-v2 encoder, padding and log buckets included."""
+    config = DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=512, type_vocab_size=0, relative_attention=True, max_relative_positions=-1,
+        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, pad_token_id=0, initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    model = PairRMModel(config).eval()
+    lengths = [700, 300, 130, 12]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(5, 100, (n,))
+        mask[row, :n] = 1
+    with torch.inference_mode():
+        fast = model.encode(ids, mask)
+        embeddings = model.pretrained_model.embeddings(input_ids=ids, mask=mask)
+        stock = model.pretrained_model.encoder(embeddings, mask, output_hidden_states=False).last_hidden_state
+    real = mask.bool()
+    assert modeling.supports_fast_encoder(config)
+    torch.testing.assert_close(fast[real], stock[real], atol=1e-4, rtol=1e-4)
+
+
+def test_engine_equals_one_pair_at_a_time(hf_model, golden):
+    rng = np.random.default_rng(0)
+    prompts = _texts(rng, 6, 1, 400) + golden["inputs"][5:6]  # includes a prompt past the source budget
+    answers = _texts(rng, 8, 0, 700)
+    triples = [(prompts[int(rng.integers(len(prompts)))], answers[int(rng.integers(8))], answers[int(rng.integers(8))])
+               for _ in range(16)]
+    triples += triples[:5]  # duplicates
+    order = rng.permutation(len(triples))
+    triples = [triples[i] for i in order]
+    budget = hf_model.scorer.max_tokens
+    try:
+        hf_model.scorer.max_tokens = 4096
+        got = hf_model.scorer.score(triples)
+    finally:
+        hf_model.scorer.max_tokens = budget
+    # float noise of different GEMM shapes only: far below the 1e-4 parity bar
+    np.testing.assert_allclose(got, _one_at_a_time(hf_model, triples), atol=5e-5, rtol=0)
+
+
+def test_duplicates_scored_once_and_batches_sorted_under_budget(hf_model, monkeypatch):
+    rng = np.random.default_rng(1)
+    texts = _texts(rng, 12, 1, 300)
+    triples = [("prompt", a, b) for a in texts for b in texts if a != b][:60]
+    seen = []
+    original = hf_model.scorer._forward
+
+    def spy(pairs):
+        seen.append([len(ids) for ids, _ in pairs])
+        return original(pairs)
+
+    monkeypatch.setattr(hf_model.scorer, "_forward", spy)
+    monkeypatch.setattr(hf_model.scorer, "max_tokens", 3000)
+    hf_model.scorer.score(triples + triples[::-1])
+    assert sum(len(b) for b in seen) == len(set(triples))
+    for batch in seen:
+        assert len(batch) == 1 or len(batch) * max(batch) <= 3000
+    firsts = [b[0] for b in seen]
+    assert firsts == sorted(firsts, reverse=True)  # longest batches first, lengths sorted within
+    assert all(b == sorted(b, reverse=True) for b in seen)
+
+
+def test_out_of_memory_splits_and_retries(hf_model, monkeypatch, caplog):
+    rng = np.random.default_rng(2)
+    texts = _texts(rng, 6, 1, 200)
+    triples = [("q", a, b) for a in texts for b in texts if a != b]
+    expected = hf_model.scorer.score(triples)
+    original = hf_model.scorer._forward
+
+    def flaky(pairs):
+        if len(pairs) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(pairs)
+
+    monkeypatch.setattr(hf_model.scorer, "_forward", flaky)
+    monkeypatch.setattr(hf_model.scorer, "max_tokens", 100_000)
+    with caplog.at_level(logging.WARNING):
+        got = hf_model.scorer.score(triples)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert "out of memory" in caplog.text
+    assert hf_model.scorer.max_tokens < 100_000  # the budget shrinks for later batches
+
+
+def test_single_pair_out_of_memory_is_raised(hf_model, monkeypatch):
+    def oom(pairs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(hf_model.scorer, "_forward", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        hf_model.scorer.score([("q", "a", "b")])

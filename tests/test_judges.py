@@ -1,0 +1,157 @@
+"""PairRMJudge: TRL's former pairwise-judge contract, conversational rendering, lazy construction."""
+
+import numpy as np
+import pytest
+import torch
+
+from pairrm_rlhf import PairRM, PairRMJudge, aggregation
+from pairrm_rlhf.judges import BasePairwiseJudge, render
+from pairrm_rlhf.pairrm import CONVERSATION_INSTRUCTION, render_conversations
+
+torch.set_num_threads(1)
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Say hi"]
+PAIRS = [
+    ["Paris is the capital of France.", "I think it is Lyon."],
+    ["Rain falls soft and slow / on the quiet garden path / spring breathes in the grey", "rain"],
+    ["4", "The answer is 4, because two plus two makes four."],
+    ["hi", "hi"],  # a tie: exactly 0 logit
+]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(scope="module")
+def judge(hf_model) -> PairRMJudge:
+    return PairRMJudge(hf_model, seed=0)
+
+
+def test_judge_equals_pairrm_probability(judge, hf_model):
+    a, b = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    expected = hf_model.probability(PROMPTS, a, b)
+    scores = judge.judge(PROMPTS, PAIRS, shuffle_order=False, return_scores=True)
+    assert all(isinstance(s, float) for s in scores)
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert scores[3] == 0.5
+    logits = hf_model.compare(PROMPTS, a, b, return_logits=True)
+    assert judge.judge(PROMPTS, PAIRS, shuffle_order=False) == [0 if z >= 0 else 1 for z in logits]
+    assert judge.judge(PROMPTS, PAIRS)[3] == 0  # ties go to the first
+    # old TRL soft score sigmoid(f(A,B) - f(B,A)) is our temperature 0.5
+    old = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose(judge.judge(PROMPTS, PAIRS, return_scores=True, temperature=0.5), old, atol=1e-6)
+    np.testing.assert_allclose(
+        judge.judge(PROMPTS, PAIRS, return_scores=True, temperature=3.0), aggregation.probability(logits, 3.0), atol=1e-6
+    )
+
+
+def test_shuffle_order_swaps_slots_and_maps_back(judge, hf_model, monkeypatch):
+    seen = []
+    original = hf_model.two_order_logits
+    monkeypatch.setattr(hf_model, "two_order_logits", lambda triples, **kw: seen.extend(triples) or original(triples, **kw))
+    prompts, pairs = PROMPTS[:3] * 4, PAIRS[:3] * 4
+    plain = judge.judge(prompts, pairs, shuffle_order=False, return_scores=True)
+    unshuffled = list(seen)
+    seen.clear()
+    shuffled = judge.judge(prompts, pairs, shuffle_order=True, return_scores=True)
+    swapped = [s != u for s, u in zip(seen, unshuffled)]
+    assert any(swapped) and not all(swapped)  # some pairs were really scored in the other slot order
+    for s, u, flip in zip(seen, unshuffled, swapped):
+        assert s == ((u[0], u[2], u[1]) if flip else u)
+    np.testing.assert_allclose(shuffled, plain, atol=1e-6)
+    assert judge.judge(prompts, pairs, shuffle_order=True) == judge.judge(prompts, pairs, shuffle_order=False)
+
+
+def test_old_trl_style_call(judge):
+    assert isinstance(judge, BasePairwiseJudge)
+    result = judge.judge(PROMPTS, PAIRS)  # positional, TRL's former signature
+    assert isinstance(result, list) and all(r in (0, 1) for r in result) and len(result) == len(PROMPTS)
+
+
+def test_conversational_equals_compare_conversations(judge, hf_model):
+    prompts = [[user("Hello, who are you?")], [{"role": "USER", "content": "Name a fruit."}]]
+    completions = [
+        [[assistant("I am a helpful assistant.")], [assistant("go away")]],
+        ["Apple.", "A banana is a fruit."],  # plain strings are the assistant's content
+    ]
+    conv_a = [prompts[0] + completions[0][0], [user("Name a fruit."), assistant("Apple.")]]
+    conv_b = [prompts[0] + completions[0][1], [user("Name a fruit."), assistant("A banana is a fruit.")]]
+    expected = aggregation.probability(hf_model.compare_conversations(conv_a, conv_b, return_logits=True))
+    np.testing.assert_allclose(judge.judge(prompts, completions, return_scores=True), expected, atol=1e-6)
+
+
+def test_multi_turn_and_system_message(judge, hf_model):
+    history = [user("Hi!"), assistant("Hello! How can I help?"), user("Tell me a joke.")]
+    a, b = "Why did the chicken cross the road?", "No."
+    expected = hf_model.compare_conversations([history + [assistant(a)]], [history + [assistant(b)]], return_logits=True)
+    np.testing.assert_allclose(
+        judge.judge([history], [[[assistant(a)], [assistant(b)]]], return_scores=True),
+        aggregation.probability(expected), atol=1e-6,
+    )
+    # the new completion is the last <Response k>; history answers are the same in both candidates
+    inputs, cands_a, _ = render_conversations([history + [assistant(a)]], [history + [assistant(b)]])
+    assert render(history, [assistant(a)]) == (PairRM._source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
+    assert render(history, a)[1].endswith(f"<Response 2>: {a}")
+    # system content goes in front of the first user turn; the instruction sentence is unchanged
+    system = {"role": "system", "content": "You are terse."}
+    folded = [user("You are terse.\n\nHi!")] + history[1:]
+    expected = hf_model.compare_conversations([folded + [assistant(a)]], [folded + [assistant(b)]], return_logits=True)
+    np.testing.assert_allclose(
+        judge.judge([[system] + history], [[a, b]], return_scores=True), aggregation.probability(expected), atol=1e-6
+    )
+    assert render([system] + history, a)[0].startswith(CONVERSATION_INSTRUCTION + "USER: You are terse.\n\nHi!\n")
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, match",
+    [
+        ([user("q"), assistant("a")], "c", "must end with a user message"),
+        ([assistant("a"), user("q")], "c", r"\[0\] is an assistant message"),
+        ([user("q"), user("again")], "c", "right after another user message"),
+        ([user("q"), {"role": "system", "content": "s"}], "c", "no user message follows"),
+        ([{"role": "tool", "content": "x"}, user("q")], "c", "has role 'tool'"),
+        ([user("q")], [user("not me")], "must be an assistant message"),
+    ],
+)
+def test_render_errors(prompt, completion, match):
+    with pytest.raises(ValueError, match=match):
+        render(prompt, completion)
+
+
+def test_judge_input_errors(judge):
+    with pytest.raises(ValueError, match=r"completions\[1\] must be a pair"):
+        judge.judge(["a", "b"], [["x", "y"], ["x", "y", "z"]])
+    with pytest.raises(ValueError, match="completions has 1 pairs but prompts has 2"):
+        judge.judge(["a", "b"], [["x", "y"]])
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        judge.judge("a", [["x", "y"]])
+
+
+def test_construction_is_lazy(monkeypatch, tmp_path):
+    """No model load and no CUDA call before the first `judge`; a bad path only fails then."""
+    calls = []
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called during construction")
+        return fail
+
+    for name in ("is_available", "current_device", "device_count", "init"):
+        monkeypatch.setattr(torch.cuda, name, forbidden(name))
+    monkeypatch.setattr(PairRM, "from_pretrained", classmethod(lambda cls, *a, **k: forbidden("from_pretrained")()))
+    judge = PairRMJudge(tmp_path / "does-not-exist", dtype="float16")
+    assert calls == [] and not torch.cuda.is_initialized()
+    monkeypatch.undo()
+    with pytest.raises(Exception):
+        judge.judge(["q"], [["a", "b"]])  # now it tries to load
+
+
+def test_loaded_model_rejects_load_options(hf_model):
+    with pytest.raises(ValueError, match="device, dtype and base_model"):
+        PairRMJudge(hf_model, device="cpu")
