@@ -134,6 +134,17 @@ class PairScorer:
             return np.concatenate([self.forward(pairs[:half]), self.forward(pairs[half:])])
 
     def _forward(self, pairs: Sequence[tuple[list[int], tuple]]) -> np.ndarray:
+        logits = self._run(pairs, self.dtype)
+        if not np.isfinite(logits).all():
+            if self.dtype == torch.float32:
+                raise FloatingPointError(f"PairRM produced non-finite logits in float32 for {len(pairs)} pairs")
+            logger.warning("non-finite logits in %s (overflow); recomputing %d pairs in float32", self.dtype, len(pairs))
+            logits = self._run(pairs, torch.float32)
+            if not np.isfinite(logits).all():
+                raise FloatingPointError(f"PairRM produced non-finite logits in float32 for {len(pairs)} pairs")
+        return logits
+
+    def _run(self, pairs: Sequence[tuple[list[int], tuple]], dtype: torch.dtype) -> np.ndarray:
         longest = max(len(ids) for ids, _ in pairs)
         input_ids = torch.full((len(pairs), longest), self.layout.pad_id, dtype=torch.long)
         mask = torch.zeros((len(pairs), longest), dtype=torch.long)
@@ -141,9 +152,7 @@ class PairScorer:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         positions = torch.tensor([pos for _, pos in pairs], dtype=torch.long)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        )
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         with torch.inference_mode(), autocast:
             logits = self.model(
                 input_ids.to(self.device, non_blocking=True),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import aggregation
-from .pairrm import CONVERSATION_INSTRUCTION, PairRM
+from .pairrm import CONVERSATION_INSTRUCTION, PairRM, default_device
 
 logger = logging.getLogger(__name__)
 
@@ -152,22 +152,12 @@ class LazyPairRM:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    device = self.device if self.device is not None else process_device()
+                    device = self.device if self.device is not None else default_device()
                     logger.info("Loading PairRM from %s on %s", self.source, device)
                     self._model = PairRM.from_pretrained(
                         os.fspath(self.source), base_model=self.base_model, device=device, dtype=self.dtype,
                     )
         return self._model
-
-
-def process_device() -> torch.device:
-    """This process's CUDA device (LOCAL_RANK under a launcher, else the current one), or the CPU without CUDA."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if 0 <= local_rank < torch.cuda.device_count():
-        return torch.device("cuda", local_rank)
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 # ---- the judge -----------------------------------------------------------------------------------------

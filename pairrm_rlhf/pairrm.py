@@ -6,6 +6,7 @@ All methods return numpy arrays, like the reference, and go through one `PairSco
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,12 @@ class PairRM:
         Args:
             base_model: blender layout only: the base encoder (hub id or local directory) whose config and
                 tokenizer are read, overriding the checkpoint's `model_name`.
-            device: default CUDA when available, else CPU.
+            device: default this process's CUDA device (`LOCAL_RANK` under a launcher) when available, else CPU.
             dtype: compute dtype; default float32 on CPU and bfloat16 (autocast) on CUDA. `float16` is the
                 reference's GPU mode.
             max_tokens: padded tokens per batch; default 8192 on CPU, 65536 on CUDA.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device or default_device())
         dtype = resolve_dtype(dtype, device)
         checkpoint = load_checkpoint(name_or_path, base_model=base_model)
         model = checkpoint.model.to(device)
@@ -302,6 +303,13 @@ class PairRM:
             raise ValueError(f"n must be >= 1, got {n}")
         samples = sample_responses(model, tokenizer, prompts, n, **generate_kwargs)
         return self.best_of_n(prompts, samples, instructions, batch_size)
+
+
+def default_device() -> str:
+    """CUDA when available, on this process's device (`LOCAL_RANK` under torchrun/accelerate), else CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

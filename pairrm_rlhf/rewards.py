@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import aggregation
-from .judges import DEFAULT_MODEL, LazyPairRM, PairRMJudge, process_device, render
+from .judges import DEFAULT_MODEL, LazyPairRM, PairRMJudge, render
+from .pairrm import default_device
 from .pairrm import PairRM
 
 logger = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def _gather_rows(rows: list) -> tuple[int, list]:
     parts: list = [None] * dist.get_world_size()
     # NCCL object collectives use the calling thread's current CUDA device; async rewards run in worker threads,
     # whose current device is cuda:0 on every process, so pin this process's device.
-    with torch.cuda.device(process_device()) if torch.cuda.is_available() else nullcontext():
+    with torch.cuda.device(default_device()) if torch.cuda.is_available() else nullcontext():
         dist.all_gather_object(parts, rows)
     offset = sum(len(part) for part in parts[: dist.get_rank()])
     return offset, [row for part in parts for row in part]

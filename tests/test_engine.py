@@ -115,3 +115,24 @@ def test_single_pair_out_of_memory_is_raised(hf_model, monkeypatch):
     monkeypatch.setattr(hf_model.scorer, "_forward", oom)
     with pytest.raises(torch.OutOfMemoryError):
         hf_model.scorer.score([("q", "a", "b")])
+
+
+def test_non_finite_half_precision_is_recomputed_in_float32(hf_model, monkeypatch, caplog):
+    triples = [("q", "a", "b"), ("q", "b", "a")]
+    expected = hf_model.scorer.score(triples)
+    original = hf_model.scorer._run
+
+    def overflowing(pairs, dtype):
+        out = original(pairs, torch.float32)
+        return np.full_like(out, np.inf) if dtype == torch.float16 else out
+
+    monkeypatch.setattr(hf_model.scorer, "_run", overflowing)
+    monkeypatch.setattr(hf_model.scorer, "dtype", torch.float16)
+    with caplog.at_level(logging.WARNING):
+        got = hf_model.scorer.score(triples)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert "recomputing" in caplog.text
+    monkeypatch.setattr(hf_model.scorer, "dtype", torch.float32)
+    monkeypatch.setattr(hf_model.scorer, "_run", lambda pairs, dtype: np.full(len(pairs), np.nan, dtype=np.float32))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        hf_model.scorer.score([("q", "c", "d")])
