@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _commands() -> dict:
+    """Subcommands, imported lazily so `pairrm-rlhf demo` does not pay for TRL or datasets."""
     from .bench import BenchConfig, run_bench
+    from .labeler import LabelConfig, run_label
 
-    return {**COMMANDS, "bench": (BenchConfig, run_bench)}
+    return {**COMMANDS, "bench": (BenchConfig, run_bench), "label": (LabelConfig, run_label)}
+
+
+if __name__ == "__main__":
+    main()

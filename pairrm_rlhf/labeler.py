@@ -27,7 +27,7 @@ from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
 from . import aggregation
-from .pairrm import CONVERSATION_INSTRUCTION, PairRM, sample_responses
+from .pairrm import PairRM, default_device, sample_responses
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,9 @@ class PreferenceLabeler:
             torch.manual_seed(seed)
             for start in range(0, len(prompts), self.generation_batch_size):
                 batch = prompts[start : start + self.generation_batch_size]
-                responses += sample_responses(self.policy, self.tokenizer, batch, self.num_responses, **self.generation_kwargs)
+                responses += sample_responses(
+                    self.policy, self.tokenizer, batch, self.num_responses, **self.generation_kwargs
+                )
         return responses
 
     def _generate_vllm(self, prompts: list[Any], seed: int) -> list[list[str]]:
@@ -250,17 +252,26 @@ class PreferenceLabeler:
             outputs = self.policy.chat(prompts, params, use_tqdm=False)
         return [[o.text for o in out.outputs] for out in outputs]
 
-    def score_matrices(self, prompts: list[Any], responses: list[list[str]]) -> tuple[list[np.ndarray], LabelStats]:
-        """Single-order matrices M[i,j] = f(x, r_i, r_j) of every prompt (one engine call), and truncation counts."""
+    def score_matrices(
+        self, prompts: list[Any], responses: list[list[str]], first_index: int = 0
+    ) -> tuple[list[np.ndarray], LabelStats]:
+        """Single-order matrices M[i,j] = f(x, r_i, r_j) of every prompt (one engine call), and truncation counts.
+
+        Prompts and responses become PairRM text through `judges.render`, as in the judge and reward functions.
+        """
+        from .judges import render  # the project's one prompt/completion -> PairRM text renderer
+
         sources, candidates = [], []
-        for prompt, resp in zip(prompts, responses):
-            source, cands = _pairrm_texts(prompt, resp)
-            sources.append(source)
-            candidates.append(cands)
+        for k, (prompt, resp) in enumerate(zip(prompts, responses)):
+            texts = [render(prompt, r, name=f"response {i} of row {first_index + k}") for i, r in enumerate(resp)]
+            sources.append(texts[0][0])
+            candidates.append([candidate for _, candidate in texts])
         matrices = self.pairrm.pairwise_matrices(
             sources, candidates, batch_size=self.scoring_batch_size, show_progress_bar=False
         )
-        triples = [(s, c[i], c[j]) for s, c in zip(sources, candidates) for i in range(len(c)) for j in range(i + 1, len(c))]
+        triples = [
+            (s, c[i], c[j]) for s, c in zip(sources, candidates) for i in range(len(c)) for j in range(i + 1, len(c))
+        ]
         stats = LabelStats(scored_pairs=len(triples))
         stats.truncated_pairs = round(self.pairrm.scorer.truncation_rate(triples) * len(triples))
         return matrices, stats
@@ -271,16 +282,19 @@ class PreferenceLabeler:
             return aggregation.round_robin_scores(matrix)
         if self.aggregation == "copeland":
             return aggregation.copeland_scores(matrix)
-        return aggregation.bradley_terry_scores(aggregation.probability(matrix - matrix.T, self.probability_temperature))
+        probabilities = aggregation.probability(matrix - matrix.T, self.probability_temperature)
+        return aggregation.bradley_terry_scores(probabilities)
 
     def rank_responses(self, prompts: list[Any], responses: list[list[str]]) -> list[np.ndarray]:
         """Scores (higher is better) of each prompt's responses."""
         matrices, _ = self.score_matrices(prompts, responses)
         return [self.aggregate(m) for m in matrices]
 
-    def label_rows(self, prompts: list[Any], responses: list[list[str]], first_index: int = 0) -> tuple[list[dict], LabelStats]:
+    def label_rows(
+        self, prompts: list[Any], responses: list[list[str]], first_index: int = 0
+    ) -> tuple[list[dict], LabelStats]:
         """Preference rows for prompts whose responses are known; `first_index` numbers the prompts."""
-        matrices, stats = self.score_matrices(prompts, responses)
+        matrices, stats = self.score_matrices(prompts, responses, first_index)
         stats.prompts = len(prompts)
         rows = []
         for k, (prompt, resp, matrix) in enumerate(zip(prompts, responses, matrices)):
@@ -347,7 +361,8 @@ class PreferenceLabeler:
         results: list[tuple[int, pa.Table, LabelStats]] = []
         total = sum(min(chunk_size, len(dataset) - i * chunk_size) for i in mine)
         running = LabelStats()
-        with tqdm(total=total, unit="prompt", desc="label", disable=not (show_progress and state.is_main_process)) as bar:
+        hide = not (show_progress and state.is_main_process)
+        with tqdm(total=total, unit="prompt", desc="label", disable=hide) as bar:
             for index in mine:
                 table, stats = self._label_chunk(dataset, index, chunk_size, features)
                 if work is not None:
@@ -371,12 +386,15 @@ class PreferenceLabeler:
         tables = [table for _, table, _ in results] or [features.arrow_schema.empty_table()]
         return Dataset(pa.concat_tables(tables).replace_schema_metadata(features.arrow_schema.metadata))
 
-    def _label_chunk(self, dataset: Dataset, index: int, chunk_size: int, features: Features) -> tuple[pa.Table, LabelStats]:
+    def _label_chunk(
+        self, dataset: Dataset, index: int, chunk_size: int, features: Features
+    ) -> tuple[pa.Table, LabelStats]:
         start = index * chunk_size
         chunk = dataset[start : start + chunk_size]
         prompts = chunk[self.prompt_column]
         if self.responses_column is not None:
-            responses = [_responses(f"{self.responses_column}[{start + k}]", r) for k, r in enumerate(chunk[self.responses_column])]
+            column = self.responses_column
+            responses = [_responses(f"{column}[{start + k}]", r) for k, r in enumerate(chunk[column])]
         else:
             responses = self.generate(prompts, _chunk_seed(self.seed, index))
         rows, stats = self.label_rows(prompts, responses, first_index=start)
@@ -396,7 +414,9 @@ class PreferenceLabeler:
             return False
         first = dataset[0][self.prompt_column]
         if not isinstance(first, (str, list)):
-            raise TypeError(f"{self.prompt_column}[0] must be a string or a list of messages, got {type(first).__name__}")
+            raise TypeError(
+                f"{self.prompt_column}[0] must be a string or a list of messages, got {type(first).__name__}"
+            )
         return isinstance(first, list)
 
     def _features(self, dataset: Dataset, conversational: bool) -> Features:
@@ -405,7 +425,8 @@ class PreferenceLabeler:
         return Features({
             "prompt": prompt, "chosen": completion, "rejected": completion,
             "score_chosen": Value("float64"), "score_rejected": Value("float64"), "margin": Value("float64"),
-            "chosen_probs": Value("float64"), "chosen_probs_win": Value("float64"), "chosen_probs_lose": Value("float64"),
+            "chosen_probs": Value("float64"), "chosen_probs_win": Value("float64"),
+            "chosen_probs_lose": Value("float64"),
             "all_generated_responses": List(Value("string")), "all_rm_scores": List(Value("float64")),
             "prompt_index": Value("int64"),
         })
@@ -449,7 +470,8 @@ class PreferenceLabeler:
                 if ".tmp-" in path.name or (overwrite and (path.name.startswith("chunk-") or path == manifest)):
                     path.unlink()
             if not manifest.exists():
-                _atomic_write(manifest, json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1).encode())
+                text = json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1)
+                _atomic_write(manifest, text.encode())
         state.wait_for_everyone()
         done = {int(p.name[len("chunk-") : -len(".arrow")]) for p in work.glob("chunk-*.arrow")}
         state.wait_for_everyone()  # everyone has listed before new chunks appear
@@ -471,37 +493,13 @@ def best_of_n_responses(
                                 generation_kwargs=generate_kwargs)
     responses = labeler.generate(list(prompts), seed)
     scores = labeler.rank_responses(list(prompts), responses)
-    return [{"best": r[int(np.argmax(s))], "responses": r, "scores": [float(x) for x in s]} for r, s in zip(responses, scores)]
+    return [
+        {"best": r[int(np.argmax(s))], "responses": r, "scores": [float(x) for x in s]}
+        for r, s in zip(responses, scores)
+    ]
 
 
 # ---- text helpers ---------------------------------------------------------------------------------------
-def _pairrm_texts(prompt: Any, responses: list[str]) -> tuple[str, list[str]]:
-    """PairRM source and candidate texts for a prompt and its responses.
-
-    A string, or a single user turn (with any system text prepended), is PairRM's plain format. A multi-turn
-    prompt uses PairRM's conversation format (as `compare_conversations`): the fixed instruction and
-    `USER: u\\nAssistant: <Response k>` lines as source, `<Response k>: a` lines (earlier assistant turns,
-    then the response) as candidate.
-    """
-    # TODO: switch to the shared conversational renderer in judges.py once it lands.
-    if isinstance(prompt, str):
-        return PairRM._source(prompt, None), [PairRM._candidate(r) for r in responses]
-    system = [m["content"] for m in prompt if m["role"] == "system"]
-    turns = [m for m in prompt if m["role"] != "system"]
-    roles = [m["role"] for m in turns]
-    if not turns or roles != ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))] or roles[-1] != "user":
-        raise ValueError(f"a conversational prompt must alternate user/assistant turns and end with a user turn, got roles {roles}")
-    users = [m["content"] for m in turns[0::2]]
-    assistants = [m["content"] for m in turns[1::2]]
-    if system:
-        users[0] = "\n\n".join(system + [users[0]])
-    if len(users) == 1:
-        return PairRM._source(users[0], None), [PairRM._candidate(r) for r in responses]
-    source = "\n".join(f"USER: {u}\nAssistant: <Response {k + 1}>" for k, u in enumerate(users))
-    candidates = ["\n".join(f"<Response {k + 1}>: {a}" for k, a in enumerate([*assistants, r])) for r in responses]
-    return PairRM._source(source, CONVERSATION_INSTRUCTION), [PairRM._candidate(c) for c in candidates]
-
-
 def _as_completion(response: str, prompt: Any) -> Any:
     return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
 
@@ -612,7 +610,7 @@ def load_policy(name: str, device: str | torch.device | None = None, dtype: str 
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
+    return model.to(device or default_device()).eval(), tokenizer
 
 
 def _load_vllm(path: str, seed: int) -> Any:
@@ -731,6 +729,8 @@ def run_label(config: LabelConfig) -> Dataset:
         raise ValueError("output_path is required")
     if config.policy is None and config.responses_column is None:
         raise ValueError("policy is required unless responses_column is given")
+    if config.output_format is not None and config.output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {config.output_format!r}")
     state = _process_state()
     device = config.device or state.device
     with state.main_process_first():
@@ -758,7 +758,9 @@ def run_label(config: LabelConfig) -> Dataset:
     )
     labeler.policy_name = config.policy  # the path identifies the run, not the in-memory object
     work_dir = Path(config.work_dir or f"{config.output_path}.chunks")
-    result = labeler.label(dataset, work_dir, chunk_size=config.chunk_size, overwrite=config.overwrite, show_progress=True)
+    result = labeler.label(
+        dataset, work_dir, chunk_size=config.chunk_size, overwrite=config.overwrite, show_progress=True
+    )
     if state.is_main_process:
         output_format = save_dataset(result, config.output_path, config.output_format)
         if config.push_to_hub:
@@ -766,12 +768,13 @@ def run_label(config: LabelConfig) -> Dataset:
         if not config.keep_chunks:
             _remove_work_dir(work_dir)
         s = labeler.stats
+        pushed = f"; pushed to {config.push_to_hub} ({'private' if config.hub_private else 'public'})"
         print(
             f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
             f"{s.below_margin} below margin {config.margin_threshold}); mean margin {s.mean_margin:.4f}; "
             f"PairRM truncation rate {s.truncation_rate:.1%}\n"
             f"Wrote {config.output_path} ({output_format})"
-            + (f"; pushed to {config.push_to_hub} ({'private' if config.hub_private else 'public'})" if config.push_to_hub else "")
+            + (pushed if config.push_to_hub else "")
         )
     state.wait_for_everyone()
     return result

@@ -386,12 +386,14 @@ def sample_responses(model: Any, tokenizer: Any, prompts: list[Any], n: int, **g
         p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # generation continues from the right end
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(prompts[0], str))
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token
     enc = {k: v.to(model.device) for k, v in enc.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():

@@ -25,8 +25,7 @@ import torch
 
 from . import aggregation
 from .judges import DEFAULT_MODEL, LazyPairRM, PairRMJudge, render
-from .pairrm import default_device
-from .pairrm import PairRM
+from .pairrm import PairRM, default_device
 
 logger = logging.getLogger(__name__)
 

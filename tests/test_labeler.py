@@ -17,6 +17,7 @@ from datasets import Dataset, load_from_disk
 
 from pairrm_rlhf.aggregation import bradley_terry_scores, copeland_scores, probability, round_robin_scores
 from pairrm_rlhf.cli import parse_config
+from pairrm_rlhf.pairrm import CONVERSATION_INSTRUCTION
 from pairrm_rlhf.labeler import (
     LabelConfig,
     PreferenceLabeler,
@@ -59,23 +60,46 @@ def standard_output(hf_model, policy):
     return out, labeler.stats
 
 
-def check_row_against_pairrm(pairrm, source_text: str, row: dict) -> None:
-    """Recompute the row's scores and soft labels independently with the public PairRM API."""
+def conversation_texts(prompt: list[dict], responses: list[str]) -> tuple[str, list[str]]:
+    """PairRM's conversation format, written out here independently of the package's renderer."""
+    turns, system = [], []
+    for message in prompt:
+        if message["role"] == "system":
+            system.append(message["content"])
+        elif message["role"] == "user":
+            turns.append(["\n\n".join([*system, message["content"]]), None])
+            system = []
+        else:
+            turns[-1][1] = message["content"]
+    source = "\n".join(f"USER: {u}\nAssistant: <Response {k + 1}>" for k, (u, _) in enumerate(turns))
+    answers = [a for _, a in turns[:-1]]
+    cands = ["\n".join(f"<Response {k + 1}>: {a}" for k, a in enumerate([*answers, r])) for r in responses]
+    return source, cands
+
+
+def check_row_against_pairrm(pairrm, row: dict) -> None:
+    """Recompute the row's scores, choice and soft labels independently with the public PairRM API."""
     responses = row["all_generated_responses"]
-    chosen = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][0]["content"]
-    rejected = row["rejected"] if isinstance(row["rejected"], str) else row["rejected"][0]["content"]
-    scores = pairrm.rank([source_text], [responses], return_scores=True)[0]
+    if isinstance(row["prompt"], str):
+        source, cands, instructions = row["prompt"], responses, None
+        chosen, rejected = row["chosen"], row["rejected"]
+    else:
+        source, cands = conversation_texts(row["prompt"], responses)
+        instructions = [CONVERSATION_INSTRUCTION]
+        chosen, rejected = (row[key][0]["content"] for key in ("chosen", "rejected"))
+    scores = pairrm.rank([source], [cands], instructions, return_scores=True)[0]
     np.testing.assert_allclose(row["all_rm_scores"], scores, atol=1e-5)
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))  # first of equal scores, as the labeler
     assert chosen == responses[best] and rejected == responses[worst]
     assert row["score_chosen"] == pytest.approx(scores[best], abs=1e-5)
     assert row["score_rejected"] == pytest.approx(scores[worst], abs=1e-5)
     assert row["margin"] == pytest.approx(scores[best] - scores[worst], abs=1e-5) and row["margin"] > 0
-    p = pairrm.probability([source_text], [chosen], [rejected])[0]
+    n = len(cands)
+    inputs, ins = [source] * n, None if instructions is None else instructions * n
+    p = pairrm.probability(inputs[:1], [cands[best]], [cands[worst]], instructions=ins and ins[:1])[0]
     assert row["chosen_probs"] == pytest.approx(p, abs=1e-5)
-    n = len(responses)
-    win = pairrm.probability([source_text] * n, [chosen] * n, responses).mean()  # P(c > c) = 0.5 included
-    lose = pairrm.probability([source_text] * n, [rejected] * n, responses).mean()
+    win = pairrm.probability(inputs, [cands[best]] * n, cands, instructions=ins).mean()  # P(c > c) = 0.5 included
+    lose = pairrm.probability(inputs, [cands[worst]] * n, cands, instructions=ins).mean()
     assert row["chosen_probs_win"] == pytest.approx(win, abs=1e-5)
     assert row["chosen_probs_lose"] == pytest.approx(lose, abs=1e-5)
 
@@ -91,7 +115,7 @@ def test_standard_schema_and_chosen_is_top(hf_model, standard_output):
         assert isinstance(row["chosen"], str) and isinstance(row["rejected"], str)
         assert row["prompt"] == PROMPTS[row["prompt_index"]]
         assert len(row["all_generated_responses"]) == 3 and len(row["all_rm_scores"]) == 3
-        check_row_against_pairrm(hf_model, row["prompt"], row)
+        check_row_against_pairrm(hf_model, row)
     assert stats.mean_margin == pytest.approx(np.mean(out["margin"]))
     assert stats.scored_pairs == 3 * len(PROMPTS) and stats.truncation_rate == 0.0
 
@@ -117,14 +141,10 @@ def test_conversational_schema(hf_model, policy):
         for key in ("chosen", "rejected"):
             assert len(row[key]) == 1 and row[key][0]["role"] == "assistant"
             assert row[key][0]["content"] in row["all_generated_responses"]
-        k = row["prompt_index"]
-        if k < 3:  # a single user turn scores exactly like the plain string prompt
-            check_row_against_pairrm(hf_model, PROMPTS[k], row)
-        elif k == 3:  # multi-turn: PairRM's conversation format, as compare_conversations renders it
-            logit = hf_model.compare_conversations([multi + row["chosen"]], [multi + row["rejected"]], return_logits=True)
-            assert row["chosen_probs"] == pytest.approx(float(probability(logit)[0]), abs=1e-5)
-        else:  # the system text is prepended to the first user turn
-            check_row_against_pairrm(hf_model, "Be brief.\n\nWhat is music?", row)
+        check_row_against_pairrm(hf_model, row)
+    multi_row = next(r for r in out if r["prompt_index"] == 3)  # and as compare_conversations sees it
+    logit = hf_model.compare_conversations([multi + multi_row["chosen"]], [multi + multi_row["rejected"]], return_logits=True)
+    assert multi_row["chosen_probs"] == pytest.approx(float(probability(logit)[0]), abs=1e-5)
 
 
 # ---- durability ------------------------------------------------------------------------------------------
@@ -169,6 +189,7 @@ WORKER = """
 import sys, torch
 torch.set_num_threads(1)
 from pairrm_rlhf.cli import parse_config
+from pairrm_rlhf.pairrm import CONVERSATION_INSTRUCTION
 from pairrm_rlhf.labeler import LabelConfig, PreferenceLabeler, _process_state, load_policy, load_prompts, run_label
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.cli import bundled_checkpoint
@@ -229,7 +250,7 @@ def test_empty_and_whitespace_responses(hf_model, policy):
     assert 1 not in out["prompt_index"]
     for row in out:
         assert np.isfinite(row["all_rm_scores"]).all()
-        check_row_against_pairrm(hf_model, row["prompt"], row)
+        check_row_against_pairrm(hf_model, row)
 
     # generated responses that are empty (EOS forced as the only token)
     eos = {"max_new_tokens": 1, "forced_eos_token_id": policy[1].eos_token_id}
