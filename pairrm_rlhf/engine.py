@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -100,7 +99,8 @@ class PairScorer:
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
         results = np.empty(len(unique), dtype=np.float32)
-        with tqdm(total=len(unique), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:
+        # One autocast context around all batches: weights are cast to the compute dtype once per call.
+        with self._autocast(self.dtype), tqdm(total=len(unique), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:
             for batch in batches:
                 results[batch] = self.forward([pairs[i] for i in batch])
                 bar.update(len(batch))
@@ -144,6 +144,9 @@ class PairScorer:
                 raise FloatingPointError(f"PairRM produced non-finite logits in float32 for {len(pairs)} pairs")
         return logits
 
+    def _autocast(self, dtype: torch.dtype) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     def _run(self, pairs: Sequence[tuple[list[int], tuple]], dtype: torch.dtype) -> np.ndarray:
         longest = max(len(ids) for ids, _ in pairs)
         input_ids = torch.full((len(pairs), longest), self.layout.pad_id, dtype=torch.long)
@@ -152,8 +155,7 @@ class PairScorer:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         positions = torch.tensor([pos for _, pos in pairs], dtype=torch.long)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self._autocast(dtype):
             logits = self.model(
                 input_ids.to(self.device, non_blocking=True),
                 mask.to(self.device, non_blocking=True),

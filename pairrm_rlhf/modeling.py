@@ -72,10 +72,11 @@ class PairRMModel(nn.Module):
 
 
 def supports_fast_encoder(config: DebertaV2Config) -> bool:
-    """DeBERTa-v3 style: relative attention with c2p/p2c terms, log buckets, no conv layer."""
+    """DeBERTa-v3 style: relative attention with a p2c (and usually c2p) term, log buckets, no conv layer."""
     pos_att_type = set(config.pos_att_type or [])
     return (
         getattr(config, "relative_attention", False)
+        and "p2c" in pos_att_type
         and pos_att_type <= {"c2p", "p2c"}
         and getattr(config, "position_buckets", -1) > 0
         and getattr(config, "conv_kernel_size", 0) == 0
@@ -125,21 +126,20 @@ def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -
     span = encoder.position_buckets
     rows = relative_rows(length, span, encoder.max_relative_positions, hidden.device)
     rel_embeddings = encoder.get_rel_embedding()[rows]
-    key_bias = torch.zeros(mask.shape, device=hidden.device, dtype=torch.float32)
-    key_bias.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    padding = (~mask).reshape(-1).nonzero().squeeze(1)  # flat [B*L] indices of padding tokens
     for layer in encoder.layer:
         attention = layer.attention
-        context = _disentangled_attention(attention.self, hidden, rel_embeddings, key_bias)
+        context = _disentangled_attention(attention.self, hidden, rel_embeddings, padding)
         attended = attention.output(context, hidden)
         hidden = layer.output(layer.intermediate(attended), attended)
     return hidden
 
 
 def _disentangled_attention(
-    attn: nn.Module, hidden: torch.Tensor, rel_embeddings: torch.Tensor, key_bias: torch.Tensor
+    attn: nn.Module, hidden: torch.Tensor, rel_embeddings: torch.Tensor, padding: torch.Tensor
 ) -> torch.Tensor:
     """Disentangled self-attention. `rel_embeddings` [2L-1, H] holds relative positions i - j = L-1 ... -(L-1);
-    `key_bias` [B, L] is 0 for tokens and a large negative number for padding.
+    `padding` holds the flat [B*L] indices of padding tokens, which no query may attend to.
 
     The attention bias c2p[i, j] + p2c[i, j] (query content . key position, key content . query position,
     both at bucket(i - j)) is computed against every relative position with one matmul per term and turned
@@ -161,12 +161,16 @@ def _disentangled_attention(
     scale = math.sqrt(query.shape[-1] * (1 + len(attn.pos_att_type)))
     # Skewed column m of row a stands for b - a = m - (L-1). For c2p (a=i, b=j) that is -(i - j): the order
     # of `rel_embeddings`. p2c is computed as [j, i] (a=j, b=i, +(i - j): the reversed rows), then transposed.
-    bias = key_bias.to(query.dtype)[:, None, None, :]
+    # Padding keys are masked through p2c: row j of its [j, i] scores is key j, so filling the padding rows
+    # with a large negative number masks those keys for every query, and costs nothing without padding.
+    if "p2c" not in attn.pos_att_type:
+        raise ValueError("the fast encoder needs DeBERTa's p2c attention term")
+    pos_query = split(attn.query_proj(rel_embeddings) if attn.share_att_key else attn.pos_query_proj(rel_embeddings))
+    p2c = torch.matmul(per_head(key), pos_query.flip(-2).transpose(-1, -2) / scale)
+    p2c.index_fill_(1, padding, torch.finfo(p2c.dtype).min)
+    bias = unskew(p2c).transpose(-1, -2)
     if "c2p" in attn.pos_att_type:
         pos_key = split(attn.key_proj(rel_embeddings) if attn.share_att_key else attn.pos_key_proj(rel_embeddings))
-        bias = bias + unskew(torch.matmul(per_head(query), pos_key.transpose(-1, -2) / scale))
-    if "p2c" in attn.pos_att_type:
-        pos_query = split(attn.query_proj(rel_embeddings) if attn.share_att_key else attn.pos_query_proj(rel_embeddings))
-        bias = bias + unskew(torch.matmul(per_head(key), pos_query.flip(-2).transpose(-1, -2) / scale)).transpose(-1, -2)
+        bias = unskew(torch.matmul(per_head(query), pos_key.transpose(-1, -2) / scale)) + bias
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0 / scale)
     return context.transpose(1, 2).flatten(2)
