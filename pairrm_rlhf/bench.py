@@ -159,17 +159,17 @@ def pair_flops(length: int, config: DebertaV2Config) -> float:
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Best dense-matmul TFLOP/s of this device in `dtype`, measured now (the MFU denominator)."""
-    n = 8192 if device.type == "cuda" else 1024
+    n, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(5 if device.type == "cuda" else 3):
         _sync(device)
         start = time.perf_counter()
-        for _ in range(10 if device.type == "cuda" else 2):
+        for _ in range(repeats):
             a @ b
         _sync(device)
-        best = min(best, (time.perf_counter() - start) / (10 if device.type == "cuda" else 2))
+        best = min(best, (time.perf_counter() - start) / repeats)
     return 2 * n**3 / best / 1e12
 
 
