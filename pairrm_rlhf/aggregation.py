@@ -5,13 +5,21 @@ All functions are plain numpy: the scorer produces logits, these turn them into 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
 def probability(two_order_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """P(A > B) = sigmoid((f(x,A,B) - f(x,B,A)) / (2 T)); T=1 averages the two orders' log-odds."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    try:
+        temperature = float(temperature)
+    except OverflowError:
+        temperature = math.inf
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r:.40}")
     z = np.asarray(two_order_logits, dtype=np.float64) / (2.0 * temperature)
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow
 

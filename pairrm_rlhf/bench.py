@@ -22,7 +22,7 @@ from transformers import DebertaV2Config
 
 from .aggregation import round_robin_scores
 from .engine import PairScorer
-from .modeling import PairRMModel
+from .modeling import PairRMModel, select
 from .pairrm import PairRM, resolve_dtype
 from .tokenization import PairLayout, load_text_tokenizer
 
@@ -120,7 +120,7 @@ class Baseline:
             states = self.model.pretrained_model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
             ).hidden_states
-            out = self.model.pair_logits(states[-1], positions.to(device))
+            out = self.model.head(select(states[-1], positions.to(device)))
         return out.cpu().numpy()
 
     def rank_scores(self, prompts: list[str], candidates: list[list[str]]) -> np.ndarray:
@@ -192,9 +192,13 @@ def _timed(fn, device: torch.device):
 
 def run_bench(config: BenchConfig) -> dict:
     """Run the benchmark, print a table and return the measured rows."""
+    with torch.no_grad():
+        return _run_bench(config)
+
+
+def _run_bench(config: BenchConfig) -> dict:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(config.dtype, device)
-    torch.set_grad_enabled(False)
     pairrm = build_random_pairrm(config.shape, device, dtype, config.max_tokens, config.seed)
     baseline = Baseline(pairrm, config.baseline_batch_size)
     baseline_dtype = torch.float16 if device.type == "cuda" else torch.float32

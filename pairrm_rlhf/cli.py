@@ -110,9 +110,17 @@ def main(argv: list[str] | None = None) -> None:
 def _commands() -> dict:
     """Subcommands, imported lazily so `pairrm-rlhf demo` does not pay for TRL or datasets."""
     from .bench import BenchConfig, run_bench
+    from .evaluation import EvalConfig, run_eval
     from .labeler import LabelConfig, run_label
+    from .server import ServeConfig, run_serve
 
-    return {**COMMANDS, "bench": (BenchConfig, run_bench), "label": (LabelConfig, run_label)}
+    return {
+        **COMMANDS,
+        "bench": (BenchConfig, run_bench),
+        "label": (LabelConfig, run_label),
+        "serve": (ServeConfig, run_serve),
+        "eval": (EvalConfig, run_eval),
+    }
 
 
 if __name__ == "__main__":

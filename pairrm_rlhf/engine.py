@@ -90,6 +90,8 @@ class PairScorer:
         `batch_size` caps the rows of one forward (the token budget always applies). The progress bar
         defaults to on for jobs of more than one batch when logging is at INFO or below.
         """
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r:.40}")
         if not triples:
             return np.zeros(0, dtype=np.float32)
         unique = list(dict.fromkeys(triples))  # identical triples are scored once
@@ -155,7 +157,7 @@ class PairScorer:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         positions = torch.tensor([pos for _, pos in pairs], dtype=torch.long)
-        with torch.inference_mode(), self._autocast(dtype):
+        with torch.no_grad(), self._autocast(dtype):
             logits = self.model(
                 input_ids.to(self.device, non_blocking=True),
                 mask.to(self.device, non_blocking=True),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import aggregation
+from .backends import Rendered
 from .pairrm import CONVERSATION_INSTRUCTION, PairRM, default_device
 
 logger = logging.getLogger(__name__)
@@ -47,15 +48,24 @@ def render(prompt: Any, completion: Any, *, name: str = "completion") -> tuple[s
     user turn; the candidate is `<Response k>: {a}` lines: the prompt's own assistant turns (identical for every
     completion of that prompt) and then the completion as the last response. System messages are folded into the
     next user turn as `{system}\\n\\n{user}`: the instruction sentence stays exactly the trained one.
+
+    The returned strings are `backends.Rendered`: equal to the PairRM text, and carrying the prompt's messages and
+    the bare completion, from which other judges' backends (Better-PairRM, RLHFlow) render their own format.
     """
     if isinstance(prompt, str):
-        return PairRM._source(prompt, None), PairRM._candidate(_completion_text(name, completion))
+        text = _completion_text(name, completion)
+        return PairRM._source(prompt, None), Rendered(PairRM._candidate(text), response=text)
     if isinstance(prompt, Sequence):
         turns = _prompt_turns(f"{name} prompt", prompt)
-        answers = [a for _, a in turns[:-1]] + [_completion_text(name, completion)]
+        text = _completion_text(name, completion)
+        answers = [a for _, a in turns[:-1]] + [text]
         source = "\n".join(f"USER: {u}\nAssistant: <Response {k + 1}>" for k, (u, _) in enumerate(turns))
         candidate = "\n".join(f"<Response {k + 1}>: {a}" for k, a in enumerate(answers))
-        return PairRM._source(source, CONVERSATION_INSTRUCTION), PairRM._candidate(candidate)
+        messages = tuple((str(m.get("role", "")).lower(), _content(f"{name} prompt[{i}]", m)) for i, m in enumerate(prompt))
+        return (
+            Rendered(PairRM._source(source, CONVERSATION_INSTRUCTION), messages=messages),
+            Rendered(PairRM._candidate(candidate), response=text),
+        )
     raise TypeError(f"prompt of {name} must be a string or a list of messages, got {type(prompt).__name__}")
 
 

@@ -61,14 +61,36 @@ class Checkpoint:
     tokenizer: object
     layout: PairLayout
     kind: str
+    template: str = "pairrm"
+
+
+# Input formats of encoder checkpoints: (source max, candidate max, cut the source from the left, prefix segment).
+TEMPLATES = {
+    "pairrm": (1224, 412, False, False),
+    "better-pairrm": (2030, 670, True, True),
+}
+
+
+def detect_template(name_or_path: str | Path, config: dict | None = None) -> str:
+    """`better-pairrm` when the checkpoint's name says so (`maywell/Better-PairRM`, any directory named
+    `*Better-PairRM*`) or its config.json has `"pairrm_template": "better-pairrm"`; else `pairrm`."""
+    if config and config.get("pairrm_template"):
+        return str(config["pairrm_template"])
+    name = Path(str(name_or_path).rstrip("/")).name.lower()
+    return "better-pairrm" if "better-pairrm" in name else "pairrm"
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_checkpoint(name_or_path: str | Path, base_model: str | Path | None = None) -> Checkpoint:
-    """Read a PairRM checkpoint of either layout into a `Checkpoint`."""
+def load_checkpoint(
+    name_or_path: str | Path, base_model: str | Path | None = None, template: str | None = None
+) -> Checkpoint:
+    """Read a PairRM checkpoint of either layout into a `Checkpoint`.
+
+    `template` (`pairrm` or `better-pairrm`) sets the input format and length budgets; default by `detect_template`.
+    """
     directory = resolve(name_or_path, ["*.json", "spm.model", "model.safetensors"])
     if not any((directory / name).is_file() for name in WEIGHT_FILES):  # older repos ship only a .bin
         directory = resolve(name_or_path, ["*.json", "spm.model", "pytorch_model.bin"])
@@ -91,6 +113,12 @@ def load_checkpoint(name_or_path: str | Path, base_model: str | Path | None = No
         source_max, candidate_max = 1224, 412
     else:
         raise ValueError(f"{directory}/config.json is neither a PairRM-hf config nor an llm-blender ranker config")
+    template = template or detect_template(name_or_path, config)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+    truncate_left, prefix_segment = TEMPLATES[template][2:]
+    if template != "pairrm":
+        source_max, candidate_max = TEMPLATES[template][:2]
     if n_tasks != 1:
         raise ValueError(f"{name_or_path}: n_tasks={n_tasks}; only single-task PairRM checkpoints are supported")
 
@@ -136,6 +164,8 @@ def load_checkpoint(name_or_path: str | Path, base_model: str | Path | None = No
         cand2_prefix_id=prefix_ids["<|candidate2|>"],
         source_max_length=source_max,
         candidate_max_length=candidate_max,
+        truncate_source_left=truncate_left,
+        source_prefix_segment=prefix_segment,
     )
-    logger.info("loaded PairRM (%s layout) from %s", kind, directory)
-    return Checkpoint(model=model, tokenizer=tokenizer, layout=layout, kind=kind)
+    logger.info("loaded PairRM (%s layout, %s template) from %s", kind, template, directory)
+    return Checkpoint(model=model, tokenizer=tokenizer, layout=layout, kind=kind, template=template)

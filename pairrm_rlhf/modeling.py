@@ -32,7 +32,7 @@ class PairRMModel(nn.Module):
         )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states, keeping no other layer's output.
+        """Last-layer hidden states [B, L, H], keeping no other layer's output.
 
         Inference uses our own disentangled attention (`fast_encoder`) when the configuration is DeBERTa-v3's;
         training, and any other configuration, use the stock transformers encoder.
@@ -54,15 +54,19 @@ class PairRMModel(nn.Module):
         Positions are passed explicitly (the tokenizer knows them) rather than searched for by token id,
         so user text can never move them.
         """
-        return self.pair_logits(self.encode(input_ids, attention_mask), prefix_positions)
+        return self.head(select(self.encode(input_ids, attention_mask), prefix_positions))
 
-    def pair_logits(self, hidden: torch.Tensor, prefix_positions: torch.Tensor) -> torch.Tensor:
-        """The head on last-layer states: g([h_src; h_A]) - g([h_src; h_B]) per row, as float32."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        src, cand1, cand2 = hidden[rows, prefix_positions].unbind(1)
+    def head(self, prefix_states: torch.Tensor) -> torch.Tensor:
+        """g([h_src; h_A]) - g([h_src; h_B]) per row, as float32, from the [B, 3, H] prefix-token states."""
+        src, cand1, cand2 = prefix_states.unbind(1)
         left = self.head_layer(torch.cat([src, cand1], dim=-1))
         right = self.head_layer(torch.cat([src, cand2], dim=-1))
         return (left - right)[:, 0].float()
+
+
+def select(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden[b, positions[b, p]] -> [B, P, H]."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], positions]
 
 
 # ---- inference-only encoder ---------------------------------------------------------------------
@@ -85,10 +89,9 @@ def supports_fast_encoder(config: DebertaV2Config) -> bool:
     )
 
 
-def log_bucket_positions(length: int, buckets: int, max_position: int, device: torch.device) -> torch.Tensor:
-    """Relative positions i - j, exact within +-buckets/2 and log-spaced beyond (DeBERTa-v3's buckets)."""
-    pos = torch.arange(length, device=device)
-    rel = (pos[:, None] - pos[None, :]).double()
+def log_buckets(rel: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
+    """Relative positions bucketed as DeBERTa-v3 does: exact within +-buckets/2, log-spaced beyond."""
+    rel = rel.double()
     mid = buckets // 2
     far = rel.abs().clamp(min=mid)  # values inside the exact window are replaced below
     log_pos = torch.ceil(torch.log(far / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
@@ -104,7 +107,7 @@ def relative_rows(length: int, span: int, max_position: int, device: torch.devic
     if key not in _POSITION_CACHE:
         if len(_POSITION_CACHE) > 64:
             _POSITION_CACHE.clear()
-        buckets = log_bucket_positions(2 * length - 1, span, max_position, device)[:, length - 1]  # r = m - (L-1)
+        buckets = log_buckets(torch.arange(-(length - 1), length, device=device), span, max_position)
         _POSITION_CACHE[key] = (span + buckets.flip(0)).clamp(0, 2 * span - 1)
     return _POSITION_CACHE[key]
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import aggregation
+from .backends import PairBackend, Rendered, TemplatedScorer, detect_backend, load_rlhflow
 from .engine import PairScorer, Triple
 from .loading import load_checkpoint
 
@@ -24,15 +25,21 @@ CONVERSATION_INSTRUCTION = (  # the typo is part of the trained format
     "Finish the following coversation in each i-th turn by filling in <Response i> with your response."
 )
 REF_MODES = ("longest", "shortest", "median_length", "first", "last")
+TOURNAMENTS = ("round_robin", "knockout")
 
 
 # ---- input checks: name the argument and the index -------------------------------------------------
 def check_texts(name: str, values: Any) -> list[str]:
-    if isinstance(values, str) or not isinstance(values, Sequence):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
     for i, value in enumerate(values):
         if not isinstance(value, str):
             raise TypeError(f"{name}[{i}] must be a string, got {type(value).__name__}")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"{name}[{i}] is not valid Unicode text ({err.reason} at {err.start})") from None
     return list(values)
 
 
@@ -64,9 +71,10 @@ class PairRM:
     default comparison uses both orders: f(x, A, B) - f(x, B, A).
     """
 
-    def __init__(self, scorer: PairScorer, kind: str = "hf"):
+    def __init__(self, scorer: PairBackend, kind: str = "hf", template: str | None = None):
         self.scorer = scorer
         self.kind = kind
+        self.template = template or getattr(scorer, "template", "pairrm")
 
     @classmethod
     def from_pretrained(
@@ -77,8 +85,13 @@ class PairRM:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         max_tokens: int | None = None,
+        template: str | None = None,
+        backend: str | None = None,
+        max_length: int = 8192,
+        swap_average: bool = True,
     ) -> "PairRM":
-        """Load `llm-blender/PairRM-hf`, `llm-blender/PairRM` or a local directory in either layout.
+        """Load any of the three judges: `llm-blender/PairRM(-hf)`, `maywell/Better-PairRM`,
+        `RLHFlow/pair-preference-model-LLaMA3-8B`, or a local directory of one of them.
 
         Args:
             base_model: blender layout only: the base encoder (hub id or local directory) whose config and
@@ -87,13 +100,28 @@ class PairRM:
             dtype: compute dtype; default float32 on CPU and bfloat16 (autocast) on CUDA. `float16` is the
                 reference's GPU mode.
             max_tokens: padded tokens per batch; default 8192 on CPU, 65536 on CUDA.
+            template: encoder checkpoints: `pairrm` or `better-pairrm` (default: from the name, see
+                `loading.detect_template`).
+            backend: `pairrm` (encoder checkpoints) or `rlhflow` (the causal-LM judge); default from the name.
+            max_length, swap_average: RLHFlow only (see `backends.RLHFlowScorer`).
         """
         device = torch.device(device or default_device())
         dtype = resolve_dtype(dtype, device)
-        checkpoint = load_checkpoint(name_or_path, base_model=base_model)
+        backend = backend or ("rlhflow" if template == "rlhflow" else detect_backend(str(name_or_path)))
+        if backend == "rlhflow":
+            scorer = load_rlhflow(
+                str(name_or_path), device=device, dtype=dtype, max_length=max_length, max_tokens=max_tokens,
+                swap_average=swap_average,
+            )
+            return cls(scorer, "causal-lm", "rlhflow")
+        if backend != "pairrm":
+            raise ValueError(f"backend must be 'pairrm' or 'rlhflow', got {backend!r}")
+        checkpoint = load_checkpoint(name_or_path, base_model=base_model, template=template)
         model = checkpoint.model.to(device)
         scorer = PairScorer(model, checkpoint.tokenizer, checkpoint.layout, device=device, dtype=dtype, max_tokens=max_tokens)
-        return cls(scorer, checkpoint.kind)
+        if checkpoint.template != "pairrm":
+            scorer = TemplatedScorer(scorer, checkpoint.template)
+        return cls(scorer, checkpoint.kind, checkpoint.template)
 
     @property
     def device(self) -> torch.device:
@@ -150,6 +178,33 @@ class PairRM:
         for (k, i, j), value in zip(where, logits):
             matrices[k][i, j] = value
         return matrices
+
+    def knockout_scores(
+        self, sources: list[str], candidates: list[list[str]], *, batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        """Rounds survived by each candidate in a knockout bracket (N-1 matches per source; one engine call per round).
+
+        Each round pairs the surviving candidates in order (1st vs 2nd, 3rd vs 4th, ...; an odd last one advances
+        without a match); the two-order logit decides, ties going to the earlier candidate.
+        """
+        wins = np.zeros((len(sources), len(candidates[0])), dtype=np.float32)
+        alive = [list(range(len(c))) for c in candidates]
+        while any(len(a) > 1 for a in alive):
+            triples, matches = [], []
+            for k, survivors in enumerate(alive):
+                for m in range(0, len(survivors) - 1, 2):
+                    i, j = survivors[m], survivors[m + 1]
+                    triples.append((sources[k], candidates[k][i], candidates[k][j]))
+                    matches.append((k, i, j))
+            z = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+            losers = {(k, j if value >= 0 else i) for (k, i, j), value in zip(matches, z)}
+            alive = [[i for i in survivors if (k, i) not in losers] if len(survivors) > 1 else survivors
+                     for k, survivors in enumerate(alive)]
+            for k, survivors in enumerate(alive):
+                if len(candidates[k]) > 1 and (len(survivors) > 1 or any(m[0] == k for m in matches)):
+                    wins[k, survivors] += 1
+        return wins
 
     # ---- llm-blender compatible API -----------------------------------------------------------------
     def compare(
@@ -208,19 +263,30 @@ class PairRM:
         return_scores: bool = False,
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
+        tournament: str = "round_robin",
     ) -> np.ndarray:
-        """Rank each input's candidates by a full round-robin: 1-based ranks (1 = best), or scores.
+        """Rank each input's candidates: 1-based ranks (1 = best), or scores.
 
-        score_i = (1/N) sum_j (f(x,c_i,c_j) - f(x,c_j,c_i)), as the reference; equal scores share a rank.
+        `round_robin` (default): score_i = (1/N) sum_j (f(x,c_i,c_j) - f(x,c_j,c_i)), as the reference; equal scores
+        share a rank. `knockout`: a single-elimination bracket of N-1 two-order matches (RLHFlow's recommendation
+        for n > 2); score = matches won, so the winner ranks 1 and candidates out in the same round share a rank.
         """
+        if tournament not in TOURNAMENTS:
+            raise ValueError(f"tournament must be one of {TOURNAMENTS}, got {tournament!r}")
         inputs = check_texts("inputs", inputs)
         candidates = check_candidates("candidates", candidates, len(inputs))
         sources = self._sources(inputs, instructions)
+        if tournament == "knockout":
+            scores = self.knockout_scores(
+                sources, [[self._candidate(c) for c in cands] for cands in candidates],
+                batch_size=batch_size, show_progress_bar=show_progress_bar,
+            )
+            return scores if return_scores else aggregation.ranks_from_scores(scores)
         matrices = self.pairwise_matrices(
             sources, [[self._candidate(c) for c in cands] for cands in candidates],
             batch_size=batch_size, show_progress_bar=show_progress_bar,
         )
-        scores = np.stack([aggregation.round_robin_scores(m) for m in matrices])
+        scores = np.stack([aggregation.round_robin_scores(m) for m in matrices]) if matrices else np.zeros((0, 0), np.float32)
         return scores if return_scores else aggregation.ranks_from_scores(scores)
 
     def rank_with_ref(
@@ -252,7 +318,7 @@ class PairRM:
             (s, self._candidate(c), self._candidate(ref)) for s, cands, ref in zip(sources, candidates, refs) for c in cands
         ]
         flat = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        scores = flat.reshape(len(inputs), len(candidates[0]))
+        scores = flat.reshape(len(inputs), len(candidates[0]) if candidates else 0)
         return scores if return_scores else aggregation.ranks_from_scores(scores)
 
     def compare_conversations(
@@ -270,6 +336,16 @@ class PairRM:
         `USER: {u}\\nAssistant: <Response k>` lines; each candidate is `<Response k>: {a}` lines.
         """
         inputs, cands_a, cands_b = render_conversations(conversations_a, conversations_b)
+        if self.template != "pairrm":  # other judges see the shared history as context and the last answers
+            triples = conversation_triples(conversations_a, conversations_b)
+            if mode == "[A,B]+[B,A]":
+                logits = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+            elif mode in ("[A,B]", "[B,A]"):
+                order = triples if mode == "[A,B]" else [(s, b, a) for s, a, b in triples]
+                logits = self.pair_logits(order, batch_size=batch_size, show_progress_bar=show_progress_bar)
+            else:
+                raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r}")
+            return logits if return_logits else logits > 0
         instructions = [CONVERSATION_INSTRUCTION] * len(inputs)
         return self.compare(inputs, cands_a, cands_b, instructions, batch_size, return_logits, mode, show_progress_bar)
 
@@ -359,6 +435,22 @@ def render_conversations(
         cands_a.append("\n".join(f"<Response {t + 1}>: {a}" for t, (_, a) in enumerate(turns_a)))
         cands_b.append("\n".join(f"<Response {t + 1}>: {a}" for t, (_, a) in enumerate(turns_b)))
     return inputs, cands_a, cands_b
+
+
+def conversation_triples(conversations_a: Sequence[Sequence[dict]], conversations_b: Sequence[Sequence[dict]]) -> list[Triple]:
+    """(context, last answer A, last answer B) for judges other than PairRM; the histories must be identical."""
+    triples = []
+    for k, (conv_a, conv_b) in enumerate(zip(conversations_a, conversations_b)):
+        turns_a, turns_b = _turns(f"conversations_a[{k}]", conv_a), _turns(f"conversations_b[{k}]", conv_b)
+        if turns_a[:-1] != turns_b[:-1] or turns_a[-1][0] != turns_b[-1][0]:
+            raise ValueError(
+                f"conversations_a[{k}] and conversations_b[{k}] differ before their last answer; this judge compares "
+                "one pair of answers in a shared context (only the PairRM template compares whole conversations)"
+            )
+        messages = tuple(m for u, a in turns_a[:-1] for m in (("user", u), ("assistant", a))) + (("user", turns_a[-1][0]),)
+        source = Rendered(turns_a[-1][0], messages=messages)
+        triples.append((source, turns_a[-1][1], turns_b[-1][1]))
+    return triples
 
 
 def _turns(name: str, conversation: Any) -> list[tuple[str, str]]:

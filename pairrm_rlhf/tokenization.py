@@ -72,7 +72,9 @@ class PairLayout:
 
     The source segment holds at most `source_max_length` tokens (specials included); each candidate at most
     `(source_max_length + 2 * candidate_max_length - len(source_segment)) // 2`, so budget the source does not
-    use is shared by the candidates. Truncation keeps the left part of the text and all special tokens.
+    use is shared by the candidates. Truncation keeps the left part of the text and all special tokens
+    (Better-PairRM: `truncate_source_left` keeps the right part of the source, and `source_prefix_segment`
+    puts `<|source|>` in its own `[CLS] <|source|> [SEP]` segment before the text's `[CLS] text [SEP]`).
     The budget depends only on the example itself, so results never depend on batch composition.
     """
 
@@ -84,9 +86,20 @@ class PairLayout:
     cand2_prefix_id: int
     source_max_length: int = 1224
     candidate_max_length: int = 412
+    truncate_source_left: bool = False  # Better-PairRM: keep the end of the source (the latest turns)
+    source_prefix_segment: bool = False  # Better-PairRM: `[CLS] <|source|> [SEP]` then `[CLS] text [SEP]`
+
+    @property
+    def source_overhead(self) -> int:
+        """Special tokens of the source segment (3, or 5 with a separate prefix segment)."""
+        return 5 if self.source_prefix_segment else 3
 
     def source_segment(self, text_ids: list[int]) -> list[int]:
-        return [self.cls_id, self.source_prefix_id, *text_ids[: self.source_max_length - 3], self.sep_id]
+        keep = max(self.source_max_length - self.source_overhead, 0)
+        kept = text_ids[len(text_ids) - keep :] if self.truncate_source_left and len(text_ids) > keep else text_ids[:keep]
+        if self.source_prefix_segment:
+            return [self.cls_id, self.source_prefix_id, self.sep_id, self.cls_id, *kept, self.sep_id]
+        return [self.cls_id, self.source_prefix_id, *kept, self.sep_id]
 
     def candidate_budget(self, source_segment_length: int) -> int:
         return (self.source_max_length + 2 * self.candidate_max_length - source_segment_length) // 2
@@ -101,7 +114,7 @@ class PairLayout:
 
     def is_truncated(self, source_ids: list[int], a_ids: list[int], b_ids: list[int]) -> bool:
         """Whether any of the three texts loses tokens in this pair."""
-        if len(source_ids) > self.source_max_length - 3:
+        if len(source_ids) > self.source_max_length - self.source_overhead:
             return True
-        keep = self.candidate_budget(len(source_ids) + 3) - 3
+        keep = self.candidate_budget(len(source_ids) + self.source_overhead) - 3
         return len(a_ids) > keep or len(b_ids) > keep

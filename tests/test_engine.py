@@ -103,7 +103,7 @@ def test_out_of_memory_splits_and_retries(hf_model, monkeypatch, caplog):
     monkeypatch.setattr(hf_model.scorer, "max_tokens", 100_000)
     with caplog.at_level(logging.WARNING):
         got = hf_model.scorer.score(triples)
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=5e-5, rtol=0)  # other batch shapes: float noise only
     assert "out of memory" in caplog.text
     assert hf_model.scorer.max_tokens < 100_000  # the budget shrinks for later batches
 

@@ -1,0 +1,329 @@
+"""Pair-scoring backends: ordered (source, A, B) triples in, single-order logits f(x, A, B) out.
+
+`PairBackend` is the contract everything above the engine relies on (`PairRM`, the judge, rewards, labeler).
+Three judges implement it:
+
+- PairRM (`engine.PairScorer`, unchanged): source = PairRM's rendering of the prompt.
+- Better-PairRM: the same scorer behind `TemplatedScorer`, which re-renders conversations as
+  `SYSTEM MESSAGE:` / `USER:` / `ASSISTANT:` lines (its layout cuts the source from the left).
+- RLHFlow's pair-preference LLM (`RLHFlowScorer`): a causal LM asked "A or B?" in both orders.
+
+Conversations reach a backend as `Rendered` strings: their value is PairRM's rendering (so PairRM and every
+existing caller see exactly the same text as before) and they carry the messages they came from, which the
+other backends render in their own format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+Triple = tuple[str, str, str]
+Messages = tuple[tuple[str, str], ...]
+
+
+@runtime_checkable
+class PairBackend(Protocol):
+    """What `PairRM` and the adapters need from a scorer.
+
+    `score` returns f(x, A, B) for each ordered triple (float32, caller's order), where f > 0 means A is better
+    and sigmoid((f(x,A,B) - f(x,B,A)) / 2) is the backend's calibrated P(A > B). `truncation_rate` is the fraction
+    of triples in which some text is cut to fit the backend's length limits.
+    """
+
+    device: torch.device
+
+    def score(
+        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray: ...
+
+    def truncation_rate(self, triples: Sequence[Triple]) -> float: ...
+
+
+# ---- rendered text that remembers where it came from -------------------------------------------------------
+class Rendered(str):
+    """A string (PairRM's rendering) that also carries the prompt `messages` or the bare `response` it came from."""
+
+    messages: Messages | None
+    response: str | None
+
+    def __new__(cls, text: str, *, messages: Messages | None = None, response: str | None = None) -> "Rendered":
+        obj = super().__new__(cls, text)
+        obj.messages, obj.response = messages, response
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (str(self), self.messages, self.response))
+
+
+def _rebuild(text: str, messages: Messages | None, response: str | None) -> Rendered:
+    return Rendered(text, messages=messages, response=response)
+
+
+def prompt_messages(source: str) -> Messages:
+    """The (role, content) messages of a rendered source; a plain string is one user message."""
+    messages = getattr(source, "messages", None)
+    return messages if messages is not None else (("user", str(source)),)
+
+
+def response_text(candidate: str) -> str:
+    """The bare response of a rendered candidate (a plain string is already one)."""
+    response = getattr(candidate, "response", None)
+    return response if response is not None else str(candidate)
+
+
+# ---- Better-PairRM -------------------------------------------------------------------------------------------
+BETTER_PAIRRM_ROLES = {"system": "SYSTEM MESSAGE", "user": "USER", "assistant": "ASSISTANT"}
+
+
+def better_pairrm_source(source: str) -> str:
+    """Better-PairRM's (Vicuna-1.1-style) source: one `SYSTEM MESSAGE: `/`USER: `/`ASSISTANT: ` line per message.
+
+    A plain-text prompt is used as is (as on the model card); the candidate is the bare response.
+    """
+    messages = getattr(source, "messages", None)
+    if messages is None:
+        return str(source)
+    return "\n".join(f"{BETTER_PAIRRM_ROLES[role]}: {content}" for role, content in messages)
+
+
+class TemplatedScorer:
+    """A backend whose texts are re-rendered by `render_source`/`render_candidate` before an inner backend scores
+    them. Attributes it lacks (model, tokenizer, layout, dtype, ...) are the inner backend's."""
+
+    def __init__(
+        self,
+        inner: PairBackend,
+        template: str,
+        render_source: Callable[[str], str] = better_pairrm_source,
+        render_candidate: Callable[[str], str] = response_text,
+    ):
+        self.inner, self.template = inner, template
+        self.render_source, self.render_candidate = render_source, render_candidate
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def convert(self, triples: Sequence[Triple]) -> list[Triple]:
+        return [(self.render_source(s), self.render_candidate(a), self.render_candidate(b)) for s, a, b in triples]
+
+    def score(
+        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        return self.inner.score(self.convert(triples), batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+    def truncation_rate(self, triples: Sequence[Triple]) -> float:
+        return self.inner.truncation_rate(self.convert(triples))
+
+    def build(self, triples: Sequence[Triple]) -> list:
+        return self.inner.build(self.convert(triples))
+
+
+# ---- RLHFlow pair-preference model ---------------------------------------------------------------------------
+RLHFLOW_PROMPT = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \n"
+
+
+def rlhflow_context(source: str) -> str:
+    """The context in RLHFlow's plain `<turn> user` / `<turn> assistant` format (alternating by position).
+
+    System messages are folded into the next user message as `{system}\\n\\n{user}`.
+    """
+    turns: list[str] = []
+    system: list[str] = []
+    for role, content in prompt_messages(source):
+        if role == "system":
+            system.append(content)
+        else:
+            turns.append("\n\n".join([*system, content]) if role == "user" else content)
+            system = []
+    body = "".join(
+        f"\n\n<turn> {'user' if i % 2 == 0 else 'assistant'}\n {content}" for i, content in enumerate(turns)
+    )
+    return "\n" + body + "\n\n\n"
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def swap_averaged_logit(d_ab: np.ndarray, d_ba: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) with p = (sigmoid(d_ab) + sigmoid(-d_ba)) / 2, computed stably.
+
+    d_ab = logit_A - logit_B with A in the first slot; d_ba the same with the responses swapped. p is RLHFlow's
+    probability that A is better, averaged over the two orders.
+    """
+    d_ab, d_ba = np.asarray(d_ab, dtype=np.float64), np.asarray(d_ba, dtype=np.float64)
+    log_p = np.logaddexp(_log_sigmoid(d_ab), _log_sigmoid(-d_ba))
+    log_q = np.logaddexp(_log_sigmoid(-d_ab), _log_sigmoid(d_ba))
+    return log_p - log_q
+
+
+class RLHFlowScorer:
+    """RLHFlow's pairwise preference LLM (`RLHFlow/pair-preference-model-LLaMA3-8B`) as a `PairBackend`.
+
+    One ordered pair is one user turn `[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \\n` put through the
+    model's chat template (with the generation prompt; the BOS text is stripped, as the model card does), and
+    d = logit("A") - logit("B") of the next token: softmax over exactly those two tokens gives P(A) = sigmoid(d).
+
+    Single-order logit: with `swap_average=True` (default) both orders are run and
+    f(x, A, B) = logit(p), p = (P_AB(A) + P_BA(B)) / 2, RLHFlow's swap-averaged probability. Then f is antisymmetric,
+    PairRM's two-order logit f(x,A,B) - f(x,B,A) = 2 logit(p), and `PairRM.probability` (T=1) returns p exactly.
+    With `swap_average=False`, f(x, A, B) = d of that one order (slot-biased, like PairRM's single order).
+
+    The context is cut from the left (the latest turns survive) so that a prompt fits `max_length` tokens; the
+    responses are never cut. Prompts are sorted by length and packed into batches under `max_tokens`.
+    """
+
+    template = "rlhflow"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        max_length: int = 8192,
+        max_tokens: int | None = None,
+        swap_average: bool = True,
+    ):
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.max_length = max_length
+        self.max_tokens = max_tokens or (65536 if device.type == "cuda" else 8192)
+        self.swap_average = swap_average
+        self.token_a, self.token_b = self._choice_token("A"), self._choice_token("B")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    def _choice_token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"the tokenizer encodes {text!r} as {len(ids)} tokens; the RLHFlow judge needs exactly one")
+        return ids[0]
+
+    # ---- prompts ----------------------------------------------------------------------------------------
+    def _ids(self, context: str, a: str, b: str) -> list[int]:
+        message = [{"role": "user", "content": RLHFLOW_PROMPT.format(context=context, a=a, b=b)}]
+        text = self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        if self.tokenizer.bos_token:
+            text = text.replace(self.tokenizer.bos_token, "")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, triple: Triple) -> tuple[list[int], bool]:
+        """Token ids of one ordered pair and whether its context was cut to fit `max_length`."""
+        source, a, b = triple
+        context, a, b = rlhflow_context(source), response_text(a), response_text(b)
+        ids = self._ids(context, a, b)
+        if len(ids) <= self.max_length:
+            return ids, False
+        context_ids = self.tokenizer.encode(context, add_special_tokens=False)
+        keep = len(context_ids)
+        while len(ids) > self.max_length and keep > 0:
+            keep = max(keep - (len(ids) - self.max_length), 0)
+            ids = self._ids(self.tokenizer.decode(context_ids[len(context_ids) - keep :]), a, b)
+        if len(ids) > self.max_length:
+            logger.warning("responses alone take %d > max_length=%d tokens; scoring them uncut", len(ids), self.max_length)
+        return ids, True
+
+    def truncation_rate(self, triples: Sequence[Triple]) -> float:
+        if not triples:
+            return 0.0
+        return sum(self.prompt_ids(t)[1] for t in triples) / len(triples)
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+    def score(
+        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        """f(x, A, B) for each ordered triple (see the class docstring), float32 in the caller's order."""
+        if not triples:
+            return np.zeros(0, dtype=np.float32)
+        needed = list(dict.fromkeys(triples))
+        if self.swap_average:
+            needed = list(dict.fromkeys([*needed, *((s, b, a) for s, a, b in needed)]))
+        diffs = dict(zip(needed, self.choice_logits(needed, batch_size, show_progress_bar)))
+        if not self.swap_average:
+            return np.array([diffs[t] for t in triples], dtype=np.float32)
+        d_ab = np.array([diffs[t] for t in triples])
+        d_ba = np.array([diffs[(s, b, a)] for s, a, b in triples])
+        return swap_averaged_logit(d_ab, d_ba).astype(np.float32)
+
+    def choice_logits(
+        self, triples: Sequence[Triple], batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        """logit("A") - logit("B") of the next token for each ordered triple (one forward each, batched by length)."""
+        prompts = [self.prompt_ids(t)[0] for t in triples]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        batches: list[list[int]] = []
+        for i in order:
+            batch = batches[-1] if batches else None
+            if batch and (len(batch) + 1) * len(prompts[batch[0]]) <= self.max_tokens and (
+                batch_size is None or len(batch) < batch_size
+            ):
+                batch.append(i)
+            else:
+                batches.append([i])
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
+        out = np.empty(len(prompts), dtype=np.float64)
+        with tqdm(total=len(prompts), unit="prompt", desc="RLHFlow", disable=not show_progress_bar) as bar:
+            for batch in batches:
+                out[batch] = self._forward([prompts[i] for i in batch])
+                bar.update(len(batch))
+        return out
+
+    def _forward(self, prompts: list[list[int]]) -> np.ndarray:
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # right padding; read the logits at each row's last real token
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with torch.inference_mode(), autocast:
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        picked = logits[torch.arange(len(prompts)), last.to(logits.device)].float()
+        return (picked[:, self.token_a] - picked[:, self.token_b]).cpu().numpy().astype(np.float64)
+
+
+def load_rlhflow(
+    name_or_path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_length: int = 8192,
+    max_tokens: int | None = None,
+    swap_average: bool = True,
+) -> RLHFlowScorer:
+    """Load a causal-LM pair-preference model (hub id or local directory) as an `RLHFlowScorer`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as err:
+        raise OSError(f"cannot load the RLHFlow judge {name_or_path!r}: {err}") from err
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{name_or_path}: the tokenizer has no chat template; the RLHFlow judge needs one")
+    model.to(device).eval()
+    logger.info("loaded RLHFlow pair-preference model from %s", name_or_path)
+    return RLHFlowScorer(
+        model, tokenizer, device=device, dtype=dtype, max_length=max_length, max_tokens=max_tokens,
+        swap_average=swap_average,
+    )
+
+
+def detect_backend(name_or_path: str) -> str:
+    """`rlhflow` for RLHFlow pair-preference checkpoints (by name, or a local causal-LM directory), else `pairrm`."""
+    name = str(name_or_path).lower()
+    if "pair-preference-model" in name or "pair_preference_model" in name:
+        return "rlhflow"
+    return "pairrm"

@@ -1,0 +1,227 @@
+"""Backends under `PairRM`: the contract, Better-PairRM's format and layout, RLHFlow's causal-LM judge."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
+from pairrm_rlhf.backends import (
+    PairBackend,
+    RLHFlowScorer,
+    better_pairrm_source,
+    rlhflow_context,
+    swap_averaged_logit,
+)
+from pairrm_rlhf.cli import bundled_checkpoint
+from pairrm_rlhf.judges import render
+from pairrm_rlhf.tiny_policy import save_tiny_policy
+
+torch.set_num_threads(1)
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Tell me about the sun."},
+    {"role": "assistant", "content": "The sun is a star."},
+    {"role": "user", "content": "And the moon?"},
+]
+
+
+# ---- Better-PairRM ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def better(tmp_path_factory) -> PairRM:
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-Better-PairRM"  # detected by name, like maywell/Better-PairRM
+    shutil.copytree(bundled_checkpoint(), directory)
+    return PairRM.from_pretrained(directory, device="cpu")
+
+
+def test_better_pairrm_is_chosen_by_name_or_template(better):
+    assert better.template == "better-pairrm"
+    layout = better.scorer.layout
+    assert (layout.source_max_length, layout.candidate_max_length) == (2030, 670)
+    assert layout.truncate_source_left and layout.source_prefix_segment
+    explicit = PairRM.from_pretrained(bundled_checkpoint(), device="cpu", template="better-pairrm")
+    assert explicit.template == "better-pairrm" and explicit.scorer.layout == layout
+    assert PairRM.from_pretrained(bundled_checkpoint(), device="cpu").template == "pairrm"
+    assert isinstance(better.scorer, PairBackend) and isinstance(explicit.scorer, PairBackend)
+    with pytest.raises(ValueError, match="unknown template"):
+        PairRM.from_pretrained(bundled_checkpoint(), device="cpu", template="vicuna")
+
+
+def test_better_pairrm_rendering():
+    source, candidate = render(CONVERSATION, "It orbits the earth.")
+    assert source.startswith("Finish the following coversation")  # PairRM's text is unchanged
+    assert better_pairrm_source(source) == (
+        "SYSTEM MESSAGE: Be brief.\nUSER: Tell me about the sun.\nASSISTANT: The sun is a star.\nUSER: And the moon?"
+    )
+    assert candidate.response == "It orbits the earth."
+    plain_source, plain_candidate = render("hello!", "hi!")
+    assert better_pairrm_source(plain_source) == "hello!" and plain_candidate.response == "hi!"
+
+
+def test_better_pairrm_long_source_keeps_the_latest_turns(better):
+    layout, tok = better.scorer.layout, better.scorer.tokenizer
+    turns = []
+    for k in range(200):
+        turns += [{"role": "user", "content": f"question number {k} about the weather and the sea"},
+                  {"role": "assistant", "content": f"answer number {k}: it is sunny and calm today"}]
+    prompt = turns + [{"role": "user", "content": "final question zebra"}]
+    long_answer = "word " * 2000
+    source, a = render(prompt, long_answer)
+    _, b = render(prompt, "short")
+    text_ids = tok.encode(better_pairrm_source(source), add_special_tokens=False).ids
+    assert len(text_ids) > 2030  # the source must be cut
+    (ids, positions), = better.scorer.build([(source, a, b)])
+    src_len = positions[1] - 1
+    assert src_len == 2030  # the source budget is used exactly
+    assert ids[:4] == [layout.cls_id, layout.source_prefix_id, layout.sep_id, layout.cls_id]
+    assert ids[src_len - 1] == layout.sep_id
+    assert ids[4 : src_len - 1] == text_ids[-(2030 - 5):]  # the tail survives ...
+    assert "zebra" in tok.decode(ids[4 : src_len - 1])  # ... including the last user turn
+    assert ids[positions[0]] == layout.source_prefix_id
+    assert ids[positions[1]] == layout.cand1_prefix_id and ids[positions[2]] == layout.cand2_prefix_id
+    cand_a = positions[2] - positions[1]  # [CLS] <|candidate1|> text [SEP]
+    assert cand_a == (3370 - 2030) // 2 and len(ids) <= 3370
+    assert better.scorer.truncation_rate([(source, a, b)]) == 1.0
+    short_source, short = render("hi", "hello")
+    assert better.scorer.truncation_rate([(short_source, short, short)]) == 0.0
+
+
+def test_adapters_work_on_better_pairrm(better):
+    prompts = ["What is 2 + 2?", CONVERSATION]
+    completions = [["4", "five"], ["It orbits the earth.", "No idea."]]
+    assert set(PairRMJudge(better, seed=0).judge(prompts, completions)) <= {0, 1}
+    reward = PairwiseReward(better, mode="group", group_size=2)
+    values = reward(prompts=[prompts[1]] * 2, completions=completions[1])
+    assert len(values) == 2 and abs(sum(values) - 1.0) < 1e-5  # probabilities of a 2-group sum to 1
+    labeler = PreferenceLabeler(better, responses_column="responses")
+    scores = labeler.rank_responses([prompts[0]], [["4", "five", "four"]])
+    assert scores[0].shape == (3,)
+    logits = better.compare(["hello!"], ["hi!"], ["go away"], return_logits=True)
+    assert logits.shape == (1,) and np.isfinite(logits).all()
+    conv_a = [{"role": "USER", "content": "hi"}, {"role": "ASSISTANT", "content": "hello!"}]
+    conv_b = [{"role": "USER", "content": "hi"}, {"role": "ASSISTANT", "content": "go away"}]
+    assert better.compare_conversations([conv_a], [conv_b], return_logits=True).shape == (1,)
+
+
+# ---- knockout (any backend) -----------------------------------------------------------------------------------
+class LengthBackend:
+    """A fake backend: the longer response wins; counts the triples it scores."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, triples, *, batch_size=None, show_progress_bar=None):
+        self.scored += len(triples)
+        return np.array([len(a) - len(b) for _, a, b in triples], dtype=np.float32)
+
+    def truncation_rate(self, triples):
+        return 0.0
+
+
+def test_knockout_plays_n_minus_one_matches():
+    backend = LengthBackend()
+    model = PairRM(backend)
+    cands = [["bb", "a", "eeeee", "ccc", "dddd"], ["x", "yy", "zzz", "w", "vvvvvv"]]
+    ranks = model.rank(["p", "q"], cands, tournament="knockout")
+    assert backend.scored == 2 * 4 * 2  # 2 inputs x (N-1 = 4) matches x both orders
+    assert ranks[0][2] == 1 and ranks[1][4] == 1  # the longest wins
+    scores = model.rank(["p"], cands[:1], tournament="knockout", return_scores=True)
+    assert scores[0].max() == 3 and (scores[0] == 3).sum() == 1  # 5 candidates: 3 rounds, one champion
+    full = model.rank(["p"], cands[:1])
+    assert full[0][2] == 1
+    with pytest.raises(ValueError, match="tournament"):
+        model.rank(["p"], cands[:1], tournament="swiss")
+
+
+# ---- RLHFlow --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rlhflow(tmp_path_factory) -> PairRM:
+    path = save_tiny_policy(tmp_path_factory.mktemp("rlhflow") / "tiny-llama", arch="llama")
+    return PairRM.from_pretrained(path, backend="rlhflow", device="cpu", max_length=256)
+
+
+def test_rlhflow_prompt_format(rlhflow):
+    scorer = rlhflow.scorer
+    assert isinstance(scorer, RLHFlowScorer) and isinstance(scorer, PairBackend) and rlhflow.template == "rlhflow"
+    source, a = render(CONVERSATION, "It orbits.")
+    context = rlhflow_context(source)
+    assert context == (
+        "\n\n\n<turn> user\n Be brief.\n\nTell me about the sun.\n\n<turn> assistant\n The sun is a star."
+        "\n\n<turn> user\n And the moon?\n\n\n"
+    )
+    ids, cut = scorer.prompt_ids((source, a, "No."))
+    expected = scorer.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"[CONTEXT] {context} [RESPONSE A] It orbits. [RESPONSE B] No. \n"}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert not cut and ids == scorer.tokenizer.encode(expected, add_special_tokens=False)
+    assert len(scorer.tokenizer.encode("A", add_special_tokens=False)) == 1
+
+
+def test_rlhflow_strips_bos_text(rlhflow):
+    scorer = rlhflow.scorer
+    template = scorer.tokenizer.chat_template
+    try:
+        scorer.tokenizer.chat_template = "{{ bos_token }}" + template
+        ids, _ = scorer.prompt_ids(("hi", "a", "b"))
+    finally:
+        scorer.tokenizer.chat_template = template
+    assert scorer.tokenizer.bos_token_id not in ids
+    assert ids == scorer.prompt_ids(("hi", "a", "b"))[0]
+
+
+def test_rlhflow_swap_averaging(rlhflow):
+    scorer = rlhflow.scorer
+    t_ab, t_ba = ("What is the sun?", "A star.", "A planet."), ("What is the sun?", "A planet.", "A star.")
+    f_ab, f_ba = scorer.score([t_ab, t_ba])
+    assert f_ab == pytest.approx(-f_ba, abs=1e-5)  # antisymmetric by construction
+    d = []
+    for triple in (t_ab, t_ba):  # one plain forward per order, logits of exactly "A" and "B"
+        ids, _ = scorer.prompt_ids(triple)
+        with torch.inference_mode():
+            logits = scorer.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        p = torch.softmax(logits[[scorer.token_a, scorer.token_b]].double(), dim=0)
+        d.append(p)
+    p_avg = float(d[0][0] + d[1][1]) / 2  # P(first is better), averaged over both orders
+    assert rlhflow.probability(["What is the sun?"], ["A star."], ["A planet."])[0] == pytest.approx(p_avg, abs=1e-5)
+    assert swap_averaged_logit(np.array([0.0]), np.array([0.0]))[0] == 0.0
+    assert np.isfinite(swap_averaged_logit(np.array([80.0]), np.array([-80.0]))).all()
+    single = RLHFlowScorer(scorer.model, scorer.tokenizer, device=scorer.device, swap_average=False)
+    raw = single.score([t_ab])[0]
+    assert raw == pytest.approx(float(torch.log(d[0][0] / d[0][1])), abs=1e-4)
+
+
+def test_rlhflow_left_truncation_and_batching(rlhflow):
+    scorer = rlhflow.scorer
+    turns = []
+    for k in range(30):
+        turns += [{"role": "user", "content": f"Tell me about the sun {k}."}, {"role": "assistant", "content": "Sure."}]
+    source, a = render(turns + [{"role": "user", "content": "What is green tea?"}], "Green tea is nice.")
+    ids, cut = scorer.prompt_ids((source, a, "No."))
+    assert cut and len(ids) <= scorer.max_length
+    text = scorer.tokenizer.decode(ids)
+    assert "What is green tea?" in text and "Green tea is nice." in text and "[RESPONSE B] No." in text
+    short = ("hi", "hello there", "go")
+    assert scorer.truncation_rate([(source, a, "No."), short]) == 0.5
+    triples = [(source, a, "No."), short, ("Explain music.", "Music is nice.", "Music is sound.")]
+    batched = scorer.choice_logits(triples)
+    one_by_one = scorer.choice_logits(triples, batch_size=1)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-4)
+
+
+def test_adapters_work_on_rlhflow(rlhflow):
+    prompts = ["What is the sun?", CONVERSATION]
+    completions = [["A star.", "A planet."], ["It orbits.", "No idea."]]
+    judge = PairRMJudge(rlhflow, seed=0)
+    assert set(judge.judge(prompts, completions)) <= {0, 1}
+    probs = judge.judge(prompts, completions, return_scores=True)
+    flipped = judge.judge(prompts, [c[::-1] for c in completions], return_scores=True)
+    np.testing.assert_allclose(np.array(probs) + np.array(flipped), 1.0, atol=1e-5)
+    ranks = rlhflow.rank(["What is the sun?"], [["A star.", "A planet.", "Hot gas.", "No."]], tournament="knockout")
+    assert sorted(ranks[0])[0] == 1
+    labeler = PreferenceLabeler(rlhflow, responses_column="responses")
+    assert labeler.rank_responses([CONVERSATION], [["a", "b", "c"]])[0].shape == (3,)
