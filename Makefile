@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install
+.PHONY: demo scorer-demo test bench install
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/iterative_dpo.py --config recipes/configs/iterative_dpo_smoke.yaml
+
+scorer-demo: install
 	$(BIN)/pairrm-rlhf demo
 
 test: install

@@ -624,18 +624,23 @@ def _load_vllm(path: str, seed: int) -> Any:
     return LLM(model=path, seed=seed)
 
 
+def tiny_prompts_path() -> str:
+    """The 32 bundled prompts with reference responses (plain English, for smoke runs and tests)."""
+    from importlib import resources
+
+    return str(resources.files("pairrm_rlhf") / "assets" / "tiny-prompts.jsonl")
+
+
 def load_prompts(source: str, config_name: str | None = None, split: str = "train") -> Dataset:
     """A dataset from a `save_to_disk` directory, a json/jsonl/parquet/csv file, a data directory or a hub id.
 
-    `"tiny"` (when no such path exists) is 16 built-in prompts for smoke runs.
+    `"tiny"` (when no such path exists) is the 32 bundled smoke-test prompts with a `reference` column.
     """
     import datasets
 
+    if source == TINY and not Path(source).exists():
+        source = tiny_prompts_path()
     path = Path(source)
-    if source == TINY and not path.exists():
-        from .tiny_policy import default_corpus
-
-        return Dataset.from_dict({"prompt": default_corpus()[0:32:2]})
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -683,7 +688,7 @@ def _format_of(path: str) -> str:
 class LabelConfig:
     """Sample K responses per prompt, score them pairwise with PairRM and write a DPO preference dataset."""
 
-    dataset: str | None = field(default=None, metadata={"help": "prompts: save_to_disk dir, .json/.jsonl/.parquet/.csv file, hub id; 'tiny' = 16 built-in prompts"})
+    dataset: str | None = field(default=None, metadata={"help": "prompts: save_to_disk dir, .json/.jsonl/.parquet/.csv file, hub id; 'tiny' = 32 bundled prompts"})
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
     split: str = field(default="train", metadata={"help": "split to label"})
     prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})

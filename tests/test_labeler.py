@@ -371,7 +371,7 @@ def test_cli_config_and_formats(tmp_path, capsys):
     with pytest.raises(ValueError, match="output_path is required"):
         run_label(parse_config(LabelConfig, ["--config", str(config)]))
     smoke = parse_config(LabelConfig, ["--config", str(REPO / "recipes" / "configs" / "label_smoke.yaml")])
-    assert smoke.policy == "tiny" and smoke.pairrm == "tiny" and len(load_prompts(smoke.dataset)) == 16
+    assert smoke.policy == "tiny" and smoke.pairrm == "tiny" and len(load_prompts(smoke.dataset)) == 32
 
 
 @pytest.mark.parametrize("form", ["standard", "conversational"])

@@ -1,0 +1,421 @@
+"""A compact PPO trainer for RLHF on the current stack (transformers + accelerate + peft; TRL removed its PPO).
+
+One update = sample a batch of prompts, generate responses, score them with a reward function (e.g. PairRM against
+the row's reference response through `PairwiseReward`), then run several PPO epochs over minibatches.
+It follows "The N Implementation Details of RLHF with PPO" (Huang et al., 2024):
+
+- responses are truncated after the first EOS (everything after it is padding, masked out of every loss);
+  a response without EOS can be penalised (`missing_eos_penalty` is subtracted from its score);
+- the score goes on the last response token; every token gets a KL penalty `-kl_coef * (logp - logp_ref)`;
+- log-probabilities are recomputed with the sampling temperature (logits / T) and sampling has no top-k/top-p,
+  so the recomputed distribution is the one sampled from;
+- GAE (gamma, lam) over response tokens, advantages whitened over all processes' valid tokens (optionally rewards);
+- clipped policy loss and clipped value loss, `num_ppo_epochs` passes over `num_mini_batches` minibatches with
+  gradient accumulation; dropout is disabled; Adam eps 1e-5; linear learning-rate decay.
+
+Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised), the layout of
+TRL's former `AutoModelForCausalLMWithValueHead`. It costs one extra `hidden x 1` layer instead of a second model;
+the value loss (weighted by `vf_coef`) also flows into the shared backbone. Reference policy: a frozen copy of
+the initial policy, or with LoRA (`peft_config`) the same model with its adapter disabled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationConfig, get_scheduler
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., list[float]]
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters. Rollouts per process per update = per_device_train_batch_size x
+    gradient_accumulation_steps x num_mini_batches."""
+
+    output_dir: str = field(default="ppo-output", metadata={"help": "where the policy, value head and logs are saved"})
+    seed: int = field(default=42, metadata={"help": "seed of data order and sampling"})
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and value head)"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
+    warmup_steps: int = field(default=0, metadata={"help": "scheduler warm-up optimizer steps"})
+    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW eps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch of one forward/backward"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per PPO epoch"})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    total_episodes: int | None = field(default=None, metadata={"help": "rollouts in all (default: num_train_epochs x dataset)"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the prompts when total_episodes is unset"})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "rows per no-grad generate/forward"})
+    max_prompt_length: int | None = field(default=512, metadata={"help": "prompts are cut from the left to this"})
+    max_new_tokens: int = field(default=53, metadata={"help": "response length limit"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (also applied when recomputing logprobs)"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the score of responses without EOS"})
+    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty coefficient"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
+    logging_steps: int = field(default=1, metadata={"help": "log every N updates"})
+    save_final: bool = field(default=True, metadata={"help": "save the policy and value head at the end"})
+    use_cpu: bool = field(default=False, metadata={"help": "train on CPU even when CUDA is available"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in the policy"})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: wandb, tensorboard, ..."})
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a linear value head on its last hidden state; `forward` returns (logits, values)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
+        return out.logits, self.value_head(hidden).squeeze(-1)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "attention_dropout"):
+        config.attention_dropout = 0.0
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+class PPOTrainer:
+    """PPO on prompts (`prompt` column: strings or message lists; other columns go to the reward function).
+
+    Args:
+        config: `PPOConfig`.
+        policy: a transformers causal LM (trained in place; wrapped with LoRA when `peft_config` is given).
+        tokenizer: its tokenizer (left padding is used for prompts).
+        reward_fn: TRL-style reward function `f(prompts=..., completions=..., **columns) -> list[float]`,
+            e.g. `PairwiseReward(pairrm, output="logit")`. Each process scores its own rollouts.
+        train_dataset: a `datasets.Dataset` (or anything indexable by a list of rows returning a dict of lists).
+        ref_policy: the frozen reference; default a copy of `policy` (or the adapter-disabled model with LoRA).
+        peft_config: a `peft.PeftConfig` to train a LoRA adapter instead of the full policy.
+    """
+
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, reward_fn: RewardFn, train_dataset: Any,
+                 ref_policy: nn.Module | None = None, peft_config: Any = None):
+        self.config, self.tokenizer, self.reward_fn, self.dataset = config, tokenizer, reward_fn, train_dataset
+        if config.local_batch_size < 1 or config.num_ppo_epochs < 1:
+            raise ValueError("batch sizes, num_mini_batches and num_ppo_epochs must be >= 1")
+        self.accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                       mixed_precision="bf16" if config.bf16 else None,
+                                       log_with=config.report_to or None, project_dir=config.output_dir)
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:  # no prepared dataloader to infer it from
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+        torch.manual_seed(config.seed)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            policy, ref_policy = get_peft_model(policy, peft_config), None
+        elif ref_policy is None:
+            ref_policy = copy.deepcopy(policy)
+        disable_dropout(policy)
+        if config.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            if peft_config is not None:
+                policy.enable_input_require_grads()
+        self.ref_policy = None
+        if ref_policy is not None:
+            disable_dropout(ref_policy)
+            self.ref_policy = ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
+        model = PolicyWithValueHead(policy)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        world = self.accelerator.num_processes
+        episodes = config.total_episodes or math.ceil(config.num_train_epochs * len(train_dataset))
+        self.num_updates = max(1, episodes // (config.local_batch_size * world))
+        if len(train_dataset) < config.local_batch_size * world:
+            raise ValueError(f"the dataset has {len(train_dataset)} rows; one update needs {config.local_batch_size * world}")
+        steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
+        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.warmup_steps, steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        torch.manual_seed(config.seed + self.accelerator.process_index)  # each process samples its own responses
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0,
+            min_p=None, repetition_penalty=1.0, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        self.log_history: list[dict[str, float]] = []
+        self._zero3 = getattr(deepspeed, "zero_stage", 0) == 3
+        if config.report_to:
+            self.accelerator.init_trackers("pairrm-ppo", config={k: v for k, v in asdict(config).items() if v is not None})
+
+    # ---- data ------------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, list]]:
+        """This process's share of each global batch; one shuffled permutation per epoch, the same on every process."""
+        size, rank = self.config.local_batch_size, self.accelerator.process_index
+        generator = torch.Generator().manual_seed(self.config.seed)
+        while True:
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            step = size * self.accelerator.num_processes
+            for start in range(0, len(order) - step + 1, step):
+                rows = order[start + rank * size : start + (rank + 1) * size]
+                yield self.dataset[rows]
+
+    def _encode(self, prompts: list) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        chat = not isinstance(prompts[0], str)
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p for p in prompts]
+        side, tside = tok.padding_side, tok.truncation_side
+        tok.padding_side, tok.truncation_side = "left", "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat,
+                      truncation=self.config.max_prompt_length is not None, max_length=self.config.max_prompt_length)
+        finally:
+            tok.padding_side, tok.truncation_side = side, tside
+        return {k: v.to(self.accelerator.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    # ---- forward passes ---------------------------------------------------------------------------------
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.gather(F.log_softmax(logits.float() / self.config.temperature, -1), 2, tokens[..., None])[..., 0]
+
+    @staticmethod
+    def _inputs(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor):
+        input_ids = torch.cat([query, response], 1)
+        attention_mask = torch.cat([query_mask, response_mask.long()], 1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return input_ids, attention_mask, position_ids
+
+    def _response_logits(self, model: nn.Module, batch: tuple, context: int, value: bool):
+        input_ids, attention_mask, position_ids = batch
+        if value:
+            logits, values = model(input_ids, attention_mask, position_ids)
+            return logits[:, context - 1 : -1], values[:, context - 1 : -1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        return logits[:, context - 1 : -1], None
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, list]) -> dict[str, Any]:
+        """Generate, score and evaluate one batch: everything the PPO epochs need."""
+        cfg, acc = self.config, self.accelerator
+        prompts = batch["prompt"]
+        enc = self._encode(prompts)
+        query, query_mask, context = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped.eval()  # generation with the KV cache (activation checkpointing is for training only)
+        chunk = cfg.local_rollout_forward_batch_size
+        responses = []
+        with self._gathered(unwrapped):
+            for s in range(0, len(prompts), chunk):
+                out = unwrapped.policy.generate(input_ids=query[s : s + chunk], attention_mask=query_mask[s : s + chunk],
+                                                generation_config=self.generation_config, synced_gpus=self._zero3)
+                responses.append(out[:, context:])
+        width = max(r.shape[1] for r in responses)
+        response = torch.cat([F.pad(r, (0, width - r.shape[1]), value=self.pad_id) for r in responses])
+        is_eos = response == self.eos_id
+        has_eos = is_eos.any(1)
+        length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full_like(has_eos, width, dtype=torch.long))
+        mask = torch.arange(width, device=response.device)[None] < length[:, None]
+        response = response.masked_fill(~mask, self.pad_id)
+        texts = self.tokenizer.batch_decode([r[: n - int(e)] for r, n, e in zip(response, length, has_eos)],
+                                            skip_special_tokens=True)
+        completions = texts if isinstance(prompts[0], str) else [[{"role": "assistant", "content": t}] for t in texts]
+        columns = {k: v for k, v in batch.items() if k != "prompt"}
+        metrics: dict[str, float] = {}
+        raw = self.reward_fn(prompts=prompts, completions=completions, log_metric=metrics.__setitem__, **columns)
+        scores = torch.tensor([math.nan if r is None else float(r) for r in raw], device=acc.device)
+        penalized = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            penalized[~has_eos] -= cfg.missing_eos_penalty
+        logprobs, ref_logprobs, values = [], [], []
+        for s in range(0, len(prompts), chunk):
+            part = self._inputs(query[s : s + chunk], query_mask[s : s + chunk], response[s : s + chunk], mask[s : s + chunk])
+            logits, value = self._response_logits(self.model, part, context, value=True)
+            logprobs.append(self._logprobs(logits, response[s : s + chunk]))
+            values.append(value.float())
+            if self.ref_policy is not None:
+                ref_logits, _ = self._response_logits(self.ref_policy, part, context, value=False)
+            else:
+                with unwrapped.policy.disable_adapter():
+                    ref_logits, _ = self._response_logits(unwrapped.policy, part, context, value=False)
+            ref_logprobs.append(self._logprobs(ref_logits, response[s : s + chunk]))
+        rollout = dict(query=query, query_mask=query_mask, response=response, mask=mask.float(), length=length,
+                       logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
+                       scores=scores, penalized=penalized, has_eos=has_eos.float(), texts=texts, metrics=metrics)
+        self._advantages(rollout)
+        return rollout
+
+    def _gathered(self, unwrapped: nn.Module):
+        """ZeRO-3 shards parameters: gather them once for the whole generation."""
+        if not self._zero3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
+
+    # ---- advantages ---------------------------------------------------------------------------------------
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """Whiten over the valid tokens of all processes."""
+        stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
+        total, total_sq, count = self.accelerator.reduce(stats, reduction="sum")
+        mean = total / count
+        var = (total_sq / count - mean * mean) * count / (count - 1).clamp(min=1)
+        whitened = (x - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)
+        return (whitened if shift_mean else whitened + mean) * mask
+
+    def _advantages(self, r: dict[str, Any]) -> None:
+        cfg, mask = self.config, r["mask"]
+        kl = (r["logprobs"] - r["ref_logprobs"]) * mask
+        rewards = -cfg.kl_coef * kl
+        rows = torch.arange(len(rewards), device=rewards.device)
+        rewards[rows, r["length"] - 1] += torch.nan_to_num(r["penalized"], nan=0.0)
+        if cfg.whiten_rewards:
+            rewards = self._whiten(rewards, mask, shift_mean=False)
+        values = r["values"] * mask
+        advantages = torch.zeros_like(rewards)
+        last = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+            delta = rewards[:, t] + cfg.gamma * next_value - values[:, t]
+            last = delta + cfg.gamma * cfg.lam * last
+            advantages[:, t] = last
+        r.update(values=values, kl=kl, returns=(advantages + values) * mask,
+                 advantages=self._whiten(advantages, mask), non_score_reward=(-cfg.kl_coef * kl).sum(1))
+
+    # ---- PPO epochs ------------------------------------------------------------------------------------------
+    def update(self, r: dict[str, Any]) -> dict[str, float]:
+        """`num_ppo_epochs` passes of clipped PPO over minibatches of the rollout; returns averaged stats."""
+        cfg, acc = self.config, self.accelerator
+        n = len(r["response"])
+        mini, micro = n // cfg.num_mini_batches, cfg.per_device_train_batch_size
+        context = r["query"].shape[1]
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.model.train()
+        for _ in range(cfg.num_ppo_epochs):
+            order = torch.randperm(n, device=r["response"].device)
+            for m in range(0, n, mini):
+                for s in range(m, m + mini, micro):
+                    idx = order[s : s + micro]
+                    mask = r["mask"][idx]
+                    with acc.accumulate(self.model):
+                        batch = self._inputs(r["query"][idx], r["query_mask"][idx], r["response"][idx], mask.bool())
+                        logits, vpred = self._response_logits(self.model, batch, context, value=True)
+                        logprobs = self._logprobs(logits, r["response"][idx])
+                        old, adv, ret, old_v = r["logprobs"][idx], r["advantages"][idx], r["returns"][idx], r["values"][idx]
+                        ratio = torch.exp(logprobs - old)
+                        pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                        pg_loss = masked_mean(pg, mask)
+                        vpred = vpred.float()
+                        v_clipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                        v_losses = torch.max((vpred - ret) ** 2, (v_clipped - ret) ** 2)
+                        vf_loss = 0.5 * masked_mean(v_losses, mask)
+                        acc.backward(pg_loss + cfg.vf_coef * vf_loss)
+                        if acc.sync_gradients and cfg.max_grad_norm:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    if acc.sync_gradients:
+                        self.scheduler.step()
+                    with torch.no_grad():
+                        scaled = logits.float() / cfg.temperature
+                        entropy = torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1)
+                        stats["policy/approxkl_avg"].append(0.5 * masked_mean((logprobs - old) ** 2, mask))
+                        stats["policy/clipfrac_avg"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask))
+                        stats["policy/entropy_avg"].append(masked_mean(entropy, mask))
+                        stats["loss/policy_avg"].append(pg_loss.detach())
+                        stats["loss/value_avg"].append(vf_loss.detach())
+                        stats["val/clipfrac_avg"].append(masked_mean((v_losses > (vpred - ret) ** 2).float(), mask))
+                        stats["val/ratio"].append(masked_mean(ratio, mask))
+        local = torch.stack([torch.stack(v).mean() for v in stats.values()])
+        means = acc.reduce(local, reduction="mean")
+        return {k: float(v) for k, v in zip(stats, means)}
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        """Run `num_updates` PPO updates; returns the log history (also saved as `log_history.json`)."""
+        cfg, acc = self.config, self.accelerator
+        batches = self._batches()
+        logger.info("PPO: %d updates of %d rollouts (%d per process)", self.num_updates,
+                    cfg.local_batch_size * acc.num_processes, cfg.local_batch_size)
+        for update in range(1, self.num_updates + 1):
+            lr = self.scheduler.get_last_lr()[0]
+            r = self.rollout(next(batches))
+            stats = self.update(r)
+            if update % cfg.logging_steps == 0 or update == self.num_updates:
+                log = self._rollout_metrics(r) | stats
+                log.update(lr=lr, episode=update * cfg.local_batch_size * acc.num_processes,
+                           update=update)
+                self.log_history.append(log)
+                if cfg.report_to:
+                    acc.log(log, step=update)
+                if acc.is_main_process:
+                    logger.info("update %d/%d: %s", update, self.num_updates,
+                                ", ".join(f"{k}={v:.4g}" for k, v in log.items() if k.startswith(("objective", "policy/approx"))))
+        if cfg.save_final:
+            self.save_model(cfg.output_dir)
+        if cfg.report_to:
+            acc.end_training()
+        return self.log_history
+
+    def _rollout_metrics(self, r: dict[str, Any]) -> dict[str, float]:
+        kl_sum = r["kl"].sum(1)
+        local = {
+            "objective/kl": kl_sum.mean(),
+            "objective/entropy": (-r["logprobs"] * r["mask"]).sum(1).mean(),
+            "objective/non_score_reward": r["non_score_reward"].mean(),
+            "objective/rlhf_reward": (torch.nan_to_num(r["penalized"]) + r["non_score_reward"]).mean(),
+            "objective/scores": torch.nanmean(r["scores"]),
+            "val/eos_rate": r["has_eos"].mean(),
+            "val/response_length": r["length"].float().mean(),
+            **{k: torch.tensor(v, device=kl_sum.device) for k, v in sorted(r["metrics"].items())},
+        }
+        means = self.accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean")
+        return {k: float(v) for k, v in zip(local, means)}
+
+    def save_model(self, output_dir: str) -> None:
+        """Save the policy (full model, or the LoRA adapter), the tokenizer, the value head and the log history."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        state = acc.get_state_dict(self.model)
+        unwrapped = acc.unwrap_model(self.model)
+        if acc.is_main_process:
+            os.makedirs(output_dir, exist_ok=True)
+            policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+            unwrapped.policy.save_pretrained(output_dir, state_dict=policy_state)
+            self.tokenizer.save_pretrained(output_dir)
+            torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
+                       os.path.join(output_dir, "value_head.pt"))
+            with open(os.path.join(output_dir, "log_history.json"), "w") as f:
+                json.dump(self.log_history, f, indent=1)
+        acc.wait_for_everyone()
