@@ -58,7 +58,7 @@ DEFAULT_STRIP = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
 class ServeConfig:
     """Serve PairRM over HTTP: OpenRLHF's POST /get_reward and the PairRM API, with micro-batching."""
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "PairRM checkpoint (hub id or directory); 'bundled': tiny test one"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "PairRM checkpoint (hub id or directory); 'tiny': the bundled tiny test one"})
     base_model: str | None = field(default=None, metadata={"help": "blender layout: base encoder override"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default by device)"})
@@ -680,7 +680,7 @@ def build_app(config: ServeConfig, model: PairRM) -> Starlette:
 def load_model(config: ServeConfig) -> PairRM:
     from .cli import bundled_checkpoint
 
-    name = bundled_checkpoint() if config.model == "bundled" else config.model
+    name = bundled_checkpoint() if config.model == "tiny" and not Path(config.model).exists() else config.model
     return PairRM.from_pretrained(name, base_model=config.base_model, device=config.device, dtype=config.dtype)
 
 

@@ -35,7 +35,7 @@ SYSTEM = {"role": "system", "content": "You are kind."}
 
 
 def config(*flags: str) -> ServeConfig:
-    return parse_config(ServeConfig, ["--model", "bundled", "--port", "0", *flags])
+    return parse_config(ServeConfig, ["--model", "tiny", "--port", "0", *flags])
 
 
 def chatml(messages, response=None):
@@ -387,7 +387,7 @@ run_serve(parse_config(ServeConfig, sys.argv[1:]))
 
 def test_sigterm_answers_in_flight_then_exits(hf_model):
     """`run_serve` in its own process (as `pairrm-rlhf serve` runs): SIGTERM while a request waits in the batcher."""
-    process = subprocess.Popen([sys.executable, "-c", SERVE, "--model", "bundled", "--device", "cpu", "--port", "0",
+    process = subprocess.Popen([sys.executable, "-c", SERVE, "--model", "tiny", "--device", "cpu", "--port", "0",
                                 "--max_wait_ms", "1500"], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
