@@ -3,7 +3,8 @@
 Every scoring method goes through `PairScorer.score`. It is fast because it does as little as it can:
 each distinct text is tokenized once, identical triples are scored once, pairs are sorted by length and
 packed into batches under a token budget (padding only to the longest pair of each batch), the encoder
-keeps only its last layer, and the forward runs under `torch.inference_mode` and autocast. A CUDA
+keeps only its last layer, and the forward runs under `torch.no_grad` and one autocast context per call
+(`inference_mode` would disable autocast's weight-cast cache). A CUDA
 out-of-memory error splits the batch and retries it; nothing is lost.
 """
 
