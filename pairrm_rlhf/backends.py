@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .engine import Triple, plan_batches
+
 logger = logging.getLogger(__name__)
 
-Triple = tuple[str, str, str]
 Messages = tuple[tuple[str, str], ...]
 
 
@@ -260,16 +261,7 @@ class RLHFlowScorer:
     ) -> np.ndarray:
         """logit("A") - logit("B") of the next token for each ordered triple (one forward each, batched by length)."""
         prompts = [self.prompt_ids(t)[0] for t in triples]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-        batches: list[list[int]] = []
-        for i in order:
-            batch = batches[-1] if batches else None
-            if batch and (len(batch) + 1) * len(prompts[batch[0]]) <= self.max_tokens and (
-                batch_size is None or len(batch) < batch_size
-            ):
-                batch.append(i)
-            else:
-                batches.append([i])
+        batches = plan_batches([len(p) for p in prompts], self.max_tokens, batch_size)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
         out = np.empty(len(prompts), dtype=np.float64)
@@ -283,15 +275,17 @@ class RLHFlowScorer:
         longest = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, ids in enumerate(prompts):  # right padding; read the logits at each row's last real token
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        last = torch.tensor([len(p) - 1 for p in prompts])
+        for row, ids in enumerate(prompts):  # left padding: every row's last token is the last column
+            input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+            mask[row, longest - len(ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        with torch.inference_mode(), autocast:
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        picked = logits[torch.arange(len(prompts)), last.to(logits.device)].float()
-        return (picked[:, self.token_a] - picked[:, self.token_b]).cpu().numpy().astype(np.float64)
+        with torch.inference_mode(), autocast:  # logits of the last position only: not [B, L, vocab]
+            logits = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), logits_to_keep=1,
+            ).logits[:, -1].float()
+        return (logits[:, self.token_a] - logits[:, self.token_b]).cpu().numpy().astype(np.float64)
 
 
 def load_rlhflow(

@@ -31,6 +31,19 @@ def default_max_tokens(device: torch.device) -> int:
     return 65536 if device.type == "cuda" else 8192
 
 
+def plan_batches(lengths: Sequence[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
+    """Indices grouped into length-sorted batches, longest first, each within `max_tokens` padded tokens
+    (rows x longest) and at most `batch_size` rows; a sequence longer than the budget gets a batch of its own."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        batch = batches[-1] if batches else None
+        if batch and (len(batch) + 1) * lengths[batch[0]] <= max_tokens and (batch_size is None or len(batch) < batch_size):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class PairScorer:
     """Batched single-order scoring of ordered pairs with one `PairRMModel`.
 
@@ -98,7 +111,7 @@ class PairScorer:
         unique = list(dict.fromkeys(triples))  # identical triples are scored once
         index = {triple: i for i, triple in enumerate(unique)}
         pairs = self.build(unique)
-        batches = self.plan(pairs, batch_size)
+        batches = plan_batches([len(ids) for ids, _ in pairs], self.max_tokens, batch_size)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
         results = np.empty(len(unique), dtype=np.float32)
@@ -108,19 +121,6 @@ class PairScorer:
                 results[batch] = self.forward([pairs[i] for i in batch])
                 bar.update(len(batch))
         return results[[index[t] for t in triples]]
-
-    def plan(self, pairs: Sequence[tuple[list[int], tuple]], batch_size: int | None = None) -> list[list[int]]:
-        """Length-sorted batches (longest first) under the token budget; each a list of pair indices."""
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]), reverse=True)
-        batches: list[list[int]] = []
-        for i in order:
-            batch = batches[-1] if batches else None
-            longest = len(pairs[batch[0]][0]) if batch else 0
-            if batch and (len(batch) + 1) * longest <= self.max_tokens and (batch_size is None or len(batch) < batch_size):
-                batch.append(i)
-            else:
-                batches.append([i])
-        return batches
 
     def forward(self, pairs: Sequence[tuple[list[int], tuple]]) -> np.ndarray:
         """Run one padded batch; on CUDA out-of-memory, split it in halves and retry each."""

@@ -161,6 +161,17 @@ class PairRM:
         out[todo] = logits[: len(todo)] - logits[len(todo) :]
         return out
 
+    def mode_logits(
+        self, triples: Sequence[Triple], mode: str, *, batch_size: int | None = None, show_progress_bar: bool | None = None
+    ) -> np.ndarray:
+        """`compare`'s modes: "[A,B]+[B,A]" two-order logits, "[A,B]" f(x,A,B), "[B,A]" f(x,B,A)."""
+        if mode == "[A,B]+[B,A]":
+            return self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        if mode in ("[A,B]", "[B,A]"):
+            order = triples if mode == "[A,B]" else [(s, b, a) for s, a, b in triples]
+            return self.pair_logits(order, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r:.40}")
+
     def pairwise_matrices(
         self, sources: list[str], candidates: list[list[str]], *, batch_size: int | None = None,
         show_progress_bar: bool | None = None,
@@ -228,14 +239,7 @@ class PairRM:
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
         triples = [(s, self._candidate(a), self._candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
-        if mode == "[A,B]+[B,A]":
-            logits = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        elif mode == "[A,B]":
-            logits = self.pair_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        elif mode == "[B,A]":
-            logits = self.pair_logits([(s, b, a) for s, a, b in triples], batch_size=batch_size, show_progress_bar=show_progress_bar)
-        else:
-            raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r}")
+        logits = self.mode_logits(triples, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
         return logits if return_logits else logits > 0
 
     def probability(
@@ -338,13 +342,7 @@ class PairRM:
         inputs, cands_a, cands_b = render_conversations(conversations_a, conversations_b)
         if self.template != "pairrm":  # other judges see the shared history as context and the last answers
             triples = conversation_triples(conversations_a, conversations_b)
-            if mode == "[A,B]+[B,A]":
-                logits = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
-            elif mode in ("[A,B]", "[B,A]"):
-                order = triples if mode == "[A,B]" else [(s, b, a) for s, a, b in triples]
-                logits = self.pair_logits(order, batch_size=batch_size, show_progress_bar=show_progress_bar)
-            else:
-                raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r}")
+            logits = self.mode_logits(triples, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
             return logits if return_logits else logits > 0
         instructions = [CONVERSATION_INSTRUCTION] * len(inputs)
         return self.compare(inputs, cands_a, cands_b, instructions, batch_size, return_logits, mode, show_progress_bar)
