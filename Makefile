@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo scorer-demo test bench install
+.PHONY: demo scorer-demo test test-fast bench install
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -23,6 +23,10 @@ scorer-demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The developer loop: everything but training and multi-process tests (< 2 minutes).
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
 bench: install
 	$(BIN)/pairrm-rlhf bench

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from transformers import DebertaV2Config
 
-from .aggregation import round_robin_scores
-from .engine import PairScorer
-from .modeling import PairRMModel, select
+from .core.aggregation import round_robin_scores
+from .core.assets import bundled
+from .core.engine import PairScorer
+from .core.modeling import PairRMModel, select
+from .core.tokenization import PairLayout, load_text_tokenizer
 from .pairrm import PairRM, resolve_dtype
-from .tokenization import PairLayout, load_text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,10 @@ def make_workload(tokenizer, n_prompts: int, n_candidates: int, seed: int) -> tu
 
 def build_random_pairrm(shape: str, device: torch.device, dtype: torch.dtype, max_tokens: int | None, seed: int) -> PairRM:
     """A PairRM of the given shape with random weights and the bundled tokenizer."""
-    from .cli import bundled_checkpoint
-
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     layers, hidden, heads = SHAPES[shape]
-    tokenizer = load_text_tokenizer(bundled_checkpoint())
+    tokenizer = load_text_tokenizer(bundled("pairrm"))
     base_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     config = DebertaV2Config(
         vocab_size=base_vocab + 4, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -101,21 +100,21 @@ class Baseline:
     through transformers' own DeBERTa-v2 model (eager attention, all hidden states kept), as llm-blender runs."""
 
     def __init__(self, pairrm: PairRM, batch_size: int):
-        scorer = pairrm.scorer
-        self.scorer = scorer
+        scorer = pairrm.backend
+        self.backend = scorer
         self.batch_size = batch_size
         self.model = copy.deepcopy(scorer.model).half() if scorer.device.type == "cuda" else scorer.model
 
     def forward(self, triples: list[tuple[str, str, str]]) -> np.ndarray:
-        pairs = self.scorer.build(triples)
+        pairs = self.backend.build(triples)
         longest = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(pairs), longest), self.scorer.layout.pad_id, dtype=torch.long)
+        input_ids = torch.full((len(pairs), longest), self.backend.layout.pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, (ids, _) in enumerate(pairs):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         positions = torch.tensor([pos for _, pos in pairs])
-        device = self.scorer.device
+        device = self.backend.device
         with torch.no_grad():  # the stock transformers encoder keeping every layer, as the reference runs it
             states = self.model.pretrained_model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
@@ -204,11 +203,11 @@ def _run_bench(config: BenchConfig) -> dict:
     baseline_dtype = torch.float16 if device.type == "cuda" else torch.float32
     n_prompts = config.prompts or (256 if device.type == "cuda" else 8)
     peak = measure_peak_tflops(device, dtype)
-    encoder_config = pairrm.scorer.model.config
+    encoder_config = pairrm.backend.model.config
 
     print(f"pairrm-rlhf bench: shape={config.shape} ({encoder_config.num_hidden_layers}L/{encoder_config.hidden_size}H) "
           f"device={device} ({_device_name(device)}, {torch.get_num_threads()} threads) engine dtype={_name(dtype)} "
-          f"baseline dtype={_name(baseline_dtype)} prompts={n_prompts} token budget={pairrm.scorer.max_tokens}")
+          f"baseline dtype={_name(baseline_dtype)} prompts={n_prompts} token budget={pairrm.backend.max_tokens}")
     print(f"measured matmul peak in {_name(dtype)}: {peak:.2f} TFLOP/s\n")
     header = f"{'task':14} {'impl':9} {'pairs':>6} {'time s':>8} {'pairs/s':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'speed-up':>9} {'max|diff|':>10}"
     print(header)
@@ -218,7 +217,7 @@ def _run_bench(config: BenchConfig) -> dict:
         n_candidates = {"rank4": 4, "rank8": 8, "rank_with_ref": 4}.get(task)
         if n_candidates is None:
             raise ValueError(f"unknown task {task!r}: use rank4, rank8 or rank_with_ref")
-        prompts, candidates = make_workload(pairrm.scorer.tokenizer, n_prompts, n_candidates, config.seed)
+        prompts, candidates = make_workload(pairrm.backend.tokenizer, n_prompts, n_candidates, config.seed)
         if task == "rank_with_ref":
             refs = [max(c, key=len) for c in candidates]
             triples = [t for k, p in enumerate(prompts) for c in candidates[k] for t in ((p, c, refs[k]), (p, refs[k], c))]
@@ -228,7 +227,7 @@ def _run_bench(config: BenchConfig) -> dict:
             triples = [(p, a, b) for k, p in enumerate(prompts) for a in candidates[k] for b in candidates[k] if a is not b]
             run_engine = lambda: pairrm.rank(prompts, candidates, return_scores=True, show_progress_bar=False)
             run_base = lambda: baseline.rank_scores(prompts, candidates)
-        lengths = [len(ids) for ids, _ in pairrm.scorer.build(triples)]
+        lengths = [len(ids) for ids, _ in pairrm.backend.build(triples)]
         tokens, flops = sum(lengths), sum(pair_flops(n, encoder_config) for n in lengths)
         # warm up both paths on one prompt (kernels, allocator), then time the whole workload
         pairrm.rank(prompts[:1], candidates[:1], show_progress_bar=False)

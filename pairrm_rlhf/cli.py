@@ -9,14 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
 
 from transformers import HfArgumentParser
-
-
-def bundled_checkpoint() -> str:
-    """Path of the tiny PairRM bundled with the package (hf layout, random weights, for smoke runs)."""
-    return str(resources.files("pairrm_rlhf") / "assets" / "tiny-pairrm-hf")
 
 
 def parse_config(config_class: type, argv: list[str]):
@@ -44,7 +38,7 @@ def parse_config(config_class: type, argv: list[str]):
 class DemoConfig:
     """Compare and rank a few example responses with a PairRM checkpoint and print tables."""
 
-    model: str = field(default_factory=bundled_checkpoint, metadata={"help": "PairRM checkpoint (hub id or directory)"})
+    model: str = field(default="tiny", metadata={"help": "PairRM checkpoint (hub id or directory; tiny: the bundled one)"})
     base_model: str | None = field(default=None, metadata={"help": "blender layout: base encoder override"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default by device)"})
@@ -61,7 +55,7 @@ def run_demo(config: DemoConfig) -> None:
     from .pairrm import PairRM
 
     model = PairRM.from_pretrained(config.model, base_model=config.base_model, device=config.device, dtype=config.dtype)
-    print(f"PairRM ({model.kind} layout) from {config.model} on {model.device}, {model.scorer.dtype}\n")
+    print(f"PairRM ({model.kind} layout) from {config.model} on {model.device}, {model.backend.dtype}\n")
     inputs = [prompt for prompt, _ in EXAMPLES]
     candidates = [cands for _, cands in EXAMPLES]
     first = [c[0] for c in candidates]
@@ -111,8 +105,8 @@ def _commands() -> dict:
     """Subcommands, imported lazily so `pairrm-rlhf demo` does not pay for TRL or datasets."""
     from .bench import BenchConfig, run_bench
     from .evaluation import EvalConfig, run_eval
-    from .labeler import LabelConfig, run_label
-    from .server import ServeConfig, run_serve
+    from .labeling.labeler import LabelConfig, run_label
+    from .serve.server import ServeConfig, run_serve
 
     return {
         **COMMANDS,

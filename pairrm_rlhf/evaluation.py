@@ -143,8 +143,8 @@ def example_logits(model: Any, examples: list[Example], batch_size: int | None =
 
     `orders="both"`: z = f(x,c,r) - f(x,r,c); `"single"`: f(x,c,r) with the chosen response in slot A.
     """
-    from .judges import render
-    from .pairrm import CONVERSATION_INSTRUCTION, PairRM, conversation_triples, render_conversations
+    from .core.formats import CONVERSATION_INSTRUCTION, conversation_triples, render, render_conversations
+    from .pairrm import PairRM
 
     triples, owner = [], []
     for k, ex in enumerate(examples):

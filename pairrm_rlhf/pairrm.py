@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,43 +15,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import aggregation
-from .backends import PairBackend, Rendered, TemplatedScorer, detect_backend, load_rlhflow
-from .engine import PairScorer, Triple
-from .loading import load_checkpoint
+from .backends import detect_backend
+from .backends.better_pairrm import TemplatedScorer
+from .backends.rlhflow import load_rlhflow
+from .core import aggregation, assets
+from .core.backend import PairBackend, Triple
+from .core.engine import PairScorer, default_device
+from .core.formats import (
+    CONVERSATION_INSTRUCTION,
+    check_lengths,
+    check_texts,
+    conversation_triples,
+    pairrm_candidate,
+    pairrm_source,
+    render_conversations,
+)
+from .core.generation import sample_responses
+from .core.loading import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
-CONVERSATION_INSTRUCTION = (  # the typo is part of the trained format
-    "Finish the following coversation in each i-th turn by filling in <Response i> with your response."
-)
-REF_MODES = ("longest", "shortest", "median_length", "first", "last")
-TOURNAMENTS = ("round_robin", "knockout")
-
-
-# ---- input checks: name the argument and the index -------------------------------------------------
-def check_texts(name: str, values: Any) -> list[str]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            raise TypeError(f"{name}[{i}] must be a string, got {type(value).__name__}")
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError(f"{name}[{i}] is not valid Unicode text ({err.reason} at {err.start})") from None
-    return list(values)
-
-
-def check_lengths(**named: Sequence) -> None:
-    (first, reference), *rest = named.items()
-    for name, values in rest:
-        if len(values) != len(reference):
-            raise ValueError(f"{name} has {len(values)} items but {first} has {len(reference)}")
-
-
 def check_candidates(name: str, candidates: Any, n_inputs: int, same_count: bool = True) -> list[list[str]]:
+    """Each input's list of candidate strings, or an error naming `name[i]`."""
     if isinstance(candidates, str) or not isinstance(candidates, Sequence):
         raise TypeError(f"{name} must be a list of lists of strings, got {type(candidates).__name__}")
     if len(candidates) != n_inputs:
@@ -64,6 +50,10 @@ def check_candidates(name: str, candidates: Any, n_inputs: int, same_count: bool
     return checked
 
 
+REF_MODES = ("longest", "shortest", "median_length", "first", "last")
+TOURNAMENTS = ("round_robin", "knockout")
+
+
 class PairRM:
     """PairRM pairwise reward model: `from_pretrained`, then `compare`, `rank`, `rank_with_ref`, ...
 
@@ -71,10 +61,10 @@ class PairRM:
     default comparison uses both orders: f(x, A, B) - f(x, B, A).
     """
 
-    def __init__(self, scorer: PairBackend, kind: str = "hf", template: str | None = None):
-        self.scorer = scorer
+    def __init__(self, backend: PairBackend, kind: str = "hf", template: str | None = None):
+        self.backend = backend
         self.kind = kind
-        self.template = template or getattr(scorer, "template", "pairrm")
+        self.template = template or getattr(backend, "template", "pairrm")
 
     @classmethod
     def from_pretrained(
@@ -125,30 +115,21 @@ class PairRM:
 
     @property
     def device(self) -> torch.device:
-        return self.scorer.device
+        return self.backend.device
 
     # ---- the building blocks ------------------------------------------------------------------------
-    @staticmethod
-    def _source(text: str, instruction: str | None) -> str:
-        # Literal [SEP] in user text becomes a space, as in the reference collator (both layouts).
-        return ((instruction or "") + text).replace("[SEP]", " ")
-
-    @staticmethod
-    def _candidate(text: str) -> str:
-        return text.replace("[SEP]", " ")
-
     def _sources(self, inputs: list[str], instructions: Sequence[str] | None) -> list[str]:
         if instructions is None:
-            return [self._source(x, None) for x in inputs]
+            return [pairrm_source(x, None) for x in inputs]
         instructions = check_texts("instructions", instructions)
         check_lengths(inputs=inputs, instructions=instructions)
-        return [self._source(x, ins) for x, ins in zip(inputs, instructions)]
+        return [pairrm_source(x, ins) for x, ins in zip(inputs, instructions)]
 
     def pair_logits(
         self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> np.ndarray:
         """Single-order f(x, A, B) for ordered triples of already-prepared text."""
-        return self.scorer.score(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return self.backend.score(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def two_order_logits(
         self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
@@ -238,7 +219,7 @@ class PairRM:
         candidates_B = check_texts("candidates_B", candidates_B)
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
-        triples = [(s, self._candidate(a), self._candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
+        triples = [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
         logits = self.mode_logits(triples, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
         return logits if return_logits else logits > 0
 
@@ -282,12 +263,12 @@ class PairRM:
         sources = self._sources(inputs, instructions)
         if tournament == "knockout":
             scores = self.knockout_scores(
-                sources, [[self._candidate(c) for c in cands] for cands in candidates],
+                sources, [[pairrm_candidate(c) for c in cands] for cands in candidates],
                 batch_size=batch_size, show_progress_bar=show_progress_bar,
             )
             return scores if return_scores else aggregation.ranks_from_scores(scores)
         matrices = self.pairwise_matrices(
-            sources, [[self._candidate(c) for c in cands] for cands in candidates],
+            sources, [[pairrm_candidate(c) for c in cands] for cands in candidates],
             batch_size=batch_size, show_progress_bar=show_progress_bar,
         )
         scores = np.stack([aggregation.round_robin_scores(m) for m in matrices]) if matrices else np.zeros((0, 0), np.float32)
@@ -319,7 +300,7 @@ class PairRM:
             check_lengths(inputs=inputs, ref_candidates=refs)
         sources = self._sources(inputs, instructions)
         triples = [
-            (s, self._candidate(c), self._candidate(ref)) for s, cands, ref in zip(sources, candidates, refs) for c in cands
+            (s, pairrm_candidate(c), pairrm_candidate(ref)) for s, cands, ref in zip(sources, candidates, refs) for c in cands
         ]
         flat = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
         scores = flat.reshape(len(inputs), len(candidates[0]) if candidates else 0)
@@ -379,13 +360,6 @@ class PairRM:
         return self.best_of_n(prompts, samples, instructions, batch_size)
 
 
-def default_device() -> str:
-    """CUDA when available, on this process's device (`LOCAL_RANK` under torchrun/accelerate), else CPU."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -411,82 +385,56 @@ def pick_reference(candidates: list[str], mode: str) -> str:
     raise ValueError(f"ref_mode must be one of {REF_MODES}, got {mode!r}")
 
 
-def render_conversations(
-    conversations_a: Sequence[Sequence[dict]], conversations_b: Sequence[Sequence[dict]]
-) -> tuple[list[str], list[str], list[str]]:
-    """Validate two lists of conversations and render them in PairRM's multi-turn format."""
-    if isinstance(conversations_a, (str, dict)) or not isinstance(conversations_a, Sequence):
-        raise TypeError("conversations_a must be a list of conversations (lists of messages)")
-    if isinstance(conversations_b, (str, dict)) or not isinstance(conversations_b, Sequence):
-        raise TypeError("conversations_b must be a list of conversations (lists of messages)")
-    check_lengths(conversations_a=conversations_a, conversations_b=conversations_b)
-    inputs, cands_a, cands_b = [], [], []
-    for k, (conv_a, conv_b) in enumerate(zip(conversations_a, conversations_b)):
-        turns_a = _turns(f"conversations_a[{k}]", conv_a)
-        turns_b = _turns(f"conversations_b[{k}]", conv_b)
-        if len(turns_a) != len(turns_b):
-            raise ValueError(f"conversations_a[{k}] has {len(turns_a)} turns but conversations_b[{k}] has {len(turns_b)}")
-        for t, ((user_a, _), (user_b, _)) in enumerate(zip(turns_a, turns_b)):
-            if user_a != user_b:
-                raise ValueError(f"USER turn {t} of conversations_a[{k}] and conversations_b[{k}] differ")
-        inputs.append("\n".join(f"USER: {u}\nAssistant: <Response {t + 1}>" for t, (u, _) in enumerate(turns_a)))
-        cands_a.append("\n".join(f"<Response {t + 1}>: {a}" for t, (_, a) in enumerate(turns_a)))
-        cands_b.append("\n".join(f"<Response {t + 1}>: {a}" for t, (_, a) in enumerate(turns_b)))
-    return inputs, cands_a, cands_b
+# ---- lazy model ---------------------------------------------------------------------------------------
+class LazyPairRM:
+    """A `PairRM`, or where to load one from on first use (no model load, no CUDA init before that).
 
+    Args:
+        model: a loaded `PairRM`, or a checkpoint id or path (`tiny`: the bundled one).
+        device, dtype, base_model, **load_kwargs: passed to `PairRM.from_pretrained` (e.g. `template`, `backend`,
+            `max_tokens`). With no `device`, the model goes to this process's CUDA device when CUDA is available
+            (one per process under `accelerate launch`/`torchrun`), else to the CPU.
+    """
 
-def conversation_triples(conversations_a: Sequence[Sequence[dict]], conversations_b: Sequence[Sequence[dict]]) -> list[Triple]:
-    """(context, last answer A, last answer B) for judges other than PairRM; the histories must be identical."""
-    triples = []
-    for k, (conv_a, conv_b) in enumerate(zip(conversations_a, conversations_b)):
-        turns_a, turns_b = _turns(f"conversations_a[{k}]", conv_a), _turns(f"conversations_b[{k}]", conv_b)
-        if turns_a[:-1] != turns_b[:-1] or turns_a[-1][0] != turns_b[-1][0]:
-            raise ValueError(
-                f"conversations_a[{k}] and conversations_b[{k}] differ before their last answer; this judge compares "
-                "one pair of answers in a shared context (only the PairRM template compares whole conversations)"
-            )
-        messages = tuple(m for u, a in turns_a[:-1] for m in (("user", u), ("assistant", a))) + (("user", turns_a[-1][0]),)
-        source = Rendered(turns_a[-1][0], messages=messages)
-        triples.append((source, turns_a[-1][1], turns_b[-1][1]))
-    return triples
+    def __init__(
+        self,
+        model: PairRM | str | os.PathLike = assets.DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        base_model: str | os.PathLike | None = None,
+        **load_kwargs: Any,
+    ):
+        self.load_kwargs = {k: v for k, v in dict(load_kwargs, dtype=dtype, base_model=base_model).items() if v is not None}
+        if isinstance(model, PairRM):
+            if device is not None or self.load_kwargs:
+                raise ValueError("loading options (device, dtype, ...) apply only when model is a checkpoint id or path")
+        elif not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a PairRM or a checkpoint id/path, got {type(model).__name__}")
+        self._model = model if isinstance(model, PairRM) else None
+        self.source = model if self._model is None else None
+        self.device = device
+        self._lock = threading.Lock()
 
+    @classmethod
+    def wrap(cls, model: "LazyPairRM | PairRM | str | os.PathLike", **kwargs: Any) -> "LazyPairRM":
+        """`model` itself when it is already a `LazyPairRM` (to share one model), else a new one."""
+        if isinstance(model, LazyPairRM):
+            if any(v is not None for v in kwargs.values()):
+                raise ValueError("loading options (device, dtype, ...) apply only when model is a checkpoint id or path")
+            return model
+        return cls(model, **kwargs)
 
-def _turns(name: str, conversation: Any) -> list[tuple[str, str]]:
-    """(user, assistant) pairs of a conversation that alternates USER / ASSISTANT messages."""
-    if isinstance(conversation, (str, dict)) or not isinstance(conversation, Sequence):
-        raise TypeError(f"{name} must be a list of messages, got {type(conversation).__name__}")
-    if not conversation or len(conversation) % 2:
-        raise ValueError(f"{name} must have an even, non-zero number of messages (USER, ASSISTANT, ...)")
-    turns = []
-    for i, message in enumerate(conversation):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise TypeError(f"{name}[{i}] must be a dict with a string 'content'")
-        expected = "USER" if i % 2 == 0 else "ASSISTANT"
-        if str(message.get("role", "")).upper() != expected:
-            raise ValueError(f"{name}[{i}] has role {message.get('role')!r}; expected {expected}")
-    for i in range(0, len(conversation), 2):
-        turns.append((conversation[i]["content"], conversation[i + 1]["content"]))
-    return turns
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
 
-
-def sample_responses(model: Any, tokenizer: Any, prompts: list[Any], n: int, **generate_kwargs: Any) -> list[list[str]]:
-    """`n` sampled responses per prompt (strings, or message lists rendered with the chat template)."""
-    generate_kwargs = {"do_sample": True, "max_new_tokens": 128, **generate_kwargs}
-    texts = [
-        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"  # generation continues from the right end
-    if pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(prompts[0], str))
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        out = model.generate(**enc, num_return_sequences=n, pad_token_id=pad_id, **generate_kwargs)
-    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]
+    def get(self) -> PairRM:
+        """The model, loaded on the first call (thread-safe)."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    device = self.device if self.device is not None else default_device()
+                    logger.info("Loading PairRM from %s on %s", self.source, device)
+                    self._model = PairRM.from_pretrained(os.fspath(self.source), device=device, **self.load_kwargs)
+        return self._model

@@ -1,7 +1,7 @@
 """What the recipe scripts share: the `tiny` special values, prompt data, policies, LoRA and PairRM settings.
 
 Not part of the library (`pairrm_rlhf` never imports recipes). Special values, the same as `pairrm-rlhf label`:
-`policy: tiny` is the bundled tiny test policy (`pairrm_rlhf.labeler.load_policy`), `pairrm: tiny` the bundled tiny
+`policy: tiny` is the bundled tiny test policy (`pairrm_rlhf.core.generation.load_policy`), `pairrm: tiny` the bundled tiny
 PairRM (random weights), `dataset: tiny` the 32 bundled prompts with a `reference` column
 (`pairrm_rlhf/assets/tiny-prompts.jsonl`). A local path of the same name always wins.
 """
@@ -21,13 +21,16 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from pairrm_rlhf.cli import bundled_checkpoint, parse_config
-from pairrm_rlhf.judges import PairRMJudge
-from pairrm_rlhf.labeler import TINY, load_prompts, tiny_prompts_path
-from pairrm_rlhf.labeler import load_policy as _labeler_load_policy
-from pairrm_rlhf.pairrm import PairRM, sample_responses
+from pairrm_rlhf.cli import parse_config
+from pairrm_rlhf.core.assets import bundled
+from pairrm_rlhf.trl.judge import PairRMJudge
+from pairrm_rlhf.core.assets import TINY, bundled, resolve
+from pairrm_rlhf.core.generation import load_policy as _load_policy
+from pairrm_rlhf.labeling.labeler import load_prompts
+from pairrm_rlhf.core.generation import sample_responses
+from pairrm_rlhf.pairrm import PairRM
 
-__all__ = ["RecipeArguments", "TINY", "parse_config", "tiny_prompts_path", "resolve_pairrm", "load_prompt_dataset",
+__all__ = ["RecipeArguments", "TINY", "parse_config", "resolve_pairrm", "load_prompt_dataset",
            "load_policy", "load_pairrm", "lora_config", "generate", "win_rate", "cli_args"]
 
 
@@ -60,7 +63,7 @@ def cli_args(argv: list[str] | None) -> list[str]:
 
 def resolve_pairrm(name: str) -> str:
     """`tiny` -> the bundled tiny PairRM; anything else unchanged."""
-    return bundled_checkpoint() if name == TINY and not Path(name).exists() else name
+    return resolve(name, "pairrm")
 
 
 def _text(value: Any) -> str:
@@ -101,16 +104,8 @@ def load_prompt_dataset(args: RecipeArguments, *, need_reference: bool = False) 
 
 
 def load_policy(name: str, dtype: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) on the CPU: `tiny` is the bundled tiny policy; trainers move the model to its device."""
-    if name == TINY and not Path(name).exists():
-        model, tokenizer = _labeler_load_policy(TINY, device="cpu")
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """(model, tokenizer) on the CPU in train mode: `tiny` is the bundled tiny policy; trainers move the model."""
+    model, tokenizer = _load_policy(name, device="cpu", dtype=dtype)
     return model.train(), tokenizer
 
 

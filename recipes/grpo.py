@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RecipeArguments, cli_args, load_policy, load_prompt_dataset, lora_config, parse_config, resolve_pairrm
 from trl import GRPOConfig, GRPOTrainer
 
-from pairrm_rlhf.rewards import AsyncPairwiseReward, PairwiseReward
+from pairrm_rlhf.trl.rewards import AsyncPairwiseReward, PairwiseReward
 
 
 @dataclass

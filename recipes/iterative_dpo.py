@@ -43,8 +43,8 @@ from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from trl import DPOConfig, DPOTrainer
 
-from pairrm_rlhf.labeler import PreferenceLabeler, save_dataset
-from pairrm_rlhf.sppo import PROB_COLUMNS, SPPOTrainer
+from pairrm_rlhf.labeling.labeler import PreferenceLabeler, save_dataset
+from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPOTrainer
 
 logger = logging.getLogger("iterative_dpo")
 SCHEDULES = ("disjoint", "same")

@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RecipeArguments, cli_args, load_policy, load_prompt_dataset, lora_config, parse_config, resolve_pairrm
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-from pairrm_rlhf.judges import LazyPairRM, PairRMJudge
-from pairrm_rlhf.rewards import OnlineDPOJudgeReward, PairwiseReward
+from pairrm_rlhf.pairrm import LazyPairRM
+from pairrm_rlhf.trl.judge import PairRMJudge
+from pairrm_rlhf.trl.rewards import OnlineDPOJudgeReward, PairwiseReward
 
 REWARDS = ("judge", "reference")
 

@@ -4,7 +4,7 @@
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/ppo.py --config recipes/configs/ppo.yaml
     python recipes/ppo.py --config recipes/configs/ppo_smoke.yaml          # tiny models, CPU, seconds
 
-The trainer is `pairrm_rlhf.ppo.PPOTrainer` (TRL no longer ships PPO). The scalar reward is PairRM's comparison of
+The trainer is `pairrm_rlhf.trl.ppo.PPOTrainer` (TRL no longer ships PPO). The scalar reward is PairRM's comparison of
 the response with the reference (`PairwiseReward`, `reward_output`: the two-order logit by default, or P(win)).
 """
 
@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import RecipeArguments, cli_args, load_policy, load_prompt_dataset, lora_config, parse_config, resolve_pairrm
 
-from pairrm_rlhf.ppo import PPOConfig, PPOTrainer
-from pairrm_rlhf.rewards import PairwiseReward
+from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
+from pairrm_rlhf.trl.rewards import PairwiseReward
 
 
 @dataclass

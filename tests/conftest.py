@@ -3,14 +3,21 @@ import os
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for subprocesses (torchrun workers, recipe scripts)
+TESTS = Path(__file__).parent
+# Subprocesses started by tests (torchrun, recipe scripts) import the test helpers (tiny_policy) too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
 
 import pytest
+import torch
+
+torch.set_num_threads(1)  # the CI machine has 2 cores; tests that need more set it themselves
 
 from pairrm_rlhf import PairRM
-from pairrm_rlhf.cli import bundled_checkpoint
+from pairrm_rlhf.core.assets import bundled
 
-FIXTURES = Path(__file__).parent / "fixtures" / "pairrm-reference"
-HF_CHECKPOINT = bundled_checkpoint()  # the reference fixture's tiny PairRM, hf layout, shipped with the package
+FIXTURES = TESTS / "fixtures" / "pairrm-reference"
+HF_CHECKPOINT = bundled("pairrm")  # the reference fixture's tiny PairRM, hf layout, shipped with the package
 BLENDER_CHECKPOINT = FIXTURES / "pairrm-blender"
 BASE_MODEL = FIXTURES / "tiny-deberta-v3"
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pairrm_rlhf import aggregation
+from pairrm_rlhf.core import aggregation
 
 
 def test_probability_is_calibrated_two_order(hf_model, golden):
@@ -28,15 +28,15 @@ def test_single_order_modes_and_slot_bias(hf_model, golden):
 
 def test_identical_candidates_score_exactly_zero(hf_model):
     calls = []
-    original = hf_model.scorer.forward
-    hf_model.scorer.forward = lambda pairs: calls.append(len(pairs)) or original(pairs)
+    original = hf_model.backend.forward
+    hf_model.backend.forward = lambda pairs: calls.append(len(pairs)) or original(pairs)
     try:
         assert hf_model.compare(["q"], ["same"], ["same"], return_logits=True)[0] == 0.0
         assert calls == []  # nothing was run
         scores = hf_model.rank_with_ref(["q"], [["a", "bb", "longest one"]], return_scores=True)
         assert scores[0, 2] == 0.0 and scores[0, 0] != 0.0
     finally:
-        hf_model.scorer.forward = original
+        hf_model.backend.forward = original
 
 
 def test_ranks_from_scores_share_smaller_rank():

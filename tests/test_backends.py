@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
-from pairrm_rlhf.backends import (
-    PairBackend,
-    RLHFlowScorer,
-    better_pairrm_source,
-    rlhflow_context,
-    swap_averaged_logit,
-)
-from pairrm_rlhf.cli import bundled_checkpoint
-from pairrm_rlhf.judges import render
-from pairrm_rlhf.tiny_policy import save_tiny_policy
+from pairrm_rlhf.backends.rlhflow import RLHFlowScorer, swap_averaged_logit
+from pairrm_rlhf.core.backend import PairBackend
+from pairrm_rlhf.core.formats import better_pairrm_source, rlhflow_context
+from pairrm_rlhf.core.assets import bundled
+from pairrm_rlhf.core.formats import render
+from tiny_policy import save_tiny_policy
 
-torch.set_num_threads(1)
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -32,21 +27,21 @@ CONVERSATION = [
 @pytest.fixture(scope="module")
 def better(tmp_path_factory) -> PairRM:
     directory = tmp_path_factory.mktemp("ckpt") / "tiny-Better-PairRM"  # detected by name, like maywell/Better-PairRM
-    shutil.copytree(bundled_checkpoint(), directory)
+    shutil.copytree(bundled("pairrm"), directory)
     return PairRM.from_pretrained(directory, device="cpu")
 
 
 def test_better_pairrm_is_chosen_by_name_or_template(better):
     assert better.template == "better-pairrm"
-    layout = better.scorer.layout
+    layout = better.backend.layout
     assert (layout.source_max_length, layout.candidate_max_length) == (2030, 670)
     assert layout.truncate_source_left and layout.source_prefix_segment
-    explicit = PairRM.from_pretrained(bundled_checkpoint(), device="cpu", template="better-pairrm")
-    assert explicit.template == "better-pairrm" and explicit.scorer.layout == layout
-    assert PairRM.from_pretrained(bundled_checkpoint(), device="cpu").template == "pairrm"
-    assert isinstance(better.scorer, PairBackend) and isinstance(explicit.scorer, PairBackend)
+    explicit = PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="better-pairrm")
+    assert explicit.template == "better-pairrm" and explicit.backend.layout == layout
+    assert PairRM.from_pretrained(bundled("pairrm"), device="cpu").template == "pairrm"
+    assert isinstance(better.backend, PairBackend) and isinstance(explicit.backend, PairBackend)
     with pytest.raises(ValueError, match="unknown template"):
-        PairRM.from_pretrained(bundled_checkpoint(), device="cpu", template="vicuna")
+        PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="vicuna")
 
 
 def test_better_pairrm_rendering():
@@ -61,7 +56,7 @@ def test_better_pairrm_rendering():
 
 
 def test_better_pairrm_long_source_keeps_the_latest_turns(better):
-    layout, tok = better.scorer.layout, better.scorer.tokenizer
+    layout, tok = better.backend.layout, better.backend.tokenizer
     turns = []
     for k in range(200):
         turns += [{"role": "user", "content": f"question number {k} about the weather and the sea"},
@@ -72,7 +67,7 @@ def test_better_pairrm_long_source_keeps_the_latest_turns(better):
     _, b = render(prompt, "short")
     text_ids = tok.encode(better_pairrm_source(source), add_special_tokens=False).ids
     assert len(text_ids) > 2030  # the source must be cut
-    (ids, positions), = better.scorer.build([(source, a, b)])
+    (ids, positions), = better.backend.build([(source, a, b)])
     src_len = positions[1] - 1
     assert src_len == 2030  # the source budget is used exactly
     assert ids[:4] == [layout.cls_id, layout.source_prefix_id, layout.sep_id, layout.cls_id]
@@ -83,9 +78,9 @@ def test_better_pairrm_long_source_keeps_the_latest_turns(better):
     assert ids[positions[1]] == layout.cand1_prefix_id and ids[positions[2]] == layout.cand2_prefix_id
     cand_a = positions[2] - positions[1]  # [CLS] <|candidate1|> text [SEP]
     assert cand_a == (3370 - 2030) // 2 and len(ids) <= 3370
-    assert better.scorer.truncation_rate([(source, a, b)]) == 1.0
+    assert better.backend.truncation_rate([(source, a, b)]) == 1.0
     short_source, short = render("hi", "hello")
-    assert better.scorer.truncation_rate([(short_source, short, short)]) == 0.0
+    assert better.backend.truncation_rate([(short_source, short, short)]) == 0.0
 
 
 def test_adapters_work_on_better_pairrm(better):
@@ -145,7 +140,7 @@ def rlhflow(tmp_path_factory) -> PairRM:
 
 
 def test_rlhflow_prompt_format(rlhflow):
-    scorer = rlhflow.scorer
+    scorer = rlhflow.backend
     assert isinstance(scorer, RLHFlowScorer) and isinstance(scorer, PairBackend) and rlhflow.template == "rlhflow"
     source, a = render(CONVERSATION, "It orbits.")
     context = rlhflow_context(source)
@@ -163,7 +158,7 @@ def test_rlhflow_prompt_format(rlhflow):
 
 
 def test_rlhflow_strips_bos_text(rlhflow):
-    scorer = rlhflow.scorer
+    scorer = rlhflow.backend
     template = scorer.tokenizer.chat_template
     try:
         scorer.tokenizer.chat_template = "{{ bos_token }}" + template
@@ -175,7 +170,7 @@ def test_rlhflow_strips_bos_text(rlhflow):
 
 
 def test_rlhflow_swap_averaging(rlhflow):
-    scorer = rlhflow.scorer
+    scorer = rlhflow.backend
     t_ab, t_ba = ("What is the sun?", "A star.", "A planet."), ("What is the sun?", "A planet.", "A star.")
     f_ab, f_ba = scorer.score([t_ab, t_ba])
     assert f_ab == pytest.approx(-f_ba, abs=1e-5)  # antisymmetric by construction
@@ -196,7 +191,7 @@ def test_rlhflow_swap_averaging(rlhflow):
 
 
 def test_rlhflow_left_truncation_and_batching(rlhflow):
-    scorer = rlhflow.scorer
+    scorer = rlhflow.backend
     turns = []
     for k in range(30):
         turns += [{"role": "user", "content": f"Tell me about the sun {k}."}, {"role": "assistant", "content": "Sure."}]

@@ -18,12 +18,12 @@ def test_invariant_to_order_and_token_budget(hf_model, golden):
     inputs, a, b = golden["inputs"], golden["candidates_A"], golden["candidates_B"]
     expected = hf_model.compare(inputs, a, b, return_logits=True)
     rng = np.random.default_rng(0)
-    budget = hf_model.scorer.max_tokens
+    budget = hf_model.backend.max_tokens
     try:
         for max_tokens in (2048, 4096, 100_000):
-            hf_model.scorer.max_tokens = max_tokens
+            hf_model.backend.max_tokens = max_tokens
             perm = rng.permutation(len(inputs))
             got = hf_model.compare([inputs[i] for i in perm], [a[i] for i in perm], [b[i] for i in perm], return_logits=True)
             np.testing.assert_allclose(got, expected[perm], atol=1e-5, rtol=0)
     finally:
-        hf_model.scorer.max_tokens = budget
+        hf_model.backend.max_tokens = budget

@@ -5,7 +5,7 @@
 
 from pairrm_rlhf.bench import BenchConfig, make_workload, pair_flops, run_bench
 from pairrm_rlhf.cli import main
-from pairrm_rlhf.tokenization import load_text_tokenizer
+from pairrm_rlhf.core.tokenization import load_text_tokenizer
 from conftest import HF_CHECKPOINT
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import DebertaV2Config
 
-import pairrm_rlhf.modeling as modeling
-from pairrm_rlhf.modeling import PairRMModel
+import pairrm_rlhf.core.modeling as modeling
+from pairrm_rlhf.core.modeling import PairRMModel
 
 
 def _one_at_a_time(model, triples):
-    scorer = model.scorer
+    scorer = model.backend
     return np.array([scorer._forward(scorer.build([t])) for t in triples]).ravel()
 
 
@@ -55,12 +55,12 @@ def test_engine_equals_one_pair_at_a_time(hf_model, golden):
     triples += triples[:5]  # duplicates
     order = rng.permutation(len(triples))
     triples = [triples[i] for i in order]
-    budget = hf_model.scorer.max_tokens
+    budget = hf_model.backend.max_tokens
     try:
-        hf_model.scorer.max_tokens = 4096
-        got = hf_model.scorer.score(triples)
+        hf_model.backend.max_tokens = 4096
+        got = hf_model.backend.score(triples)
     finally:
-        hf_model.scorer.max_tokens = budget
+        hf_model.backend.max_tokens = budget
     # float noise of different GEMM shapes only: far below the 1e-4 parity bar
     np.testing.assert_allclose(got, _one_at_a_time(hf_model, triples), atol=5e-5, rtol=0)
 
@@ -70,15 +70,15 @@ def test_duplicates_scored_once_and_batches_sorted_under_budget(hf_model, monkey
     texts = _texts(rng, 12, 1, 300)
     triples = [("prompt", a, b) for a in texts for b in texts if a != b][:60]
     seen = []
-    original = hf_model.scorer._forward
+    original = hf_model.backend._forward
 
     def spy(pairs):
         seen.append([len(ids) for ids, _ in pairs])
         return original(pairs)
 
-    monkeypatch.setattr(hf_model.scorer, "_forward", spy)
-    monkeypatch.setattr(hf_model.scorer, "max_tokens", 3000)
-    hf_model.scorer.score(triples + triples[::-1])
+    monkeypatch.setattr(hf_model.backend, "_forward", spy)
+    monkeypatch.setattr(hf_model.backend, "max_tokens", 3000)
+    hf_model.backend.score(triples + triples[::-1])
     assert sum(len(b) for b in seen) == len(set(triples))
     for batch in seen:
         assert len(batch) == 1 or len(batch) * max(batch) <= 3000
@@ -91,48 +91,48 @@ def test_out_of_memory_splits_and_retries(hf_model, monkeypatch, caplog):
     rng = np.random.default_rng(2)
     texts = _texts(rng, 6, 1, 200)
     triples = [("q", a, b) for a in texts for b in texts if a != b]
-    expected = hf_model.scorer.score(triples)
-    original = hf_model.scorer._forward
+    expected = hf_model.backend.score(triples)
+    original = hf_model.backend._forward
 
     def flaky(pairs):
         if len(pairs) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(pairs)
 
-    monkeypatch.setattr(hf_model.scorer, "_forward", flaky)
-    monkeypatch.setattr(hf_model.scorer, "max_tokens", 100_000)
+    monkeypatch.setattr(hf_model.backend, "_forward", flaky)
+    monkeypatch.setattr(hf_model.backend, "max_tokens", 100_000)
     with caplog.at_level(logging.WARNING):
-        got = hf_model.scorer.score(triples)
+        got = hf_model.backend.score(triples)
     np.testing.assert_allclose(got, expected, atol=5e-5, rtol=0)  # other batch shapes: float noise only
     assert "out of memory" in caplog.text
-    assert hf_model.scorer.max_tokens < 100_000  # the budget shrinks for later batches
+    assert hf_model.backend.max_tokens < 100_000  # the budget shrinks for later batches
 
 
 def test_single_pair_out_of_memory_is_raised(hf_model, monkeypatch):
     def oom(pairs):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(hf_model.scorer, "_forward", oom)
+    monkeypatch.setattr(hf_model.backend, "_forward", oom)
     with pytest.raises(torch.OutOfMemoryError):
-        hf_model.scorer.score([("q", "a", "b")])
+        hf_model.backend.score([("q", "a", "b")])
 
 
 def test_non_finite_half_precision_is_recomputed_in_float32(hf_model, monkeypatch, caplog):
     triples = [("q", "a", "b"), ("q", "b", "a")]
-    expected = hf_model.scorer.score(triples)
-    original = hf_model.scorer._run
+    expected = hf_model.backend.score(triples)
+    original = hf_model.backend._run
 
     def overflowing(pairs, dtype):
         out = original(pairs, torch.float32)
         return np.full_like(out, np.inf) if dtype == torch.float16 else out
 
-    monkeypatch.setattr(hf_model.scorer, "_run", overflowing)
-    monkeypatch.setattr(hf_model.scorer, "dtype", torch.float16)
+    monkeypatch.setattr(hf_model.backend, "_run", overflowing)
+    monkeypatch.setattr(hf_model.backend, "dtype", torch.float16)
     with caplog.at_level(logging.WARNING):
-        got = hf_model.scorer.score(triples)
+        got = hf_model.backend.score(triples)
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert "recomputing" in caplog.text
-    monkeypatch.setattr(hf_model.scorer, "dtype", torch.float32)
-    monkeypatch.setattr(hf_model.scorer, "_run", lambda pairs, dtype: np.full(len(pairs), np.nan, dtype=np.float32))
+    monkeypatch.setattr(hf_model.backend, "dtype", torch.float32)
+    monkeypatch.setattr(hf_model.backend, "_run", lambda pairs, dtype: np.full(len(pairs), np.nan, dtype=np.float32))
     with pytest.raises(FloatingPointError, match="non-finite"):
-        hf_model.scorer.score([("q", "c", "d")])
+        hf_model.backend.score([("q", "c", "d")])

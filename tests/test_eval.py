@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pairrm_rlhf import PairRM
-from pairrm_rlhf.cli import bundled_checkpoint, main
+from pairrm_rlhf.cli import main
+from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.evaluation import bootstrap_ci, detect_format, evaluate, load_examples, read_rows
 
-torch.set_num_threads(1)
 DATA = Path(__file__).parent / "fixtures" / "eval"
 
 
@@ -83,7 +83,7 @@ def test_single_order_and_bootstrap():
 
 def test_eval_command(capsys, tmp_path):
     out = tmp_path / "results.json"
-    main(["eval", "--data", str(DATA / "rewardbench.jsonl"), "--model", bundled_checkpoint(), "--device", "cpu",
+    main(["eval", "--data", str(DATA / "rewardbench.jsonl"), "--model", bundled("pairrm"), "--device", "cpu",
           "--bootstrap", "50", "--output", str(out)])
     printed = capsys.readouterr().out
     assert "| Subset | N | Agreement | 95% CI |" in printed and "alpacaeval-easy" in printed and "**overall**" in printed

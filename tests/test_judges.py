@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pairrm_rlhf import PairRM, PairRMJudge, aggregation
-from pairrm_rlhf.judges import BasePairwiseJudge, render
-from pairrm_rlhf.pairrm import CONVERSATION_INSTRUCTION, render_conversations
+from pairrm_rlhf import PairRM, PairRMJudge
+from pairrm_rlhf.core import aggregation
+from pairrm_rlhf.core.formats import render
+from pairrm_rlhf.trl.judge import BasePairwiseJudge
+from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION, render_conversations
 
-torch.set_num_threads(1)
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Say hi"]
 PAIRS = [

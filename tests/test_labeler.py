@@ -15,10 +15,10 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from pairrm_rlhf.aggregation import bradley_terry_scores, copeland_scores, probability, round_robin_scores
+from pairrm_rlhf.core.aggregation import bradley_terry_scores, copeland_scores, probability, round_robin_scores
 from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.pairrm import CONVERSATION_INSTRUCTION
-from pairrm_rlhf.labeler import (
+from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION
+from pairrm_rlhf.labeling.labeler import (
     LabelConfig,
     PreferenceLabeler,
     best_of_n_responses,
@@ -26,9 +26,8 @@ from pairrm_rlhf.labeler import (
     run_label,
     select_pairs,
 )
-from pairrm_rlhf.tiny_policy import build_tiny_policy, build_tiny_tokenizer
+from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
-torch.set_num_threads(1)
 
 PROMPTS = [
     "Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about the moon.",
@@ -187,19 +186,18 @@ def test_interrupt_and_resume_is_identical(hf_model, policy, standard_output, tm
 
 WORKER = """
 import sys, torch
-torch.set_num_threads(1)
 from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.pairrm import CONVERSATION_INSTRUCTION
-from pairrm_rlhf.labeler import LabelConfig, PreferenceLabeler, _process_state, load_policy, load_prompts, run_label
+from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION
+from pairrm_rlhf.labeling.labeler import LabelConfig, PreferenceLabeler, _process_state, load_policy, load_prompts, run_label
 from pairrm_rlhf import PairRM
-from pairrm_rlhf.cli import bundled_checkpoint
+from pairrm_rlhf.core.assets import bundled
 config = parse_config(LabelConfig, sys.argv[2:])
 PreferenceLabeler._chunk_done = lambda self, index: print(f"process {_process_state().process_index} labeled chunk {index}", flush=True)
 run_label(config)
 PreferenceLabeler._chunk_done = lambda self, index: None
 # the library call without a work_dir: results are gathered in memory
 policy, tokenizer = load_policy("tiny")
-labeler = PreferenceLabeler(PairRM.from_pretrained(bundled_checkpoint(), device="cpu"), policy, tokenizer,
+labeler = PreferenceLabeler(PairRM.from_pretrained(bundled("pairrm"), device="cpu"), policy, tokenizer,
                             num_responses=3, generation_kwargs={"max_new_tokens": 8})
 out = labeler.label(load_prompts(config.dataset), chunk_size=2)
 if _process_state().is_main_process:

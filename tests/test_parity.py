@@ -12,17 +12,17 @@ def test_layouts_detected(hf_model, blender_model):
 
 def test_token_ids_equal_reference(model, golden):
     triples = list(zip(golden["inputs"], golden["candidates_A"], golden["candidates_B"]))
-    built = model.scorer.build(triples)
+    built = model.backend.build(triples)
     for case, ((ids, _), expected) in enumerate(zip(built, golden["hf_input_ids"])):
         assert ids == expected, f"case {case}"
 
 
 def test_forward_on_reference_ids(model, golden):
-    layout = model.scorer.layout
+    layout = model.backend.layout
     for case, (ids, expected) in enumerate(zip(golden["hf_input_ids"], golden["hf_logits"])):
         positions = (1, ids.index(layout.cand1_prefix_id), ids.index(layout.cand2_prefix_id))
         with torch.inference_mode():
-            got = model.scorer.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([positions]))
+            got = model.backend.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([positions]))
         assert abs(float(got[0]) - expected) < TOL, f"case {case}"
 
 

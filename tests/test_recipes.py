@@ -32,12 +32,12 @@ from safetensors.torch import save_file
 from transformers import DebertaV2Config
 
 from pairrm_rlhf import PairRM, PairwiseReward
-from pairrm_rlhf.cli import bundled_checkpoint
-from pairrm_rlhf.judges import PairRMJudge, render
-from pairrm_rlhf.modeling import PairRMModel
-from pairrm_rlhf.tiny_policy import build_tiny_tokenizer
+from pairrm_rlhf.core.assets import bundled
+from pairrm_rlhf.core.formats import render
+from pairrm_rlhf.trl.judge import PairRMJudge
+from pairrm_rlhf.core.modeling import PairRMModel
+from tiny_policy import build_tiny_tokenizer
 
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -62,7 +62,7 @@ def recipe(name: str):
 # ---- the scorer with a known preference -----------------------------------------------------------------------
 def build_short_preferring_pairrm(path: Path) -> str:
     """A 1-layer PairRM (bundled tokenizer and prefix ids) whose two-order logit prefers fewer PairRM tokens."""
-    source = Path(bundled_checkpoint())
+    source = Path(bundled("pairrm"))
     path.mkdir(parents=True, exist_ok=True)
     for f in source.iterdir():
         if f.name != "model.safetensors":
@@ -114,7 +114,7 @@ def short_rm(short_rm_path) -> PairRM:
 def n_tokens(rm: PairRM, texts: list[str], prompt="Q") -> np.ndarray:
     """PairRM tokens of each response's candidate text, as PairRM reads it after `prompt`."""
     candidates = [render(prompt, t)[1] for t in texts]
-    ids = rm.scorer.tokenize(candidates)
+    ids = rm.backend.tokenize(candidates)
     return np.array([len(ids[c]) for c in candidates])
 
 
@@ -231,7 +231,7 @@ def test_iterative_dpo_learns_the_known_preference(short_rm_path, short_rm, base
 
 # ---- PPO internals ---------------------------------------------------------------------------------------------
 def test_ppo_advantages_and_eos_handling(short_rm):
-    from pairrm_rlhf.ppo import PPOConfig, PPOTrainer
+    from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
 
     common = recipe("_common")
     model, tokenizer = common.load_policy("tiny")
@@ -279,7 +279,7 @@ def test_ppo_advantages_and_eos_handling(short_rm):
 def test_sppo_loss_is_the_soft_formula(tmp_path):
     from trl import DPOConfig
 
-    from pairrm_rlhf.sppo import SPPOTrainer
+    from pairrm_rlhf.trl.sppo import SPPOTrainer
 
     common = recipe("_common")
     model, tokenizer = common.load_policy("tiny")
@@ -376,7 +376,6 @@ def test_real_configs_parse():
 PPO_SCRIPT = """
 import hashlib, json, os, sys
 import torch
-torch.set_num_threads(1)
 sys.path.insert(0, {recipes!r})
 import ppo
 config = ppo.PPORecipeConfig(output_dir=sys.argv[1], policy="tiny", pairrm="tiny", dataset="tiny", use_cpu=True,

@@ -10,7 +10,6 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-torch.set_num_threads(1)
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 VALID = settings(SETTINGS, max_examples=30)  # these run full forwards (long ones for huge text): fewer examples

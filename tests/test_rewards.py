@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward, aggregation, rewards
-from pairrm_rlhf.cli import bundled_checkpoint
+from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
+from pairrm_rlhf.core import aggregation
+from pairrm_rlhf.trl import rewards
+from pairrm_rlhf.core.assets import bundled
 
-torch.set_num_threads(1)
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Say hi"]
 COMPLETIONS = ["Paris.", "rain rain rain", "The answer is 4.", "hi"]
@@ -180,7 +181,7 @@ def test_online_dpo_reward_block_layout(hf_model):
 
 
 def test_cli_functions_use_env(monkeypatch, hf_model):
-    monkeypatch.setenv("PAIRRM_MODEL", bundled_checkpoint())
+    monkeypatch.setenv("PAIRRM_MODEL", bundled("pairrm"))
     monkeypatch.setenv("PAIRRM_DEVICE", "cpu")
     monkeypatch.setenv("PAIRRM_DTYPE", "float32")
     monkeypatch.delenv("PAIRRM_BASE_MODEL", raising=False)
@@ -191,5 +192,5 @@ def test_cli_functions_use_env(monkeypatch, hf_model):
     np.testing.assert_allclose(
         got, expected_group(hf_model, GROUP_PROMPTS, GROUP_COMPLETIONS, [(0, 3), (3, 5)], "probability"), atol=1e-5
     )
-    env_models = [m for env, m in rewards._env_models.items() if env[0] == bundled_checkpoint()]
+    env_models = [m for env, m in rewards._env_models.items() if env[0] == bundled("pairrm")]
     assert len(env_models) == 1 and env_models[0].loaded  # one shared model for both functions

@@ -23,10 +23,9 @@ import torch
 
 from pairrm_rlhf import OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
 from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.client import PairRMClient, PairRMServerError
-from pairrm_rlhf.server import BackgroundServer, QueryParser, ServeConfig
+from pairrm_rlhf.backends.remote import PairRMClient, PairRMServerError
+from pairrm_rlhf.serve.server import BackgroundServer, QueryParser, ServeConfig
 
-torch.set_num_threads(1)
 
 REFERENCE = "A fixed reference answer."
 TOKEN = "s3cret-token"
@@ -123,7 +122,7 @@ PROBABILITY_ROUTES = ("/probability", "/judge", "/get_reward")
 def in_process(model, expected):
     """`expected(model)` and the largest |g| (PairRM head output) behind it: f(x,A,B) = g(x,A) - g(x,B)."""
     scale = [1.0]
-    hook = model.scorer.model.head_layer.register_forward_hook(lambda m, i, out: scale.append(float(out.abs().max())))
+    hook = model.backend.model.head_layer.register_forward_hook(lambda m, i, out: scale.append(float(out.abs().max())))
     try:
         return np.asarray(expected(model), dtype=np.float64), max(scale)
     finally:
@@ -377,10 +376,9 @@ def test_graceful_shutdown_answers_in_flight(hf_model):
 SERVE = """
 import logging, sys
 import torch
-torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.server import ServeConfig, run_serve
+from pairrm_rlhf.serve.server import ServeConfig, run_serve
 run_serve(parse_config(ServeConfig, sys.argv[1:]))
 """
 
@@ -530,7 +528,7 @@ def test_grpo_smoke_with_remote_reward(server, hf_model, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from pairrm_rlhf.tiny_policy import build_tiny_policy, build_tiny_tokenizer
+    from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
     calls = []
     with PairRMClient([dead_url(), server.url], retries=1, backoff=0.01) as client:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pairrm_rlhf.tiny_policy import (
+from tiny_policy import (
     BOS_TOKEN,
     IM_END,
     IM_START,

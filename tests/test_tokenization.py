@@ -2,7 +2,7 @@
 
 import pytest
 
-from pairrm_rlhf.tokenization import PREFIX_TOKENS, load_text_tokenizer, tokenizer_from_spm
+from pairrm_rlhf.core.tokenization import PREFIX_TOKENS, load_text_tokenizer, tokenizer_from_spm
 
 from conftest import BASE_MODEL, HF_CHECKPOINT
 
@@ -34,10 +34,10 @@ def test_special_token_strings_are_single_tokens():
 
 @pytest.mark.parametrize("forged", PREFIX_TOKENS)
 def test_prefix_strings_in_user_text_do_not_become_prefix_tokens(model, forged):
-    layout = model.scorer.layout
+    layout = model.backend.layout
     prefix_ids = {layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id, layout.source_prefix_id + 3}
     text = f"please {forged} ignore {forged}"
-    ids, positions = model.scorer.build([(text, text, text)])[0]
+    ids, positions = model.backend.build([(text, text, text)])[0]
     assert [i for i in ids if i in prefix_ids] == [layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id]
     assert [ids[p] for p in positions] == [layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id]
 
@@ -49,17 +49,17 @@ def test_sep_in_text_becomes_space(model):
 
 
 def test_truncation_budgets(model):
-    layout = model.scorer.layout
+    layout = model.backend.layout
     long_text = "word " * 5000
-    (ids, (s, a, b)), = model.scorer.build([(long_text, long_text, long_text)])
+    (ids, (s, a, b)), = model.backend.build([(long_text, long_text, long_text)])
     assert a == layout.source_max_length + 1  # the source segment is cut to exactly 1224 tokens
     assert len(ids) == layout.source_max_length + 2 * layout.candidate_max_length
     cls, sep = layout.cls_id, layout.sep_id
     assert ids[0] == cls and ids[a - 2] == sep and ids[a - 1] == cls and ids[b - 2] == sep and ids[-1] == sep
     # a short source leaves its unused budget to the candidates
-    (ids, (s, a, b)), = model.scorer.build([("hi", long_text, long_text)])
+    (ids, (s, a, b)), = model.backend.build([("hi", long_text, long_text)])
     source_len = a - 1
     each = (layout.source_max_length + 2 * layout.candidate_max_length - source_len) // 2
     assert b - a == each and len(ids) - (b - 1) == each
-    assert model.scorer.truncation_rate([("hi", long_text, "short")]) == 1.0
-    assert model.scorer.truncation_rate([("hi", "short", "short")]) == 0.0
+    assert model.backend.truncation_rate([("hi", long_text, "short")]) == 1.0
+    assert model.backend.truncation_rate([("hi", "short", "short")]) == 0.0

@@ -16,10 +16,10 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward, aggregation
-from pairrm_rlhf.tiny_policy import build_tiny_policy, build_tiny_tokenizer
+from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
+from pairrm_rlhf.core import aggregation
+from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
-torch.set_num_threads(1)
 trl = pytest.importorskip("trl")
 
 COMMON = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
@@ -184,15 +184,14 @@ SCRIPT = """
 import json, os, sys
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch
-torch.set_num_threads(1)
 from datasets import Dataset
 import trl
 from pairrm_rlhf import PairwiseReward
-from pairrm_rlhf.cli import bundled_checkpoint
-from pairrm_rlhf.tiny_policy import build_tiny_policy, build_tiny_tokenizer
+from pairrm_rlhf.core.assets import bundled
+from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
 out = sys.argv[1]
-reward = PairwiseReward(bundled_checkpoint(), mode="group", device="cpu")
+reward = PairwiseReward(bundled("pairrm"), mode="group", device="cpu")
 calls = []
 def recording(prompts, completions, **kwargs):
     rewards = reward(prompts, completions, **kwargs)
@@ -239,8 +238,8 @@ def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
 
 # ---- TRL's CLI with the module-level reward functions ---------------------------------------------------
 def test_trl_cli_with_env_configured_rewards(tmp_path):
-    from pairrm_rlhf.cli import bundled_checkpoint
-    from pairrm_rlhf.tiny_policy import save_tiny_policy
+    from pairrm_rlhf.core.assets import bundled
+    from tiny_policy import save_tiny_policy
 
     trl_cli = Path(sys.executable).parent / "trl"
     if not trl_cli.exists():
@@ -249,10 +248,10 @@ def test_trl_cli_with_env_configured_rewards(tmp_path):
     (tmp_path / "data").mkdir()
     rows = [{"prompt": q, "reference": r} for q, r in zip(QUESTIONS, REFERENCES)]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PAIRRM_MODEL=bundled_checkpoint(),
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PAIRRM_MODEL=bundled("pairrm"),
                PAIRRM_DEVICE="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [str(trl_cli), "grpo", "--model_name_or_path", policy_dir, "--dataset_name", str(tmp_path / "data"),
-           "--reward_funcs", "pairrm_rlhf.rewards.pairrm_reference_reward", "pairrm_rlhf.rewards.pairrm_group_reward",
+           "--reward_funcs", "pairrm_rlhf.trl.rewards.pairrm_reference_reward", "pairrm_rlhf.trl.rewards.pairrm_group_reward",
            "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
            "--max_steps", "2", "--use_cpu", "--bf16", "false", "--report_to", "none", "--logging_steps", "1",
            "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]

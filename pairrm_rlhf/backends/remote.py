@@ -22,9 +22,9 @@ import httpx2
 import numpy as np
 import torch
 
-from .judges import PairRMJudge
-from .pairrm import PairRM
-from .rewards import AsyncPairwiseReward, OnlineDPOJudgeReward, PairwiseReward
+from ..pairrm import PairRM
+from ..trl.judge import PairRMJudge
+from ..trl.rewards import AsyncPairwiseReward, OnlineDPOJudgeReward, PairwiseReward
 
 logger = logging.getLogger(__name__)
 

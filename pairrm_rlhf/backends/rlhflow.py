@@ -1,155 +1,23 @@
-"""Pair-scoring backends: ordered (source, A, B) triples in, single-order logits f(x, A, B) out.
+"""RLHFlow's pairwise preference LLM (`RLHFlow/pair-preference-model-LLaMA3-8B`) as a `PairBackend`.
 
-`PairBackend` is the contract everything above the engine relies on (`PairRM`, the judge, rewards, labeler).
-Three judges implement it:
-
-- PairRM (`engine.PairScorer`, unchanged): source = PairRM's rendering of the prompt.
-- Better-PairRM: the same scorer behind `TemplatedScorer`, which re-renders conversations as
-  `SYSTEM MESSAGE:` / `USER:` / `ASSISTANT:` lines (its layout cuts the source from the left).
-- RLHFlow's pair-preference LLM (`RLHFlowScorer`): a causal LM asked "A or B?" in both orders.
-
-Conversations reach a backend as `Rendered` strings: their value is PairRM's rendering (so PairRM and every
-existing caller see exactly the same text as before) and they carry the messages they came from, which the
-other backends render in their own format.
+A causal LM asked "A or B?" for one ordered pair; the prompt format lives in `core.formats`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Triple, plan_batches
+from ..core.backend import Triple
+from ..core.engine import plan_batches
+from ..core.formats import RLHFLOW_PROMPT, response_text, rlhflow_context
 
 logger = logging.getLogger(__name__)
-
-Messages = tuple[tuple[str, str], ...]
-
-
-@runtime_checkable
-class PairBackend(Protocol):
-    """What `PairRM` and the adapters need from a scorer.
-
-    `score` returns f(x, A, B) for each ordered triple (float32, caller's order), where f > 0 means A is better
-    and sigmoid((f(x,A,B) - f(x,B,A)) / 2) is the backend's calibrated P(A > B). `truncation_rate` is the fraction
-    of triples in which some text is cut to fit the backend's length limits.
-    """
-
-    device: torch.device
-
-    def score(
-        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
-    ) -> np.ndarray: ...
-
-    def truncation_rate(self, triples: Sequence[Triple]) -> float: ...
-
-
-# ---- rendered text that remembers where it came from -------------------------------------------------------
-class Rendered(str):
-    """A string (PairRM's rendering) that also carries the prompt `messages` or the bare `response` it came from."""
-
-    messages: Messages | None
-    response: str | None
-
-    def __new__(cls, text: str, *, messages: Messages | None = None, response: str | None = None) -> "Rendered":
-        obj = super().__new__(cls, text)
-        obj.messages, obj.response = messages, response
-        return obj
-
-    def __reduce__(self) -> tuple:
-        return (_rebuild, (str(self), self.messages, self.response))
-
-
-def _rebuild(text: str, messages: Messages | None, response: str | None) -> Rendered:
-    return Rendered(text, messages=messages, response=response)
-
-
-def prompt_messages(source: str) -> Messages:
-    """The (role, content) messages of a rendered source; a plain string is one user message."""
-    messages = getattr(source, "messages", None)
-    return messages if messages is not None else (("user", str(source)),)
-
-
-def response_text(candidate: str) -> str:
-    """The bare response of a rendered candidate (a plain string is already one)."""
-    response = getattr(candidate, "response", None)
-    return response if response is not None else str(candidate)
-
-
-# ---- Better-PairRM -------------------------------------------------------------------------------------------
-BETTER_PAIRRM_ROLES = {"system": "SYSTEM MESSAGE", "user": "USER", "assistant": "ASSISTANT"}
-
-
-def better_pairrm_source(source: str) -> str:
-    """Better-PairRM's (Vicuna-1.1-style) source: one `SYSTEM MESSAGE: `/`USER: `/`ASSISTANT: ` line per message.
-
-    A plain-text prompt is used as is (as on the model card); the candidate is the bare response.
-    """
-    messages = getattr(source, "messages", None)
-    if messages is None:
-        return str(source)
-    return "\n".join(f"{BETTER_PAIRRM_ROLES[role]}: {content}" for role, content in messages)
-
-
-class TemplatedScorer:
-    """A backend whose texts are re-rendered by `render_source`/`render_candidate` before an inner backend scores
-    them. Attributes it lacks (model, tokenizer, layout, dtype, ...) are the inner backend's."""
-
-    def __init__(
-        self,
-        inner: PairBackend,
-        template: str,
-        render_source: Callable[[str], str] = better_pairrm_source,
-        render_candidate: Callable[[str], str] = response_text,
-    ):
-        self.inner, self.template = inner, template
-        self.render_source, self.render_candidate = render_source, render_candidate
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def convert(self, triples: Sequence[Triple]) -> list[Triple]:
-        return [(self.render_source(s), self.render_candidate(a), self.render_candidate(b)) for s, a, b in triples]
-
-    def score(
-        self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
-    ) -> np.ndarray:
-        return self.inner.score(self.convert(triples), batch_size=batch_size, show_progress_bar=show_progress_bar)
-
-    def truncation_rate(self, triples: Sequence[Triple]) -> float:
-        return self.inner.truncation_rate(self.convert(triples))
-
-    def build(self, triples: Sequence[Triple]) -> list:
-        return self.inner.build(self.convert(triples))
-
-
-# ---- RLHFlow pair-preference model ---------------------------------------------------------------------------
-RLHFLOW_PROMPT = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \n"
-
-
-def rlhflow_context(source: str) -> str:
-    """The context in RLHFlow's plain `<turn> user` / `<turn> assistant` format (alternating by position).
-
-    System messages are folded into the next user message as `{system}\\n\\n{user}`.
-    """
-    turns: list[str] = []
-    system: list[str] = []
-    for role, content in prompt_messages(source):
-        if role == "system":
-            system.append(content)
-        else:
-            turns.append("\n\n".join([*system, content]) if role == "user" else content)
-            system = []
-    body = "".join(
-        f"\n\n<turn> {'user' if i % 2 == 0 else 'assistant'}\n {content}" for i, content in enumerate(turns)
-    )
-    return "\n" + body + "\n\n\n"
 
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -313,11 +181,3 @@ def load_rlhflow(
         model, tokenizer, device=device, dtype=dtype, max_length=max_length, max_tokens=max_tokens,
         swap_average=swap_average,
     )
-
-
-def detect_backend(name_or_path: str) -> str:
-    """`rlhflow` for RLHFlow pair-preference checkpoints (by name, or a local causal-LM directory), else `pairrm`."""
-    name = str(name_or_path).lower()
-    if "pair-preference-model" in name or "pair_preference_model" in name:
-        return "rlhflow"
-    return "pairrm"

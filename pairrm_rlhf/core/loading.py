@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import DebertaV2Config
 
+from . import assets
 from .modeling import PairRMModel
 from .tokenization import PREFIX_TOKENS, PairLayout, load_text_tokenizer
 
@@ -25,8 +26,9 @@ EMBEDDING_KEY = "pretrained_model.embeddings.word_embeddings.weight"
 
 
 def resolve(name_or_path: str | Path, patterns: list[str]) -> Path:
-    """A local directory as is; otherwise the files of a hub repo matching `patterns` (hub cache honoured)."""
-    path = Path(name_or_path).expanduser()
+    """A local directory as is (`tiny`: the bundled checkpoint); otherwise the files of a hub repo matching
+    `patterns` (hub cache honoured). A path-looking name that does not exist is FileNotFoundError, not a hub id."""
+    path = Path(assets.resolve(name_or_path, "pairrm")).expanduser()
     if path.is_dir():
         return path
     if path.exists():

@@ -7,7 +7,7 @@
   (`--reward_funcs pairrm_rlhf.rewards.pairrm_reference_reward`), configured by environment variables.
 
 All of them are plain callables (TRL treats `nn.Module`s as sequence-classification models) and load the model on
-first call. Text is rendered by `judges.render`, the same as the judge.
+first call. Text is rendered by `core.formats.render`, the same as the judge.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import aggregation
-from .judges import DEFAULT_MODEL, LazyPairRM, PairRMJudge, render
-from .pairrm import PairRM, default_device
+from ..core import aggregation
+from ..core.assets import DEFAULT_MODEL
+from ..core.engine import default_device
+from ..core.formats import render
+from ..pairrm import LazyPairRM, PairRM
+from .judge import PairRMJudge
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ out-of-memory error splits the batch and retries it; nothing is lost.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,12 +19,18 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from .backend import Triple
 from .modeling import PairRMModel
 from .tokenization import PairLayout
 
 logger = logging.getLogger(__name__)
 
-Triple = tuple[str, str, str]
+
+def default_device() -> str:
+    """CUDA when available, on this process's device (`LOCAL_RANK` under torchrun/accelerate), else CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
 
 
 def default_max_tokens(device: torch.device) -> int:

@@ -26,8 +26,10 @@ import torch
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
-from . import aggregation
-from .pairrm import PairRM, default_device, sample_responses
+from ..core import aggregation, assets
+from ..core.engine import default_device
+from ..core.generation import load_policy, sample_responses
+from ..pairrm import PairRM
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs")
 AGGREGATIONS = ("rank", "copeland", "bradley_terry")
 BACKENDS = ("transformers", "vllm")
 OUTPUT_FORMATS = ("save_to_disk", "jsonl", "parquet")
-TINY = "tiny"  # `policy: tiny` / `pairrm: tiny`: the bundled tiny models (random weights, for smoke runs)
 WORK_FORMAT = 1  # bump when the chunk files change meaning
 _MESSAGE = {"role": Value("string"), "content": Value("string")}
 
@@ -259,7 +260,7 @@ class PreferenceLabeler:
 
         Prompts and responses become PairRM text through `judges.render`, as in the judge and reward functions.
         """
-        from .judges import render  # the project's one prompt/completion -> PairRM text renderer
+        from ..core.formats import render  # the project's one prompt/completion -> PairRM text renderer
 
         sources, candidates = [], []
         for k, (prompt, resp) in enumerate(zip(prompts, responses)):
@@ -273,7 +274,7 @@ class PreferenceLabeler:
             (s, c[i], c[j]) for s, c in zip(sources, candidates) for i in range(len(c)) for j in range(i + 1, len(c))
         ]
         stats = LabelStats(scored_pairs=len(triples))
-        stats.truncated_pairs = round(self.pairrm.scorer.truncation_rate(triples) * len(triples))
+        stats.truncated_pairs = round(self.pairrm.backend.truncation_rate(triples) * len(triples))
         return matrices, stats
 
     def aggregate(self, matrix: np.ndarray) -> np.ndarray:
@@ -532,7 +533,7 @@ def _name_of(model: Any) -> str | None:
 def _weights_digest(pairrm: PairRM) -> str:
     """A short digest of PairRM's head weights: identifies the checkpoint cheaply."""
     digest = hashlib.sha256()
-    head = getattr(pairrm.scorer.model, "head_layer", pairrm.scorer.model)
+    head = getattr(pairrm.backend.model, "head_layer", pairrm.backend.model)
     for name, tensor in sorted(head.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -596,23 +597,6 @@ def _read_chunk(path: Path) -> tuple[pa.Table, LabelStats]:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a hub id or directory, or `"tiny"` for the bundled tiny policy."""
-    if name == TINY and not Path(name).exists():
-        from .tiny_policy import build_tiny_policy, build_tiny_tokenizer
-
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_policy(tokenizer)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device or default_device()).eval(), tokenizer
-
-
 def _load_vllm(path: str, seed: int) -> Any:
     try:
         from vllm import LLM
@@ -624,13 +608,6 @@ def _load_vllm(path: str, seed: int) -> Any:
     return LLM(model=path, seed=seed)
 
 
-def tiny_prompts_path() -> str:
-    """The 32 bundled prompts with reference responses (plain English, for smoke runs and tests)."""
-    from importlib import resources
-
-    return str(resources.files("pairrm_rlhf") / "assets" / "tiny-prompts.jsonl")
-
-
 def load_prompts(source: str, config_name: str | None = None, split: str = "train") -> Dataset:
     """A dataset from a `save_to_disk` directory, a json/jsonl/parquet/csv file, a data directory or a hub id.
 
@@ -638,8 +615,7 @@ def load_prompts(source: str, config_name: str | None = None, split: str = "trai
     """
     import datasets
 
-    if source == TINY and not Path(source).exists():
-        source = tiny_prompts_path()
+    source = assets.resolve(source, "prompts")
     path = Path(source)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
@@ -726,8 +702,6 @@ class LabelConfig:
 
 def run_label(config: LabelConfig) -> Dataset:
     """Run the `label` command: load, label (resumable, sharded under accelerate), write, print a summary."""
-    from .cli import bundled_checkpoint
-
     if not config.dataset:
         raise ValueError("dataset is required (a local path or a hub id)")
     if not config.output_path:
@@ -743,7 +717,7 @@ def run_label(config: LabelConfig) -> Dataset:
     if config.max_prompts is not None:
         dataset = dataset.select(range(min(config.max_prompts, len(dataset))))
     pairrm = PairRM.from_pretrained(
-        bundled_checkpoint() if config.pairrm == TINY and not Path(TINY).exists() else config.pairrm,
+        config.pairrm,
         base_model=config.pairrm_base_model, device=device, dtype=config.pairrm_dtype,
     )
     generation_kwargs: dict[str, Any] = {"do_sample": True, "max_new_tokens": config.max_new_tokens,

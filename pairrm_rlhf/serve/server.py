@@ -43,9 +43,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import aggregation
-from .judges import DEFAULT_MODEL, PairRMJudge, render
-from .pairrm import PairRM
+from ..core import aggregation
+from ..core.assets import DEFAULT_MODEL
+from ..core.formats import render
+from ..pairrm import PairRM
+from ..trl.judge import PairRMJudge
 
 logger = logging.getLogger(__name__)
 
@@ -678,10 +680,7 @@ def build_app(config: ServeConfig, model: PairRM) -> Starlette:
 
 # ---- running ----------------------------------------------------------------------------------------------
 def load_model(config: ServeConfig) -> PairRM:
-    from .cli import bundled_checkpoint
-
-    name = bundled_checkpoint() if config.model == "tiny" and not Path(config.model).exists() else config.model
-    return PairRM.from_pretrained(name, base_model=config.base_model, device=config.device, dtype=config.dtype)
+    return PairRM.from_pretrained(config.model, base_model=config.base_model, device=config.device, dtype=config.dtype)
 
 
 def _uvicorn_server(config: ServeConfig, app: Starlette) -> uvicorn.Server:

@@ -1,0 +1,42 @@
+"""`PairRMArguments`: the one set of judge fields shared by every CLI subcommand and recipe (parsed by TRL's
+`TrlParser` next to the script's own dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .core.assets import DEFAULT_MODEL
+from .pairrm import LazyPairRM, PairRM
+
+
+@dataclass
+class PairRMArguments:
+    """Which judge scores the pairs, and how it runs."""
+
+    pairrm: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "judge: PairRM, Better-PairRM or RLHFlow hub id or directory; 'tiny' = the bundled tiny PairRM"})
+    pairrm_base_model: str | None = field(default=None, metadata={"help": "blender layout: base encoder override"})
+    pairrm_template: str | None = field(default=None, metadata={
+        "help": "encoder checkpoints: pairrm or better-pairrm (default: from the name)"})
+    pairrm_backend: str | None = field(default=None, metadata={"help": "pairrm or rlhflow (default: from the name)"})
+    pairrm_device: str | None = field(default=None, metadata={
+        "help": "cpu, cuda, cuda:1 ... (default: this process's CUDA device if any, else cpu)"})
+    pairrm_dtype: str | None = field(default=None, metadata={
+        "help": "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"})
+    pairrm_batch_size: int | None = field(default=None, metadata={"help": "most pairs in one forward (default: token budget)"})
+    pairrm_max_tokens: int | None = field(default=None, metadata={"help": "padded tokens per forward (default by device)"})
+
+    def load(self, device: str | None = None) -> PairRM:
+        """The judge, loaded now (`device` overrides `pairrm_device`)."""
+        return PairRM.from_pretrained(
+            self.pairrm, base_model=self.pairrm_base_model, template=self.pairrm_template,
+            backend=self.pairrm_backend, device=device or self.pairrm_device, dtype=self.pairrm_dtype,
+            max_tokens=self.pairrm_max_tokens,
+        )
+
+    def lazy(self) -> LazyPairRM:
+        """The judge, loaded on first use (for TRL reward functions: nothing loads before the trainer calls it)."""
+        return LazyPairRM(
+            self.pairrm, device=self.pairrm_device, dtype=self.pairrm_dtype, base_model=self.pairrm_base_model,
+            template=self.pairrm_template, backend=self.pairrm_backend, max_tokens=self.pairrm_max_tokens,
+        )

@@ -1,0 +1,164 @@
+"""Sampling responses from a causal-LM policy exactly as asked, and loading one (`tiny`: the bundled stand-in).
+
+transformers fills every generation field left at None from the checkpoint's `generation_config` (its
+`_prepare_generation_config`: user > `model.generation_config` > global defaults), so a checkpoint that ships
+`top_k=1` or a repetition penalty silently changes sampling. `build_generation_config` therefore sets every
+sampling field explicitly: the user's value, else the neutral one (no top-k/top-p/min-p filtering, no penalty,
+temperature 1), or the checkpoint's own value only with `use_checkpoint_sampling=True`. Token ids (EOS, PAD)
+always come from the checkpoint and tokenizer. The vLLM backend gets the same parameters (`vllm_sampling_params`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import assets
+from .engine import default_device
+
+# Sampling fields, their neutral values (what "not set" means unless the user opts in to the checkpoint's).
+NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+# Other logits processors a checkpoint may switch on; always set to their neutral values.
+OFF = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0,
+       "encoder_repetition_penalty": 1.0, "num_beams": 1, "min_length": 0, "min_new_tokens": 0}
+
+
+@dataclass
+class SamplingArguments:
+    """How responses are sampled. A field left at None is neutral (no filtering, no penalty, temperature 1), or the
+    checkpoint's `generation_config` value when `use_checkpoint_sampling` is true."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens per response"})
+    do_sample: bool = field(default=True, metadata={"help": "sample (true) or decode greedily (false)"})
+    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (default 1.0)"})
+    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling p (default 1.0: off)"})
+    top_k: int | None = field(default=None, metadata={"help": "top-k sampling (default 0: off)"})
+    min_p: float | None = field(default=None, metadata={"help": "min-p sampling (default 0.0: off)"})
+    repetition_penalty: float | None = field(default=None, metadata={"help": "repetition penalty (default 1.0: off)"})
+    stop: list[str] | None = field(default=None, metadata={"help": "extra stop strings (EOS always stops)"})
+    use_checkpoint_sampling: bool = field(
+        default=False, metadata={"help": "take unset sampling fields from the checkpoint's generation_config"})
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        checks = {"temperature": lambda v: v > 0, "top_p": lambda v: 0 < v <= 1, "top_k": lambda v: v >= 0,
+                  "min_p": lambda v: 0 <= v <= 1, "repetition_penalty": lambda v: v > 0}
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name}={value!r} is out of range")
+
+    def resolved(self, checkpoint: Any = None) -> dict[str, Any]:
+        """The sampling fields with every None replaced (by the checkpoint's value when opted in, else neutral)."""
+        out = {}
+        for name, neutral in NEUTRAL.items():
+            value = getattr(self, name)
+            if value is None and self.use_checkpoint_sampling and checkpoint is not None:
+                value = getattr(checkpoint, name, None)
+            out[name] = neutral if value is None else value
+        return out
+
+
+def build_generation_config(model: Any, tokenizer: Any, sampling: SamplingArguments) -> Any:
+    """A `GenerationConfig` with every sampling field set explicitly (see the module docstring)."""
+    from transformers import GenerationConfig
+
+    checkpoint = getattr(model, "generation_config", None)
+    eos = _eos_ids(checkpoint, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if eos else None
+    config = GenerationConfig(
+        do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens, eos_token_id=eos or None,
+        pad_token_id=pad, stop_strings=list(sampling.stop) if sampling.stop else None, **OFF,
+        **sampling.resolved(checkpoint),
+    )
+    if not sampling.do_sample:  # greedy: the sampling fields are unused; keep transformers from warning about them
+        config.update(**{k: v for k, v in NEUTRAL.items()})
+    return config
+
+
+def _eos_ids(checkpoint: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(checkpoint, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def vllm_sampling_params(sampling: SamplingArguments, n: int, seed: int | None = None, checkpoint: Any = None) -> Any:
+    """The same sampling as `build_generation_config`, as vLLM `SamplingParams` (top_k 0 means off in both)."""
+    from vllm import SamplingParams
+
+    values = sampling.resolved(checkpoint)
+    if not sampling.do_sample:
+        values = {**NEUTRAL, "temperature": 0.0}
+    return SamplingParams(
+        n=n, seed=seed, max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) if sampling.stop else None,
+        temperature=values["temperature"], top_p=values["top_p"], top_k=values["top_k"] or -1,
+        min_p=values["min_p"], repetition_penalty=values["repetition_penalty"],
+    )
+
+
+def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """A causal LM (eval mode, on `device`) and its tokenizer from a hub id or directory; `tiny` is the bundled one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assets.resolve(name, "policy")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device or default_device()).eval(), tokenizer
+
+
+def render_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:
+    """Prompt texts: strings as they are, message lists through the tokenizer's chat template (generation prompt)."""
+    return [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    n: int,
+    sampling: SamplingArguments | None = None,
+    generation_config: Any = None,
+    **sampling_fields: Any,
+) -> list[list[str]]:
+    """`n` responses per prompt (strings, or message lists rendered with the chat template), decoded without special
+    tokens. The generation config is `generation_config`, else built from `sampling`, else from `sampling_fields`
+    (`SamplingArguments` fields such as `temperature=0.7`, `max_new_tokens=64`).
+    """
+    if sum(x is not None and x != {} for x in (sampling, generation_config, sampling_fields)) > 1:
+        raise ValueError("give one of sampling, generation_config or SamplingArguments fields, not several")
+    if not prompts:
+        return []
+    try:
+        sampling = sampling or SamplingArguments(**sampling_fields)
+    except TypeError as err:
+        raise TypeError(f"sample_responses: {err} (fields: {sorted(SamplingArguments.__dataclass_fields__)})") from None
+    config = generation_config or build_generation_config(model, tokenizer, sampling)
+    config = copy.deepcopy(config)
+    config.num_return_sequences = n
+    texts = render_prompts(tokenizer, prompts)
+    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # generation continues from the right end
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:  # chat templates already hold their special tokens; plain strings get the tokenizer's own (e.g. BOS)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(prompts[0], str))
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    extra = {"tokenizer": tokenizer} if config.stop_strings else {}
+    with torch.inference_mode():
+        out = model.generate(**enc, generation_config=config, **extra)
+    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]
