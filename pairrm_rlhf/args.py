@@ -40,3 +40,35 @@ class PairRMArguments:
             self.pairrm, device=self.pairrm_device, dtype=self.pairrm_dtype, base_model=self.pairrm_base_model,
             template=self.pairrm_template, backend=self.pairrm_backend, max_tokens=self.pairrm_max_tokens,
         )
+
+
+def bundled_configs() -> dict[str, str]:
+    """Config files shipped with the package (`pairrm_rlhf/configs/*.yaml`), by name without the extension."""
+    from importlib import resources
+
+    folder = resources.files("pairrm_rlhf") / "configs"
+    return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")} if folder.is_dir() else {}
+
+
+def resolve_config(argv: list[str]) -> list[str]:
+    """`argv` with `--config NAME` replaced by the bundled config of that name when NAME is not a file.
+
+    A missing file is a one-line `FileNotFoundError` naming the flag and the known names.
+    """
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if value is None:
+                raise ValueError("--config needs a YAML file or a bundled config name")
+            from pathlib import Path
+
+            if not Path(value).expanduser().is_file():
+                known = bundled_configs()
+                if value not in known:
+                    raise FileNotFoundError(
+                        f"--config: file not found: {value} (bundled configs: {', '.join(sorted(known)) or 'none'})")
+                value = known[value]
+            argv[i : i + (1 if "=" in arg else 2)] = ["--config", value]
+            break
+    return argv

@@ -143,7 +143,9 @@ def example_logits(model: Any, examples: list[Example], batch_size: int | None =
 
     `orders="both"`: z = f(x,c,r) - f(x,r,c); `"single"`: f(x,c,r) with the chosen response in slot A.
     """
-    from .core.formats import CONVERSATION_INSTRUCTION, conversation_triples, render, render_conversations
+    from .core.formats import (
+        CONVERSATION_INSTRUCTION, conversation_triples, pairrm_candidate, pairrm_source, render, render_conversations,
+    )
     from .pairrm import PairRM
 
     triples, owner = [], []
@@ -153,8 +155,8 @@ def example_logits(model: Any, examples: list[Example], batch_size: int | None =
                 conv_c, conv_r = ex.conversations
                 if model.template == "pairrm":
                     inputs, cands_c, cands_r = render_conversations([conv_c], [conv_r])
-                    new = [(PairRM._source(inputs[0], CONVERSATION_INSTRUCTION), PairRM._candidate(cands_c[0]),
-                            PairRM._candidate(cands_r[0]))]
+                    new = [(pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), pairrm_candidate(cands_c[0]),
+                            pairrm_candidate(cands_r[0]))]
                 else:
                     new = conversation_triples([conv_c], [conv_r])
             else:

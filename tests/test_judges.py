@@ -8,7 +8,7 @@ from pairrm_rlhf import PairRM, PairRMJudge
 from pairrm_rlhf.core import aggregation
 from pairrm_rlhf.core.formats import render
 from pairrm_rlhf.trl.judge import BasePairwiseJudge
-from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION, render_conversations
+from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION, pairrm_source, render_conversations
 
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Say hi"]
@@ -96,7 +96,7 @@ def test_multi_turn_and_system_message(judge, hf_model):
     )
     # the new completion is the last <Response k>; history answers are the same in both candidates
     inputs, cands_a, _ = render_conversations([history + [assistant(a)]], [history + [assistant(b)]])
-    assert render(history, [assistant(a)]) == (PairRM._source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
+    assert render(history, [assistant(a)]) == (pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
     assert render(history, a)[1].endswith(f"<Response 2>: {a}")
     # system content goes in front of the first user turn; the instruction sentence is unchanged
     system = {"role": "system", "content": "You are terse."}
@@ -154,5 +154,5 @@ def test_construction_is_lazy(monkeypatch, tmp_path):
 
 
 def test_loaded_model_rejects_load_options(hf_model):
-    with pytest.raises(ValueError, match="device, dtype and base_model"):
+    with pytest.raises(ValueError, match="loading options"):
         PairRMJudge(hf_model, device="cpu")

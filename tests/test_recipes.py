@@ -395,7 +395,7 @@ def test_ppo_two_processes(tmp_path):
     script = tmp_path / "ppo_2proc.py"
     script.write_text(textwrap.dedent(PPO_SCRIPT.format(recipes=str(RECIPES))))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]))
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "out")]

@@ -218,7 +218,7 @@ def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
     script = tmp_path / "grpo_2proc.py"
     script.write_text(textwrap.dedent(SCRIPT))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ["PYTHONPATH"]]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -249,7 +249,7 @@ def test_trl_cli_with_env_configured_rewards(tmp_path):
     rows = [{"prompt": q, "reference": r} for q, r in zip(QUESTIONS, REFERENCES)]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PAIRRM_MODEL=bundled("pairrm"),
-               PAIRRM_DEVICE="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PAIRRM_DEVICE="cpu", PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ["PYTHONPATH"]]))
     cmd = [str(trl_cli), "grpo", "--model_name_or_path", policy_dir, "--dataset_name", str(tmp_path / "data"),
            "--reward_funcs", "pairrm_rlhf.trl.rewards.pairrm_reference_reward", "pairrm_rlhf.trl.rewards.pairrm_group_reward",
            "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",

@@ -45,6 +45,9 @@ class TemplatedScorer:
     def truncation_rate(self, triples: Sequence[Triple]) -> float:
         return self.inner.truncation_rate(self.convert(triples))
 
+    def identity(self) -> dict:
+        return {**self.inner.identity(), "template": self.template}
+
     def build(self, triples: Sequence[Triple]) -> list:
         return self.inner.build(self.convert(triples))
 

@@ -40,7 +40,7 @@ class RemotePairRM(PairRM):
     local model, with the same numbers."""
 
     def __init__(self, client: "PairRMClient"):
-        super().__init__(scorer=None, kind="remote")  # type: ignore[arg-type]
+        super().__init__(backend=None, kind="remote")  # type: ignore[arg-type]
         self.client = client
 
     @property

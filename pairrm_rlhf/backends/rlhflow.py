@@ -5,6 +5,7 @@ A causal LM asked "A or B?" for one ordered pair; the prompt format lives in `co
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.backend import Triple
-from ..core.engine import plan_batches
+from ..core.engine import plan_batches, state_digest
 from ..core.formats import RLHFLOW_PROMPT, response_text, rlhflow_context
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class RLHFlowScorer:
         self.max_length = max_length
         self.max_tokens = max_tokens or (65536 if device.type == "cuda" else 8192)
         self.swap_average = swap_average
+        self._identity: dict | None = None
         self.token_a, self.token_b = self._choice_token("A"), self._choice_token("B")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
@@ -101,6 +103,18 @@ class RLHFlowScorer:
         if len(ids) > self.max_length:
             logger.warning("responses alone take %d > max_length=%d tokens; scoring them uncut", len(ids), self.max_length)
         return ids, True
+
+    def identity(self) -> dict:
+        """What changes this judge's numbers: weights digest, dtype, tokenizer and chat template, limits."""
+        if self._identity is None:
+            self._identity = {
+                "backend": "rlhflow", "weights": state_digest(self.model),
+                "tokenizer": hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+                if hasattr(self.tokenizer, "backend_tokenizer") else type(self.tokenizer).__name__,
+                "chat_template": hashlib.sha256(str(self.tokenizer.chat_template).encode()).hexdigest()[:16],
+            }
+        return {**self._identity, "dtype": str(self.dtype).removeprefix("torch."), "max_length": self.max_length,
+                "swap_average": self.swap_average}
 
     def truncation_rate(self, triples: Sequence[Triple]) -> float:
         if not triples:

@@ -10,6 +10,8 @@ out-of-memory error splits the batch and retries it; nothing is lost.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -51,6 +53,16 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, batch_size: int | None
     return batches
 
 
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) of every parameter and buffer of `model`: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 class PairScorer:
     """Batched single-order scoring of ordered pairs with one `PairRMModel`.
 
@@ -78,6 +90,18 @@ class PairScorer:
         self.device = device
         self.dtype = dtype
         self.max_tokens = max_tokens or default_max_tokens(device)
+        self._identity: dict | None = None
+
+    def identity(self) -> dict:
+        """What changes this scorer's numbers: a digest of every weight, the dtype, the layout and the tokenizer."""
+        if self._identity is None:
+            self._identity = {
+                "backend": "pairrm-encoder",
+                "weights": state_digest(self.model),
+                "tokenizer": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16],
+                "layout": dataclasses.asdict(self.layout),
+            }
+        return {**self._identity, "dtype": str(self.dtype).removeprefix("torch.")}
 
     # ---- tokenization -------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, list[int]]:
