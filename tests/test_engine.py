@@ -5,10 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from transformers import DebertaV2Config
-
-import pairrm_rlhf.core.modeling as modeling
-from pairrm_rlhf.core.modeling import PairRMModel
 
 
 def _one_at_a_time(model, triples):
@@ -19,31 +15,6 @@ def _one_at_a_time(model, triples):
 def _texts(rng, n, low, high):
     words = ["alpha", "beta", "gamma", "delta", "return", "value", "the", "of", "module", "file", "path"]
     return [" ".join(rng.choice(words, size=int(rng.integers(low, high)))) for _ in range(n)]
-
-
-def test_fast_encoder_equals_transformers_encoder():
-    """Our inference attention reproduces transformers' DeBERTa-v2 encoder, padding and log buckets included."""
-    config = DebertaV2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=512, type_vocab_size=0, relative_attention=True, max_relative_positions=-1,
-        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
-        position_biased_input=False, pad_token_id=0, initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    model = PairRMModel(config).eval()
-    lengths = [700, 300, 130, 12]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(5, 100, (n,))
-        mask[row, :n] = 1
-    with torch.inference_mode():
-        fast = model.encode(ids, mask)
-        embeddings = model.pretrained_model.embeddings(input_ids=ids, mask=mask)
-        stock = model.pretrained_model.encoder(embeddings, mask, output_hidden_states=False).last_hidden_state
-    real = mask.bool()
-    assert modeling.supports_fast_encoder(config)
-    torch.testing.assert_close(fast[real], stock[real], atol=1e-4, rtol=1e-4)
 
 
 def test_engine_equals_one_pair_at_a_time(hf_model, golden):
