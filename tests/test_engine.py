@@ -1,10 +1,14 @@
 """The engine: same numbers as one pair at a time, whatever the batching; dedupe, budget, OOM back-off."""
 
+import copy
 import logging
+import math
 
 import numpy as np
 import pytest
 import torch
+
+from pairrm_rlhf.core.engine import PairScorer
 
 
 def _one_at_a_time(model, triples):
@@ -107,3 +111,39 @@ def test_non_finite_half_precision_is_recomputed_in_float32(hf_model, monkeypatc
     monkeypatch.setattr(hf_model.backend, "_run", lambda pairs, dtype: np.full(len(pairs), np.nan, dtype=np.float32))
     with pytest.raises(FloatingPointError, match="non-finite"):
         hf_model.backend.score([("q", "c", "d")])
+
+
+def test_texts_with_identical_ids_are_one_input(hf_model, monkeypatch):
+    """Texts that differ but tokenize alike (a double space, a zero-width space: the normalizer removes both) are one
+    model input: one forward, and a two-order logit of exactly 0 even when the two orders would land in different
+    batches (here batch_size=3 puts f(x,A,B) next to a long pair and f(x,B,A) alone)."""
+    scorer = hf_model.backend
+    a, b = "the answer is forty two", "the answer is  forty\u200btwo"
+    assert scorer.tokenize([a])[a] == scorer.tokenize([b])[b]
+    long_answer = " ".join(["delta"] * 300)
+    rows = []
+    original = scorer._forward
+    monkeypatch.setattr(scorer, "_forward", lambda pairs: rows.append(len(pairs)) or original(pairs))
+    logits = hf_model.compare(["q", "q"], [long_answer, a], [a, b], return_logits=True, batch_size=3)
+    assert logits[1] == 0.0 and logits[0] != 0.0
+    assert sum(rows) == 3  # (q, long, a), (q, a, long) and one input for both orders of (a, b)
+    pairs, slot = scorer.distinct_inputs([("q", a, b), ("q", b, a), ("q", a, a), ("q", b, "x")])
+    assert slot == [0, 0, 0, 1] and len(pairs) == 2
+
+
+def test_identity_changes_with_only_encoder_weights_or_only_dtype(hf_model):
+    """One ulp in one encoder weight, or the compute dtype alone, gives another identity; the rest stays equal."""
+    scorer = hf_model.backend
+    base = scorer.identity()
+    model = copy.deepcopy(scorer.model)
+    other = PairScorer(model, scorer.tokenizer, scorer.layout, device=scorer.device)
+    assert other.identity() == base
+    weight = model.pretrained_model.encoder.layer[0].attention.self.query_proj.weight
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(math.inf))  # in place, after a first identity()
+    changed = other.identity()
+    assert changed["weights"] != base["weights"]
+    assert {k: v for k, v in changed.items() if k != "weights"} == {k: v for k, v in base.items() if k != "weights"}
+    half = PairScorer(scorer.model, scorer.tokenizer, scorer.layout, device=scorer.device, dtype=torch.bfloat16).identity()
+    assert half["dtype"] == "bfloat16" and base["dtype"] == "float32"
+    assert {k: v for k, v in half.items() if k != "dtype"} == {k: v for k, v in base.items() if k != "dtype"}
