@@ -95,8 +95,8 @@ def test_padding_does_not_change_real_tokens():
 def test_fast_encoder_float32_error_within_stock_float32_error():
     """The issue's long, deep case: 6 layers, hidden 384, init range 0.2, ~600 tokens (row 0 unpadded, row 1 padded).
 
-    This encoder is ill-conditioned: the stock encoder's own float32 result is ~3e-3 off its float64 result.
-    The fast path in float32 must be no worse than twice that (measured: 1.1x).
+    This encoder is ill-conditioned: the stock encoder's own float32 result is 5.4e-3 off its float64 result.
+    The fast path in float32 must be no worse than twice that (measured: 4.1e-3, 0.76x).
     """
     torch.manual_seed(0)
     model = PairRMModel(v3_config(hidden=384, layers=6, heads=6, init=0.2))
