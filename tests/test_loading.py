@@ -68,6 +68,7 @@ def refused(directory: Path, file: str, field: str, **kwargs) -> None:
         ("cand1_prefix_id", 1.5),
         ("cand2_prefix_id", True),
         ("n_tasks", 2),
+        ("pairrm_template", "vicuna"),
     ],
 )
 def test_bad_config_field(tmp_path, field, value):

@@ -105,7 +105,7 @@ ENCODER_FIELDS: dict[str, tuple[type, float | None, float | None]] = {
     "norm_rel_ebd": (str, None, None),
     "hidden_act": (str, None, None),
 }
-PAIRRM_FIELDS = {"n_tasks": (int, 1, 1), "drop_out": (float, 0, 1), "pairrm_template": (str, None, None)}
+PAIRRM_FIELDS = {"n_tasks": (int, 1, None), "drop_out": (float, 0, 1), "pairrm_template": (str, None, None)}
 RANKER_FIELDS = {**PAIRRM_FIELDS, "ranker_type": (str, None, None), "model_name": (str, None, None),
                  "source_maxlength": (int, 1, None), "candidate_maxlength": (int, 1, None)}
 PREFIX_ID_FIELDS = ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id", "cand_prefix_id")
@@ -140,7 +140,9 @@ def check_encoder_config(path: Path, config: dict) -> None:
     """Types and ranges of a DeBERTa-v2/v3 config's fields, so building the encoder cannot fail (or mis-build)."""
     for name, (kind, low, high) in ENCODER_FIELDS.items():
         check_field(path, config, name, kind, low, high)
-    hidden, heads = config.get("hidden_size", 1536), config.get("num_attention_heads", 24)
+    defaults = DebertaV2Config()
+    hidden = config.get("hidden_size", defaults.hidden_size)
+    heads = config.get("num_attention_heads", defaults.num_attention_heads)
     if hidden % heads:
         raise ValueError(f"{path}: field 'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads})")
     if config.get("pad_token_id") is not None:
@@ -258,9 +260,10 @@ def load_checkpoint(
             f"config (field 'ranker_type'); its fields are {sorted(config)[:10]}"
         )
     n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
+    origin = "" if template else f"{config_path}: field 'pairrm_template': " if config.get("pairrm_template") else ""
     template = template or detect_template(name_or_path, config)
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+        raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
     truncate_left, prefix_segment = TEMPLATES[template][2:]
     if template != "pairrm":
         source_max, candidate_max = TEMPLATES[template][:2]
