@@ -129,6 +129,8 @@ def test_texts_with_identical_ids_are_one_input(hf_model, monkeypatch):
     assert sum(rows) == 3  # (q, long, a), (q, a, long) and one input for both orders of (a, b)
     pairs, slot = scorer.distinct_inputs([("q", a, b), ("q", b, a), ("q", a, a), ("q", b, "x")])
     assert slot == [0, 0, 0, 1] and len(pairs) == 2
+    scores = hf_model.rank(["q"], [[a, long_answer, b, "x"]], return_scores=True, batch_size=3)[0]
+    assert scores[0] == scores[2]  # the same input everywhere: an exact tie, sharing a rank
 
 
 def test_identity_changes_with_only_encoder_weights_or_only_dtype(hf_model):
