@@ -61,6 +61,7 @@ def refused(directory: Path, file: str, field: str, **kwargs) -> None:
         ("layer_norm_eps", float("nan")),
         ("relative_attention", "yes"),
         ("pos_att_type", ["p2c", "c2c"]),
+        ("pos_att_type", [["p2c"]]),
         ("hidden_act", "no-such-activation"),
         ("pad_token_id", -1),
         ("source_prefix_id", -5),

@@ -74,7 +74,8 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: expected a mapping of tensor names to tensors")
     for key, tensor in state_dict.items():
         if not tensor.is_floating_point():
-            raise ValueError(f"{path}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}; weights must be floating-point")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(f"{path}: tensor {key!r} is {dtype}; weights must be floating-point")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
     return state_dict
@@ -112,7 +113,9 @@ PREFIX_ID_FIELDS = ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id", "c
 POSITION_TERMS = {"c2p", "p2c"}
 
 
-def check_field(path: Path, config: dict, name: str, kind: type, low: float | None = None, high: float | None = None) -> None:
+def check_field(
+    path: Path, config: dict, name: str, kind: type, low: float | None = None, high: float | None = None
+) -> None:
     """ValueError naming `path` and `name` unless `config[name]` (when present) is of `kind` within [low, high].
     `float` fields take any finite number; `int` fields refuse booleans and 1.5."""
     if name not in config:
@@ -151,11 +154,12 @@ def check_encoder_config(path: Path, config: dict) -> None:
     if isinstance(terms, str):
         terms = [t.strip() for t in terms.lower().split("|")]
     if terms is not None and not (isinstance(terms, list) and all(isinstance(t, str) and t in POSITION_TERMS for t in terms)):
-        raise ValueError(f"{path}: field 'pos_att_type' must be a list of {sorted(POSITION_TERMS)}, got {config['pos_att_type']!r:.60}")
+        got = config["pos_att_type"]
+        raise ValueError(f"{path}: field 'pos_att_type' must be a list of {sorted(POSITION_TERMS)}, got {got!r:.60}")
     from transformers.activations import ACT2FN
 
     if config.get("hidden_act", "gelu") not in ACT2FN:
-        raise ValueError(f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.60}")
+        raise ValueError(f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
 
 
 def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], model: PairRMModel) -> None:
@@ -290,13 +294,16 @@ def load_checkpoint(
         raise ValueError(f"{weights_path}: tensor {EMBEDDING_KEY!r} is missing or not 2-D; not a PairRM state dict")
     rows = embedding.shape[0]
     if base_vocab > rows:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows")
+        raise ValueError(
+            f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows"
+        )
     for token, key in zip(PREFIX_TOKENS, PREFIX_ID_FIELDS):
         if prefix_ids[token] >= rows:
-            where = f"{config_path}: field {key!r}" if kind == "hf" and key in config else f"{token} (after the {base_vocab}-token vocabulary)"
+            where = f"{config_path}: field {key!r}" if kind == "hf" and key in config else f"{token} (after the vocabulary)"
             raise ValueError(f"{where}: id {prefix_ids[token]} is outside the embedding ({weights_path}: {rows} rows)")
     if encoder_config.pad_token_id is not None and encoder_config.pad_token_id >= rows:
-        raise ValueError(f"{encoder_path}: field 'pad_token_id' ({encoder_config.pad_token_id}) is outside the embedding ({rows} rows)")
+        pad = encoder_config.pad_token_id
+        raise ValueError(f"{encoder_path}: field 'pad_token_id' ({pad}) is outside the embedding ({rows} rows)")
     encoder_config.vocab_size = rows  # the resized embedding, not the base's
     model = PairRMModel(encoder_config, n_tasks=n_tasks, dropout=dropout)
     check_shapes(weights_path, encoder_path, state_dict, model)
