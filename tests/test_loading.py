@@ -117,6 +117,8 @@ def test_shape_inconsistent_with_config_refused(tmp_path):
     directory = copy_checkpoint(tmp_path)
     edit_json(directory / "config.json", intermediate_size=96)  # the weights have 128
     refused(directory, "model.safetensors", "intermediate.dense")
+    edit_json(directory / "config.json", hidden_size=2**20, intermediate_size=2**20)  # 4 TiB if it were allocated
+    refused(directory, "model.safetensors", "implies (1048576")
     directory = copy_checkpoint(tmp_path, name="no-embedding")
     edit_weights(directory, lambda state: state.pop("pretrained_model.embeddings.word_embeddings.weight"))
     refused(directory, "model.safetensors", "word_embeddings")

@@ -162,14 +162,20 @@ def check_encoder_config(path: Path, config: dict) -> None:
         raise ValueError(f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
 
 
-def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], model: PairRMModel) -> None:
-    """Every tensor of `state_dict` has the shape the config gives that parameter in `model`."""
-    expected = model.state_dict()
+def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], config: DebertaV2Config) -> None:
+    """`state_dict` holds exactly PairRM's tensors, each of the shape `config` gives it. The expected shapes come
+    from a model built on the meta device: no memory, so a config with huge sizes fails here, not in an allocation."""
+    with torch.device("meta"):
+        expected = PairRMModel(config).state_dict()
     for key, tensor in state_dict.items():
         if key in expected and tensor.shape != expected[key].shape:
             raise ValueError(
                 f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but {config_path} implies {tuple(expected[key].shape)}"
             )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match PairRM (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 @dataclass
@@ -305,12 +311,9 @@ def load_checkpoint(
         pad = encoder_config.pad_token_id
         raise ValueError(f"{encoder_path}: field 'pad_token_id' ({pad}) is outside the embedding ({rows} rows)")
     encoder_config.vocab_size = rows  # the resized embedding, not the base's
+    check_shapes(weights_path, encoder_path, state_dict, encoder_config)
     model = PairRMModel(encoder_config, n_tasks=n_tasks, dropout=dropout)
-    check_shapes(weights_path, encoder_path, state_dict, model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: weights do not match PairRM (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_state_dict(state_dict)
     model.eval()
 
     def token_id(token: str) -> int:
