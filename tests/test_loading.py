@@ -54,6 +54,8 @@ def refused(directory: Path, file: str, field: str, **kwargs) -> None:
         ("num_attention_heads", 0),
         ("num_attention_heads", 3),  # 64 hidden is not a multiple of 3
         ("num_hidden_layers", -1),
+        ("num_hidden_layers", 10**6),  # refused before a million layers are built, even on the meta device
+        ("max_position_embeddings", 10**10),  # an 80 GB position-id buffer
         ("hidden_size", "64"),
         ("drop_out", "0.05"),
         ("drop_out", 1.5),

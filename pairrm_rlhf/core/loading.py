@@ -89,7 +89,7 @@ ENCODER_FIELDS: dict[str, tuple[type, float | None, float | None]] = {
     "num_hidden_layers": (int, 1, None),
     "num_attention_heads": (int, 1, None),
     "intermediate_size": (int, 1, None),
-    "max_position_embeddings": (int, 1, None),
+    "max_position_embeddings": (int, 1, 1 << 20),  # sizes a buffer that no weight's shape checks
     "type_vocab_size": (int, 0, None),
     "max_relative_positions": (int, None, None),
     "position_buckets": (int, None, None),
@@ -153,7 +153,8 @@ def check_encoder_config(path: Path, config: dict) -> None:
     terms = config.get("pos_att_type")
     if isinstance(terms, str):
         terms = [t.strip() for t in terms.lower().split("|")]
-    if terms is not None and not (isinstance(terms, list) and all(isinstance(t, str) and t in POSITION_TERMS for t in terms)):
+    known = isinstance(terms, list) and all(isinstance(t, str) and t in POSITION_TERMS for t in terms)
+    if terms is not None and not known:
         got = config["pos_att_type"]
         raise ValueError(f"{path}: field 'pos_att_type' must be a list of {sorted(POSITION_TERMS)}, got {got!r:.60}")
     from transformers.activations import ACT2FN
@@ -165,6 +166,11 @@ def check_encoder_config(path: Path, config: dict) -> None:
 def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], config: DebertaV2Config) -> None:
     """`state_dict` holds exactly PairRM's tensors, each of the shape `config` gives it. The expected shapes come
     from a model built on the meta device: no memory, so a config with huge sizes fails here, not in an allocation."""
+    layers = {key.split(".")[3] for key in state_dict if key.startswith("pretrained_model.encoder.layer.")}
+    if config.num_hidden_layers != len(layers):
+        raise ValueError(
+            f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} but {path} has {len(layers)} layers"
+        )
     with torch.device("meta"):
         expected = PairRMModel(config).state_dict()
     for key, tensor in state_dict.items():
