@@ -237,7 +237,21 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Read a PairRM checkpoint of either layout into a `Checkpoint`, validating it first (see the module docstring).
 
-    `template` (`pairrm` or `better-pairrm`) sets the input format and length budgets; default by `detect_template`.
+    Args:
+        name_or_path: a local checkpoint directory, `tiny` (the bundled one) or a hub id.
+        base_model: blender layout only: the base encoder's config and tokenizer (default: its `model_name`).
+        template: `pairrm` or `better-pairrm`: the input format and length budgets (default: `detect_template`).
+
+    Returns:
+        The model (CPU, float32, eval mode), text tokenizer, pair layout, layout kind and template.
+
+    Raises:
+        ValueError: a file that is not a valid PairRM checkpoint, naming the file and the field or tensor.
+        FileNotFoundError: no config.json (or no weights file).
+
+    Example:
+        >>> load_checkpoint("tiny").layout.cand1_prefix_id
+        3002
     """
     directory = resolve(name_or_path, ["*.json", "spm.model", "model.safetensors"])
     if not any((directory / name).is_file() for name in WEIGHT_FILES):  # older repos ship only a .bin
@@ -276,9 +290,10 @@ def load_checkpoint(
             f"config (field 'ranker_type'); its fields are {sorted(config)[:10]}"
         )
     n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
-    origin = "" if template else f"{config_path}: field 'pairrm_template': " if config.get("pairrm_template") else ""
+    from_config = template is None and bool(config.get("pairrm_template"))
     template = template or detect_template(name_or_path, config)
     if template not in TEMPLATES:
+        origin = f"{config_path}: field 'pairrm_template': " if from_config else ""
         raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
     truncate_left, prefix_segment = TEMPLATES[template][2:]
     if template != "pairrm":
