@@ -92,6 +92,7 @@ def test_padding_does_not_change_real_tokens():
     assert (batched[1, :300] - single[0]).abs().max().item() < 1e-9
 
 
+@pytest.mark.slow  # 5 s alone, 15 s on a loaded CI: four forwards of a 6-layer, 384-wide encoder over 600 tokens
 def test_fast_encoder_float32_error_within_stock_float32_error():
     """The issue's long, deep case: 6 layers, hidden 384, init range 0.2, ~600 tokens (row 0 unpadded, row 1 padded).
 
