@@ -5,9 +5,11 @@ is the fixed instruction sentence followed by `USER: {u}\\nAssistant: <Response 
 `<Response k>: {a}` lines. Literal `[SEP]` becomes a space. System messages are folded into the next user turn
 as `{system}\\n\\n{user}` so that the instruction sentence stays exactly the trained one.
 
-Rendered strings are `Rendered`: equal to PairRM's text (so the PairRM engine sees exactly that), and carrying the
-prompt's messages or the bare response, from which the other judges (Better-PairRM, RLHFlow) render their own
-formats here too.
+Rendered strings are `Rendered`: PairRM's text (so the PairRM engine sees exactly that), also carrying the prompt's
+messages or the bare response, from which the other judges render their own formats here too: Better-PairRM as
+reward-bench's `betterpairrm.py` does (`better_pairrm_source`), RLHFlow's context through transformers' chat-template
+renderer with RLHFlow's plain template (`rlhflow_context`). Two `Rendered` strings are equal only when their text
+and their origin are.
 """
 
 from __future__ import annotations
