@@ -400,7 +400,15 @@ class PairRM:
           (llm-blender draws one order per batch from the global torch RNG).
         - `"full"`: our deterministic full ranking (all n(n-1) ordered pairs, `rank`'s round-robin scores); ties
           keep the candidates' order. `return_all` is the full ranking, best first.
-        With one candidate per input nothing is scored. `batch_size` goes to the scorer.
+        With one candidate per input nothing is scored.
+
+        Args:
+            inputs, candidates, instructions: as in `rank` (the same number of candidates per input).
+            pairrm_cmp_type: `"bubble"` or `"full"` (above). return_all: return every candidate, best first.
+            batch_size: pairs per scorer batch (default: its token budget). seed: the bubble order's seed.
+
+        Returns:
+            One string per input, or with `return_all` one list of all its candidates per input.
 
         Example:
             >>> pairrm.get_best_of_n(["Say hi"], [["hi!", "go away", "hello"]], pairrm_cmp_type="full")
@@ -490,6 +498,16 @@ class PairRM:
         `top_k=50` in top-p mode: pass `top_k=50` for that), and `max_new_tokens` defaults to 256 (llm-blender:
         the tokenizer's `model_max_length` as total length). Prompts are generated `batch_size` at a time; seed
         the sampling with `torch.manual_seed`.
+
+        Args:
+            model, model_tokenizer: a transformers causal LM and its tokenizer.
+            inputs, instructions: prompts and optional per-prompt instructions. n: responses per prompt.
+
+        Returns:
+            `n` decoded responses (special tokens skipped) per input.
+
+        Example:
+            >>> pairrm.n_generate(policy, tokenizer, ["Tell me a joke."], n=4, max_new_tokens=64)
         """
         inputs = check_texts("inputs", inputs)
         if instructions is not None:
@@ -537,6 +555,9 @@ class PairRM:
         llm-blender. `pairrm_cmp_type="bubble"` (default, seeded by `seed`) or `"full"` (deterministic full
         ranking); `return_all` gives every response, best first. `batch_size` is the generation batch (the
         scorer packs its own batches).
+
+        Returns:
+            The best response per input, or with `return_all` all `n` responses per input, best first.
 
         Example:
             >>> pairrm.best_of_n_generate(policy, tokenizer, ["Tell me a joke."], n=4, max_new_tokens=64)

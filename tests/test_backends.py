@@ -1,5 +1,6 @@
 """Backends under `PairRM`: the contract, Better-PairRM's format and layout, RLHFlow's causal-LM judge."""
 
+import json
 import os
 import shutil
 
@@ -116,6 +117,18 @@ def test_better_pairrm_ids_equal_reward_bench(better, case):
         assert better.backend.truncation_rate([(source, a, b)]) == 1.0
     if case in ("plain", "system"):
         assert better.backend.truncation_rate([(source, a, b)]) == 0.0
+
+
+def test_better_pairrm_reads_clean_up_spaces_from_the_tokenizer_config(better, tmp_path):
+    directory = tmp_path / "tiny-Better-PairRM"
+    shutil.copytree(bundled("pairrm"), directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    cleaned = PairRM.from_pretrained(directory, device="cpu")
+    assert better.backend.clean_up_spaces is False and cleaned.backend.clean_up_spaces is True
+    assert cleaned.backend.identity() != better.backend.identity()
+    assert better.backend.candidate_text("It is 4 , right .") == "It is 4 , right ."
+    assert cleaned.backend.candidate_text("It is 4 , right .") == "It is 4, right."
 
 
 def test_better_pairrm_compares_each_sides_own_history(better):
