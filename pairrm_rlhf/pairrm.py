@@ -248,18 +248,24 @@ class PairRM:
         A backend with its own reference probability (RLHFlow: temperature applied to each order's logits, then
         the two orders' probabilities averaged) computes it itself (`backend.swap_probability`).
         """
-        own = getattr(self.backend, "swap_probability", None)
-        if own is None:
-            logits = self.compare(inputs, candidates_A, candidates_B, instructions, batch_size, return_logits=True)
-            return aggregation.probability(logits, temperature)
-        aggregation.probability(np.zeros(0), temperature)  # validates the temperature
         inputs = check_texts("inputs", inputs)
         candidates_A = check_texts("candidates_A", candidates_A)
         candidates_B = check_texts("candidates_B", candidates_B)
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
         triples = [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
-        return own(triples, temperature, batch_size=batch_size).astype(np.float32)
+        return self.triple_probability(triples, temperature, batch_size=batch_size)
+
+    def triple_probability(
+        self, triples: Sequence[Triple], temperature: float = 1.0, *, batch_size: int | None = None
+    ) -> np.ndarray:
+        """`probability` for prepared (source, A, B) triples: the backend's own reference probability when it has
+        one (`swap_probability`; RLHFlow: per-order temperature, then the average), else sigmoid(z / (2 T))."""
+        aggregation.probability(np.zeros(0), temperature)  # validates the temperature
+        own = getattr(self.backend, "swap_probability", None)
+        if own is not None:
+            return own(triples, temperature, batch_size=batch_size).astype(np.float32)
+        return aggregation.probability(self.two_order_logits(triples, batch_size=batch_size), temperature)
 
     def rank(
         self,
