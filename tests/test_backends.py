@@ -234,6 +234,15 @@ def test_rlhflow_prompt_format(rlhflow):
     assert len(scorer.tokenizer.encode("A", add_special_tokens=False)) == 1
 
 
+def test_rlhflow_warns_when_the_template_needs_the_generation_prompt(tmp_path, caplog):
+    """The reference calls apply_chat_template without add_generation_prompt; a template that adds the assistant
+    header only on request (like the tiny policy's) is loaded with a warning saying so."""
+    path = save_tiny_policy(tmp_path / "tiny-llama", arch="llama")
+    with caplog.at_level("WARNING", logger="pairrm_rlhf.backends.rlhflow"):
+        PairRM.from_pretrained(path, backend="rlhflow", device="cpu")
+    assert "add_generation_prompt" in caplog.text
+
+
 def test_rlhflow_strips_bos_text(rlhflow):
     scorer = rlhflow.backend
     template = scorer.tokenizer.chat_template
