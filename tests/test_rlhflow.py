@@ -12,8 +12,7 @@ import torch
 
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.backends.rlhflow import RLHFlowScorer
-from pairrm_rlhf.core.formats import rlhflow_context
-from pairrm_rlhf.core.formats import render
+from pairrm_rlhf.core.formats import render, rlhflow_context
 
 LLAMA3 = Path(__file__).parent / "fixtures" / "llama3"
 # RLHFlow's "plain" template exactly as the reference defines it (pair-pm/README.md), for the re-enactment below.
