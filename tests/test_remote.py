@@ -253,3 +253,29 @@ def test_grpo_smoke_with_remote_reward(server, hf_model, tmp_path):
     local = PairwiseReward(hf_model)
     for prompts, completions, references, rewards in calls:
         np.testing.assert_allclose(rewards, local(prompts, completions, reference=references), atol=1e-5)
+
+
+def test_without_the_serve_extra_the_import_error_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = """
+import importlib, sys
+for blocked, module in [("httpx2", "pairrm_rlhf.backends.remote"), ("starlette", "pairrm_rlhf.serve"),
+                        ("uvicorn", "pairrm_rlhf.serve")]:
+    saved = sys.modules.pop(blocked, None)
+    sys.modules[blocked] = None
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        print(blocked, "|", error)
+    else:
+        print(blocked, "| imported")
+    sys.modules.pop(blocked)
+    if saved is not None:
+        sys.modules[blocked] = saved
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 3
+    for line, blocked in zip(out, ["httpx2", "starlette", "uvicorn"]):
+        assert line.startswith(blocked) and f"({blocked} is missing): pip install 'pairrm-rlhf[serve]'" in line, line
