@@ -95,6 +95,8 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # the identity hashes every weight once (seconds for a large model): before serving, not on the event loop
+        self.identity = await asyncio.get_running_loop().run_in_executor(None, self.model.backend.identity)
         self.queue.start()
         self.pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="pairrm-request")
         try:
@@ -146,7 +148,7 @@ class Service:
 
     def health(self) -> dict:
         pairs, tokens = self.queue.pending()
-        return {"status": "ok", "identity": self.model.backend.identity(), "template": self.model.template,
+        return {"status": "ok", "identity": self.identity, "template": self.model.template,
                 **self.queue.stats, "queued_pairs": pairs, "queued_tokens": tokens}
 
     # ---- async plumbing ----
