@@ -12,16 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import httpx2
 import numpy as np
 import pytest
-import torch
 
-from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward
+from pairrm_rlhf import PairRMJudge, PairwiseReward
 from pairrm_rlhf.backends.remote import RemoteBackend
 from pairrm_rlhf.serve import BackgroundServer, ServeArguments, make_parser
 from pairrm_rlhf.serve.openrlhf import QueryParser
