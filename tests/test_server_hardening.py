@@ -207,6 +207,17 @@ def test_slow_senders_do_not_take_compute_slots(guarded, hf_model):
             sock.close()
 
 
+def test_configuration_errors_are_found_before_loading_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--reference_file: file not found: .*nope.jsonl"):
+        ServeArguments(reference_file=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="--split_regex is not a valid regular expression"):
+        ServeArguments(split_regex="(?P<prompt>")
+    with pytest.raises(ValueError, match="--header_timeout_s must be a finite number > 0"):
+        ServeArguments(header_timeout_s=0)
+    with pytest.raises(ValueError, match="--max_request_tokens must be a positive integer"):
+        ServeArguments(max_request_tokens=0)
+
+
 def test_an_empty_token_is_a_configuration_error(monkeypatch):
     with pytest.raises(ValueError, match="--token is empty"):
         ServeArguments(token="")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 TOKEN_ENV = "PAIRRM_SERVER_TOKEN"
 OUTPUTS = ("probability", "logit")
@@ -78,6 +79,8 @@ class ServeArguments:
                 raise ValueError(f"--{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        if self.reference_file is not None and not Path(self.reference_file).expanduser().exists():
+            raise FileNotFoundError(f"--reference_file: file not found: {self.reference_file}")
         if self.separator == "":
             raise ValueError("--separator must not be empty")
         if self.split_regex is not None:
