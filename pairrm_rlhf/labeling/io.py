@@ -3,6 +3,7 @@ and the margin histogram written next to them, and the push to the Hub (private 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -63,7 +64,8 @@ def companion_path(output_path: str, suffix: str) -> Path:
 def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) -> str:
     """Write `dataset` atomically as `save_to_disk`, `jsonl` or `parquet` (default: by file extension).
 
-    Temporary files of an earlier interrupted write (`<path>.tmp-<pid>`) are removed first.
+    Temporary files of an earlier interrupted write (`<path>.tmp-<pid>`) are removed first. JSONL floats are
+    written exactly (shortest round-trip repr).
 
     Returns:
         The format written.
@@ -83,8 +85,11 @@ def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) 
         dataset.save_to_disk(str(tmp))
         if target.exists():
             shutil.rmtree(target)
-    elif output_format == "jsonl":
-        dataset.to_json(str(tmp), lines=True, force_ascii=False)
+    elif output_format == "jsonl":  # our own writer: `to_json` (pandas) rounds floats to 10 digits
+        with open(tmp, "w", encoding="utf-8") as f:
+            for batch in dataset.iter(batch_size=1000):
+                for values in zip(*batch.values()):
+                    f.write(json.dumps(dict(zip(batch, values)), ensure_ascii=False) + "\n")
     else:
         dataset.to_parquet(str(tmp))
     os.replace(tmp, target)
