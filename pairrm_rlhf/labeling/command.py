@@ -30,7 +30,7 @@ from .io import (OUTPUT_FORMATS, companion_path, dataset_card, load_prompts, mar
                  push_with_card, save_dataset)
 from .labeler import PreferenceLabeler, _process_state, check_columns
 from .pairs import AGGREGATIONS, STRATEGIES
-from .store import ChunkStore
+from .store import remove_store
 
 logger = logging.getLogger(__name__)
 POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -168,7 +168,7 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
     if a.push_to_hub:
         push_with_card(result, a.push_to_hub, card, private=a.hub_private)
     if not a.keep_chunks:
-        ChunkStore(work_dir, {}).remove()
+        remove_store(work_dir)
     pushed = f"\nPushed to {a.push_to_hub} ({'private' if a.hub_private else 'public'})" if a.push_to_hub else ""
     print(
         f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "

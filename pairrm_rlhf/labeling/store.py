@@ -190,15 +190,18 @@ class ChunkStore:
             f"{_diff(old, self.identity)}; use another work_dir or overwrite=True (--overwrite) to discard it"
         )
 
-    def remove(self) -> None:
-        """Delete the chunk files and manifest, then the directory if nothing else is in it."""
-        for path in self.directory.glob("chunk-*.arrow"):
-            path.unlink()
-        self.manifest.unlink(missing_ok=True)
-        try:
-            self.directory.rmdir()
-        except OSError:
-            logger.warning("Left %s in place: it holds other files", self.directory)
+
+
+def remove_store(directory: str | os.PathLike) -> None:
+    """Delete a work directory's chunk files and manifest, then the directory if nothing else is in it."""
+    directory = Path(directory)
+    for path in directory.glob("chunk-*.arrow"):
+        path.unlink()
+    (directory / MANIFEST).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        logger.warning("Left %s in place: it holds other files", directory)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> str:
