@@ -64,7 +64,10 @@ def test_changed_encoder_weights_are_refused(hf_model, work):
 
 def test_changed_dtype_is_refused(work):
     bf16 = PairRM.from_pretrained(HF_CHECKPOINT, device="cpu", dtype="bfloat16")
-    with pytest.raises(ValueError, match="judge.dtype: 'float32' -> 'bfloat16'"):
+    with pytest.raises(ValueError, match="manifest.json has judge.dtype: 'float32' -> 'bfloat16';"):
+        resume(bf16, work)
+    (work / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"chunk-00000.arrow \(and 2 more chunk\(s\)\) has judge.dtype"):
         resume(bf16, work)
 
 

@@ -101,7 +101,7 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         raise ValueError(f"--probability_temperature: {a.probability_temperature} must be > 0")
     for flag, name in (("--dataset", a.dataset), ("--policy", a.policy), ("--pairrm", pairrm_args.pairrm),
                        ("--pairrm_base_model", pairrm_args.pairrm_base_model)):
-        if name is not None and name != assets.TINY:
+        if name is not None and name != assets.TINY and "://" not in name:  # a URL is a server, not a path
             assets.check_local(name, flag)
     output = Path(a.output_path)
     if (a.output_format or output_format_of(a.output_path)) == "save_to_disk" and output.exists() and not (

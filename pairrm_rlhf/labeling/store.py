@@ -191,7 +191,6 @@ class ChunkStore:
         )
 
 
-
 def remove_store(directory: str | os.PathLike) -> None:
     """Delete a work directory's chunk files and manifest, then the directory if nothing else is in it."""
     directory = Path(directory)
