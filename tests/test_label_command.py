@@ -97,6 +97,9 @@ def test_missing_output_path_and_an_unsafe_one(tmp_path, capsys, no_models):
     assert error == f"--output_path: {tmp_path / 'notes'} exists and is not a saved dataset; refusing to replace it"
     with pytest.raises(ValueError, match="--strategy: 'best'"):  # the API raises the same, also before loading
         run_label(LabelArguments(dataset="tiny", policy="tiny", strategy="best", output_path=str(tmp_path / "o")))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # a good configuration does reach the loading
+        run_label(LabelArguments(dataset="tiny", policy="tiny", output_path=str(tmp_path / "o")),
+                  PairRMArguments(pairrm="tiny"))
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.aggregation import bradley_terry_scores, copeland_scores, probability, round_robin_scores

@@ -32,7 +32,6 @@ from .labeler import PreferenceLabeler, _process_state, check_columns
 from .pairs import AGGREGATIONS, STRATEGIES
 from .store import remove_store
 
-logger = logging.getLogger(__name__)
 POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
