@@ -78,7 +78,10 @@ def check_row_against_pairrm(pairrm, row: dict) -> None:
         chosen, rejected = (row[key][0]["content"] for key in ("chosen", "rejected"))
     scores = pairrm.rank([source], [cands], instructions, return_scores=True)[0]
     np.testing.assert_allclose(row["all_rm_scores"], scores, atol=1e-5)
-    best, worst = int(np.argmax(scores)), int(np.argmin(scores))  # first of equal scores, as the labeler
+    # The chosen one is the first of equal best and the rejected one the last of equal worst (select_pairs'
+    # stable order); texts with identical token ids score exactly equal.
+    best = int(np.argmax(scores))
+    worst = len(scores) - 1 - int(np.argmin(scores[::-1]))
     assert chosen == responses[best] and rejected == responses[worst]
     assert row["score_chosen"] == pytest.approx(scores[best], abs=1e-5)
     assert row["score_rejected"] == pytest.approx(scores[worst], abs=1e-5)
