@@ -157,12 +157,24 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if any(getattr(h, "_pairrm_rlhf", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_not_printed_elsewhere)
     handler._pairrm_rlhf = True
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _not_printed_elsewhere(record: logging.LogRecord) -> bool:
