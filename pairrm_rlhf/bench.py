@@ -46,7 +46,14 @@ TASKS = {"rank4": 4, "rank8": 8, "rank_with_ref": 4}  # task -> candidates per p
 
 @dataclass
 class BenchArguments:
-    """Benchmark the pair-scoring engine against the reference schedule (pairs/s, speed-up, MFU)."""
+    """Benchmark the pair-scoring engine against the reference schedule (pairs/s, speed-up, MFU).
+
+    Args: one per field (each field's `help` says what it holds); every field is checked when the object is built.
+
+    Example:
+        >>> BenchArguments(shape="xsmall", prompts=2, tasks="rank4", device="cpu").task_list()
+        ['rank4']
+    """
 
     shape: str = field(default="xsmall", metadata={"help": "xsmall (12L/384H), base (12L/768H) or large (24L/1024H)"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (None: cuda if available)"})
@@ -82,7 +89,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     from trl import TrlParser
 
     if subparsers is not None:
-        return subparsers.add_parser("bench", help=BenchArguments.__doc__, dataclass_types=(BenchArguments,))
+        return subparsers.add_parser("bench", help=BenchArguments.__doc__.splitlines()[0], dataclass_types=(BenchArguments,))
     return TrlParser((BenchArguments,), prog=prog)
 
 

@@ -57,7 +57,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---- demo ----------------------------------------------------------------------------------------------------
 @dataclass
 class DemoArguments:
-    """Compare and rank a few example responses with a judge and print tables."""
+    """Compare and rank a few example responses with a judge and print tables.
+
+    Example:
+        >>> run_demo(DemoArguments(examples=1), PairRMArguments(pairrm="tiny", pairrm_device="cpu"))  # doctest: +SKIP
+    """
 
     examples: int = field(default=3, metadata={"help": "how many of the built-in examples to show (1-3)"})
 
@@ -78,7 +82,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     from trl import TrlParser
 
     dataclass_types = (DemoArguments, PairRMArguments)
-    parser = (subparsers.add_parser("demo", help=DemoArguments.__doc__, dataclass_types=dataclass_types)
+    parser = (subparsers.add_parser("demo", help=DemoArguments.__doc__.splitlines()[0], dataclass_types=dataclass_types)
               if subparsers is not None else TrlParser(dataclass_types, prog=prog))
     parser.set_defaults(pairrm="tiny")
     return parser
@@ -199,7 +203,17 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run `pairrm-rlhf <command> [flags]` (exit code 2 with one line on a configuration error)."""
+    """Run `pairrm-rlhf <command> [flags]`.
+
+    Args:
+        argv: the arguments after the program name (default: `sys.argv[1:]`).
+
+    Returns:
+        None; exits with code 2 and one line on stderr on a configuration error.
+
+    Example:
+        >>> main(["demo", "--pairrm_device", "cpu"])  # doctest: +SKIP
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         parser = _top_parser()

@@ -163,3 +163,15 @@ def test_progress_policy(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert progress_enabled(None, 2, logger)  # a terminal shows it
     assert not progress_enabled(None, 1, logger)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from pairrm_rlhf import bench
+    from pairrm_rlhf.core import progress
+    from pairrm_rlhf.evaluation import report, sections
+
+    for module in (progress, sections, report, bench):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted >= 1, module.__name__

@@ -24,7 +24,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalArguments:
-    """Agreement of a judge with human preference labels, per subset, with bootstrap intervals."""
+    """Agreement of a judge with human preference labels, per subset, with bootstrap intervals.
+
+    Args: one per field (each field's `help` says what it holds); every field is checked when the object is built.
+
+    Example:
+        >>> EvalArguments(data="labels.jsonl", ties="margin", tie_margin=0.5, bootstrap=0)  # doctest: +SKIP
+    """
 
     data: str = field(metadata={"help": "preference data: a save_to_disk folder (what `label` writes), a "
                                         ".jsonl/.json/.parquet file, or a hub dataset id"})
@@ -73,7 +79,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     dataclass_types = (EvalArguments, PairRMArguments)
     if subparsers is not None:
-        return subparsers.add_parser("eval", help=EvalArguments.__doc__, dataclass_types=dataclass_types)
+        return subparsers.add_parser("eval", help=EvalArguments.__doc__.splitlines()[0], dataclass_types=dataclass_types)
     return TrlParser(dataclass_types, prog=prog)
 
 
