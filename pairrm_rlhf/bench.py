@@ -315,3 +315,7 @@ def _name(dtype: torch.dtype) -> str:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+if __name__ == "__main__":
+    run_bench(*make_parser().parse_args_and_config())

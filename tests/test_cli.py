@@ -66,6 +66,7 @@ def test_help_shows_each_default_once(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--data", "missing.jsonl"], "--data: file not found: missing.jsonl"),
     (["eval", "--data", "./nope"], "--data: file not found: ./nope"),
+    (["eval", "--data", "nobody/nothing"], "--data: cannot load the hub dataset 'nobody/nothing': Couldn't reach 'nobody/nothing' on the Hub (OfflineModeIsEnabled)"),
     (["eval", "--data", "DATA", "--pairrm", "./nodir"], "--pairrm: file not found: ./nodir"),
     (["eval", "--data", "DATA", "--format", "csv"], "--format: must be one of auto, pairs, labelled, best_of_n, autoj, hhh, mtbench, got 'csv'"),
     (["eval", "--data", "DATA", "--prompt_column", "question"], "--prompt_column: no column 'question' in DATA (columns: chosen, prompt, rejected, subset)"),

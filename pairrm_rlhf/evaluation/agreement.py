@@ -78,7 +78,10 @@ def read_rows(source: str, split: str = "test", config_name: str | None = None) 
     check_local(source, "--data")
     from datasets import load_dataset
 
-    return list(load_dataset(source, config_name, split=split))
+    try:
+        return list(load_dataset(source, config_name, split=split))
+    except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline, no such dataset, no such split
+        raise ValueError(f"--data: cannot load the hub dataset {source!r}: {str(err).splitlines()[0]}") from err
 
 
 def map_columns(rows: list[dict], columns: dict[str, str], source: str = "data") -> list[dict]:

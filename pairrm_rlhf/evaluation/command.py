@@ -129,7 +129,7 @@ def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[Sub
     records = prediction_records(examples, logits, correct, eval_args.orders)
     paths = write_results(eval_args.output_dir, records, results, tables_md, summary)
     if eval_args.plots:
-        paths.update(write_plots(eval_args.output_dir, records, plotted, title))
+        paths.update(write_plots(eval_args.output_dir, records, plotted, f"{pairrm_args.pairrm} on {Path(eval_args.data).name}"))
     (Path(eval_args.output_dir) / "README.md").write_text(dataset_card(summary, tables_md))
     print("\nWrote " + ", ".join(str(p) for p in paths.values()))
     if eval_args.push_to_hub:
