@@ -124,12 +124,17 @@ def _cut(text: str, width: int) -> str:
 def load_command(name: str) -> tuple[argparse.ArgumentParser, Callable]:
     """The parser (named `pairrm-rlhf <name>` in its usage line) and run function of a subcommand."""
     module_name, run_name, _ = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-        parser, run = module.make_parser(), getattr(module, run_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
+    for candidate in (module_name, module_name.rsplit(".", 1)[0]):  # the command module, else its package
+        try:
+            module = importlib.import_module(candidate)
+        except ModuleNotFoundError as err:
+            if err.name != candidate:
+                raise
+            continue
+        if hasattr(module, "make_parser") and hasattr(module, run_name):
+            parser, run = module.make_parser(), getattr(module, run_name)
+            break
+    else:
         parser, run = _legacy_command(name)  # until labeling/serve ship their command modules
     parser.prog = f"pairrm-rlhf {name}"
     parser.formatter_class = HelpFormatter
