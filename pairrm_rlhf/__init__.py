@@ -7,9 +7,13 @@ the TRL adapters and the labeler (TRL, datasets) load on first access.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# A library only adds a NullHandler: the application (or `pairrm-rlhf`'s CLI) decides where logs go.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _EXPORTS = {
     "PairRM": "pairrm_rlhf.pairrm",

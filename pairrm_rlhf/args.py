@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from .core.assets import DEFAULT_MODEL
+from .core.assets import DEFAULT_MODEL, TINY, check_local
 from .pairrm import LazyPairRM, PairRM
 
 
@@ -20,11 +21,28 @@ class PairRMArguments:
         "help": "encoder checkpoints: pairrm or better-pairrm (default: from the name)"})
     pairrm_backend: str | None = field(default=None, metadata={"help": "pairrm or rlhflow (default: from the name)"})
     pairrm_device: str | None = field(default=None, metadata={
-        "help": "cpu, cuda, cuda:1 ... (default: this process's CUDA device if any, else cpu)"})
+        "help": "cpu, cuda, cuda:1 ... (None: this process's CUDA device if any, else cpu)"})
     pairrm_dtype: str | None = field(default=None, metadata={
-        "help": "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"})
-    pairrm_batch_size: int | None = field(default=None, metadata={"help": "most pairs in one forward (default: token budget)"})
-    pairrm_max_tokens: int | None = field(default=None, metadata={"help": "padded tokens per forward (default by device)"})
+        "help": "float32, bfloat16 or float16 (None: float32 on CPU, bfloat16 on CUDA)"})
+    pairrm_batch_size: int | None = field(default=None, metadata={"help": "most pairs in one forward (None: the token budget decides)"})
+    pairrm_max_tokens: int | None = field(default=None, metadata={"help": "padded tokens per forward (None: by device)"})
+
+    def __post_init__(self):
+        """Check every field now, before anything loads: one line naming the flag and the value."""
+        if self.pairrm != TINY:
+            check_local(str(self.pairrm), "--pairrm")
+        if self.pairrm_base_model:
+            check_local(str(self.pairrm_base_model), "--pairrm_base_model")
+        for name, allowed in (("pairrm_template", (None, "pairrm", "better-pairrm", "rlhflow")),
+                              ("pairrm_backend", (None, "pairrm", "rlhflow")),
+                              ("pairrm_dtype", (None, "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name}: must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
+        if self.pairrm_device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.pairrm_device):
+            raise ValueError(f"--pairrm_device: must be cpu, cuda, cuda:N or mps, got {self.pairrm_device!r}")
+        for name in ("pairrm_batch_size", "pairrm_max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
 
     def load(self, device: str | None = None) -> PairRM:
         """The judge, loaded now (`device` overrides `pairrm_device`)."""

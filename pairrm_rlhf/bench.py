@@ -8,22 +8,27 @@ their outputs must agree (to 1e-4 in fp32). Speed is reported as ratios measured
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
 import random
+import re
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import DebertaV2Config
 
 from .core.aggregation import round_robin_scores
 from .core.assets import bundled
 from .core.engine import PairScorer
 from .core.modeling import PairRMModel, select
+from .core.progress import progress_enabled
 from .core.tokenization import PairLayout, load_text_tokenizer
 from .pairrm import PairRM, resolve_dtype
 
@@ -36,18 +41,56 @@ SHAPES = {  # layers, hidden, heads
 }
 
 
+TASKS = {"rank4": 4, "rank8": 8, "rank_with_ref": 4}  # task -> candidates per prompt
+
+
 @dataclass
-class BenchConfig:
-    """Benchmark the pair-scoring engine against the reference schedule (pairs/s, speed-up, MFU)."""
+class BenchArguments:
+    """Benchmark the pair-scoring engine against the reference schedule (pairs/s, speed-up, MFU).
+
+    Args: one per field (each field's `help` says what it holds); every field is checked when the object is built.
+
+    Example:
+        >>> BenchArguments(shape="xsmall", prompts=2, tasks="rank4", device="cpu").task_list()
+        ['rank4']
+    """
 
     shape: str = field(default="xsmall", metadata={"help": "xsmall (12L/384H), base (12L/768H) or large (24L/1024H)"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "engine dtype: float32, bfloat16, float16 (default by device)"})
-    prompts: int | None = field(default=None, metadata={"help": "prompts in the workload (default 8 on CPU, 256 on GPU)"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (None: cuda if available)"})
+    dtype: str | None = field(default=None, metadata={"help": "engine dtype: float32, bfloat16, float16 (None: by device)"})
+    prompts: int | None = field(default=None, metadata={"help": "prompts in the workload (None: 8 on CPU, 256 on GPU)"})
     tasks: str = field(default="rank4,rank8,rank_with_ref", metadata={"help": "comma list of rank4, rank8, rank_with_ref"})
     baseline_batch_size: int = field(default=4, metadata={"help": "prompts per baseline batch (llm-blender's default)"})
-    max_tokens: int | None = field(default=None, metadata={"help": "engine token budget per batch"})
+    max_tokens: int | None = field(default=None, metadata={"help": "engine token budget per batch (None: by device)"})
     seed: int = field(default=0, metadata={"help": "workload and weight seed"})
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        unknown = [t for t in self.task_list() if t not in TASKS]
+        if unknown or not self.task_list():
+            raise ValueError(f"--tasks: must be a comma list of {', '.join(TASKS)}, got {self.tasks!r}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device: must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device: {self.device} asked for but no CUDA device is available")
+        if self.dtype is not None:
+            resolve_dtype(self.dtype, torch.device("cpu"))  # ValueError naming the accepted names
+        for name in ("prompts", "baseline_batch_size", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    """The `bench` parser in TRL's script style: (BenchArguments,)."""
+    from trl import TrlParser
+
+    if subparsers is not None:
+        return subparsers.add_parser("bench", help=BenchArguments.__doc__.splitlines()[0], dataclass_types=(BenchArguments,))
+    return TrlParser((BenchArguments,), prog=prog)
 
 
 # ---- workload ------------------------------------------------------------------------------------
@@ -189,13 +232,25 @@ def _timed(fn, device: torch.device):
     return out, elapsed, peak
 
 
-def run_bench(config: BenchConfig) -> dict:
-    """Run the benchmark, print a table and return the measured rows."""
+def run_bench(config: BenchArguments, show_progress_bar: bool | None = None) -> dict:
+    """Run the benchmark, print a table and return the measured rows.
+
+    Args:
+        config: the workload, model shape and device.
+        show_progress_bar: a bar over the tasks (None: `core.progress.progress_enabled`).
+
+    Returns:
+        {"peak_tflops": measured matmul peak, "rows": one dict per task and implementation}.
+
+    Example:
+        >>> run_bench(BenchArguments(prompts=1, tasks="rank4", device="cpu"))["rows"][0]["impl"]  # doctest: +SKIP
+        'baseline'
+    """
     with torch.no_grad():
-        return _run_bench(config)
+        return _run_bench(config, show_progress_bar)
 
 
-def _run_bench(config: BenchConfig) -> dict:
+def _run_bench(config: BenchArguments, show_progress_bar: bool | None = None) -> dict:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(config.dtype, device)
     pairrm = build_random_pairrm(config.shape, device, dtype, config.max_tokens, config.seed)
@@ -213,10 +268,11 @@ def _run_bench(config: BenchConfig) -> dict:
     print(header)
     print("-" * len(header))
     rows = []
-    for task in [t.strip() for t in config.tasks.split(",") if t.strip()]:
-        n_candidates = {"rank4": 4, "rank8": 8, "rank_with_ref": 4}.get(task)
-        if n_candidates is None:
-            raise ValueError(f"unknown task {task!r}: use rank4, rank8 or rank_with_ref")
+    tasks = config.task_list()
+    bar = tqdm(total=len(tasks), unit="task", desc="bench", disable=not progress_enabled(show_progress_bar, len(tasks), logger))
+    for task in tasks:
+        bar.set_postfix_str(task)
+        n_candidates = TASKS[task]
         prompts, candidates = make_workload(pairrm.backend.tokenizer, n_prompts, n_candidates, config.seed)
         if task == "rank_with_ref":
             refs = [max(c, key=len) for c in candidates]
@@ -243,8 +299,11 @@ def _run_bench(config: BenchConfig) -> dict:
                 "speedup": base_time / seconds, "max_abs_diff": diff,
             }
             rows.append(row)
-            print(f"{task:14} {impl:9} {row['pairs']:6d} {seconds:8.2f} {row['pairs_per_s']:9.1f} {row['tokens_per_s']:10.0f} "
-                  f"{row['tflops']:8.3f} {row['mfu']:6.1%} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x {diff:10.2e}")
+            bar.write(f"{task:14} {impl:9} {row['pairs']:6d} {seconds:8.2f} {row['pairs_per_s']:9.1f} {row['tokens_per_s']:10.0f} "
+                      f"{row['tflops']:8.3f} {row['mfu']:6.1%} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x {diff:10.2e}",
+                      file=sys.stdout)
+        bar.update(1)
+    bar.close()
     print("\npairs = ordered pairs the task needs; tokens = their unpadded tokens; speed-up = baseline time / time; "
           "MFU = achieved / measured matmul peak; peak MiB = CUDA peak allocated (GPU) or process max RSS (CPU).")
     return {"peak_tflops": peak, "rows": rows}
@@ -256,3 +315,7 @@ def _name(dtype: torch.dtype) -> str:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+if __name__ == "__main__":
+    run_bench(*make_parser().parse_args_and_config())

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -40,3 +41,14 @@ def blender_model() -> PairRM:
 @pytest.fixture(scope="session", params=["hf", "blender"])
 def model(request, hf_model, blender_model) -> PairRM:
     return hf_model if request.param == "hf" else blender_model
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Tests that run the CLI in-process install its log handler and INFO level on the root logger: undo that."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)

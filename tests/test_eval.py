@@ -1,5 +1,10 @@
-"""`pairrm-rlhf eval`: loaders for the public formats, agreement, ties, best-of-4, bootstrap, the command."""
+"""`pairrm-rlhf eval`: loaders for the public formats and `label`'s outputs, agreement, ties, best-of-4, bootstrap,
+RewardBench v1 sections, Auto-J groups, predictions/tables/plots, the Hub push, and the command.
 
+A fake judge (the longer text wins) makes every expected number computable by hand.
+"""
+
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +12,14 @@ import pytest
 import torch
 
 from pairrm_rlhf import PairRM
+from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.cli import main
-from pairrm_rlhf.core.assets import bundled
-from pairrm_rlhf.evaluation import bootstrap_ci, detect_format, evaluate, load_examples, read_rows
+from pairrm_rlhf.evaluation import (
+    Example, autoj_groups, bootstrap_ci, correctness, detect_format, evaluate, load_examples, read_rows,
+    rewardbench_sections, summarize,
+)
+from pairrm_rlhf.evaluation.report import calibration_bins, example_probability
+from pairrm_rlhf.evaluation.sections import AUTOJ_GROUPS, REWARDBENCH_COUNTS, REWARDBENCH_SECTIONS, detect_scheme
 
 DATA = Path(__file__).parent / "fixtures" / "eval"
 
@@ -26,10 +36,28 @@ class LengthBackend:
         return 0.0
 
 
+@pytest.fixture
+def length_judge(monkeypatch):
+    """`PairRMArguments.load` returns the fake judge (the command path runs unchanged around it)."""
+    monkeypatch.setattr(PairRMArguments, "load", lambda self, device=None: PairRM(LengthBackend()))
+
+
 def table(results):
     return {r.name: (r.n, r.agreement, r.skipped) for r in results}
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pair(subset: str, right: bool, k: int = 0) -> dict:
+    """A RewardBench-style row the length judge gets right (chosen longer) or wrong."""
+    long, short = f"a long and detailed answer {k}", f"short {k}"
+    return {"subset": subset, "prompt": f"q{k}", "chosen": long if right else short, "rejected": short if right else long}
+
+
+# ---- formats -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, fmt", [
     ("rewardbench.jsonl", "pairs"), ("rewardbench2.jsonl", "best_of_n"), ("autoj_pairwise.jsonl", "autoj"),
     ("hhh_alignment.jsonl", "hhh"), ("mt_bench_human.jsonl", "mtbench"),
@@ -38,6 +66,43 @@ def test_formats_are_detected(name, fmt):
     assert detect_format(read_rows(str(DATA / name))[0]) == fmt
 
 
+def test_reads_every_format_label_writes(tmp_path):
+    """save_to_disk folder, jsonl and parquet (label's three outputs, conversational rows) give the same examples."""
+    from datasets import Dataset
+
+    rows = [{"prompt": [{"role": "user", "content": f"q{k}"}],
+             "chosen": [{"role": "assistant", "content": "a much longer answer" if k % 2 else "no"}],
+             "rejected": [{"role": "assistant", "content": "no" if k % 2 else "a much longer answer"}],
+             "margin": 1.0} for k in range(4)]
+    data = Dataset.from_list(rows)
+    data.save_to_disk(str(tmp_path / "disk"))
+    data.to_json(str(tmp_path / "labels.jsonl"), lines=True)
+    data.to_parquet(str(tmp_path / "labels.parquet"))
+    got = {}
+    for source in ("disk", "labels.jsonl", "labels.parquet"):
+        examples = load_examples(str(tmp_path / source))
+        got[source] = table(evaluate(PairRM(LengthBackend()), examples, bootstrap=0))["overall"]
+    assert got["disk"] == got["labels.jsonl"] == got["labels.parquet"] == (4, 0.5, 0)
+
+
+def test_column_mapping_and_its_errors(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "good": "a long answer", "bad": "no"}])
+    examples = load_examples(str(path), columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert (examples[0].prompt, examples[0].chosen, examples[0].rejected) == ("q", ["a long answer"], ["no"])
+    with pytest.raises(ValueError, match=r"^--prompt_column: no column 'prompt_text' in .*qa.jsonl \(columns: bad, good, question\)$"):
+        load_examples(str(path), columns={"prompt": "prompt_text"})
+
+
+def test_local_looking_paths_are_file_not_found_never_the_hub(tmp_path):
+    for name in ("missing.jsonl", "./nope", str(tmp_path / "x.parquet"), "~/nothing/here"):
+        with pytest.raises(FileNotFoundError, match=r"^--data: file not found: "):
+            read_rows(name)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="not a `save_to_disk` dataset"):
+        read_rows(str(tmp_path / "folder"))
+
+
+# ---- agreement -----------------------------------------------------------------------------------------------
 def test_pairs_per_subset_and_overall():
     got = table(evaluate(PairRM(LengthBackend()), load_examples(str(DATA / "rewardbench.jsonl")), bootstrap=100))
     assert got["alpacaeval-easy"] == (2, 1.0, 0) and got["xstest-should-refuse"] == (2, 0.0, 0)
@@ -79,14 +144,98 @@ def test_single_order_and_bootstrap():
     low, high = bootstrap_ci(np.array([1.0, 0.0, 1.0, 1.0]), n=500)
     assert 0.0 <= low <= 0.75 <= high <= 1.0
     assert bootstrap_ci(np.ones(5)) == (1.0, 1.0)
+    assert bootstrap_ci(np.ones(5), n=0) == (None, None)  # no interval, never [nan, nan]
+    no_ci = summarize([1.0, 0.0], [Example("p", ["a"], ["b"], "x"), Example("p", ["a"], ["b"], "y")], bootstrap=0)
+    assert all(r.low is None and r.high is None for r in no_ci)
 
 
-def test_eval_command(capsys, tmp_path):
-    out = tmp_path / "results.json"
-    main(["eval", "--data", str(DATA / "rewardbench.jsonl"), "--model", bundled("pairrm"), "--device", "cpu",
-          "--bootstrap", "50", "--output", str(out)])
+# ---- sections ------------------------------------------------------------------------------------------------
+def test_rewardbench_constants_are_reward_benchs():
+    """allenai/reward-bench rewardbench/constants.py at 05a9005: 23 subsets; math-prm weighted 984 (it has 447)."""
+    assert sum(REWARDBENCH_COUNTS.values()) == 3522 and REWARDBENCH_COUNTS["math-prm"] == 984
+    assert REWARDBENCH_COUNTS["xstest-should-refuse"] == 154 and REWARDBENCH_COUNTS["xstest-should-respond"] == 250
+    assert sorted(s for v in REWARDBENCH_SECTIONS.values() for s in v) == sorted(REWARDBENCH_COUNTS)
+    assert sum(len(v) for v in AUTOJ_GROUPS.values()) == 58
+
+
+def test_rewardbench_section_weighting_by_hand():
+    agreement = {"alpacaeval-easy": 0.5, "mt-bench-easy": 1.0, "xstest-should-refuse": 0.0, "xstest-should-respond": 1.0,
+                 "math-prm": 0.0, "hep-python": 1.0, "shp": 1.0, "anthropic_helpful": 0.0, "not-a-subset": 1.0}
+    got = rewardbench_sections(agreement)
+    chat, safety, reasoning = (0.5 * 100 + 28) / 128, 250 / 404, 164 / 1148
+    assert got["Chat"] == pytest.approx(chat) and got["Chat Hard"] is None
+    assert got["Safety"] == pytest.approx(safety) and got["Reasoning"] == pytest.approx(1 / 7)
+    assert got["Prior Sets"] == 0.5
+    assert got["Score"] == pytest.approx((2 * chat + 2 * safety + 2 * reasoning + 0.5) / 7)
+    no_prior = rewardbench_sections({"alpacaeval-easy": 1.0, "refusals-dangerous": 0.0})
+    assert no_prior["Prior Sets"] is None and no_prior["Score"] == pytest.approx(0.5)  # (2*1 + 2*0) / 4
+
+
+def test_autoj_groups_pool_their_scenarios():
+    subsets = ["code_generation", "code_generation", "code_simplification", "chitchat", "creative_writing", "chitchat"]
+    correct = [1.0, 0.0, 1.0, 1.0, 0.0, None]  # the last one a skipped tie
+    examples = [Example("p", ["a"], ["b"], s) for s in subsets]
+    got = table(autoj_groups(correct, examples, bootstrap=0))
+    assert got["Code"] == (3, pytest.approx(2 / 3), 0)  # pooled, not the mean of scenarios (0.75)
+    assert got["General Communication"] == (1, 1.0, 1) and got["Creative Writing"] == (1, 0.0, 0)
+    assert got["overall"] == (5, pytest.approx(3 / 5), 1)
+    assert detect_scheme(subsets) == "autoj" and detect_scheme(["alpacaeval-easy", "shp"]) == "rewardbench"
+    assert detect_scheme(["alpacaeval-easy", "chitchat"]) == "none"
+    with pytest.raises(ValueError, match="not Auto-J scenarios: cooking"):
+        autoj_groups([1.0], [Example("p", ["a"], ["b"], "cooking")], bootstrap=0)
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+def test_probability_and_calibration_bins_by_hand():
+    assert example_probability(np.array([0.0, 4.0])) == pytest.approx(0.5)  # the weakest pair, sigmoid(z / 2)
+    assert example_probability(np.array([2.0]), orders="single") == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert example_probability(None) is None
+    records = [{"p_chosen": p, "correct": c} for p, c in
+               [(0.05, 0.0), (0.95, 1.0), (0.91, 0.0), (1.0, 1.0), (0.55, 1.0), (0.6, None), (None, 1.0)]]
+    bins = calibration_bins(records, bins=10)
+    assert [(b["low"], b["n"]) for b in bins] == [(0.0, 1), (0.5, 1), (0.9, 3)]
+    assert bins[2]["predicted"] == pytest.approx((0.95 + 0.91 + 1.0) / 3) and bins[2]["observed"] == pytest.approx(2 / 3)
+
+
+def test_eval_command_writes_predictions_tables_plots_and_card(tmp_path, length_judge, capsys):
+    rows = [pair("alpacaeval-easy", True, 0), pair("alpacaeval-easy", False, 1), pair("mt-bench-easy", True, 2),
+            pair("hep-python", True, 3), pair("math-prm", False, 4)]
+    data = write_jsonl(tmp_path / "rb.jsonl", rows)
+    out = tmp_path / "out"
+    main(["eval", "--data", str(data), "--pairrm", "tiny", "--bootstrap", "0", "--output_dir", str(out)])
     printed = capsys.readouterr().out
-    assert "| Subset | N | Agreement | 95% CI |" in printed and "alpacaeval-easy" in printed and "**overall**" in printed
-    assert '"results"' in out.read_text()
-    with pytest.raises(ValueError, match="cannot tell the data format"):
-        detect_format({"x": 1})
+    assert "| Subset | N | Agreement | Skipped |" in printed and "CI" not in printed  # no interval without bootstrap
+    assert "| Chat | 60.94% |" in printed and "| Chat Hard | absent |" in printed  # (0.5*100 + 28) / 128
+    assert "| Reasoning | 14.29% |" in printed  # (0*984 + 164) / 1148
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["correct"] for p in predictions] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert predictions[0]["logits"] == [2.0 * (len(rows[0]["chosen"]) - len(rows[0]["rejected"]))]  # f(c,r) - f(r,c)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rewardbench_sections"]["Chat"] == pytest.approx(78 / 128) and saved["sections"] == "rewardbench"
+    assert (out / "results.md").read_text().startswith("### tiny")
+    assert (out / "README.md").read_text().startswith("---\ntags:")
+    for png in ("calibration.png", "subsets.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and str(out / png) in printed
+
+
+def test_eval_push_is_private_by_default(tmp_path, length_judge, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs))
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    data = write_jsonl(tmp_path / "rb.jsonl", [pair("alpacaeval-easy", True)])
+    main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(tmp_path / "o"), "--no_plots",
+          "--push_to_hub", "me/results"])
+    assert calls[0] == ("create", "me/results", {"repo_type": "dataset", "private": True, "exist_ok": True})
+    assert calls[1] == ("upload", "me/results", ["README.md", "predictions.jsonl", "results.json", "results.md"])

@@ -102,5 +102,22 @@ def test_import_is_cheap_and_the_scorer_needs_no_trl():
         "from pairrm_rlhf import PairRM\n"
         "heavy = sorted(m for m in ('trl', 'datasets', 'pyarrow', 'starlette', 'uvicorn') if m in sys.modules)\n"
         "assert not heavy, f'PairRM pulled in {heavy}'\n"
+        "import logging\n"  # the library only adds a NullHandler; where logs go is the application's choice
+        "handlers = logging.getLogger('pairrm_rlhf').handlers\n"
+        "assert [type(h) for h in handlers] == [logging.NullHandler], handlers\n"
+        "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_imports_its_subcommands_lazily():
+    """`cli.py` names the subcommand modules but imports none of them at module level (only `demo`'s own code)."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            top.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            top |= {a.name for a in node.names}
+    assert not {m for m in top if m.split(".")[0] in ("bench", "evaluation", "labeling", "serve", "trl", "datasets")}, top
+

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..core.backend import Triple
 from ..core.engine import plan_batches, state_digest
 from ..core.formats import RLHFLOW_PROMPT, response_text, rlhflow_context
+from ..core.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +186,7 @@ class RLHFlowScorer:
         """logit("A") - logit("B") of the next token for each ordered triple (one forward each, batched by length)."""
         prompts = [self.prompt_ids(t)[0] for t in triples]
         batches = plan_batches([len(p) for p in prompts], self.max_tokens, batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
+        show_progress_bar = progress_enabled(show_progress_bar, len(batches), logger)
         out = np.empty(len(prompts), dtype=np.float64)
         with tqdm(total=len(prompts), unit="prompt", desc="RLHFlow", disable=not show_progress_bar) as bar:
             for batch in batches:

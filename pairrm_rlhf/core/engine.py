@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .backend import Triple
 from .modeling import PairRMModel
 from .tokenization import PairLayout
+from .progress import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class PairScorer:
         """f(x, A, B) for each ordered triple, in the caller's order (float32 array).
 
         `batch_size` caps the rows of one forward (the token budget always applies). The progress bar
-        defaults to on for jobs of more than one batch when logging is at INFO or below.
+        defaults to `core.progress.progress_enabled` (more than one batch, and a terminal or INFO logging).
         """
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r:.40}")
@@ -147,8 +148,7 @@ class PairScorer:
             return np.zeros(0, dtype=np.float32)
         pairs, slot = self.distinct_inputs(triples)
         batches = plan_batches([len(ids) for ids, _ in pairs], self.max_tokens, batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
+        show_progress_bar = progress_enabled(show_progress_bar, len(batches), logger)
         results = np.empty(len(pairs), dtype=np.float32)
         # One autocast context around all batches: weights are cast to the compute dtype once per call.
         with self._autocast(self.dtype), tqdm(total=len(pairs), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:

@@ -1,4 +1,4 @@
-"""Judge evaluation: agreement of a pairwise judge with human (or benchmark) preference labels.
+"""Agreement of a pairwise judge with human (or benchmark) preference labels: reading, scoring, summarising.
 
 Each example has a prompt, one or more chosen responses and one or more rejected ones. The judge is right when every
 chosen response beats every rejected one (one pair for pairwise data; one chosen vs three rejected for
@@ -6,7 +6,8 @@ RewardBench-2-style best-of-4). Pairs are scored in both slot orders by default 
 z = f(x,c,r) - f(x,r,c)). Ties are skipped, or counted right when |z| <= `tie_margin` (`ties="margin"`).
 Agreement is reported per subset and overall, with percentile bootstrap confidence intervals.
 
-Loaders read local files (.jsonl, .json, .parquet) or hub datasets in these formats (detected from the columns):
+Loaders read what `pairrm-rlhf label` writes (a `save_to_disk` folder, .jsonl, .parquet), .json files, or hub
+datasets, in these formats (detected from the columns; `columns=` maps other names onto prompt/chosen/rejected):
 pairs (`prompt`/`chosen`/`rejected`, RewardBench's `subset`), labelled pairs (`response_a`/`response_b`/`label`),
 best-of-4 (RewardBench 2: `chosen`/`rejected` lists), Auto-J pairwise (`response 1`/`response 2`/`label`,
 `scenario`), HHH alignment (`input`/`targets`), MT-bench human judgements (`conversation_a`/`conversation_b`/`winner`).
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..core.assets import check_local
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +46,55 @@ class Example:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 def read_rows(source: str, split: str = "test", config_name: str | None = None) -> list[dict]:
-    """Rows of a local .jsonl/.json/.parquet file, or of a hub dataset split (`datasets.load_dataset`)."""
-    path = Path(source)
+    """Rows of a `save_to_disk` folder, a local .jsonl/.json/.parquet file, or a hub dataset split.
+
+    A name that looks like a local path (`./`, `/`, `~`, a file extension) and does not exist is a
+    FileNotFoundError, never a hub lookup.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            raise ValueError(f"--data: {source} is a folder but not a `save_to_disk` dataset (no state.json)")
+        from datasets import DatasetDict, load_from_disk
+
+        data = load_from_disk(str(path))
+        if isinstance(data, DatasetDict):
+            if split not in data:
+                raise ValueError(f"--split: {source} has no split {split!r} (splits: {', '.join(data)})")
+            data = data[split]
+        return data.to_list()
     if path.is_file():
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
+        if path.suffix not in (".jsonl", ".json"):
+            raise ValueError(f"--data: {source}: unsupported file type (use a save_to_disk folder, .jsonl, .json or .parquet)")
         text = path.read_text()
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
         return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-    if path.exists():
-        raise ValueError(f"{source}: unsupported file type (use .jsonl, .json or .parquet)")
+    check_local(source, "--data")
     from datasets import load_dataset
 
-    return list(load_dataset(source, config_name, split=split))
+    try:
+        return list(load_dataset(source, config_name, split=split))
+    except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline, no such dataset, no such split
+        raise ValueError(f"--data: cannot load the hub dataset {source!r}: {str(err).splitlines()[0]}") from err
+
+
+def map_columns(rows: list[dict], columns: dict[str, str], source: str = "data") -> list[dict]:
+    """Rows with the columns named in `columns` (standard name -> column in the data) renamed to the standard
+    names (`prompt`, `chosen`, `rejected`); a ValueError names the flag when a column is missing."""
+    columns = {std: col for std, col in columns.items() if col and col != std}
+    if not columns or not rows:
+        return rows
+    for std, col in columns.items():
+        if col not in rows[0]:
+            raise ValueError(f"--{std}_column: no column {col!r} in {source} (columns: {', '.join(sorted(rows[0]))})")
+    return [{**{k: v for k, v in row.items() if k not in columns.values()}, **{std: row[col] for std, col in columns.items()}}
+            for row in rows]
 
 
 def detect_format(row: dict) -> str:
@@ -75,7 +110,8 @@ def detect_format(row: dict) -> str:
             not isinstance(row["rejected"][0], dict)) else "pairs"
     if "response_a" in row and "response_b" in row and "label" in row:
         return "labelled"
-    raise ValueError(f"cannot tell the data format from the columns {sorted(row)}; pass --format")
+    raise ValueError(f"--format: cannot tell the data format from the columns {sorted(row)}; pass --format or the "
+                     "--prompt_column/--chosen_column/--rejected_column names")
 
 
 def _pair(prompt: Any, a: Any, b: Any, label: Any, subset: str) -> Example:
@@ -96,7 +132,7 @@ def to_examples(rows: list[dict], fmt: str = "auto", subset: str | None = None) 
         return []
     fmt = detect_format(rows[0]) if fmt == "auto" else fmt
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise ValueError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     default = subset or "all"
     out = []
     for i, row in enumerate(rows):
@@ -128,13 +164,28 @@ def to_examples(rows: list[dict], fmt: str = "auto", subset: str | None = None) 
 
 
 def load_examples(
-    source: str, fmt: str = "auto", split: str = "test", config_name: str | None = None, limit: int | None = None
+    source: str, fmt: str = "auto", split: str = "test", config_name: str | None = None, limit: int | None = None,
+    columns: dict[str, str] | None = None,
 ) -> list[Example]:
-    """Read and convert a preference dataset (see the module docstring for the formats)."""
+    """Read and convert a preference dataset (see the module docstring for the formats).
+
+    Args:
+        source: a `save_to_disk` folder, a .jsonl/.json/.parquet file or a hub dataset id.
+        fmt: one of `FORMATS` (`auto`: from the columns).
+        split, config_name: hub datasets and `DatasetDict` folders.
+        limit: keep the first `limit` rows.
+        columns: standard name -> the data's column, e.g. `{"prompt": "question"}`.
+
+    Returns:
+        The examples, in the data's order.
+
+    Example:
+        >>> examples = load_examples("labels.jsonl", columns={"prompt": "question"})  # doctest: +SKIP
+    """
     rows = read_rows(source, split, config_name)
     if limit is not None:
         rows = rows[:limit]
-    return to_examples(rows, fmt, subset=config_name)
+    return to_examples(map_columns(rows, columns or {}, source), fmt, subset=config_name)
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------------
@@ -143,10 +194,9 @@ def example_logits(model: Any, examples: list[Example], batch_size: int | None =
 
     `orders="both"`: z = f(x,c,r) - f(x,r,c); `"single"`: f(x,c,r) with the chosen response in slot A.
     """
-    from .core.formats import (
+    from ..core.formats import (
         CONVERSATION_INSTRUCTION, conversation_triples, pairrm_candidate, pairrm_source, render, render_conversations,
     )
-    from .pairrm import PairRM
 
     triples, owner = [], []
     for k, ex in enumerate(examples):
@@ -200,11 +250,11 @@ def correctness(logits: list[np.ndarray | None], examples: list[Example], ties: 
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (NaNs when empty or n == 0)."""
+def bootstrap_ci(values: np.ndarray, n: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the mean of `values`; (None, None) when there is none (no values, n == 0)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0 or n <= 0:
-        return float("nan"), float("nan")
+        return None, None
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
     alpha = (1 - level) / 2
@@ -213,11 +263,13 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, level: float = 0.95, seed: i
 
 @dataclass
 class SubsetResult:
+    """Agreement on one subset (or a summary row): `n` counted examples, the 95% interval (None without bootstrap)."""
+
     name: str
     n: int
     agreement: float
-    low: float
-    high: float
+    low: float | None
+    high: float | None
     skipped: int = 0
 
 
@@ -239,23 +291,32 @@ def summarize(correct: list[float | None], examples: list[Example], bootstrap: i
     everything = np.asarray([v for vs in groups.values() for v in vs])
     if len(scored) > 1:
         # macro average: resample within each subset, average the subset means
-        rng = np.random.default_rng(seed)
-        arrays = [np.asarray(groups[r.name]) for r in scored]
-        boots = np.mean([a[rng.integers(0, len(a), size=(max(bootstrap, 1), len(a)))].mean(axis=1) for a in arrays], axis=0)
+        low = high = None
+        if bootstrap > 0:
+            rng = np.random.default_rng(seed)
+            arrays = [np.asarray(groups[r.name]) for r in scored]
+            boots = np.mean([a[rng.integers(0, len(a), size=(bootstrap, len(a)))].mean(axis=1) for a in arrays], axis=0)
+            low, high = float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
         results.append(SubsetResult("macro average", sum(r.n for r in scored), float(np.mean([r.agreement for r in scored])),
-                                    float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))))
+                                    low, high))
     results.append(SubsetResult("overall", len(everything), float(everything.mean()) if len(everything) else float("nan"),
                                 *bootstrap_ci(everything, bootstrap, seed=seed), sum(skipped.values())))
     return results
 
 
 def format_table(results: list[SubsetResult], title: str = "") -> str:
-    """A markdown table like the PairRM model card's: subset, N, agreement and its 95% bootstrap interval."""
+    """A markdown table like the PairRM model card's: subset, N, agreement, its 95% bootstrap interval (when
+    computed) and the examples not counted (ties, unscorable)."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| Subset | N | Agreement | 95% CI | Skipped |", "|:--|--:|--:|:--:|--:|"]
+    with_ci = any(r.low is not None for r in results)
+    lines += ["| Subset | N | Agreement |" + (" 95% CI |" if with_ci else "") + " Skipped |",
+              "|:--|--:|--:|" + (":--:|" if with_ci else "") + "--:|"]
     for r in results:
         name = f"**{r.name}**" if r.name in ("overall", "macro average") else r.name
-        lines.append(f"| {name} | {r.n} | {r.agreement:.2%} | [{r.low:.2%}, {r.high:.2%}] | {r.skipped} |")
+        ci = ""
+        if with_ci:
+            ci = f" [{r.low:.2%}, {r.high:.2%}] |" if r.low is not None else " – |"
+        lines.append(f"| {name} | {r.n} | {r.agreement:.2%} |{ci} {r.skipped} |")
     return "\n".join(lines)
 
 
@@ -273,52 +334,3 @@ def evaluate(
     """Agreement of `model` (a `PairRM` on any backend) with the labels of `examples`."""
     logits = example_logits(model, examples, batch_size=batch_size, orders=orders)
     return summarize(correctness(logits, examples, ties, tie_margin), examples, bootstrap, seed)
-
-
-# ---- command line ------------------------------------------------------------------------------------------------
-@dataclass
-class EvalConfig:
-    """Agreement of a judge with human preference labels, per subset, with bootstrap intervals."""
-
-    data: str = field(metadata={"help": "preference data: a .jsonl/.json/.parquet file or a hub dataset id"})
-    model: str = field(default="llm-blender/PairRM-hf", metadata={"help": "judge: PairRM, Better-PairRM or RLHFlow id/dir"})
-    template: str | None = field(default=None, metadata={"help": "pairrm or better-pairrm (default: from the name)"})
-    backend: str | None = field(default=None, metadata={"help": "pairrm or rlhflow (default: from the name)"})
-    base_model: str | None = field(default=None, metadata={"help": "blender layout: base encoder override"})
-    format: str = field(default="auto", metadata={"help": f"one of {', '.join(FORMATS)}"})
-    split: str = field(default="test", metadata={"help": "hub datasets: split"})
-    config_name: str | None = field(default=None, metadata={"help": "hub datasets: configuration (also the subset name)"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N rows"})
-    ties: str = field(default="skip", metadata={"help": "skip: leave tie labels out; margin: tie right when |z| <= tie_margin"})
-    tie_margin: float = field(default=0.0, metadata={"help": "two-order logit below which the judge calls a tie"})
-    orders: str = field(default="both", metadata={"help": "both (two-order logit) or single (chosen in slot A)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals (0: none)"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
-    batch_size: int | None = field(default=None, metadata={"help": "rows per forward (default: token budget)"})
-    max_length: int = field(default=8192, metadata={"help": "rlhflow: max prompt tokens (the context is cut from the left)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default by device)"})
-    output: str | None = field(default=None, metadata={"help": "also write the results as JSON here"})
-
-
-def run_eval(config: EvalConfig) -> list[SubsetResult]:
-    from .pairrm import PairRM
-
-    model = PairRM.from_pretrained(
-        config.model, base_model=config.base_model, device=config.device, dtype=config.dtype,
-        template=config.template, backend=config.backend, max_length=config.max_length,
-    )
-    examples = load_examples(config.data, config.format, config.split, config.config_name, config.limit)
-    if not examples:
-        raise ValueError(f"{config.data} has no examples")
-    results = evaluate(
-        model, examples, ties=config.ties, tie_margin=config.tie_margin, orders=config.orders,
-        bootstrap=config.bootstrap, seed=config.seed, batch_size=config.batch_size,
-    )
-    title = f"{config.model} ({model.template}) on {config.data}"
-    print(format_table(results, title))
-    if config.output:
-        Path(config.output).write_text(json.dumps(
-            {"model": config.model, "template": model.template, "data": config.data, "orders": config.orders,
-             "ties": config.ties, "results": [r.__dict__ for r in results]}, indent=2))
-    return results
