@@ -70,7 +70,7 @@ BAD = [
     (BASE + ["--aggregation", "mean"], "--aggregation: 'mean' is not one of rank, copeland, bradley_terry"),
     (BASE + ["--backend", "tgi"], "--backend: 'tgi' is not one of transformers, vllm"),
     (BASE + ["--output_format", "csv"], "--output_format: 'csv' is not one of save_to_disk, jsonl, parquet"),
-    (BASE + ["--pairrm_dtype", "fp8"], "--pairrm_dtype: 'fp8' is not one of float32, bfloat16, float16"),
+    (BASE + ["--pairrm_dtype", "fp8"], "--pairrm_dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'fp8'"),
     (BASE + ["--num_responses", "1"], "--num_responses: 1 is below 2"),
     (BASE + ["--chunk_size", "0"], "--chunk_size: 0 is below 1"),
     (BASE + ["--prompt_column", "question"],

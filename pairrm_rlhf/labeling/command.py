@@ -24,7 +24,6 @@ from datasets import Dataset
 from ..args import PairRMArguments, resolve_config
 from ..core import assets
 from ..core.generation import SamplingArguments, load_policy
-from ..pairrm import resolve_dtype
 from .generation import BACKENDS
 from .io import (OUTPUT_FORMATS, companion_path, dataset_card, load_prompts, margin_histogram, output_format_of,
                  push_with_card, save_dataset)
@@ -82,12 +81,6 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         value = getattr(a, name)
         if value is not None and value not in allowed:
             raise ValueError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
-    if pairrm_args.pairrm_backend not in (None, "pairrm", "rlhflow"):
-        raise ValueError(f"--pairrm_backend: {pairrm_args.pairrm_backend!r} is not one of pairrm, rlhflow")
-    try:
-        resolve_dtype(pairrm_args.pairrm_dtype, _cpu())
-    except ValueError:
-        raise ValueError(f"--pairrm_dtype: {pairrm_args.pairrm_dtype!r} is not one of float32, bfloat16, float16") from None
     limits = {"num_responses": (a.num_responses, 2), "chunk_size": (a.chunk_size, 1), "seed": (a.seed, 0),
               "generation_batch_size": (a.generation_batch_size, 1), "max_prompts": (a.max_prompts, 1),
               "pairs_per_prompt": (a.pairs_per_prompt, 1)}
@@ -98,9 +91,8 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         raise ValueError(f"--margin_threshold: {a.margin_threshold} is negative")
     if not a.probability_temperature > 0:
         raise ValueError(f"--probability_temperature: {a.probability_temperature} must be > 0")
-    for flag, name in (("--dataset", a.dataset), ("--policy", a.policy), ("--pairrm", pairrm_args.pairrm),
-                       ("--pairrm_base_model", pairrm_args.pairrm_base_model)):
-        if name is not None and name != assets.TINY and "://" not in name:  # a URL is a server, not a path
+    for flag, name in (("--dataset", a.dataset), ("--policy", a.policy)):  # the judge's: PairRMArguments
+        if name is not None and name != assets.TINY:
             assets.check_local(name, flag)
     output = Path(a.output_path)
     if (a.output_format or output_format_of(a.output_path)) == "save_to_disk" and output.exists() and not (
@@ -204,12 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as error:
         print(f"pairrm-rlhf label: error: {error}", file=sys.stderr)
         sys.exit(2)
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
 
 
 if __name__ == "__main__":
