@@ -1,13 +1,17 @@
 """A judge whose preference is known and depends on the prompt, for the recipes' learning tests.
 
+The prompts are plain text (`conversational: false`) ending in the style word, so the policy's last prompt token
+carries it: a tiny random policy learns the condition in a few dozen updates (behind a chat template's fixed suffix
+it takes far longer).
+
 `StyleBackend` is a `PairBackend` (the seam every judge implements), so `PairRM(StyleBackend())` goes through the
 real adapters: the judge, `PairwiseReward`, `OnlineDPOJudgeReward` and the preference labeler. Its rule: when the
-prompt asks to "Answer briefly", the response with fewer characters is better; when it asks to "Answer in detail",
-the one with more characters. f(x, A, B) = SCALE * sign(x) * (len(B) - len(A)) / 2, so the two-order logit is
+prompt asks for an answer "briefly", the response with fewer characters is better; "in detail", the one with more
+characters. f(x, A, B) = SCALE * sign(x) * (len(B) - len(A)) / 2, so the two-order logit is
 SCALE * sign(x) * (len(B) - len(A)): ties exactly at equal lengths. A policy that ignores the prompt cannot beat
 its starting point on both kinds: always shorter wins the brief half and loses the detail half (win rate ~0.5).
 
-`style_prompts()` is the data: 20 topics x 2 styles (the style last, next to the answer), with references of a medium length; the last 8 rows (4 topics
+`style_prompts()` is the data: 20 topics x 2 styles, with references of a medium length; the last 8 rows (4 topics
 never seen in training, both styles) are the held-out prompts (`eval_prompts: 8`).
 """
 
@@ -21,7 +25,7 @@ import torch
 
 from pairrm_rlhf.pairrm import PairRM
 
-BRIEF, DETAIL = "Answer briefly", "Answer in detail"
+BRIEF, DETAIL = "briefly", "in detail"
 SCALE = 0.25
 TOPICS = ["the sun", "the ocean", "a good book", "green tea", "the moon", "a small garden", "the city at night",
           "a quiet morning", "rain in spring", "the mountains", "a friendly dog", "fresh bread", "the river",
@@ -43,6 +47,7 @@ class StyleBackend:
     """The known, prompt-dependent preference as a `pairrm_rlhf.core.backend.PairBackend`."""
 
     device = torch.device("cpu")
+    model = torch.nn.Identity()  # the labeler digests `backend.model`'s weights to fingerprint its judge (none here)
 
     def score(self, triples: Sequence[tuple[str, str, str]], *, batch_size: int | None = None,
               show_progress_bar: bool | None = None) -> np.ndarray:
@@ -66,7 +71,7 @@ def style_prompts(reference_length: int = 15) -> list[dict]:
     for topic in TOPICS:
         for kind in (BRIEF, DETAIL):
             reference = f"Here is {topic}, in short words".ljust(reference_length, ".")[:reference_length]
-            rows.append({"prompt": f"Tell me about {topic}. {kind}.", "reference": reference})
+            rows.append({"prompt": f"Tell me about {topic}, {kind}", "reference": reference})
     return rows
 
 
