@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, Evaluator, RecipeArguments, get_peft_config, judge_for, load_policy,
+from _common import (TINY, Evaluator, RecipeArguments, finish, get_peft_config, judge_for, load_policy,
                      load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision)
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -352,3 +352,4 @@ def format_summary(config: IterativeDPOConfig, script_args: RecipeArguments, sum
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*parse(make_parser()))
+    finish()

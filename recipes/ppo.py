@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, load_policy, load_prompt_dataset,
+from _common import (Evaluator, RecipeArguments, finish, get_peft_config, judge_for, load_policy, load_prompt_dataset,
                      make_recipe_parser, parse, split_eval)
 
 from pairrm_rlhf.core.generation import SamplingArguments
@@ -112,3 +112,4 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*parse(make_parser()))
+    finish()

@@ -451,6 +451,7 @@ for name, p in sorted(acc.unwrap_model(trainer.model).state_dict().items()):
     digest.update(p.detach().cpu().numpy().tobytes())
 with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(dict(world=acc.num_processes, digest=digest.hexdigest(), history=trainer.log_history), f)
+_common.finish()
 """
 
 
@@ -491,6 +492,7 @@ labeler._read_chunk = slow_read
 args = _common.parse(iterative_dpo.make_parser(), ["--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1],
                                                     "--max_prompts", "16", "--eval_prompts", "0", "--num_train_epochs", "1"])
 iterative_dpo.main(*args)
+_common.finish()
 """
 
 

@@ -211,6 +211,11 @@ torch.manual_seed(1000 + rank)  # the processes sample different completions for
 trainer.train()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(dict(world=trainer.accelerator.num_processes, calls=calls), f)
+# An orderly end (#15.5): wait for every process, then destroy the process group. Left to interpreter exit, the
+# gloo group was torn down while the other rank could still be using it, and under load a rank aborted with
+# SIGABRT ("terminate called without an active exception") after training had finished.
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
 """
 
 
