@@ -89,9 +89,10 @@ LEARNING = {  # the shipped configs' losses (PPO: clipped PPO; DPO: plain sigmoi
     "ppo": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "4",
             "--total_episodes", "960", "--max_new_tokens", "12", "--temperature", "1.0", "--learning_rate", "1e-3",
             "--kl_coef", "0.0", "--save_final", "false"],
-    "grpo": ["--max_steps", "240", "--per_device_train_batch_size", "16", "--num_generations", "4",
-             "--max_completion_length", "12", "--temperature", "1.0", "--learning_rate", "5e-3", "--logging_steps", "40",
-             "--reward_mode", "group", *NO_SAVE],
+    "grpo": ["--max_steps", "200", "--per_device_train_batch_size", "16", "--num_generations", "4",
+             "--num_iterations", "4", "--steps_per_generation", "1", "--max_completion_length", "12",
+             "--temperature", "1.0", "--learning_rate", "5e-3", "--logging_steps", "40", "--reward_mode", "group",
+             *NO_SAVE],
     "online_dpo": ["--max_steps", "240", "--per_device_train_batch_size", "8", "--max_new_tokens", "12",
                    "--max_length", "96", "--temperature", "1.0", "--learning_rate", "5e-3", "--beta", "0.1",
                    "--logging_steps", "40", *NO_SAVE],
@@ -455,10 +456,11 @@ _common.finish()
 """
 
 
-def launch(script: Path, *args: str) -> subprocess.CompletedProcess:
+def launch(script: Path, *args: str, env: dict | None = None, processes: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]), **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(script),
+           *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -505,3 +507,44 @@ def test_iterative_dpo_two_processes_with_a_slow_rank(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "out" / "iteration_1" / "done.json").exists()
     assert not (tmp_path / "out" / "iteration_1" / "pairs.chunks").exists()
+
+
+# ---- DeepSpeed ZeRO-3 (CPU, gloo) ---------------------------------------------------------------------------------
+DEEPSPEED_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {recipes!r})
+import torch
+import _common, ppo
+
+args = _common.parse(ppo.make_parser(), [
+    "--model_name_or_path", "tiny", "--pairrm", "tiny", "--dataset_name", "tiny", "--use_cpu", "false",
+    "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "1",
+    "--total_episodes", "16", "--max_new_tokens", "6", "--learning_rate", "1e-3", "--max_grad_norm", "0.5",
+    "--seed", "0", "--output_dir", sys.argv[1]])
+trainer = ppo.main(*args)
+acc = trainer.accelerator
+engine = trainer.model
+with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
+    json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(),
+                   ref=type(trainer.ref_policy).__name__, history=trainer.log_history), f)
+_common.finish()
+"""
+
+
+@pytest.mark.multiprocess
+def test_ppo_deepspeed_zero3(tmp_path):
+    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the batch sizes and
+    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, generation runs under gathered
+    parameters. (Two processes cannot run here: accelerate 1.15 reports num_processes=1 / process_index=0 on every
+    rank of a CPU DeepSpeed launch, so both ranks would act as the main process.)"""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
+    script = tmp_path / "ppo_zero3.py"
+    script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
+    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true")  # as recipes/accelerate/deepspeed_zero3.yaml
+    proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    assert r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine"
+    assert len(r["history"]) == 4 and all(np.isfinite(h["loss/policy_avg"]) for h in r["history"])
+    assert (tmp_path / "out" / "model.safetensors").exists()

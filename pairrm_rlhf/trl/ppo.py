@@ -20,6 +20,10 @@ TRL's former `AutoModelForCausalLMWithValueHead`. It costs one extra `hidden x 1
 the value loss (weighted by `vf_coef`) also flows into the shared backbone. Reference policy: a frozen copy of
 the initial policy, or with LoRA (`peft_config`) the same model with its adapter disabled.
 
+DeepSpeed: the batch sizes and `max_grad_norm` (as `gradient_clipping`) go into the DeepSpeed config; under
+ZeRO-3 generation gathers the sharded parameters, and the reference copy is wrapped by TRL's `prepare_deepspeed`
+(sharded with ZeRO-3, eval mode).
+
 Precision: trainable parameters are cast to float32 (master weights) whatever the checkpoint declares; `bf16: true`
 computes in bf16 through accelerate's autocast. `keep_half_precision_weights: true` trains bf16/fp16 weights
 directly (with a warning: AdamW updates below bf16's resolution are lost).
@@ -164,8 +168,12 @@ class PPOTrainer:
                                        mixed_precision="bf16" if config.bf16 else None,
                                        log_with=config.report_to or None, project_dir=config.output_dir)
         deepspeed = self.accelerator.state.deepspeed_plugin
-        if deepspeed is not None:  # no prepared dataloader to infer it from
+        if deepspeed is not None:  # no prepared dataloader to infer them from
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+            deepspeed.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+            deepspeed.deepspeed_config["train_batch_size"] = (
+                config.per_device_train_batch_size * config.gradient_accumulation_steps
+                * self.accelerator.num_processes)
         torch.manual_seed(config.seed)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -191,6 +199,10 @@ class PPOTrainer:
         if ref_policy is not None:
             disable_dropout(ref_policy)
             self.ref_policy = ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
+            if deepspeed is not None:  # sharded like the policy under ZeRO-3 (eval mode, no optimizer), as TRL does
+                from trl.models.utils import prepare_deepspeed
+
+                self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
         model = PolicyWithValueHead(policy)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -318,7 +330,8 @@ class PPOTrainer:
         return rollout
 
     def _gathered(self, unwrapped: nn.Module):
-        """ZeRO-3 shards parameters: gather them once for the whole generation."""
+        """ZeRO-3 shards parameters: gather them once for the whole generation (as TRL's
+        `unwrap_model_for_generation` does; every process generates, with `synced_gpus`)."""
         if not self._zero3:
             return nullcontext()
         import deepspeed
