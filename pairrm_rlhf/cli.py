@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, (config_class, _) in commands.items():
             print(f"  {name:8} {(config_class.__doc__ or '').strip().splitlines()[0]}")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if argv[0] == "label":  # TrlParser-based (labeling.command); the other subcommands follow when cli.py moves to it
+        from .labeling.command import main as label_main
+
+        return label_main(argv[1:])
     config_class, run = commands[argv[0]]
     run(parse_config(config_class, argv[1:]))
 
@@ -105,13 +109,13 @@ def _commands() -> dict:
     """Subcommands, imported lazily so `pairrm-rlhf demo` does not pay for TRL or datasets."""
     from .bench import BenchConfig, run_bench
     from .evaluation import EvalConfig, run_eval
-    from .labeling.labeler import LabelConfig, run_label
+    from .labeling.command import LabelArguments
     from .serve.server import ServeConfig, run_serve
 
     return {
         **COMMANDS,
         "bench": (BenchConfig, run_bench),
-        "label": (LabelConfig, run_label),
+        "label": (LabelArguments, None),
         "serve": (ServeConfig, run_serve),
         "eval": (EvalConfig, run_eval),
     }

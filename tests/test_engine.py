@@ -1,14 +1,14 @@
 """The engine: same numbers as one pair at a time, whatever the batching; dedupe, budget, OOM back-off."""
 
+import copy
 import logging
+import math
 
 import numpy as np
 import pytest
 import torch
-from transformers import DebertaV2Config
 
-import pairrm_rlhf.core.modeling as modeling
-from pairrm_rlhf.core.modeling import PairRMModel
+from pairrm_rlhf.core.engine import PairScorer
 
 
 def _one_at_a_time(model, triples):
@@ -19,31 +19,6 @@ def _one_at_a_time(model, triples):
 def _texts(rng, n, low, high):
     words = ["alpha", "beta", "gamma", "delta", "return", "value", "the", "of", "module", "file", "path"]
     return [" ".join(rng.choice(words, size=int(rng.integers(low, high)))) for _ in range(n)]
-
-
-def test_fast_encoder_equals_transformers_encoder():
-    """Our inference attention reproduces transformers' DeBERTa-v2 encoder, padding and log buckets included."""
-    config = DebertaV2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=512, type_vocab_size=0, relative_attention=True, max_relative_positions=-1,
-        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
-        position_biased_input=False, pad_token_id=0, initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    model = PairRMModel(config).eval()
-    lengths = [700, 300, 130, 12]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(5, 100, (n,))
-        mask[row, :n] = 1
-    with torch.inference_mode():
-        fast = model.encode(ids, mask)
-        embeddings = model.pretrained_model.embeddings(input_ids=ids, mask=mask)
-        stock = model.pretrained_model.encoder(embeddings, mask, output_hidden_states=False).last_hidden_state
-    real = mask.bool()
-    assert modeling.supports_fast_encoder(config)
-    torch.testing.assert_close(fast[real], stock[real], atol=1e-4, rtol=1e-4)
 
 
 def test_engine_equals_one_pair_at_a_time(hf_model, golden):
@@ -136,3 +111,41 @@ def test_non_finite_half_precision_is_recomputed_in_float32(hf_model, monkeypatc
     monkeypatch.setattr(hf_model.backend, "_run", lambda pairs, dtype: np.full(len(pairs), np.nan, dtype=np.float32))
     with pytest.raises(FloatingPointError, match="non-finite"):
         hf_model.backend.score([("q", "c", "d")])
+
+
+def test_texts_with_identical_ids_are_one_input(hf_model, monkeypatch):
+    """Texts that differ but tokenize alike (a double space, a zero-width space: the normalizer removes both) are one
+    model input: one forward, and a two-order logit of exactly 0 even when the two orders would land in different
+    batches (here batch_size=3 puts f(x,A,B) next to a long pair and f(x,B,A) alone)."""
+    scorer = hf_model.backend
+    a, b = "the answer is forty two", "the answer is  forty\u200btwo"
+    assert scorer.tokenize([a])[a] == scorer.tokenize([b])[b]
+    long_answer = " ".join(["delta"] * 300)
+    rows = []
+    original = scorer._forward
+    monkeypatch.setattr(scorer, "_forward", lambda pairs: rows.append(len(pairs)) or original(pairs))
+    logits = hf_model.compare(["q", "q"], [long_answer, a], [a, b], return_logits=True, batch_size=3)
+    assert logits[1] == 0.0 and logits[0] != 0.0
+    assert sum(rows) == 3  # (q, long, a), (q, a, long) and one input for both orders of (a, b)
+    pairs, slot = scorer.distinct_inputs([("q", a, b), ("q", b, a), ("q", a, a), ("q", b, "x")])
+    assert slot == [0, 0, 0, 1] and len(pairs) == 2
+    scores = hf_model.rank(["q"], [[a, long_answer, b, "x"]], return_scores=True, batch_size=3)[0]
+    assert scores[0] == scores[2]  # the same input everywhere: an exact tie, sharing a rank
+
+
+def test_identity_changes_with_only_encoder_weights_or_only_dtype(hf_model):
+    """One ulp in one encoder weight, or the compute dtype alone, gives another identity; the rest stays equal."""
+    scorer = hf_model.backend
+    base = scorer.identity()
+    model = copy.deepcopy(scorer.model)
+    other = PairScorer(model, scorer.tokenizer, scorer.layout, device=scorer.device)
+    assert other.identity() == base
+    weight = model.pretrained_model.encoder.layer[0].attention.self.query_proj.weight
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(math.inf))  # in place, after a first identity()
+    changed = other.identity()
+    assert changed["weights"] != base["weights"]
+    assert {k: v for k, v in changed.items() if k != "weights"} == {k: v for k, v in base.items() if k != "weights"}
+    half = PairScorer(scorer.model, scorer.tokenizer, scorer.layout, device=scorer.device, dtype=torch.bfloat16).identity()
+    assert half["dtype"] == "bfloat16" and base["dtype"] == "float32"
+    assert {k: v for k, v in half.items() if k != "dtype"} == {k: v for k, v in base.items() if k != "dtype"}

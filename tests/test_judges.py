@@ -33,22 +33,52 @@ def judge(hf_model) -> PairRMJudge:
     return PairRMJudge(hf_model, seed=0)
 
 
-def test_judge_equals_pairrm_probability(judge, hf_model):
+def trl_v1_judge(model, prompts, completions, shuffle_order, return_scores, temperature, seed=0):
+    """TRL <= 1.0's `PairRMJudge.judge` (huggingface/trl `trl/experimental/judges/judges.py` at v1.0.0), step by
+    step, over our llm-blender-compatible `rank` (which it called on `llm_blender.Blender`)."""
+    flip = np.random.default_rng(seed).choice([True, False], size=len(prompts)) if shuffle_order else None
+    if shuffle_order:
+        completions = [pair[::-1] if f else pair for f, pair in zip(flip, completions)]
+    ranks = model.rank(prompts, completions, return_scores=return_scores)
+    if not return_scores:
+        ranks = ranks - 1  # 1-based ranks -> 0-based
+    else:
+        ranks /= temperature
+    if shuffle_order:
+        ranks[flip] = ranks[flip][:, ::-1]
+    if return_scores:
+        exp = np.exp(ranks - np.amax(ranks, axis=-1, keepdims=True))
+        return (exp / exp.sum(axis=-1, keepdims=True))[:, 0].tolist()
+    return ranks[:, 0].tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0, 3.7])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_judge_equals_trl_v1_pairrm_judge(judge, hf_model, temperature, shuffle):
+    """Hard and soft outputs equal TRL <= 1.0's at every temperature (ties -> 0)."""
+    hard = judge.judge(PROMPTS, PAIRS, shuffle_order=shuffle)
+    assert hard == trl_v1_judge(hf_model, PROMPTS, PAIRS, shuffle, False, temperature) and hard[3] == 0
+    soft = judge.judge(PROMPTS, PAIRS, shuffle_order=shuffle, return_scores=True, temperature=temperature)
+    assert all(isinstance(s, float) for s in soft) and soft[3] == 0.5
+    np.testing.assert_allclose(soft, trl_v1_judge(hf_model, PROMPTS, PAIRS, shuffle, True, temperature), rtol=1e-6)
+    # = sigmoid(z / T); the calibrated probability sigmoid(z / 2T) is PairRM.probability at T / 2 ... or the judge at 2T
+    z = hf_model.compare(PROMPTS, [p[0] for p in PAIRS], [p[1] for p in PAIRS], return_logits=True).astype(np.float64)
+    np.testing.assert_allclose(soft, 1 / (1 + np.exp(-z / temperature)), rtol=1e-5)
     a, b = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
-    expected = hf_model.probability(PROMPTS, a, b)
-    scores = judge.judge(PROMPTS, PAIRS, shuffle_order=False, return_scores=True)
-    assert all(isinstance(s, float) for s in scores)
-    np.testing.assert_allclose(scores, expected, atol=1e-6)
-    assert scores[3] == 0.5
-    logits = hf_model.compare(PROMPTS, a, b, return_logits=True)
-    assert judge.judge(PROMPTS, PAIRS, shuffle_order=False) == [0 if z >= 0 else 1 for z in logits]
-    assert judge.judge(PROMPTS, PAIRS)[3] == 0  # ties go to the first
-    # old TRL soft score sigmoid(f(A,B) - f(B,A)) is our temperature 0.5
-    old = 1 / (1 + np.exp(-logits.astype(np.float64)))
-    np.testing.assert_allclose(judge.judge(PROMPTS, PAIRS, return_scores=True, temperature=0.5), old, atol=1e-6)
-    np.testing.assert_allclose(
-        judge.judge(PROMPTS, PAIRS, return_scores=True, temperature=3.0), aggregation.probability(logits, 3.0), atol=1e-6
-    )
+    np.testing.assert_allclose(soft, hf_model.probability(PROMPTS, a, b, temperature=temperature / 2), rtol=1e-5)
+    calibrated = judge.judge(PROMPTS, PAIRS, return_scores=True, temperature=2 * temperature)
+    np.testing.assert_allclose(calibrated, hf_model.probability(PROMPTS, a, b, temperature=temperature), rtol=1e-5)
+
+
+def test_soft_scores_are_trl_float32_softmax():
+    from pairrm_rlhf.trl.judge import trl_soft_scores
+
+    z = np.array([0.0, 1.0, -2.5, 80.0, -200.0], dtype=np.float32)
+    np.testing.assert_array_equal(trl_soft_scores(z, 1.0)[:1], [0.5])
+    np.testing.assert_allclose(trl_soft_scores(z, 2.0), 1 / (1 + np.exp(-z.astype(np.float64) / 2.0)), rtol=1e-6, atol=1e-38)
+    assert np.isfinite(trl_soft_scores(z, 1e-3)).all()  # no overflow at tiny temperatures
+    with pytest.raises(ValueError, match="temperature"):
+        trl_soft_scores(z, 0.0)
 
 
 def test_shuffle_order_swaps_slots_and_maps_back(judge, hf_model, monkeypatch):
@@ -82,7 +112,7 @@ def test_conversational_equals_compare_conversations(judge, hf_model):
     ]
     conv_a = [prompts[0] + completions[0][0], [user("Name a fruit."), assistant("Apple.")]]
     conv_b = [prompts[0] + completions[0][1], [user("Name a fruit."), assistant("A banana is a fruit.")]]
-    expected = aggregation.probability(hf_model.compare_conversations(conv_a, conv_b, return_logits=True))
+    expected = aggregation.probability(hf_model.compare_conversations(conv_a, conv_b, return_logits=True), 0.5)
     np.testing.assert_allclose(judge.judge(prompts, completions, return_scores=True), expected, atol=1e-6)
 
 
@@ -92,18 +122,18 @@ def test_multi_turn_and_system_message(judge, hf_model):
     expected = hf_model.compare_conversations([history + [assistant(a)]], [history + [assistant(b)]], return_logits=True)
     np.testing.assert_allclose(
         judge.judge([history], [[[assistant(a)], [assistant(b)]]], return_scores=True),
-        aggregation.probability(expected), atol=1e-6,
+        aggregation.probability(expected, 0.5), atol=1e-6,
     )
     # the new completion is the last <Response k>; history answers are the same in both candidates
     inputs, cands_a, _ = render_conversations([history + [assistant(a)]], [history + [assistant(b)]])
-    assert render(history, [assistant(a)]) == (pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
+    assert tuple(map(str, render(history, [assistant(a)]))) == (pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
     assert render(history, a)[1].endswith(f"<Response 2>: {a}")
     # system content goes in front of the first user turn; the instruction sentence is unchanged
     system = {"role": "system", "content": "You are terse."}
     folded = [user("You are terse.\n\nHi!")] + history[1:]
     expected = hf_model.compare_conversations([folded + [assistant(a)]], [folded + [assistant(b)]], return_logits=True)
     np.testing.assert_allclose(
-        judge.judge([[system] + history], [[a, b]], return_scores=True), aggregation.probability(expected), atol=1e-6
+        judge.judge([[system] + history], [[a, b]], return_scores=True), aggregation.probability(expected, 0.5), atol=1e-6
     )
     assert render([system] + history, a)[0].startswith(CONVERSATION_INSTRUCTION + "USER: You are terse.\n\nHi!\n")
 

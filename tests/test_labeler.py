@@ -1,31 +1,22 @@
-"""Preference labeler: schema, choice of pairs, resume, two processes, edge cases, aggregation, DPO training."""
+"""Preference labeler: schema, choice of pairs, resume, edge cases, aggregation, any backend, DPO training.
+
+Chunk integrity is in test_labeling_store.py, sampling in test_labeling_sampling.py, the `label` command (and two
+processes) in test_label_command.py."""
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
+from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.aggregation import bradley_terry_scores, copeland_scores, probability, round_robin_scores
-from pairrm_rlhf.cli import parse_config
 from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION
-from pairrm_rlhf.labeling.labeler import (
-    LabelConfig,
-    PreferenceLabeler,
-    best_of_n_responses,
-    load_prompts,
-    run_label,
-    select_pairs,
-)
+from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.labeling import PreferenceLabeler, best_of_n_responses, select_pairs
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
 
@@ -37,8 +28,7 @@ COLUMNS = {
     "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "all_generated_responses",
     "all_rm_scores", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "prompt_index",
 }
-GEN = {"max_new_tokens": 8}
-REPO = Path(__file__).resolve().parents[1]
+GEN = SamplingArguments(max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def policy():
 
 
 def labeler_for(pairrm, policy, **kwargs) -> PreferenceLabeler:
-    kwargs = {"num_responses": 3, "generation_kwargs": GEN, **kwargs}
+    kwargs = {"num_responses": 3, "sampling": GEN, **kwargs}
     return PreferenceLabeler(pairrm, policy[0], policy[1], **kwargs)
 
 
@@ -151,11 +141,15 @@ def test_interrupt_and_resume_is_identical(hf_model, policy, standard_output, tm
     work = tmp_path / "work"
     dataset = Dataset.from_dict({"prompt": PROMPTS})
 
-    def interrupt(index):
-        raise KeyboardInterrupt(f"stopped after chunk {index}")
-
     first = labeler_for(hf_model, policy)
-    first._chunk_done = interrupt
+    original = first._label_chunk
+
+    def interrupted(ds, index, *a):
+        if index == 1:
+            raise KeyboardInterrupt("stopped before chunk 1")
+        return original(ds, index, *a)
+
+    first._label_chunk = interrupted
     with pytest.raises(KeyboardInterrupt):
         first.label(dataset, work, chunk_size=3)
     assert sorted(p.name for p in work.glob("chunk-*")) == ["chunk-00000.arrow"]
@@ -176,66 +170,15 @@ def test_interrupt_and_resume_is_identical(hf_model, policy, standard_output, tm
     again._label_chunk = None  # everything is done: nothing is recomputed
     assert again.label(dataset, work, chunk_size=3).to_list() == expected.to_list()
 
-    with pytest.raises(ValueError, match="num_responses: 3 -> 4"):
+    with pytest.raises(ValueError, match="generation.num_responses: 3 -> 4"):
         labeler_for(hf_model, policy, num_responses=4).label(dataset, work, chunk_size=3)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="data.chunk_size: 3 -> 2"):
         labeler_for(hf_model, policy).label(dataset, work, chunk_size=2)
+    with pytest.raises(ValueError, match="generation.sampling.temperature: None -> 0.5"):
+        labeler_for(hf_model, policy, sampling=SamplingArguments(max_new_tokens=8, temperature=0.5)).label(
+            dataset, work, chunk_size=3)
     other = labeler_for(hf_model, policy, num_responses=4).label(dataset, work, chunk_size=3, overwrite=True)
     assert all(len(r) == 4 for r in other["all_generated_responses"])
-
-
-WORKER = """
-import sys, torch
-from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION
-from pairrm_rlhf.labeling.labeler import LabelConfig, PreferenceLabeler, _process_state, load_policy, load_prompts, run_label
-from pairrm_rlhf import PairRM
-from pairrm_rlhf.core.assets import bundled
-config = parse_config(LabelConfig, sys.argv[2:])
-PreferenceLabeler._chunk_done = lambda self, index: print(f"process {_process_state().process_index} labeled chunk {index}", flush=True)
-run_label(config)
-PreferenceLabeler._chunk_done = lambda self, index: None
-# the library call without a work_dir: results are gathered in memory
-policy, tokenizer = load_policy("tiny")
-labeler = PreferenceLabeler(PairRM.from_pretrained(bundled("pairrm"), device="cpu"), policy, tokenizer,
-                            num_responses=3, generation_kwargs={"max_new_tokens": 8})
-out = labeler.label(load_prompts(config.dataset), chunk_size=2)
-if _process_state().is_main_process:
-    out.save_to_disk(sys.argv[1])
-"""
-
-
-def test_two_processes_match_one(hf_model, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    config = tmp_path / "label.yaml"
-    config.write_text(
-        f"dataset: {data}\npolicy: tiny\npairrm: tiny\nnum_responses: 3\nmax_new_tokens: 8\nchunk_size: 2\n"
-        "strategy: best_vs_random\n"
-    )
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]])}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "memory2"),
-        "--config", str(config), "--output_path", str(tmp_path / "two"), "--keep_chunks",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("Labeled 7 prompts") == 1  # only the main process writes and reports
-    done = sorted(re.findall(r"process (\d) labeled chunk (\d)", result.stdout), key=lambda t: t[1])
-    assert done == [(str(i // 2), str(i)) for i in range(4)], result.stdout  # contiguous shards, each chunk once
-    assert len(list((tmp_path / "two.chunks").glob("chunk-*.arrow"))) == 4
-
-    one = run_label(parse_config(LabelConfig, ["--config", str(config), "--output_path", str(tmp_path / "one")]))
-    assert not (tmp_path / "one.chunks").exists()  # work_dir removed after success
-    two = load_from_disk(str(tmp_path / "two"))
-    assert one.to_list() == two.to_list() == load_from_disk(str(tmp_path / "one")).to_list()
-    memory = load_from_disk(str(tmp_path / "memory2"))
-    tokenizer = build_tiny_tokenizer()
-    single = PreferenceLabeler(hf_model, build_tiny_policy(tokenizer), tokenizer, num_responses=3, generation_kwargs=GEN)
-    assert memory.to_list() == single.label(load_prompts(str(data)), chunk_size=2).to_list()
 
 
 # ---- edge cases ------------------------------------------------------------------------------------------
@@ -250,9 +193,12 @@ def test_empty_and_whitespace_responses(hf_model, policy):
         assert np.isfinite(row["all_rm_scores"]).all()
         check_row_against_pairrm(hf_model, row)
 
-    # generated responses that are empty (EOS forced as the only token)
-    eos = {"max_new_tokens": 1, "forced_eos_token_id": policy[1].eos_token_id}
-    labeler = labeler_for(hf_model, policy, generation_kwargs=eos)
+    # generated responses that are empty: a policy whose EOS logit always wins
+    model = copy.deepcopy(policy[0])
+    eos = policy[1].eos_token_id
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([eos]), 1e4))
+    labeler = PreferenceLabeler(hf_model, model, policy[1], num_responses=3, sampling=GEN)
+    assert labeler.generate(PROMPTS[:1], 0) == [["", "", ""]]
     out = labeler.label(Dataset.from_dict({"prompt": PROMPTS[:2]}))
     assert len(out) == 0 and labeler.stats.ties_dropped == 2 and labeler.stats.prompts == 2
     assert set(out.column_names) == COLUMNS
@@ -272,16 +218,6 @@ def test_k1_and_bad_arguments(hf_model, policy):
         labeler_for(hf_model, policy, prompt_column="text").label(dataset)
     with pytest.raises(ValueError, match="n must be >= 2"):
         best_of_n_responses(hf_model, *policy, ["hi"], n=1)
-
-
-def test_vllm_backend_absent_is_a_clear_error(hf_model):
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="backend='vllm' needs the vllm package"):
-            PreferenceLabeler(hf_model, "some/model", backend="vllm")
-    else:
-        pytest.skip("vllm is installed")
 
 
 # ---- aggregation and strategies ------------------------------------------------------------------------
@@ -351,27 +287,41 @@ def test_best_of_n_responses(hf_model, policy):
     np.testing.assert_allclose(results[0]["scores"], expected, atol=1e-5)
 
 
-# ---- CLI and TRL ---------------------------------------------------------------------------------------
-def test_cli_config_and_formats(tmp_path, capsys):
-    source = tmp_path / "prompts"
-    Dataset.from_dict({"question": PROMPTS[:3], "responses": [["a", "bb", "ccc"]] * 3}).save_to_disk(str(source))
-    config = tmp_path / "c.yaml"
-    config.write_text(f"dataset: {source}\nprompt_column: question\nresponses_column: responses\npairrm: tiny\n")
-    for name in ("out.jsonl", "out.parquet"):
-        out = run_label(parse_config(LabelConfig, ["--config", str(config), "--output_path", str(tmp_path / name)]))
-        assert set(out.column_names) == COLUMNS and len(out) == 3
-    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["chosen"] for r in lines] == out["chosen"]
-    import pyarrow.parquet as pq
+# ---- any backend ------------------------------------------------------------------------------------------
+class LengthBackend:
+    """A PairBackend with nothing but the protocol: f(x, A, B) = (len(A) - len(B)) / 10 + 0.25 (a slot bias)."""
 
-    assert pq.read_table(tmp_path / "out.parquet").column("rejected").to_pylist() == out["rejected"]
-    assert "Labeled 3 prompts -> 3 pairs" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="output_path is required"):
-        run_label(parse_config(LabelConfig, ["--config", str(config)]))
-    smoke = parse_config(LabelConfig, ["--config", str(REPO / "recipes" / "configs" / "label_smoke.yaml")])
-    assert smoke.policy == "tiny" and smoke.pairrm == "tiny" and len(load_prompts(smoke.dataset)) == 32
+    device = torch.device("cpu")
+
+    def score(self, triples, *, batch_size=None, show_progress_bar=None):
+        return np.array([(len(a) - len(b)) / 10 + 0.25 for _, a, b in triples], dtype=np.float32)
+
+    def truncation_rate(self, triples):
+        return sum(len(s) + len(a) + len(b) > 30 for s, a, b in triples) / len(triples)
+
+    def identity(self):
+        return {"backend": "length", "weights": "none"}
 
 
+def test_labeler_needs_only_the_backend_protocol(tmp_path):
+    backend = LengthBackend()
+    responses = [["a", "bbb", "bb"], ["a much longer answer here", "short", "mid-size one"]]
+    dataset = Dataset.from_dict({"prompt": ["Say it.", "Explain."], "responses": responses})
+    labeler = PreferenceLabeler(backend, responses_column="responses")  # a bare backend is wrapped in PairRM
+    assert isinstance(labeler.pairrm, PairRM) and labeler.pairrm.backend is backend
+    out = labeler.label(dataset, tmp_path / "work", chunk_size=1)
+    assert [(r["chosen"], r["rejected"]) for r in out] == [("bbb", "a"), ("a much longer answer here", "short")]
+    # round-robin s_i = (1/K) sum_j f(i,j) - f(j,i) = (1/3) sum_j (len_i - len_j) / 5 (the slot bias cancels)
+    assert out[0]["score_chosen"] == pytest.approx((2 + 1) / 15, abs=1e-6)
+    assert out[0]["score_rejected"] == pytest.approx((-2 - 1) / 15, abs=1e-6)
+    # truncation through the protocol: 2 of prompt 2's pairs are over 30 characters (long+short, long+mid)
+    assert labeler.stats.scored_pairs == 6 and labeler.stats.truncated_pairs == 2
+    assert '"backend": "length"' in (tmp_path / "work" / "manifest.json").read_text()
+    with pytest.raises(TypeError, match="PairRM or a PairBackend"):
+        PreferenceLabeler(object(), responses_column="responses")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["standard", "conversational"])
 def test_output_trains_with_dpo(form, hf_model, standard_output, policy, tmp_path):
     from trl import DPOConfig, DPOTrainer

@@ -1,6 +1,6 @@
-"""`pairrm-rlhf serve` and `PairRMClient` on loopback: answers equal the in-process API under concurrency, bad
-requests get clear 4xx JSON and do not hurt the server, limits, auth, graceful shutdown, client failover and
-retries, and a GRPO run rewarded through the server."""
+"""`pairrm-rlhf serve` on loopback: answers equal the in-process API under concurrency, bad requests get clear 4xx
+JSON and do not hurt the server, limits, auth, graceful shutdown. (The HTTP client backend: `test_remote.py`;
+responsiveness under hostile clients: `test_server_hardening.py`; OpenRLHF's client: `test_openrlhf.py`.)"""
 
 import json
 import os
@@ -12,19 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import httpx2
 import numpy as np
 import pytest
-import torch
 
-from pairrm_rlhf import OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
-from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.backends.remote import PairRMClient, PairRMServerError
-from pairrm_rlhf.serve.server import BackgroundServer, QueryParser, ServeConfig
+from pairrm_rlhf import PairRMJudge, PairwiseReward
+from pairrm_rlhf.backends.remote import RemoteBackend
+from pairrm_rlhf.serve import BackgroundServer, ServeArguments, make_parser
+from pairrm_rlhf.serve.openrlhf import QueryParser
 
 
 REFERENCE = "A fixed reference answer."
@@ -33,8 +31,9 @@ WORDS = ["the", "sun", "is", "a", "star", "ocean", "blue", "tea", "green", "musi
 SYSTEM = {"role": "system", "content": "You are kind."}
 
 
-def config(*flags: str) -> ServeConfig:
-    return parse_config(ServeConfig, ["--model", "tiny", "--port", "0", *flags])
+def config(*flags: str) -> ServeArguments:
+    serve_args, _ = make_parser().parse_args_and_config(["--pairrm", "tiny", "--port", "0", *flags])
+    return serve_args
 
 
 def chatml(messages, response=None):
@@ -172,9 +171,11 @@ def test_empty_requests(server):
     for path, body, key in [("/rank", {"inputs": [], "candidates": []}, "result"),
                             ("/rank_with_ref", {"inputs": [], "candidates": []}, "result"),
                             ("/compare", {"inputs": [], "candidates_A": [], "candidates_B": []}, "result"),
-                            ("/pair_logits", {"triples": []}, "logits"), ("/get_reward", {"query": []}, "rewards")]:
+                            ("/pair_logits", {"triples": []}, "logits")]:
         response = httpx2.post(server.url + path, json=body)
         assert response.status_code == 200 and response.json() == {key: []}, (path, response.text)
+    response = httpx2.post(server.url + "/get_reward", json={"query": []})
+    assert response.json() == {"rewards": [], "scores": [], "extra_logs": {"pairrm_logit": []}}
 
 
 def test_ranks_and_booleans(server, hf_model):
@@ -195,9 +196,13 @@ def test_get_reward_openrlhf_shapes(server, hf_model):
     queries = [chatml(sun, "It is hot."), chatml(ocean, "Wet.") + "<|endoftext|>", chatml(other, "Hm."), llama3]
     answer = httpx2.post(server.url + "/get_reward", json={"query": queries, "labels": ["", "", "", ""]}).json()
     prompts = [sun, ocean, other, [{"role": "user", "content": "Explain the sun."}]]
-    expected = PairwiseReward(hf_model)(prompts, ["It is hot.", "Wet.", "Hm.", "It is hot."],
-                                        reference=["The sun is a star.", "The ocean is big.", REFERENCE, "The sun is a star."])
+    references = ["The sun is a star.", "The ocean is big.", REFERENCE, "The sun is a star."]
+    completions = ["It is hot.", "Wet.", "Hm.", "It is hot."]
+    expected = PairwiseReward(hf_model)(prompts, completions, reference=references)
     np.testing.assert_allclose(answer["rewards"], expected, atol=1e-5)
+    assert answer["scores"] == answer["rewards"]  # OpenRLHF reads `scores` first, as its own serve_rm.py sends them
+    logits = PairwiseReward(hf_model, output="logit")(prompts, completions, reference=references)
+    np.testing.assert_allclose(answer["extra_logs"]["pairrm_logit"], logits, atol=1e-5 * max(1.0, np.abs(logits).max()))
 
     # newer OpenRLHF sends the prompts too: the split is at the prompt, plain text is fine; per-request references
     body = {"query": ["Q: Explain the sun.\nA: It is hot."], "prompts": ["Q: Explain the sun.\nA:"], "references": ["Hot."]}
@@ -225,12 +230,14 @@ def test_parse_config(tmp_path):
     assert cfg.token == "t" and cfg.strip_strings == ["</s>", "<end>"] and cfg.labels_as_reference and cfg.port == 0
     yaml = tmp_path / "serve.yaml"
     yaml.write_text("max_wait_ms: 2.5\nmax_batch_pairs: 32\nreference: ok\n")
-    cfg = parse_config(ServeConfig, ["--config", str(yaml), "--max_batch_pairs", "8"])
-    assert (cfg.max_wait_ms, cfg.max_batch_pairs, cfg.reference, cfg.host) == (2.5, 8, "ok", "127.0.0.1")
+    cfg, judge = make_parser().parse_args_and_config(["--config", str(yaml), "--max_batch_pairs", "8", "--pairrm", "tiny"])
+    assert (cfg.max_wait_ms, cfg.max_batch_pairs, cfg.reference, cfg.host, judge.pairrm) == (2.5, 8, "ok", "127.0.0.1", "tiny")
     with pytest.raises(ValueError, match="chat_format"):
-        ServeConfig(chat_format="vicuna")
+        ServeArguments(chat_format="vicuna")
     with pytest.raises(ValueError, match="split_regex"):
-        ServeConfig(split_regex="(.*)")
+        ServeArguments(split_regex="(.*)")
+    with pytest.raises(ValueError, match="--token is empty"):
+        config("--token", "")
 
 
 # ---- bad requests ----------------------------------------------------------------------------------------------
@@ -257,13 +264,17 @@ BAD = [
     ("/compare_conversations", {"conversations_a": [[{"role": "user", "content": "q"}]],
                                 "conversations_b": [[{"role": "user", "content": "q"}]]}, 400, "conversations_a[0]"),
     ("/judge", {"prompts": ["x"], "completions": [["a"]]}, 400, "completions[0] must be a pair"),
-    ("/pair_logits", {"triples": [["a", "b"]]}, 400, "triples[0] must be a list of 3 strings"),
+    ("/pair_logits", {"triples": [["a", "b"]]}, 400, "triples[0] must be a list of 3 texts"),
+    ("/pair_logits", {"triples": [["a", "b", 3]]}, 400, "triples[0][2] must be a string or an object"),
+    ("/pair_logits", {"triples": [["a", "b", {"text": "c", "who": 1}]]}, 400, "triples[0][2] has unknown keys ['who']"),
     ("/pair_logits", {"triples": "abc"}, 400, "triples must be a list"),
     ("/get_reward", {"query": "x"}, 400, "query must be a list"),
     ("/get_reward", {"prompts": ["x"]}, 400, "missing field 'query'"),
     ("/get_reward", {"query": [chatml([{"role": "user", "content": "q"}], "r"), 3]}, 400, "query[1] must be a string"),
     ("/get_reward", {"query": ["no markers here"]}, 400, "cannot split query[0]"),
-    ("/get_reward", {"query": ["abc"], "prompts": ["xyz"]}, 400, "query[0] does not start with its prompt"),
+    ("/get_reward", {"query": ["abc"], "prompts": ["xyz"]}, 400, "query[0] neither starts with its prompt"),
+    ("/get_reward", {"query": ["abc"], "bogus": 1}, 400, "unknown field 'bogus'"),
+    ("/get_reward", {"query": ["abc"], "prompts": [3]}, 400, "prompts[0] must be a string"),
     ("/get_reward", {"query": ["abc"], "prompts": ["a", "b"]}, 400, "prompts has 2 items but query has 1"),
     ("/get_reward", {"query": [chatml([{"role": "assistant", "content": "q"}], "r")]}, 400, "query[0]"),
     ("/nope", OK, 404, "Not Found"),
@@ -290,15 +301,19 @@ def test_token(strict):
     assert httpx2.post(strict.url + "/compare", json=body).status_code == 401
     wrong = httpx2.post(strict.url + "/compare", json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+    assert httpx2.post(strict.url + "/compare", json=body, headers={"Authorization": "Bearer"}).status_code == 401
     assert httpx2.post(strict.url + "/get_reward", json={"query": ["x"]}).status_code == 401
+    assert httpx2.post(strict.url + "/compare?token=nope", json=body).status_code == 401
+    assert httpx2.post(strict.url + "/compare?token=", json=body).status_code == 401
     right = httpx2.post(strict.url + "/compare", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert right.status_code == 200
+    assert httpx2.post(strict.url + f"/compare?token={TOKEN}", json=body).status_code == 200  # OpenRLHF: in the URL
     assert httpx2.get(strict.url + "/health").status_code == 200  # open, for load balancers; no data
-    with PairRMClient(strict.url, retries=0) as client:
+    with RemoteBackend(strict.url, retries=0) as remote:
         with pytest.raises(PermissionError, match="401"):
-            client.pair_logits([("x", "a", "b")])
-    with PairRMClient(strict.url, token=TOKEN) as client:
-        assert client.pair_logits([("x", "a", "b")]).shape == (1,)
+            remote.score([("x", "a", "b")])
+    with RemoteBackend(strict.url, token=TOKEN) as remote:
+        assert remote.score([("x", "a", "b")]).shape == (1,)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -310,7 +325,8 @@ def test_token(strict):
 def test_limits(strict, body, message):
     path = "/rank_with_ref" if "ref_candidates" in body else "/rank" if "candidates" in body else "/compare"
     response = httpx2.post(strict.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert response.status_code == 400 and message in response.json()["error"]
+    status = 413 if "pair forwards" in message else 400  # too much work; malformed shapes
+    assert response.status_code == status and message in response.json()["error"]
 
 
 def raw_response(sock, timeout=10.0):
@@ -373,20 +389,13 @@ def test_graceful_shutdown_answers_in_flight(hf_model):
         httpx2.get(background.url + "/health", timeout=2)
 
 
-SERVE = """
-import logging, sys
-import torch
-logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.serve.server import ServeConfig, run_serve
-run_serve(parse_config(ServeConfig, sys.argv[1:]))
-"""
 
 
+@pytest.mark.multiprocess
 def test_sigterm_answers_in_flight_then_exits(hf_model):
     """`run_serve` in its own process (as `pairrm-rlhf serve` runs): SIGTERM while a request waits in the batcher."""
-    process = subprocess.Popen([sys.executable, "-c", SERVE, "--model", "tiny", "--device", "cpu", "--port", "0",
-                                "--max_wait_ms", "1500"], stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "pairrm_rlhf.serve.command", "--pairrm", "tiny", "--pairrm_device",
+                                "cpu", "--port", "0", "--max_wait_ms", "1500"], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         url, log = None, []
@@ -418,139 +427,3 @@ def test_sigterm_answers_in_flight_then_exits(hf_model):
             process.wait()
 
 
-# ---- client ----------------------------------------------------------------------------------------------------
-def dead_url():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-class Stub:
-    """A scripted HTTP server: answers /pair_logits with the next (status, body, delay) of `script`, then the last."""
-
-    def __init__(self, script):
-        self.script, self.calls = list(script), 0
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                status, body, delay = stub.script[min(stub.calls, len(stub.script) - 1)]
-                stub.calls += 1
-                time.sleep(delay)
-                data = json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.http.shutdown()
-        self.http.server_close()
-
-
-def test_client_failover_same_rewards(server, hf_model):
-    prompts = ["Explain the sun.", [SYSTEM, {"role": "user", "content": "Describe the ocean."}]]
-    completions = ["It is a hot star.", [{"role": "assistant", "content": "Water."}]]
-    references = ["The sun is a star.", ["Big and blue.", "Salty."]]
-    with PairRMClient([dead_url(), server.url], retries=0, timeout=10) as client:
-        remote = client.reference_reward()
-        assert remote.__name__ == "pairrm_reference"
-        np.testing.assert_allclose(remote(prompts, completions, reference=references),
-                                   PairwiseReward(hf_model)(prompts, completions, reference=references), atol=1e-5)
-        logit = client.reference_reward(output="logit", name="ref_logit")
-        assert logit.__name__ == "ref_logit"
-        np.testing.assert_allclose(logit(prompts, completions, reference=references),
-                                   PairwiseReward(hf_model, output="logit")(prompts, completions, reference=references), atol=1e-5)
-        block_prompts, block = prompts * 2, completions + ["Cold.", [{"role": "assistant", "content": "Fire."}]]
-        dpo = client.online_dpo_reward()
-        assert dpo.__name__ == "pairrm_judge"
-        np.testing.assert_allclose(dpo(block_prompts, block), OnlineDPOJudgeReward(PairRMJudge(hf_model))(block_prompts, block), atol=1e-5)
-        group = client.group_reward(group_size=2)
-        np.testing.assert_allclose(group(block_prompts[:1] * 2, block[::2]),
-                                   PairwiseReward(hf_model, mode="group", group_size=2)(block_prompts[:1] * 2, block[::2]), atol=1e-5)
-        assert client.pairrm.rank(["q"], [["a", "b", "c"]]).tolist() == hf_model.rank(["q"], [["a", "b", "c"]]).tolist()
-        assert client.health()["status"] == "ok"
-
-
-def test_client_retries_with_backoff_then_succeeds():
-    stub = Stub([(503, {"error": "busy"}, 0), (500, {"error": "oops"}, 0), (200, {"logits": [0.25]}, 0)])
-    try:
-        with PairRMClient(stub.url, retries=2, backoff=0.01) as client:
-            assert client.pair_logits([("x", "a", "b")]).tolist() == [0.25]
-        assert stub.calls == 3
-    finally:
-        stub.close()
-
-
-def test_client_errors():
-    dead = [dead_url(), dead_url()]
-    with PairRMClient(dead, retries=1, backoff=0.01) as client, pytest.raises(PairRMServerError) as error:
-        client.pair_logits([("x", "a", "b")])
-    assert all(url in str(error.value) for url in dead) and "after 2 attempt(s)" in str(error.value)
-
-    bad = Stub([(400, {"error": "triples[0] is bad"}, 0)])  # the request's fault: not retried elsewhere
-    slow = Stub([(200, {"logits": [1.0]}, 3.0)])  # times out: the next URL answers
-    good = Stub([(200, {"logits": [0.5]}, 0)])
-    try:
-        with PairRMClient(bad.url, retries=3, backoff=0.01) as client, pytest.raises(ValueError, match="triples.0. is bad"):
-            client.pair_logits([("x", "a", "b")])
-        assert bad.calls == 1
-        with PairRMClient([slow.url, good.url], timeout=0.5, retries=0) as client:
-            assert client.pair_logits([("x", "a", "b")]).tolist() == [0.5]
-            assert client.pair_logits([("x", "a", "b")]).tolist() == [0.5]  # sticks to the server that answered
-        assert slow.calls == 1 and good.calls == 2
-    finally:
-        for stub in (bad, slow, good):
-            stub.close()
-
-
-def test_client_chunks_large_jobs(server, hf_model):
-    triples = [(f"prompt {i}", "a" * (i % 7), "b" * (i % 5)) for i in range(50)]
-    with PairRMClient(server.url, chunk_pairs=8) as client:
-        np.testing.assert_allclose(client.pair_logits(triples, two_order=True), hf_model.two_order_logits(triples), atol=1e-5)
-
-
-# ---- GRPO through the server ------------------------------------------------------------------------------------
-def test_grpo_smoke_with_remote_reward(server, hf_model, tmp_path):
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    from tiny_policy import build_tiny_policy, build_tiny_tokenizer
-
-    calls = []
-    with PairRMClient([dead_url(), server.url], retries=1, backoff=0.01) as client:
-        remote = client.reference_reward()
-
-        def reward(prompts, completions, **kwargs):
-            rewards = remote(prompts, completions, **kwargs)
-            calls.append((prompts, completions, kwargs["reference"], rewards))
-            return rewards
-
-        reward.__name__ = remote.__name__
-        questions = ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about music."]
-        data = Dataset.from_dict({"prompt": [[SYSTEM, {"role": "user", "content": q}] for q in questions],
-                                  "reference": ["A star.", "Water.", "A drink.", "Sound."]})
-        tokenizer = build_tiny_tokenizer()
-        args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
-                              max_completion_length=8, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-                              save_strategy="no", seed=0, activation_checkpointing=False)
-        trainer = trl.GRPOTrainer(model=build_tiny_policy(tokenizer), reward_funcs=[reward], args=args,
-                                  train_dataset=data, processing_class=tokenizer)
-        trainer.train()
-    assert len(calls) == 2
-    local = PairwiseReward(hf_model)
-    for prompts, completions, references, rewards in calls:
-        np.testing.assert_allclose(rewards, local(prompts, completions, reference=references), atol=1e-5)

@@ -63,3 +63,25 @@ def test_truncation_budgets(model):
     assert b - a == each and len(ids) - (b - 1) == each
     assert model.backend.truncation_rate([("hi", long_text, "short")]) == 1.0
     assert model.backend.truncation_rate([("hi", "short", "short")]) == 0.0
+
+
+def test_pretruncate_cuts_and_decodes_like_transformers():
+    """Better-PairRM's pre-truncation: decode(encode(text)[-n:] or [:n], skip_special_tokens=True), then the
+    tokenizer's clean_up_tokenization_spaces when it is on."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pairrm_rlhf.core.tokenization import pretruncate
+
+    tok = load_text_tokenizer(HF_CHECKPOINT)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(HF_CHECKPOINT) + "/tokenizer.json")
+    text = "Hello , world ! It 's [SEP] fine .  Really   fine ."
+    ids = tok.encode(text, add_special_tokens=False).ids
+    for side, n in [("right", 5), ("left", 5), ("right", 1000)]:
+        reference.truncation_side = side
+        expected = reference.decode(reference.encode(text, add_special_tokens=False, max_length=n, truncation=True),
+                                    skip_special_tokens=True)
+        assert pretruncate(tok, text, n, side) == expected
+    whole = pretruncate(tok, text, len(ids), "left")
+    assert whole == "Hello , world  It 's fine . Really fine ."  # [SEP] and the tiny vocabulary's unknown "!" dropped
+    assert pretruncate(tok, text, len(ids), "left", clean_up_spaces=True) == "Hello, world  It's fine. Really fine."
+    assert pretruncate(tok, text, 3, "left").endswith("fine .") and not pretruncate(tok, text, 3, "left").startswith("Hello")

@@ -1,41 +1,68 @@
-"""Better-PairRM (`maywell/Better-PairRM`): PairRM's encoder engine behind its own text template.
+"""Better-PairRM (`maywell/Better-PairRM`, `mightbe/Better-PairRM`): PairRM's encoder engine behind the input
+pipeline that produced its published RewardBench numbers.
 
-Same architecture and engine as PairRM; only the rendering (`core.formats.better_pairrm_source`) and the layout's
-budgets (set by `core.loading`) differ.
+Reference: allenai/reward-bench, `rewardbench/models/betterpairrm.py` (`tokenize_conv_pair` + `tokenize_pair`):
+
+1. the source is the prompt's messages rendered with the generation prompt (`core.formats.better_pairrm_source`:
+   ends in `ASSISTANT: `; a plain prompt is one USER turn);
+2. pre-truncation: the rendered source is tokenized, cut to its last 2030 tokens and decoded; each candidate is
+   cut to its first 670 tokens and decoded (`skip_special_tokens=True`, and the tokenizer's
+   `clean_up_tokenization_spaces`);
+3. the pair: `[CLS] <|source|> [SEP]` as its own segment, then `[CLS] source [SEP]` cut from the left (the prefix
+   segment and the specials are never dropped), then each candidate in the rest of 3370 tokens
+   (`core.tokenization.PairLayout` with `truncate_source_left` and `source_prefix_segment`).
+
+Both orders are scored (AB − BA) by `PairRM`; in `compare_conversations` each order's source is that side's own
+history, as reward-bench renders `convAs[:-1]` for AB and `convBs[:-1]` for BA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..core.backend import PairBackend, Triple
 from ..core.formats import better_pairrm_source, response_text
+from ..core.tokenization import pretruncate
 
 
-class TemplatedScorer:
-    """A backend whose texts are re-rendered by `render_source`/`render_candidate` before an inner backend scores
-    them. Attributes it lacks (model, tokenizer, layout, dtype, ...) are the inner backend's."""
+class BetterPairRMScorer:
+    """A `PairBackend` that turns (source, A, B) into Better-PairRM's text (steps 1–2 of the module docstring) and
+    lets the inner encoder engine build and score the pair (step 3). Attributes it lacks (model, tokenizer, layout,
+    dtype, ...) are the inner engine's.
 
-    def __init__(
-        self,
-        inner: PairBackend,
-        template: str,
-        render_source: Callable[[str], str] = better_pairrm_source,
-        render_candidate: Callable[[str], str] = response_text,
-    ):
-        self.inner, self.template = inner, template
-        self.render_source, self.render_candidate = render_source, render_candidate
+    Args:
+        inner: the encoder engine (`core.engine.PairScorer`) with Better-PairRM's layout.
+        clean_up_spaces: the checkpoint tokenizer's `clean_up_tokenization_spaces` (applied when decoding the
+            pre-truncated text, as transformers does).
+    """
+
+    template = "better-pairrm"
+
+    def __init__(self, inner: PairBackend, clean_up_spaces: bool = False):
+        self.inner, self.clean_up_spaces = inner, clean_up_spaces
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not set yet (e.g. during unpickling)
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def source_text(self, source: str) -> str:
+        """The rendered source, cut to its last `source_max_length` tokens and decoded (reward-bench's step)."""
+        text = better_pairrm_source(source)
+        return pretruncate(self.inner.tokenizer, text, self.inner.layout.source_max_length, "left", self.clean_up_spaces)
+
+    def candidate_text(self, candidate: str) -> str:
+        """The bare response, cut to its first `candidate_max_length` tokens and decoded."""
+        text = response_text(candidate)
+        return pretruncate(self.inner.tokenizer, text, self.inner.layout.candidate_max_length, "right", self.clean_up_spaces)
+
     def convert(self, triples: Sequence[Triple]) -> list[Triple]:
-        return [(self.render_source(s), self.render_candidate(a), self.render_candidate(b)) for s, a, b in triples]
+        sources = {s: self.source_text(s) for s in dict.fromkeys(s for s, _, _ in triples)}
+        candidates = {c: self.candidate_text(c) for c in dict.fromkeys(c for _, a, b in triples for c in (a, b))}
+        return [(sources[s], candidates[a], candidates[b]) for s, a, b in triples]
 
     def score(
         self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
@@ -43,12 +70,27 @@ class TemplatedScorer:
         return self.inner.score(self.convert(triples), batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def truncation_rate(self, triples: Sequence[Triple]) -> float:
-        return self.inner.truncation_rate(self.convert(triples))
+        """Fraction of triples in which some text loses tokens (pre-truncation or the pair's budget)."""
+        if not triples:
+            return 0.0
+        tok, layout = self.inner.tokenizer, self.inner.layout
+
+        def longer(text: str, limit: int) -> bool:
+            return len(tok.encode(text, add_special_tokens=False).ids) > limit
+
+        cut = 0
+        for triple, converted in zip(triples, self.convert(triples)):
+            s, a, b = triple
+            cut += (
+                longer(better_pairrm_source(s), layout.source_max_length)
+                or any(longer(response_text(c), layout.candidate_max_length) for c in (a, b))
+                or self.inner.truncation_rate([converted]) > 0
+            )
+        return cut / len(triples)
 
     def identity(self) -> dict:
-        return {**self.inner.identity(), "template": self.template}
+        return {**self.inner.identity(), "template": self.template, "clean_up_spaces": self.clean_up_spaces}
 
     def build(self, triples: Sequence[Triple]) -> list:
         return self.inner.build(self.convert(triples))
-
 

@@ -1,6 +1,21 @@
 """RLHFlow's pairwise preference LLM (`RLHFlow/pair-preference-model-LLaMA3-8B`) as a `PairBackend`.
 
-A causal LM asked "A or B?" for one ordered pair; the prompt format lives in `core.formats`.
+A causal LM asked "A or B?" for one ordered pair. References: RLHFlow/RLHF-Reward-Modeling `pair-pm/README.md`
+(usage example) and `pair-pm/process_pair_data.py` (training format); allenai/reward-bench
+`rewardbench/models/slicpairpm.py` (the pipeline behind its RewardBench numbers). Both do, per ordered pair:
+
+1. context = `apply_chat_template(history, tokenize=False)` with RLHFlow's "plain" template
+   (`core.formats.rlhflow_context`; transformers' renderer, never a hand-built string);
+2. prompt = `[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \\n` as one user message, through the model's
+   own chat template (`apply_chat_template(message, tokenize=False)`, no `add_generation_prompt` argument: the
+   Llama-3 template of the time always ends in the assistant header), the BOS text removed, tokenized with
+   `add_special_tokens=False`;
+3. P(A) = softmax over the next-token logits of exactly `A` and `B`, each divided by the temperature; the two
+   orders' probabilities of the same response are averaged.
+
+Lengths: the reference never truncates; the model was trained with `sequence_len: 3072`
+(`pair-pm/llama3-8b-it.yaml`), so prompts longer than that are outside its training lengths. Here the context is
+cut from the left only when a prompt exceeds `max_length` (default 8192, Llama-3's context).
 """
 
 from __future__ import annotations
@@ -25,6 +40,10 @@ def _log_sigmoid(x: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -x)
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
 def swap_averaged_logit(d_ab: np.ndarray, d_ba: np.ndarray) -> np.ndarray:
     """log(p / (1 - p)) with p = (sigmoid(d_ab) + sigmoid(-d_ba)) / 2, computed stably.
 
@@ -40,17 +59,24 @@ def swap_averaged_logit(d_ab: np.ndarray, d_ba: np.ndarray) -> np.ndarray:
 class RLHFlowScorer:
     """RLHFlow's pairwise preference LLM (`RLHFlow/pair-preference-model-LLaMA3-8B`) as a `PairBackend`.
 
-    One ordered pair is one user turn `[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \\n` put through the
-    model's chat template (with the generation prompt; the BOS text is stripped, as the model card does), and
-    d = logit("A") - logit("B") of the next token: softmax over exactly those two tokens gives P(A) = sigmoid(d).
+    One ordered pair is one prompt (module docstring) and d = logit("A") - logit("B") of its next token.
 
     Single-order logit: with `swap_average=True` (default) both orders are run and
-    f(x, A, B) = logit(p), p = (P_AB(A) + P_BA(B)) / 2, RLHFlow's swap-averaged probability. Then f is antisymmetric,
-    PairRM's two-order logit f(x,A,B) - f(x,B,A) = 2 logit(p), and `PairRM.probability` (T=1) returns p exactly.
+    f(x, A, B) = logit(p), p = (sigmoid(d_AB) + sigmoid(-d_BA)) / 2, RLHFlow's swap-averaged probability at
+    temperature 1. Then f is antisymmetric, PairRM's two-order logit f(x,A,B) - f(x,B,A) = 2 logit(p), and
+    `PairRM.probability` returns the reference's probability at any temperature T through `swap_probability`:
+    (sigmoid(d_AB / T) + sigmoid(-d_BA / T)) / 2, the temperature applied to each order's logits before averaging.
     With `swap_average=False`, f(x, A, B) = d of that one order (slot-biased, like PairRM's single order).
 
-    The context is cut from the left (the latest turns survive) so that a prompt fits `max_length` tokens; the
-    responses are never cut. Prompts are sorted by length and packed into batches under `max_tokens`.
+    Prompts longer than `max_length` tokens lose the left part of their context (the latest turns survive); the
+    responses are never cut. Prompts are sorted by length and packed into left-padded batches under `max_tokens`.
+
+    Args:
+        model, tokenizer: the causal LM (eval mode, on `device`) and its tokenizer, which must have a chat template
+            and encode `A` and `B` as one token each.
+        device, dtype: where and in which (autocast) dtype the model runs.
+        max_length: most prompt tokens (see above). max_tokens: padded tokens per batch.
+        swap_average: see above.
     """
 
     template = "rlhflow"
@@ -83,7 +109,7 @@ class RLHFlowScorer:
     # ---- prompts ----------------------------------------------------------------------------------------
     def _ids(self, context: str, a: str, b: str) -> list[int]:
         message = [{"role": "user", "content": RLHFLOW_PROMPT.format(context=context, a=a, b=b)}]
-        text = self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(message, tokenize=False)
         if self.tokenizer.bos_token:
             text = text.replace(self.tokenizer.bos_token, "")
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -91,7 +117,7 @@ class RLHFlowScorer:
     def prompt_ids(self, triple: Triple) -> tuple[list[int], bool]:
         """Token ids of one ordered pair and whether its context was cut to fit `max_length`."""
         source, a, b = triple
-        context, a, b = rlhflow_context(source), response_text(a), response_text(b)
+        context, a, b = rlhflow_context(self.tokenizer, source), response_text(a), response_text(b)
         ids = self._ids(context, a, b)
         if len(ids) <= self.max_length:
             return ids, False
@@ -128,15 +154,30 @@ class RLHFlowScorer:
         """f(x, A, B) for each ordered triple (see the class docstring), float32 in the caller's order."""
         if not triples:
             return np.zeros(0, dtype=np.float32)
-        needed = list(dict.fromkeys(triples))
-        if self.swap_average:
-            needed = list(dict.fromkeys([*needed, *((s, b, a) for s, a, b in needed)]))
-        diffs = dict(zip(needed, self.choice_logits(needed, batch_size, show_progress_bar)))
         if not self.swap_average:
+            needed = list(dict.fromkeys(triples))
+            diffs = dict(zip(needed, self.choice_logits(needed, batch_size, show_progress_bar)))
             return np.array([diffs[t] for t in triples], dtype=np.float32)
-        d_ab = np.array([diffs[t] for t in triples])
-        d_ba = np.array([diffs[(s, b, a)] for s, a, b in triples])
-        return swap_averaged_logit(d_ab, d_ba).astype(np.float32)
+        return swap_averaged_logit(*self._order_logits(triples, batch_size, show_progress_bar)).astype(np.float32)
+
+    def swap_probability(
+        self, triples: Sequence[Triple], temperature: float = 1.0, *, batch_size: int | None = None
+    ) -> np.ndarray:
+        """The reference's P(A better): (sigmoid(d_AB / T) + sigmoid(-d_BA / T)) / 2 (float64), both orders always
+        run, exactly 0.5 when A == B."""
+        if not triples:
+            return np.zeros(0)
+        d_ab, d_ba = self._order_logits(triples, batch_size, None)
+        p = (_sigmoid(d_ab / temperature) + _sigmoid(-d_ba / temperature)) / 2
+        return np.where([a == b for _, a, b in triples], 0.5, p)
+
+    def _order_logits(
+        self, triples: Sequence[Triple], batch_size: int | None, show_progress_bar: bool | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """d of each triple and d of its swap (one forward per distinct ordered triple)."""
+        needed = list(dict.fromkeys([*triples, *((s, b, a) for s, a, b in triples)]))
+        diffs = dict(zip(needed, self.choice_logits(needed, batch_size, show_progress_bar)))
+        return np.array([diffs[t] for t in triples]), np.array([diffs[(s, b, a)] for s, a, b in triples])
 
     def choice_logits(
         self, triples: Sequence[Triple], batch_size: int | None = None, show_progress_bar: bool | None = None
@@ -189,6 +230,13 @@ def load_rlhflow(
         raise OSError(f"cannot load the RLHFlow judge {name_or_path!r}: {err}") from err
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{name_or_path}: the tokenizer has no chat template; the RLHFlow judge needs one")
+    probe = [{"role": "user", "content": "?"}]
+    if tokenizer.apply_chat_template(probe, tokenize=False) != tokenizer.apply_chat_template(
+        probe, tokenize=False, add_generation_prompt=True
+    ):
+        logger.warning("%s: the chat template adds the assistant header only with add_generation_prompt; RLHFlow's "
+                       "reference code does not ask for it, so prompts end at the user turn as they do there",
+                       name_or_path)
     model.to(device).eval()
     logger.info("loaded RLHFlow pair-preference model from %s", name_or_path)
     return RLHFlowScorer(

@@ -1,11 +1,11 @@
 """The pair-scoring engine: ordered (source, A, B) triples in, single-order logits f(x, A, B) out.
 
 Every scoring method goes through `PairScorer.score`. It is fast because it does as little as it can:
-each distinct text is tokenized once, identical triples are scored once, pairs are sorted by length and
-packed into batches under a token budget (padding only to the longest pair of each batch), the encoder
-keeps only its last layer, and the forward runs under `torch.no_grad` and one autocast context per call
-(`inference_mode` would disable autocast's weight-cast cache). A CUDA
-out-of-memory error splits the batch and retries it; nothing is lost.
+each distinct text is tokenized once, identical inputs (by token ids, not text) are scored once, pairs
+are sorted by length and packed into batches under a token budget (padding only to the longest pair of each
+batch), the encoder keeps only its last layer, and the forward runs under `torch.no_grad` and one autocast
+context per call (`inference_mode` would disable autocast's weight-cast cache). A CUDA out-of-memory error
+splits the batch and retries it; nothing is lost.
 """
 
 from __future__ import annotations
@@ -91,10 +91,16 @@ class PairScorer:
         self.dtype = dtype
         self.max_tokens = max_tokens or default_max_tokens(device)
         self._identity: dict | None = None
+        self._identity_key: tuple = ()
 
     def identity(self) -> dict:
-        """What changes this scorer's numbers: a digest of every weight, the dtype, the layout and the tokenizer."""
-        if self._identity is None:
+        """What changes this scorer's numbers: a digest of every weight, the dtype, the layout and the tokenizer.
+
+        The digest is recomputed only when a weight tensor was replaced or changed in place (its version counter).
+        """
+        key = tuple((t.data_ptr(), t._version) for t in self.model.state_dict().values())
+        if self._identity is None or key != self._identity_key:
+            self._identity_key = key
             self._identity = {
                 "backend": "pairrm-encoder",
                 "weights": state_digest(self.model),
@@ -139,19 +145,36 @@ class PairScorer:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r:.40}")
         if not triples:
             return np.zeros(0, dtype=np.float32)
-        unique = list(dict.fromkeys(triples))  # identical triples are scored once
-        index = {triple: i for i, triple in enumerate(unique)}
-        pairs = self.build(unique)
+        pairs, slot = self.distinct_inputs(triples)
         batches = plan_batches([len(ids) for ids, _ in pairs], self.max_tokens, batch_size)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and logger.getEffectiveLevel() <= logging.INFO
-        results = np.empty(len(unique), dtype=np.float32)
+        results = np.empty(len(pairs), dtype=np.float32)
         # One autocast context around all batches: weights are cast to the compute dtype once per call.
-        with self._autocast(self.dtype), tqdm(total=len(unique), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:
+        with self._autocast(self.dtype), tqdm(total=len(pairs), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:
             for batch in batches:
                 results[batch] = self.forward([pairs[i] for i in batch])
                 bar.update(len(batch))
-        return results[[index[t] for t in triples]]
+        return results[slot]
+
+    def distinct_inputs(self, triples: Sequence[Triple]) -> tuple[list[tuple[list[int], tuple]], list[int]]:
+        """The distinct model inputs (ids, prefix positions) of `triples`, and which one each triple is.
+
+        Deduplicated by the built ids, not the text: texts the tokenizer maps to the same ids (a double space,
+        a zero-width space) are the same input, get one forward and one value, so f(x,A,B) - f(x,B,A) is
+        exactly 0 when ids(A) == ids(B), whatever batch either order would have landed in.
+        """
+        distinct = list(dict.fromkeys(triples))
+        pairs: list[tuple[list[int], tuple]] = []
+        slot_of_input: dict[tuple, int] = {}
+        slot_of_triple: dict[Triple, int] = {}
+        for triple, (ids, positions) in zip(distinct, self.build(distinct)):
+            key = (tuple(ids), positions)
+            if key not in slot_of_input:
+                slot_of_input[key] = len(pairs)
+                pairs.append((ids, positions))
+            slot_of_triple[triple] = slot_of_input[key]
+        return pairs, [slot_of_triple[t] for t in triples]
 
     def forward(self, pairs: Sequence[tuple[list[int], tuple]]) -> np.ndarray:
         """Run one padded batch; on CUDA out-of-memory, split it in halves and retry each."""

@@ -5,9 +5,11 @@ is the fixed instruction sentence followed by `USER: {u}\\nAssistant: <Response 
 `<Response k>: {a}` lines. Literal `[SEP]` becomes a space. System messages are folded into the next user turn
 as `{system}\\n\\n{user}` so that the instruction sentence stays exactly the trained one.
 
-Rendered strings are `Rendered`: equal to PairRM's text (so the PairRM engine sees exactly that), and carrying the
-prompt's messages or the bare response, from which the other judges (Better-PairRM, RLHFlow) render their own
-formats here too.
+Rendered strings are `Rendered`: PairRM's text (so the PairRM engine sees exactly that), also carrying the prompt's
+messages or the bare response, from which the other judges render their own formats here too: Better-PairRM as
+reward-bench's `betterpairrm.py` does (`better_pairrm_source`), RLHFlow's context through transformers' chat-template
+renderer with RLHFlow's plain template (`rlhflow_context`). Two `Rendered` strings are equal only when their text
+and their origin are.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ class Rendered(str):
 
     def __reduce__(self) -> tuple:
         return (_rebuild, (str(self), self.messages, self.response))
+
+    # Equal only with the same text *and* origin: two conversations can share PairRM's text (or a last user turn)
+    # and still render differently for the other judges, which look rendered strings up in dicts.
+    def __eq__(self, other: object) -> bool:
+        return (str.__eq__(self, other) is True and self.messages == getattr(other, "messages", None)
+                and self.response == getattr(other, "response", None))
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = str.__hash__
 
 
 def _rebuild(text: str, messages: Messages | None, response: str | None) -> Rendered:
@@ -212,6 +225,17 @@ def render_conversations(
     return inputs, cands_a, cands_b
 
 
+def conversation_history(turns: Sequence[tuple[str, str]]) -> Rendered:
+    """A conversation's context up to its last user turn, as a `Rendered` source (the other judges' input)."""
+    messages = tuple(m for u, a in turns[:-1] for m in (("user", u), ("assistant", a))) + (("user", turns[-1][0]),)
+    return Rendered(turns[-1][0], messages=messages)
+
+
+def conversation_sides(turns_a: Sequence[tuple[str, str]], turns_b: Sequence[tuple[str, str]]) -> tuple:
+    """(x_A, x_B, last answer A, last answer B): each conversation's own history and its last answer."""
+    return conversation_history(turns_a), conversation_history(turns_b), turns_a[-1][1], turns_b[-1][1]
+
+
 def conversation_triples(conversations_a: Sequence[Sequence[dict]], conversations_b: Sequence[Sequence[dict]]) -> list:
     """(context, last answer A, last answer B) for judges other than PairRM; the histories must be identical."""
     triples = []
@@ -221,47 +245,59 @@ def conversation_triples(conversations_a: Sequence[Sequence[dict]], conversation
         if turns_a[:-1] != turns_b[:-1] or turns_a[-1][0] != turns_b[-1][0]:
             raise ValueError(
                 f"conversations_a[{k}] and conversations_b[{k}] differ before their last answer; this judge compares "
-                "one pair of answers in a shared context (only the PairRM template compares whole conversations)"
+                "one pair of answers in a shared context (PairRM and Better-PairRM compare whole conversations)"
             )
-        messages = tuple(m for u, a in turns_a[:-1] for m in (("user", u), ("assistant", a))) + (("user", turns_a[-1][0]),)
-        source = Rendered(turns_a[-1][0], messages=messages)
-        triples.append((source, turns_a[-1][1], turns_b[-1][1]))
+        triples.append((conversation_history(turns_a), turns_a[-1][1], turns_b[-1][1]))
     return triples
 
 
 # ---- Better-PairRM -------------------------------------------------------------------------------------------
 BETTER_PAIRRM_ROLES = {"system": "SYSTEM MESSAGE", "user": "USER", "assistant": "ASSISTANT"}
+BETTER_PAIRRM_SEPARATOR = "\n    \n    "  # what reward-bench's indented template emits after every message
 
 
 def better_pairrm_source(source: str) -> str:
-    """Better-PairRM's (Vicuna-1.1-style) source: one `SYSTEM MESSAGE: `/`USER: `/`ASSISTANT: ` line per message.
+    """Better-PairRM's source text: the prompt's messages as reward-bench's `BETTER_PAIRRM_TEMPLATE` renders them
+    with `add_generation_prompt=True` (allenai/reward-bench, `rewardbench/models/betterpairrm.py`).
 
-    A plain-text prompt is used as is (as on the model card); the candidate is the bare response.
+    Each message is `{ROLE}: {content.strip()}` followed by the separator `"\\n    \\n    "` (the template is an
+    indented string rendered by a plain `jinja2.Environment`, so its indentation is part of the output), and the
+    source ends in `ASSISTANT: ` unless the last message is an assistant one. A plain-string prompt is one USER
+    turn, as reward-bench's dataset loader wraps it. Roles: SYSTEM MESSAGE / USER / ASSISTANT.
     """
-    messages = getattr(source, "messages", None)
-    if messages is None:
-        return str(source)
-    return "\n".join(f"{BETTER_PAIRRM_ROLES[role]}: {content}" for role, content in messages)
+    messages = prompt_messages(source)
+    text = "".join(f"{BETTER_PAIRRM_ROLES[role]}: {content.strip()}{BETTER_PAIRRM_SEPARATOR}" for role, content in messages)
+    return text if messages and messages[-1][0] == "assistant" else text + "ASSISTANT: "
 
 
 # ---- RLHFlow -------------------------------------------------------------------------------------------------
 RLHFLOW_PROMPT = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b} \n"
+# The "plain" chat template of RLHFlow/RLHF-Reward-Modeling (`pair-pm/README.md`, `pair-pm/process_pair_data.py`;
+# also reward-bench's `rewardbench/models/slicpairpm.py`): turns alternate by position, whatever their role.
+RLHFLOW_PLAIN_TEMPLATE = (
+    "\n{% for message in messages %}{% if loop.index0 % 2 == 0 %}\n\n<turn> user\n {{ message['content'] }}"
+    "{% else %}\n\n<turn> assistant\n {{ message['content'] }}{% endif %}{% endfor %}\n\n\n"
+)
 
 
-def rlhflow_context(source: str) -> str:
-    """The context in RLHFlow's plain `<turn> user` / `<turn> assistant` format (alternating by position).
-
-    System messages are folded into the next user message as `{system}\\n\\n{user}`.
-    """
-    turns: list[str] = []
+def rlhflow_context_messages(source: str) -> list[dict[str, str]]:
+    """The context's messages for RLHFlow's plain template: the prompt's turns, each system message folded into the
+    next user message as `{system}\\n\\n{user}` (the plain template alternates by position and has no system role)."""
+    messages: list[dict[str, str]] = []
     system: list[str] = []
     for role, content in prompt_messages(source):
         if role == "system":
             system.append(content)
         else:
-            turns.append("\n\n".join([*system, content]) if role == "user" else content)
+            messages.append({"role": role, "content": "\n\n".join([*system, content]) if role == "user" else content})
             system = []
-    body = "".join(
-        f"\n\n<turn> {'user' if i % 2 == 0 else 'assistant'}\n {content}" for i, content in enumerate(turns)
+    return messages
+
+
+def rlhflow_context(tokenizer: Any, source: str) -> str:
+    """RLHFlow's context text, rendered by transformers' own chat-template engine (`apply_chat_template` with the
+    plain template): transformers renders with `trim_blocks` and `lstrip_blocks`, and jinja drops the template's
+    final newline, so `[Hi, Hello, Q2?]` gives `'\\n\\n<turn> user\\n Hi\\n<turn> assistant\\n Hello\\n<turn> user\\n Q2?\\n'`."""
+    return tokenizer.apply_chat_template(
+        rlhflow_context_messages(source), chat_template=RLHFLOW_PLAIN_TEMPLATE, tokenize=False
     )
-    return "\n" + body + "\n\n\n"

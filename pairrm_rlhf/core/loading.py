@@ -3,12 +3,17 @@
 - hf layout (`llm-blender/PairRM-hf`): a DeBERTa-v2 config with the prefix-token ids, weights, tokenizer.
 - blender layout (`llm-blender/PairRM`): a ranker config naming the base encoder (`model_name`), weights.
   Only the base encoder's config and tokenizer are read, never its weights.
+
+Everything is validated before a model is built: config types and ranges (`check_encoder_config`), the prefix ids
+inside the embedding, floating-point finite weights whose shapes match the config. Each failure is a ValueError
+naming the file and the field (or tensor), never a crash in torch on the first forward.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +49,139 @@ def resolve(name_or_path: str | Path, patterns: list[str]) -> Path:
         ) from err
 
 
-def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Weights from model.safetensors, else pytorch_model.bin loaded with weights_only=True."""
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+def weights_file(directory: Path) -> Path:
+    """model.safetensors, else pytorch_model.bin."""
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
     raise FileNotFoundError(f"{directory} holds no {' or '.join(WEIGHT_FILES)}")
+
+
+def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights from model.safetensors, else pytorch_model.bin (weights_only=True); every tensor floating-point and
+    finite, else ValueError naming the file and the tensor."""
+    path = weights_file(directory)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign bytes: say which file
+        raise ValueError(f"{path}: cannot read the weights ({type(err).__name__}: {err})") from err
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise ValueError(f"{path}: expected a mapping of tensor names to tensors")
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(f"{path}: tensor {key!r} is {dtype}; weights must be floating-point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return state_dict
+
+
+# ---- config validation --------------------------------------------------------------------------
+# field: (type, minimum, maximum); absent fields take DebertaV2Config's (valid) defaults.
+ENCODER_FIELDS: dict[str, tuple[type, float | None, float | None]] = {
+    "vocab_size": (int, 1, None),
+    "hidden_size": (int, 1, None),
+    "num_hidden_layers": (int, 1, None),
+    "num_attention_heads": (int, 1, None),
+    "intermediate_size": (int, 1, None),
+    "max_position_embeddings": (int, 1, 1 << 20),  # sizes a buffer that no weight's shape checks
+    "type_vocab_size": (int, 0, None),
+    "max_relative_positions": (int, None, None),
+    "position_buckets": (int, None, None),
+    "attention_head_size": (int, 1, None),
+    "embedding_size": (int, 1, None),
+    "conv_kernel_size": (int, 0, None),
+    "layer_norm_eps": (float, 0, None),
+    "hidden_dropout_prob": (float, 0, 1),
+    "attention_probs_dropout_prob": (float, 0, 1),
+    "initializer_range": (float, 0, None),
+    "relative_attention": (bool, None, None),
+    "position_biased_input": (bool, None, None),
+    "share_att_key": (bool, None, None),
+    "norm_rel_ebd": (str, None, None),
+    "hidden_act": (str, None, None),
+}
+PAIRRM_FIELDS = {"n_tasks": (int, 1, None), "drop_out": (float, 0, 1), "pairrm_template": (str, None, None)}
+RANKER_FIELDS = {**PAIRRM_FIELDS, "ranker_type": (str, None, None), "model_name": (str, None, None),
+                 "source_maxlength": (int, 1, None), "candidate_maxlength": (int, 1, None)}
+PREFIX_ID_FIELDS = ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id", "cand_prefix_id")
+POSITION_TERMS = {"c2p", "p2c"}
+
+
+def check_field(
+    path: Path, config: dict, name: str, kind: type, low: float | None = None, high: float | None = None
+) -> None:
+    """ValueError naming `path` and `name` unless `config[name]` (when present) is of `kind` within [low, high].
+    `float` fields take any finite number; `int` fields refuse booleans and 1.5."""
+    if name not in config:
+        return
+    value = config[name]
+    if kind is float:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a finite number"
+    elif kind is int:
+        valid = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        valid = isinstance(value, kind)
+        what = {bool: "true or false", str: "a string"}.get(kind, kind.__name__)
+    if valid and low is not None and value < low:
+        valid = False
+    if valid and high is not None and value > high:
+        valid = False
+    if not valid:
+        bounds = f" in [{low}, {high}]" if low is not None and high is not None else f" >= {low}" if low is not None else ""
+        raise ValueError(f"{path}: field {name!r} must be {what}{bounds}, got {value!r:.60}")
+
+
+def check_encoder_config(path: Path, config: dict) -> None:
+    """Types and ranges of a DeBERTa-v2/v3 config's fields, so building the encoder cannot fail (or mis-build)."""
+    for name, (kind, low, high) in ENCODER_FIELDS.items():
+        check_field(path, config, name, kind, low, high)
+    defaults = DebertaV2Config()
+    hidden = config.get("hidden_size", defaults.hidden_size)
+    heads = config.get("num_attention_heads", defaults.num_attention_heads)
+    if hidden % heads:
+        raise ValueError(f"{path}: field 'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads})")
+    if config.get("pad_token_id") is not None:
+        check_field(path, config, "pad_token_id", int, 0)
+    terms = config.get("pos_att_type")
+    if isinstance(terms, str):
+        terms = [t.strip() for t in terms.lower().split("|")]
+    known = isinstance(terms, list) and all(isinstance(t, str) and t in POSITION_TERMS for t in terms)
+    if terms is not None and not known:
+        got = config["pos_att_type"]
+        raise ValueError(f"{path}: field 'pos_att_type' must be a list of {sorted(POSITION_TERMS)}, got {got!r:.60}")
+    from transformers.activations import ACT2FN
+
+    if config.get("hidden_act", "gelu") not in ACT2FN:
+        raise ValueError(f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
+
+
+def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], config: DebertaV2Config) -> None:
+    """`state_dict` holds exactly PairRM's tensors, each of the shape `config` gives it. The expected shapes come
+    from a model built on the meta device: no memory, so a config with huge sizes fails here, not in an allocation."""
+    layers = {key.split(".")[3] for key in state_dict if key.startswith("pretrained_model.encoder.layer.")}
+    if config.num_hidden_layers != len(layers):
+        raise ValueError(
+            f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} but {path} has {len(layers)} layers"
+        )
+    with torch.device("meta"):
+        expected = PairRMModel(config).state_dict()
+    for key, tensor in state_dict.items():
+        if key in expected and tensor.shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but {config_path} implies {tuple(expected[key].shape)}"
+            )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match PairRM (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 @dataclass
@@ -83,48 +212,99 @@ def detect_template(name_or_path: str | Path, config: dict | None = None) -> str
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object file, {} when absent; ValueError naming the file when it is not valid JSON or not an object."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def _encoder_config(path: Path, config: dict) -> DebertaV2Config:
+    check_encoder_config(path, config)
+    try:
+        return DebertaV2Config.from_dict(config)
+    except Exception as err:  # transformers' own (strict) field checks
+        raise ValueError(f"{path}: not a valid DeBERTa-v2 config ({type(err).__name__}: {err})") from err
 
 
 def load_checkpoint(
     name_or_path: str | Path, base_model: str | Path | None = None, template: str | None = None
 ) -> Checkpoint:
-    """Read a PairRM checkpoint of either layout into a `Checkpoint`.
+    """Read a PairRM checkpoint of either layout into a `Checkpoint`, validating it first (see the module docstring).
 
-    `template` (`pairrm` or `better-pairrm`) sets the input format and length budgets; default by `detect_template`.
+    Args:
+        name_or_path: a local checkpoint directory, `tiny` (the bundled one) or a hub id.
+        base_model: blender layout only: the base encoder's config and tokenizer (default: its `model_name`).
+        template: `pairrm` or `better-pairrm`: the input format and length budgets (default: `detect_template`).
+
+    Returns:
+        The model (CPU, float32, eval mode), text tokenizer, pair layout, layout kind and template.
+
+    Raises:
+        ValueError: a file that is not a valid PairRM checkpoint, naming the file and the field or tensor.
+        FileNotFoundError: no config.json (or no weights file).
+
+    Example:
+        >>> load_checkpoint("tiny").layout.cand1_prefix_id
+        3002
     """
     directory = resolve(name_or_path, ["*.json", "spm.model", "model.safetensors"])
     if not any((directory / name).is_file() for name in WEIGHT_FILES):  # older repos ship only a .bin
         directory = resolve(name_or_path, ["*.json", "spm.model", "pytorch_model.bin"])
-    config = _read_json(directory / "config.json")
-    if not config:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a PairRM checkpoint")
+    config = _read_json(config_path)
 
     if "ranker_type" in config:  # blender layout
+        for name, (kind_, low, high) in RANKER_FIELDS.items():
+            check_field(config_path, config, name, kind_, low, high)
         if config["ranker_type"] != "pairranker":
-            raise ValueError(f"{name_or_path}: ranker_type {config['ranker_type']!r} is not a PairRM ('pairranker')")
+            raise ValueError(f"{config_path}: field 'ranker_type' is {config['ranker_type']!r:.60}, not a PairRM ('pairranker')")
+        if base_model is None and "model_name" not in config:
+            raise ValueError(f"{config_path}: field 'model_name' (the base encoder) is missing; pass base_model")
         base = resolve(base_model or config["model_name"], ["config.json", "tokenizer*.json", "spm.model"])
-        encoder_config = DebertaV2Config.from_dict(_read_json(base / "config.json"))
+        encoder_path = base / "config.json"
+        if not encoder_path.is_file():
+            raise FileNotFoundError(f"{base} has no config.json: cannot build the base encoder")
+        encoder_config = _encoder_config(encoder_path, _read_json(encoder_path))
         tokenizer_dir, kind = base, "blender"
-        n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
         source_max, candidate_max = config.get("source_maxlength", 1224), config.get("candidate_maxlength", 412)
     elif config.get("model_type") == "deberta-v2":  # hf layout
-        encoder_config = DebertaV2Config.from_dict(config)
+        for name, (kind_, low, high) in PAIRRM_FIELDS.items():
+            check_field(config_path, config, name, kind_, low, high)
+        for name in PREFIX_ID_FIELDS:
+            check_field(config_path, config, name, int, 0)
+        encoder_path = config_path
+        encoder_config = _encoder_config(encoder_path, config)
         tokenizer_dir, kind = directory, "hf"
-        n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
         source_max, candidate_max = 1224, 412
     else:
-        raise ValueError(f"{directory}/config.json is neither a PairRM-hf config nor an llm-blender ranker config")
+        raise ValueError(
+            f"{config_path}: neither a PairRM-hf config (field 'model_type' 'deberta-v2') nor an llm-blender ranker "
+            f"config (field 'ranker_type'); its fields are {sorted(config)[:10]}"
+        )
+    n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
+    from_config = template is None and bool(config.get("pairrm_template"))
     template = template or detect_template(name_or_path, config)
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+        origin = f"{config_path}: field 'pairrm_template': " if from_config else ""
+        raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
     truncate_left, prefix_segment = TEMPLATES[template][2:]
     if template != "pairrm":
         source_max, candidate_max = TEMPLATES[template][:2]
     if n_tasks != 1:
-        raise ValueError(f"{name_or_path}: n_tasks={n_tasks}; only single-task PairRM checkpoints are supported")
+        raise ValueError(f"{config_path}: field 'n_tasks' is {n_tasks}; only single-task PairRM checkpoints are supported")
 
-    tokenizer_config = _read_json(tokenizer_dir / "tokenizer_config.json")
+    tokenizer_config_path = tokenizer_dir / "tokenizer_config.json"
+    tokenizer_config = _read_json(tokenizer_config_path)
+    for name in ("do_lower_case", "split_by_punct"):
+        check_field(tokenizer_config_path, tokenizer_config, name, bool)
     tokenizer = load_text_tokenizer(
         tokenizer_dir, tokenizer_config.get("do_lower_case", False), tokenizer_config.get("split_by_punct", False)
     )
@@ -132,23 +312,29 @@ def load_checkpoint(
     base_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     prefix_ids = {token: base_vocab + i for i, token in enumerate(PREFIX_TOKENS)}
     if kind == "hf":
-        prefix_ids.update(
-            {
-                token: config[key]
-                for token, key in zip(PREFIX_TOKENS, ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id", "cand_prefix_id"))
-                if key in config
-            }
-        )
+        prefix_ids.update({token: config[key] for token, key in zip(PREFIX_TOKENS, PREFIX_ID_FIELDS) if key in config})
 
+    weights_path = weights_file(directory)
     state_dict = load_state_dict(directory)
-    if EMBEDDING_KEY not in state_dict:
-        raise ValueError(f"{directory}: weights lack {EMBEDDING_KEY}; not a PairRM state dict")
-    encoder_config.vocab_size = state_dict[EMBEDDING_KEY].shape[0]  # the resized embedding, not the base's
+    embedding = state_dict.get(EMBEDDING_KEY)
+    if embedding is None or embedding.dim() != 2:
+        raise ValueError(f"{weights_path}: tensor {EMBEDDING_KEY!r} is missing or not 2-D; not a PairRM state dict")
+    rows = embedding.shape[0]
+    if base_vocab > rows:
+        raise ValueError(
+            f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows"
+        )
+    for token, key in zip(PREFIX_TOKENS, PREFIX_ID_FIELDS):
+        if prefix_ids[token] >= rows:
+            where = f"{config_path}: field {key!r}" if kind == "hf" and key in config else f"{token} (after the vocabulary)"
+            raise ValueError(f"{where}: id {prefix_ids[token]} is outside the embedding ({weights_path}: {rows} rows)")
+    if encoder_config.pad_token_id is not None and encoder_config.pad_token_id >= rows:
+        pad = encoder_config.pad_token_id
+        raise ValueError(f"{encoder_path}: field 'pad_token_id' ({pad}) is outside the embedding ({rows} rows)")
+    encoder_config.vocab_size = rows  # the resized embedding, not the base's
+    check_shapes(weights_path, encoder_path, state_dict, encoder_config)
     model = PairRMModel(encoder_config, n_tasks=n_tasks, dropout=dropout)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not match PairRM (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_state_dict(state_dict)
     model.eval()
 
     def token_id(token: str) -> int:

@@ -7,8 +7,6 @@ Parameter names match both published checkpoint layouts (`pretrained_model.*`, `
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -90,12 +88,26 @@ def supports_fast_encoder(config: DebertaV2Config) -> bool:
 
 
 def log_buckets(rel: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
-    """Relative positions bucketed as DeBERTa-v3 does: exact within +-buckets/2, log-spaced beyond."""
-    rel = rel.double()
+    """Relative positions bucketed as DeBERTa-v3 does: exact within +-buckets/2, log-spaced beyond.
+
+    Computed in float32 as transformers' `make_log_bucket_position` does (and as PairRM was trained): where
+    float32 and float64 round the log to different sides of an integer, the bucket differs (e.g. 256 buckets,
+    max_position 256: distance 1292). With DeBERTa-v3's 256 buckets and 512 positions they agree to 8191.
+    """
     mid = buckets // 2
-    far = rel.abs().clamp(min=mid)  # values inside the exact window are replaced below
-    log_pos = torch.ceil(torch.log(far / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
-    return torch.where(rel.abs() <= mid, rel, log_pos * rel.sign()).long()
+    far = rel.abs().clamp(min=mid).float()  # values inside the exact window are replaced below
+    log_pos = torch.ceil(torch.log(far / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
+    return torch.where(rel.abs() <= mid, rel, log_pos.long() * rel.sign())
+
+
+def attention_scale(head_size: int, terms: int) -> float:
+    """sqrt(head_size * terms) rounded to float32, the constant transformers divides the scores by (in every
+    dtype but half precision, where it rounds it further to the half type; we keep the float32 value).
+
+    The rounding is part of the model: sqrt(192) in float32 is 1.8e-8 below the exact value, which an encoder
+    of 6 layers at init range 0.2 amplifies to 1e-5 in float64 hidden states.
+    """
+    return float(torch.sqrt(torch.tensor(head_size, dtype=torch.float32) * terms))
 
 
 _POSITION_CACHE: dict[tuple, torch.Tensor] = {}
@@ -161,7 +173,7 @@ def _disentangled_attention(
         return skew(x.unflatten(1, (batch, length))).transpose(0, 1)
 
     query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
-    scale = math.sqrt(query.shape[-1] * (1 + len(attn.pos_att_type)))
+    scale = attention_scale(query.shape[-1], 1 + len(attn.pos_att_type))
     # Skewed column m of row a stands for b - a = m - (L-1). For c2p (a=i, b=j) that is -(i - j): the order
     # of `rel_embeddings`. p2c is computed as [j, i] (a=j, b=i, +(i - j): the reversed rows), then transposed.
     # Padding keys are masked through p2c: row j of its [j, i] scores is key j, so filling the padding rows

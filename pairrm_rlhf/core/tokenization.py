@@ -66,6 +66,28 @@ def load_text_tokenizer(directory: str | Path, do_lower_case: bool = False, spli
     raise FileNotFoundError(f"{directory} has neither tokenizer.json nor spm.model: cannot build the tokenizer")
 
 
+# transformers' `clean_up_tokenization_spaces` (tokenization_utils_base `clean_up_tokenization`), in its order
+CLEAN_UP_SPACES = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                   (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def pretruncate(tokenizer: Tokenizer, text: str, max_tokens: int, side: str, clean_up_spaces: bool = False) -> str:
+    """`text` cut to `max_tokens` tokens from the `left` or `right` and decoded back to text, as transformers'
+    `decode(encode(text, add_special_tokens=False, max_length=n), skip_special_tokens=True)` does with that
+    truncation side (Better-PairRM's pre-truncation; the decoded text is tokenized again later).
+
+    The round trip is applied even when nothing is cut: decoding drops special tokens and normalizes whitespace.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if len(ids) > max_tokens:
+        ids = ids[len(ids) - max_tokens :] if side == "left" else ids[:max_tokens]
+    out = tokenizer.decode(ids, skip_special_tokens=True)
+    if clean_up_spaces:
+        for old, new in CLEAN_UP_SPACES:
+            out = out.replace(old, new)
+    return out
+
+
 @dataclass(frozen=True)
 class PairLayout:
     """Token ids and length budgets of PairRM's input: `[CLS] <prefix> text [SEP]` three times.

@@ -1,10 +1,12 @@
-"""Preference labeling: sample K responses per prompt, score every pair with PairRM, emit DPO pairs.
+"""`PreferenceLabeler`: sample K responses per prompt, score every pair with a judge, emit DPO pairs.
 
 `PreferenceLabeler.label` turns a `datasets.Dataset` of prompts into TRL preference rows (`prompt`, `chosen`,
-`rejected`, plus scores and SPPO-style soft labels). The dataset is processed in chunks; with a `work_dir`
-each finished chunk is saved atomically, so an interrupted run resumes where it stopped. Under
-`accelerate launch` every process labels a contiguous shard of the chunks and the results are merged in
-input order. `run_label` is the `pairrm-rlhf label` command.
+`rejected`, plus scores and SPPO-style soft labels). The judge is any `PairRM` (over any `PairBackend`: the encoder,
+Better-PairRM, RLHFlow or a remote server); the labeler uses only the face's `pairwise_matrices` and the backend
+protocol (`truncation_rate`, `identity`). The dataset is processed in chunks; with a `work_dir` each finished chunk
+is saved in a `store.ChunkStore`, so an interrupted run resumes where it stopped and never mixes in chunks of
+another model, other settings or other data. Under `accelerate launch` every process labels a contiguous shard
+of the chunks and the results are merged in input order.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,97 +26,26 @@ import torch
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
-from ..core import aggregation, assets
-from ..core.engine import default_device
-from ..core.generation import load_policy, sample_responses
+from ..core import aggregation
+from ..core.backend import PairBackend
+from ..core.formats import render
+from ..core.generation import SamplingArguments
 from ..pairrm import PairRM
+from .generation import BACKENDS, ResponseSampler
+from .io import load_prompts, save_dataset  # noqa: F401  (re-exported: recipes import them from here)
+from .pairs import AGGREGATIONS, STRATEGIES, LabelStats, aggregate, select_pairs
+from .store import WORK_FORMAT, ChunkStore
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs")
-AGGREGATIONS = ("rank", "copeland", "bradley_terry")
-BACKENDS = ("transformers", "vllm")
-OUTPUT_FORMATS = ("save_to_disk", "jsonl", "parquet")
-WORK_FORMAT = 1  # bump when the chunk files change meaning
 _MESSAGE = {"role": Value("string"), "content": Value("string")}
 
 
-@dataclass
-class LabelStats:
-    """Counts of one labeling run (or one chunk of it)."""
-
-    prompts: int = 0
-    pairs: int = 0
-    ties_dropped: int = 0  # candidate pairs whose two responses had equal scores
-    below_margin: int = 0  # candidate pairs with 0 < margin <= margin_threshold
-    margin_sum: float = 0.0
-    scored_pairs: int = 0  # unordered response pairs scored (both orders each)
-    truncated_pairs: int = 0  # of those, pairs where PairRM had to cut some text
-
-    @property
-    def mean_margin(self) -> float:
-        return self.margin_sum / self.pairs if self.pairs else float("nan")
-
-    @property
-    def truncation_rate(self) -> float:
-        return self.truncated_pairs / self.scored_pairs if self.scored_pairs else 0.0
-
-    def add(self, other: "LabelStats") -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-
-def select_pairs(
-    scores: Sequence[float],
-    strategy: str = "best_vs_worst",
-    pairs_per_prompt: int | None = None,
-    margin_threshold: float = 0.0,
-    rng: np.random.Generator | None = None,
-) -> tuple[list[tuple[int, int]], int, int]:
-    """Pick (chosen, rejected) index pairs from one prompt's response scores.
-
-    `best_vs_worst`, `best_vs_second` and `best_vs_random` pair the best response (the first of equal best)
-    with the `pairs_per_prompt` (default 1) worst, next-best or randomly drawn others; `all_pairs` takes every
-    pair, largest margin first (default: no cap). A pair whose margin is 0 is a tie and a pair with margin
-    <= `margin_threshold` is too close: both are dropped. Returns (pairs, ties dropped, below-margin dropped).
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    scores = [float(s) for s in scores]
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # best first, stable
-    best, others = order[0], order[1:]
-    if strategy == "all_pairs":
-        candidates = [(i, j) for a, i in enumerate(order) for j in order[a + 1 :]]
-        candidates.sort(key=lambda p: -(scores[p[0]] - scores[p[1]]))  # stable: ties keep rank order
-    elif strategy == "best_vs_worst":
-        candidates = [(best, j) for j in reversed(others)]
-    elif strategy == "best_vs_second":
-        candidates = [(best, j) for j in others]
-    else:
-        if rng is None:
-            raise ValueError("best_vs_random needs an rng")
-        candidates = [(best, others[k]) for k in rng.permutation(len(others))]
-    if strategy != "all_pairs":
-        candidates = candidates[: pairs_per_prompt or 1]
-    kept, ties, below = [], 0, 0
-    for c, r in candidates:
-        margin = scores[c] - scores[r]
-        if margin == 0:
-            ties += 1
-        elif margin <= margin_threshold:
-            below += 1
-        else:
-            kept.append((c, r))
-    if strategy == "all_pairs" and pairs_per_prompt:
-        kept = kept[:pairs_per_prompt]
-    return kept, ties, below
-
-
 class PreferenceLabeler:
-    """Label prompts with preference pairs: sample K responses, score all pairs with PairRM, pick pairs.
+    """Label prompts with preference pairs: sample K responses, score all pairs with a judge, pick pairs.
 
     Args:
-        pairrm: the scorer.
+        pairrm: the judge: a `PairRM` (or a bare `PairBackend`, wrapped in one).
         policy: a transformers causal LM (or its path), or for `backend="vllm"` a model path or `vllm.LLM`.
             Not needed with `responses_column`.
         tokenizer: the policy's tokenizer (loaded from `policy` when it is a path).
@@ -126,24 +55,32 @@ class PreferenceLabeler:
         aggregation: how the pairwise matrix becomes one score per response: `rank` (the reference
             round-robin score), `copeland` (wins + ties/2) or `bradley_terry` (strengths fitted to the
             pairwise probabilities).
-        strategy, pairs_per_prompt, margin_threshold: which pairs to keep, see `select_pairs`.
+        strategy, pairs_per_prompt, margin_threshold: which pairs to keep, see `pairs.select_pairs`.
         probability_temperature: T of P(A > B) = sigmoid((f(x,A,B) - f(x,B,A)) / 2T) for the soft labels.
         seed: sampling is seeded per chunk and `best_vs_random` per prompt, so results do not depend on the
             number of processes or on interruptions.
-        generation_kwargs: passed to `model.generate` (transformers; default `do_sample=True`,
-            `max_new_tokens=128`) or mapped to `SamplingParams` (vLLM: temperature, top_p, top_k,
-            max_new_tokens, do_sample).
+        backend: `transformers` or `vllm` (sampling).
+        sampling: how responses are sampled (`core.generation.SamplingArguments`; default: temperature 1, no
+            filtering, 256 new tokens). The checkpoint's generation_config applies only with
+            `use_checkpoint_sampling=True`; both backends get the same parameters.
         generation_batch_size: prompts per generate call (transformers backend).
-        scoring_batch_size: row cap of one PairRM forward (the engine's token budget always applies).
+        scoring_batch_size: row cap of one judge forward (the engine's token budget always applies).
 
     Attributes:
-        stats: `LabelStats` of the last `label` call.
-        policy_name: names the policy in the resume fingerprint (default: its path or `name_or_path`).
+        stats: `LabelStats` of the last `label` call (`stats.mean_margin` is `margin_sum / pairs`).
+        policy_name: names the policy in the run identity (default: its path or `name_or_path`).
+
+    Example:
+        >>> labeler = PreferenceLabeler(PairRM.from_pretrained("tiny"), "tiny", num_responses=4,
+        ...                             sampling=SamplingArguments(max_new_tokens=32, temperature=0.7))
+        >>> pairs = labeler.label(Dataset.from_dict({"prompt": ["Write a haiku."]}), work_dir="pairs.chunks")
+        >>> labeler.stats.pairs
+        1
     """
 
     def __init__(
         self,
-        pairrm: PairRM,
+        pairrm: PairRM | PairBackend,
         policy: Any = None,
         tokenizer: Any = None,
         *,
@@ -157,7 +94,7 @@ class PreferenceLabeler:
         probability_temperature: float = 1.0,
         seed: int = 0,
         backend: str = "transformers",
-        generation_kwargs: dict[str, Any] | None = None,
+        sampling: SamplingArguments | None = None,
         generation_batch_size: int = 16,
         scoring_batch_size: int | None = None,
     ):
@@ -177,10 +114,11 @@ class PreferenceLabeler:
             raise ValueError(f"probability_temperature must be > 0, got {probability_temperature}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if generation_batch_size < 1:
-            raise ValueError(f"generation_batch_size must be >= 1, got {generation_batch_size}")
+        if not isinstance(pairrm, PairRM):
+            if not isinstance(pairrm, PairBackend):
+                raise TypeError(f"pairrm must be a PairRM or a PairBackend, got {type(pairrm).__name__}")
+            pairrm = PairRM(pairrm)
         self.pairrm = pairrm
-        self.num_responses = num_responses
         self.responses_column = responses_column
         self.prompt_column = prompt_column
         self.aggregation = aggregation
@@ -189,79 +127,40 @@ class PreferenceLabeler:
         self.margin_threshold = float(margin_threshold)
         self.probability_temperature = float(probability_temperature)
         self.seed = seed
-        self.backend = backend
-        self.generation_kwargs = dict(generation_kwargs or {})
-        self.generation_batch_size = generation_batch_size
         self.scoring_batch_size = scoring_batch_size
         self.stats = LabelStats()
-        self.policy_name = policy if isinstance(policy, str) else _name_of(policy)
-        self.policy, self.tokenizer = None, tokenizer
+        self.sampler: ResponseSampler | None = None
         if responses_column is None:
             if policy is None:
                 raise ValueError("policy is required unless responses_column is given")
-            if backend == "vllm":
-                self.policy = _load_vllm(policy, seed) if isinstance(policy, str) else policy
-            else:
-                self.policy, self.tokenizer = (
-                    load_policy(policy) if isinstance(policy, str) else (policy.eval(), tokenizer)
-                )
-                if self.tokenizer is None:
-                    raise ValueError("tokenizer is required when policy is a model object")
-                if self.tokenizer.pad_token is None:
-                    self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.sampler = ResponseSampler(
+                policy, tokenizer, num_responses=num_responses, sampling=sampling, backend=backend,
+                batch_size=generation_batch_size,
+            )
+
+    @property
+    def policy_name(self) -> str | None:
+        return self.sampler.name if self.sampler else None
+
+    @policy_name.setter
+    def policy_name(self, name: str | None) -> None:
+        if self.sampler is not None:
+            self.sampler.name = name
 
     # ---- the pieces -------------------------------------------------------------------------------------
     def generate(self, prompts: list[Any], seed: int) -> list[list[str]]:
-        """`num_responses` sampled responses per prompt, reproducible under `seed`."""
-        if self.policy is None:
+        """K sampled responses per prompt, reproducible under `seed`."""
+        if self.sampler is None:
             raise ValueError("this labeler has no policy (it was built with responses_column)")
-        if not prompts:
-            return []
-        if self.backend == "vllm":
-            return self._generate_vllm(prompts, seed)
-        if not isinstance(prompts[0], str) and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("conversational prompts need a policy tokenizer with a chat template")
-        device = getattr(self.policy, "device", torch.device("cpu"))
-        responses: list[list[str]] = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), self.generation_batch_size):
-                batch = prompts[start : start + self.generation_batch_size]
-                responses += sample_responses(
-                    self.policy, self.tokenizer, batch, self.num_responses, **self.generation_kwargs
-                )
-        return responses
-
-    def _generate_vllm(self, prompts: list[Any], seed: int) -> list[list[str]]:
-        from vllm import SamplingParams
-
-        kwargs = dict(self.generation_kwargs)
-        unknown = set(kwargs) - {"temperature", "top_p", "top_k", "max_new_tokens", "do_sample"}
-        if unknown:
-            raise ValueError(f"generation_kwargs {sorted(unknown)} are not supported by the vllm backend")
-        params = SamplingParams(
-            n=self.num_responses,
-            temperature=kwargs.get("temperature", 1.0) if kwargs.get("do_sample", True) else 0.0,
-            top_p=kwargs.get("top_p", 1.0),
-            top_k=kwargs.get("top_k") or -1,
-            max_tokens=kwargs.get("max_new_tokens", 128),
-            seed=seed,
-        )
-        if isinstance(prompts[0], str):
-            outputs = self.policy.generate(prompts, params, use_tqdm=False)
-        else:
-            outputs = self.policy.chat(prompts, params, use_tqdm=False)
-        return [[o.text for o in out.outputs] for out in outputs]
+        return self.sampler.generate(prompts, seed)
 
     def score_matrices(
         self, prompts: list[Any], responses: list[list[str]], first_index: int = 0
     ) -> tuple[list[np.ndarray], LabelStats]:
-        """Single-order matrices M[i,j] = f(x, r_i, r_j) of every prompt (one engine call), and truncation counts.
+        """Single-order matrices M[i,j] = f(x, r_i, r_j) of every prompt (one judge call), and truncation counts.
 
-        Prompts and responses become PairRM text through `judges.render`, as in the judge and reward functions.
+        Prompts and responses become judge text through `core.formats.render`, as in the judge and reward functions.
         """
-        from ..core.formats import render  # the project's one prompt/completion -> PairRM text renderer
-
         sources, candidates = [], []
         for k, (prompt, resp) in enumerate(zip(prompts, responses)):
             texts = [render(prompt, r, name=f"response {i} of row {first_index + k}") for i, r in enumerate(resp)]
@@ -274,17 +173,13 @@ class PreferenceLabeler:
             (s, c[i], c[j]) for s, c in zip(sources, candidates) for i in range(len(c)) for j in range(i + 1, len(c))
         ]
         stats = LabelStats(scored_pairs=len(triples))
-        stats.truncated_pairs = round(self.pairrm.backend.truncation_rate(triples) * len(triples))
+        if triples:
+            stats.truncated_pairs = round(self.pairrm.backend.truncation_rate(triples) * len(triples))
         return matrices, stats
 
     def aggregate(self, matrix: np.ndarray) -> np.ndarray:
         """One score per response from a single-order pairwise matrix, by `aggregation`."""
-        if self.aggregation == "rank":
-            return aggregation.round_robin_scores(matrix)
-        if self.aggregation == "copeland":
-            return aggregation.copeland_scores(matrix)
-        probabilities = aggregation.probability(matrix - matrix.T, self.probability_temperature)
-        return aggregation.bradley_terry_scores(probabilities)
+        return aggregate(matrix, self.aggregation, self.probability_temperature)
 
     def rank_responses(self, prompts: list[Any], responses: list[list[str]]) -> list[np.ndarray]:
         """Scores (higher is better) of each prompt's responses."""
@@ -338,10 +233,14 @@ class PreferenceLabeler:
     ) -> Dataset:
         """Label `dataset` and return the preference pairs in input order (stats in `self.stats`).
 
-        With `work_dir`, each finished chunk of `chunk_size` prompts is saved there and a later call with
-        the same settings resumes; different settings are refused unless `overwrite=True`. Under
-        `accelerate launch` each process labels a contiguous shard of the chunks; every process returns the
-        merged dataset.
+        Args:
+            dataset: prompts in `prompt_column` (and responses in `responses_column` when given).
+            work_dir: keep each finished chunk of `chunk_size` prompts there; a later call resumes from the intact
+                chunks of the same run (see `store`). Chunks of another run are refused unless `overwrite=True`.
+            show_progress: a progress bar (default: when logging is at INFO or lower).
+
+        Returns:
+            The preference dataset (every process under `accelerate launch` gets the merged result).
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -349,14 +248,12 @@ class PreferenceLabeler:
         features = self._features(dataset, conversational)
         state = _process_state()
         n_chunks = math.ceil(len(dataset) / chunk_size)
-        work = Path(work_dir) if work_dir is not None else None
-        done: set[int] = set()
-        if work is not None:
-            done = self._prepare_work_dir(work, self._settings(dataset, chunk_size), overwrite, state)
+        store = ChunkStore(work_dir, self.identity(dataset, chunk_size)) if work_dir is not None else None
+        done = store.open(state, overwrite) if store is not None else set()
         pending = [i for i in range(n_chunks) if i not in done]
         mine = [int(i) for i in np.array_split(np.array(pending, dtype=int), state.num_processes)[state.process_index]]
         if done:
-            logger.info("Resuming from %s: %d of %d chunks already done", work, len(done), n_chunks)
+            logger.info("Resuming from %s: %d of %d chunks already done", work_dir, len(done), n_chunks)
         if show_progress is None:
             show_progress = logger.getEffectiveLevel() <= logging.INFO
         results: list[tuple[int, pa.Table, LabelStats]] = []
@@ -366,17 +263,16 @@ class PreferenceLabeler:
         with tqdm(total=total, unit="prompt", desc="label", disable=hide) as bar:
             for index in mine:
                 table, stats = self._label_chunk(dataset, index, chunk_size, features)
-                if work is not None:
-                    _write_chunk(work / _chunk_name(index), table, stats)
+                if store is not None:
+                    store.write(index, table, stats)
                 else:
                     results.append((index, table, stats))
-                self._chunk_done(index)
                 running.add(stats)
                 bar.set_postfix(pairs=running.pairs, ties=running.ties_dropped, refresh=False)
                 bar.update(stats.prompts)
         state.wait_for_everyone()
-        if work is not None:
-            results = [(i, *_read_chunk(work / _chunk_name(i))) for i in range(n_chunks)]
+        if store is not None:
+            results = [(i, *store.read(i)) for i in range(n_chunks)]
         elif state.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -384,8 +280,30 @@ class PreferenceLabeler:
         self.stats = LabelStats()
         for _, _, stats in results:
             self.stats.add(stats)
-        tables = [table for _, table, _ in results] or [features.arrow_schema.empty_table()]
-        return Dataset(pa.concat_tables(tables).replace_schema_metadata(features.arrow_schema.metadata))
+        schema = features.arrow_schema
+        tables = [table.replace_schema_metadata(schema.metadata) for _, table, _ in results] or [schema.empty_table()]
+        return Dataset(pa.concat_tables(tables))
+
+    def identity(self, dataset: Dataset, chunk_size: int) -> dict[str, Any]:
+        """Everything a labeling run's numbers depend on: a run with another identity never reuses saved chunks.
+
+        The judge's `PairBackend.identity()` (all weights, dtype, template, tokenizer), the sampler's (policy,
+        backend, K, every sampling field), the selection settings, and a digest of the input data.
+        """
+        digest = hashlib.sha256()
+        columns = [c for c in (self.prompt_column, self.responses_column) if c is not None]
+        for batch in dataset.select_columns(columns).iter(batch_size=1024):
+            digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False).encode())
+        return {
+            "format": WORK_FORMAT,
+            "data": {"rows": len(dataset), "sha256": digest.hexdigest(), "chunk_size": chunk_size,
+                     "prompt_column": self.prompt_column, "responses_column": self.responses_column},
+            "judge": self.pairrm.backend.identity(),
+            "generation": self.sampler.identity() if self.sampler else None,
+            "selection": {"aggregation": self.aggregation, "strategy": self.strategy,
+                          "pairs_per_prompt": self.pairs_per_prompt, "margin_threshold": self.margin_threshold,
+                          "probability_temperature": self.probability_temperature, "seed": self.seed},
+        }
 
     def _label_chunk(
         self, dataset: Dataset, index: int, chunk_size: int, features: Features
@@ -401,16 +319,11 @@ class PreferenceLabeler:
         rows, stats = self.label_rows(prompts, responses, first_index=start)
         return pa.Table.from_pylist(rows, schema=features.arrow_schema), stats
 
-    def _chunk_done(self, index: int) -> None:
-        """Called after each chunk is finished (and saved); a hook for progress reporting and tests."""
-
     def _check_dataset(self, dataset: Dataset) -> bool:
         """Validate columns; return whether prompts are conversational (message lists)."""
         if not isinstance(dataset, Dataset):
             raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
-        for column in (self.prompt_column, self.responses_column):
-            if column is not None and column not in dataset.column_names:
-                raise ValueError(f"dataset has no column {column!r} (columns: {dataset.column_names})")
+        check_columns(dataset, prompt_column=self.prompt_column, responses_column=self.responses_column)
         if len(dataset) == 0:
             return False
         first = dataset[0][self.prompt_column]
@@ -432,66 +345,28 @@ class PreferenceLabeler:
             "prompt_index": Value("int64"),
         })
 
-    def _settings(self, dataset: Dataset, chunk_size: int) -> dict[str, Any]:
-        """Everything the output depends on: a run with other settings must not reuse saved chunks."""
-        digest = hashlib.sha256()
-        columns = [c for c in (self.prompt_column, self.responses_column) if c is not None]
-        for batch in dataset.select_columns(columns).iter(batch_size=1024):
-            digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False).encode())
-        return {
-            "format": WORK_FORMAT, "rows": len(dataset), "data_sha256": digest.hexdigest(), "chunk_size": chunk_size,
-            "prompt_column": self.prompt_column, "responses_column": self.responses_column,
-            "num_responses": None if self.responses_column else self.num_responses,
-            "policy": None if self.responses_column else self.policy_name, "backend": self.backend,
-            "generation_kwargs": None if self.responses_column else _jsonable(self.generation_kwargs),
-            "generation_batch_size": None if self.responses_column else self.generation_batch_size,
-            "pairrm": _weights_digest(self.pairrm), "aggregation": self.aggregation,
-            "strategy": self.strategy, "pairs_per_prompt": self.pairs_per_prompt,
-            "margin_threshold": self.margin_threshold, "probability_temperature": self.probability_temperature,
-            "seed": self.seed,
-        }
 
-    def _prepare_work_dir(self, work: Path, settings: dict, overwrite: bool, state: Any) -> set[int]:
-        """Check (every process) and create (main process) the manifest; return the chunks already done."""
-        manifest = work / "manifest.json"
-        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        if manifest.exists() and not overwrite:
-            saved = json.loads(manifest.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                old = saved.get("settings", {})
-                changed = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
-                raise ValueError(
-                    f"work_dir {str(work)!r} holds chunks of a run with other settings ({changed}); "
-                    "use another work_dir or overwrite=True to discard them"
-                )
-        state.wait_for_everyone()  # everyone has read the manifest before the main process changes anything
-        if state.is_main_process:
-            work.mkdir(parents=True, exist_ok=True)
-            for path in work.iterdir():  # leftovers of interrupted writes; every chunk when overwriting
-                if ".tmp-" in path.name or (overwrite and (path.name.startswith("chunk-") or path == manifest)):
-                    path.unlink()
-            if not manifest.exists():
-                text = json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1)
-                _atomic_write(manifest, text.encode())
-        state.wait_for_everyone()
-        done = {int(p.name[len("chunk-") : -len(".arrow")]) for p in work.glob("chunk-*.arrow")}
-        state.wait_for_everyone()  # everyone has listed before new chunks appear
-        return done
+def check_columns(dataset: Dataset, **columns: str | None) -> None:
+    """ValueError naming the flag (`--prompt_column`) and the value when a named column is not in `dataset`."""
+    for flag, column in columns.items():
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(f"--{flag}: dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
 
 
 def best_of_n_responses(
     pairrm: PairRM, policy: Any, tokenizer: Any, prompts: list[Any], n: int = 4, *, aggregation: str = "rank",
-    seed: int = 0, **generate_kwargs: Any,
+    seed: int = 0, sampling: SamplingArguments | None = None, **sampling_fields: Any,
 ) -> list[dict[str, Any]]:
     """Best-of-n at inference, keeping the evidence: per prompt `{"best", "responses", "scores"}`.
 
     Unlike `PairRM.best_of_n_generate` (which returns only the best string), prompts may be message lists
-    (rendered with the chat template) and every sample comes back with its score.
+    (rendered with the chat template) and every sample comes back with its score. Sampling is `sampling`, or
+    `SamplingArguments(**sampling_fields)` (e.g. `max_new_tokens=64, temperature=0.7`).
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 for best-of-n, got {n}")
     labeler = PreferenceLabeler(pairrm, policy, tokenizer, num_responses=n, aggregation=aggregation, seed=seed,
-                                generation_kwargs=generate_kwargs)
+                                sampling=sampling or SamplingArguments(**sampling_fields))
     responses = labeler.generate(list(prompts), seed)
     scores = labeler.rank_responses(list(prompts), responses)
     return [
@@ -500,7 +375,7 @@ def best_of_n_responses(
     ]
 
 
-# ---- text helpers ---------------------------------------------------------------------------------------
+# ---- helpers ---------------------------------------------------------------------------------------------
 def _as_completion(response: str, prompt: Any) -> Any:
     return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
 
@@ -523,27 +398,6 @@ def _responses(name: str, value: Any) -> list[str]:
     return out
 
 
-def _name_of(model: Any) -> str | None:
-    if model is None:
-        return None
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or type(model).__name__
-
-
-def _weights_digest(pairrm: PairRM) -> str:
-    """A short digest of PairRM's head weights: identifies the checkpoint cheaply."""
-    digest = hashlib.sha256()
-    head = getattr(pairrm.backend.model, "head_layer", pairrm.backend.model)
-    for name, tensor in sorted(head.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=repr))
-
-
 def _process_state() -> Any:
     """accelerate's process state; on a machine without CUDA, processes talk through gloo on the CPU."""
     from accelerate import PartialState
@@ -553,207 +407,3 @@ def _process_state() -> Any:
 
 def _chunk_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-# ---- chunk files --------------------------------------------------------------------------------------------
-def _chunk_name(index: int) -> str:
-    return f"chunk-{index:05d}.arrow"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_chunk(path: Path, table: pa.Table, stats: LabelStats) -> None:
-    metadata = {**(table.schema.metadata or {}), b"pairrm_rlhf.stats": json.dumps(asdict(stats)).encode()}
-    table = table.replace_schema_metadata(metadata)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    _atomic_write(path, sink.getvalue().to_pybytes())
-
-
-def _remove_work_dir(work: Path) -> None:
-    """Delete the chunk files and manifest, then the directory if nothing else is in it."""
-    for path in work.glob("chunk-*.arrow"):
-        path.unlink()
-    (work / "manifest.json").unlink(missing_ok=True)
-    try:
-        work.rmdir()
-    except OSError:
-        logger.warning("Left %s in place: it holds other files", work)
-
-
-def _read_chunk(path: Path) -> tuple[pa.Table, LabelStats]:
-    with pa.OSFile(str(path), "rb") as f:
-        table = pa.ipc.open_file(f).read_all()
-    stats = LabelStats(**json.loads(table.schema.metadata[b"pairrm_rlhf.stats"]))
-    return table, stats
-
-
-# ---- loading ---------------------------------------------------------------------------------------------
-def _load_vllm(path: str, seed: int) -> Any:
-    try:
-        from vllm import LLM
-    except ImportError as error:
-        raise ImportError(
-            "backend='vllm' needs the vllm package, which is not importable here "
-            f"({error}); install it (pip install vllm) or use backend='transformers'"
-        ) from error
-    return LLM(model=path, seed=seed)
-
-
-def load_prompts(source: str, config_name: str | None = None, split: str = "train") -> Dataset:
-    """A dataset from a `save_to_disk` directory, a json/jsonl/parquet/csv file, a data directory or a hub id.
-
-    `"tiny"` (when no such path exists) is the 32 bundled smoke-test prompts with a `reference` column.
-    """
-    import datasets
-
-    source = assets.resolve(source, "prompts")
-    path = Path(source)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"dataset {source!r} has no split {split!r} (splits: {list(loaded)})")
-            loaded = loaded[split]
-        return loaded
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    if path.is_file():
-        if path.suffix not in builders:
-            raise ValueError(f"dataset file {source!r} must be .json, .jsonl, .parquet or .csv")
-        return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    return datasets.load_dataset(source, config_name, split=split)
-
-
-def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) -> str:
-    """Write `dataset` atomically as `save_to_disk`, `jsonl` or `parquet` (default: by file extension)."""
-    output_format = output_format or _format_of(path)
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    if output_format == "save_to_disk":
-        if target.exists() and not (target / "dataset_info.json").exists():
-            raise ValueError(f"output_path {path!r} exists and is not a saved dataset; refusing to replace it")
-        dataset.save_to_disk(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-    elif output_format == "jsonl":
-        dataset.to_json(str(tmp), lines=True, force_ascii=False)
-    else:
-        dataset.to_parquet(str(tmp))
-    os.replace(tmp, target)
-    return output_format
-
-
-def _format_of(path: str) -> str:
-    suffix = Path(path).suffix
-    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "save_to_disk")
-
-
-# ---- the `label` command --------------------------------------------------------------------------------------
-@dataclass
-class LabelConfig:
-    """Sample K responses per prompt, score them pairwise with PairRM and write a DPO preference dataset."""
-
-    dataset: str | None = field(default=None, metadata={"help": "prompts: save_to_disk dir, .json/.jsonl/.parquet/.csv file, hub id; 'tiny' = 32 bundled prompts"})
-    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
-    split: str = field(default="train", metadata={"help": "split to label"})
-    prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})
-    responses_column: str | None = field(default=None, metadata={"help": "label these existing responses instead of sampling"})
-    max_prompts: int | None = field(default=None, metadata={"help": "label only the first N prompts"})
-    policy: str | None = field(default=None, metadata={"help": "causal LM to sample from (hub id or dir); 'tiny' = the bundled tiny test policy"})
-    policy_dtype: str | None = field(default=None, metadata={"help": "policy dtype (default: auto)"})
-    backend: str = field(default="transformers", metadata={"help": "generation backend: transformers or vllm"})
-    num_responses: int = field(default=4, metadata={"help": "K responses sampled per prompt (>= 2)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "max tokens per response"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p"})
-    top_k: int | None = field(default=None, metadata={"help": "top-k sampling (default: the model's generation config)"})
-    generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    pairrm: str = field(default="llm-blender/PairRM-hf", metadata={"help": "PairRM checkpoint (hub id or dir); 'tiny' = the bundled tiny PairRM"})
-    pairrm_base_model: str | None = field(default=None, metadata={"help": "blender layout: base encoder override"})
-    pairrm_dtype: str | None = field(default=None, metadata={"help": "PairRM dtype: float32, bfloat16, float16 (default by device)"})
-    scoring_batch_size: int | None = field(default=None, metadata={"help": "row cap of one PairRM forward"})
-    device: str | None = field(default=None, metadata={"help": "device for both models (default: this process's accelerate device)"})
-    aggregation: str = field(default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"})
-    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"})
-    pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
-    margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
-    probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
-    seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
-    output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
-    output_format: str | None = field(default=None, metadata={"help": "save_to_disk, jsonl or parquet (default: by output_path extension)"})
-    chunk_size: int = field(default=256, metadata={"help": "prompts per saved chunk (the unit of resume)"})
-    work_dir: str | None = field(default=None, metadata={"help": "where finished chunks are kept (default: <output_path>.chunks)"})
-    overwrite: bool = field(default=False, metadata={"help": "discard chunks of an earlier run with other settings"})
-    keep_chunks: bool = field(default=False, metadata={"help": "keep work_dir after the output is written"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "also push the dataset to this hub repo id"})
-    hub_private: bool = field(default=True, metadata={"help": "push as a private dataset"})
-
-
-def run_label(config: LabelConfig) -> Dataset:
-    """Run the `label` command: load, label (resumable, sharded under accelerate), write, print a summary."""
-    if not config.dataset:
-        raise ValueError("dataset is required (a local path or a hub id)")
-    if not config.output_path:
-        raise ValueError("output_path is required")
-    if config.policy is None and config.responses_column is None:
-        raise ValueError("policy is required unless responses_column is given")
-    if config.output_format is not None and config.output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {config.output_format!r}")
-    state = _process_state()
-    device = config.device or state.device
-    with state.main_process_first():
-        dataset = load_prompts(config.dataset, config.dataset_config, config.split)
-    if config.max_prompts is not None:
-        dataset = dataset.select(range(min(config.max_prompts, len(dataset))))
-    pairrm = PairRM.from_pretrained(
-        config.pairrm,
-        base_model=config.pairrm_base_model, device=device, dtype=config.pairrm_dtype,
-    )
-    generation_kwargs: dict[str, Any] = {"do_sample": True, "max_new_tokens": config.max_new_tokens,
-                                         "temperature": config.temperature, "top_p": config.top_p}
-    if config.top_k is not None:
-        generation_kwargs["top_k"] = config.top_k
-    policy, tokenizer = config.policy, None
-    if config.responses_column is None and config.backend == "transformers":
-        policy, tokenizer = load_policy(config.policy, device, config.policy_dtype)
-    labeler = PreferenceLabeler(
-        pairrm, policy, tokenizer, num_responses=config.num_responses, responses_column=config.responses_column,
-        prompt_column=config.prompt_column, aggregation=config.aggregation, strategy=config.strategy,
-        pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
-        probability_temperature=config.probability_temperature, seed=config.seed, backend=config.backend,
-        generation_kwargs=generation_kwargs, generation_batch_size=config.generation_batch_size,
-        scoring_batch_size=config.scoring_batch_size,
-    )
-    labeler.policy_name = config.policy  # the path identifies the run, not the in-memory object
-    work_dir = Path(config.work_dir or f"{config.output_path}.chunks")
-    result = labeler.label(
-        dataset, work_dir, chunk_size=config.chunk_size, overwrite=config.overwrite, show_progress=True
-    )
-    if state.is_main_process:
-        output_format = save_dataset(result, config.output_path, config.output_format)
-        if config.push_to_hub:
-            result.push_to_hub(config.push_to_hub, private=config.hub_private)
-        if not config.keep_chunks:
-            _remove_work_dir(work_dir)
-        s = labeler.stats
-        pushed = f"; pushed to {config.push_to_hub} ({'private' if config.hub_private else 'public'})"
-        print(
-            f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
-            f"{s.below_margin} below margin {config.margin_threshold}); mean margin {s.mean_margin:.4f}; "
-            f"PairRM truncation rate {s.truncation_rate:.1%}\n"
-            f"Wrote {config.output_path} ({output_format})"
-            + (pushed if config.push_to_hub else "")
-        )
-    state.wait_for_everyone()
-    return result

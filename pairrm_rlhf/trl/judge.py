@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -20,17 +21,23 @@ from ..pairrm import LazyPairRM, PairRM
 logger = logging.getLogger(__name__)
 
 
-try:  # older TRL releases shipped the judge interface at top level; TRL 1.x does not
+try:  # TRL <= 0.x shipped the judge interface at top level, TRL 1.0 in trl.experimental.judges; 1.16 has neither
     from trl import BasePairwiseJudge  # type: ignore[attr-defined]
 except ImportError:
+    try:
+        with warnings.catch_warnings():  # importing trl.experimental warns that it is experimental
+            warnings.simplefilter("ignore")
+            from trl.experimental.judges import BasePairwiseJudge  # type: ignore[no-redef]
+    except ImportError:
 
-    class BasePairwiseJudge(ABC):
-        """Same contract as TRL's former `trl.BasePairwiseJudge` (used when TRL does not provide it)."""
+        class BasePairwiseJudge(ABC):  # type: ignore[no-redef]
+            """Same contract as TRL's `BasePairwiseJudge` (`trl/experimental/judges/judges.py` at v1.0.0), used when
+            the installed TRL provides none."""
 
-        @abstractmethod
-        def judge(self, prompts: list[str], completions: list[list[str]], shuffle_order: bool = True) -> list[int]:
-            """For each prompt, the index (0 or 1) of the better of its two completions."""
-            raise NotImplementedError
+            @abstractmethod
+            def judge(self, prompts: list[str], completions: list[list[str]], shuffle_order: bool = True) -> list[int]:
+                """For each prompt, the index (0 or 1) of the better of its two completions."""
+                raise NotImplementedError
 
 
 # ---- the judge -----------------------------------------------------------------------------------------
@@ -44,9 +51,16 @@ class PairRMJudge(BasePairwiseJudge):
         batch_size: forwarded to the scorer (default: its token budget).
         seed: seed of the order shuffling.
 
-    Scores use both slot orders, z = f(x,A,B) - f(x,B,A), and P(A better) = sigmoid(z / (2 T)). TRL's former
-    soft `PairRMJudge` returned sigmoid(z / T_old): twice as confident; `temperature=0.5` here equals the old
-    score at its default temperature 1 (in general ours at T equals the old one at 2T).
+    Outputs equal TRL <= 1.0's `PairRMJudge` (huggingface/trl `trl/experimental/judges/judges.py` at v1.0.0, which
+    ranked with llm-blender): with z = f(x,A,B) - f(x,B,A) (both slot orders), the hard output is 0 when z >= 0
+    (ties go to the first) else 1, and `return_scores` gives softmax([s_A, s_B] / T)[0] over the two round-robin
+    rank scores s_A = z/2, s_B = -z/2, i.e. sigmoid(z / T). The calibrated probability of `PairRM.probability` and
+    `PairwiseReward` is sigmoid(z / (2 T)): the judge's score at T equals it at T/2 (the judge at T=2 gives it at
+    T=1).
+
+    Example:
+        >>> judge = PairRMJudge("llm-blender/PairRM-hf")
+        >>> judge.judge(["What is 2+2?"], [["4", "5"]])  # [0]
     """
 
     def __init__(
@@ -77,14 +91,21 @@ class PairRMJudge(BasePairwiseJudge):
         temperature: float = 1.0,
     ) -> list[int] | list[float]:
         """For each prompt, 0 if its first completion is better (ties go to 0) else 1; or, with `return_scores`,
-        the probability that the first is better.
+        TRL's soft score of the first completion, sigmoid(z / temperature) (see the class docstring).
 
         `shuffle_order` swaps the two slots of a random subset of pairs before scoring and maps results back;
         since both orders are always scored, the result does not depend on it beyond float rounding.
+
+        Args:
+            prompts: strings or message lists. completions: a pair of completions per prompt (strings, or lists
+                of assistant messages). temperature: T of the soft score (> 0).
+
+        Returns:
+            A list of 0/1 (hard) or floats (soft), one per prompt.
         """
         z = self.two_order_logits(prompts, completions, shuffle_order=shuffle_order)
         if return_scores:
-            return [float(p) for p in aggregation.probability(z, temperature)]
+            return [float(p) for p in trl_soft_scores(z, temperature)]
         return [0 if v >= 0 else 1 for v in z]
 
     def two_order_logits(
@@ -108,3 +129,13 @@ class PairRMJudge(BasePairwiseJudge):
             flips.append(flip)
         z = self.pairrm.two_order_logits(triples, batch_size=self.batch_size)
         return np.where(flips, -z, z).astype(np.float32)
+
+
+def trl_soft_scores(two_order_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """TRL <= 1.0's soft PairRM score of the first completion: the softmax of the two round-robin rank scores
+    (z/2, -z/2) divided by T, in float32 as llm-blender's scores are: sigmoid(z / T)."""
+    aggregation.probability(np.zeros(0), temperature)  # validates the temperature
+    z = np.asarray(two_order_logits, dtype=np.float32)
+    scores = np.stack([z / 2, -z / 2], axis=-1) / np.float32(temperature)
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (shifted / shifted.sum(axis=-1, keepdims=True))[..., 0]

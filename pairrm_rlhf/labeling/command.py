@@ -1,0 +1,216 @@
+"""The `label` command: sample K responses per prompt, score them pairwise with a judge, write a DPO dataset.
+
+`run_label(label_args, pairrm_args, sampling_args)` checks the whole configuration before loading any model (enum
+values, numbers, paths: a local-looking path that does not exist is "file not found", never a hub lookup; then the
+prompts are loaded and the column names checked), then loads the judge and the policy, labels (resumable, sharded
+under `accelerate launch`), writes the dataset, a dataset card (`<output>.card.md`, also pushed with
+`--push_to_hub`) and a margin histogram (`<output>.margins.png`, needs the `plots` extra), and prints a summary
+with the paths. `make_parser` follows TRL's scripts; `python -m pairrm_rlhf.labeling.command --config X` runs it
+alone (X: a YAML file or a bundled config name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from ..args import PairRMArguments, resolve_config
+from ..core import assets
+from ..core.generation import SamplingArguments, load_policy
+from ..pairrm import resolve_dtype
+from .generation import BACKENDS
+from .io import (OUTPUT_FORMATS, companion_path, dataset_card, load_prompts, margin_histogram, output_format_of,
+                 push_with_card, save_dataset)
+from .labeler import PreferenceLabeler, _process_state, check_columns
+from .pairs import AGGREGATIONS, STRATEGIES
+from .store import remove_store
+
+POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LabelArguments:
+    """Sample K responses per prompt, score them pairwise with PairRM and write a DPO preference dataset."""
+
+    dataset: str | None = field(default=None, metadata={"help": "prompts: save_to_disk dir, .json/.jsonl/.parquet/.csv file, hub id; 'tiny' = 32 bundled prompts"})
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "split to label"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})
+    responses_column: str | None = field(default=None, metadata={"help": "label these existing responses instead of sampling"})
+    max_prompts: int | None = field(default=None, metadata={"help": "label only the first N prompts"})
+    policy: str | None = field(default=None, metadata={"help": "causal LM to sample from (hub id or dir); 'tiny' = the bundled tiny policy"})
+    policy_dtype: str | None = field(default=None, metadata={"help": "policy dtype: auto (the checkpoint's), float32, bfloat16 or float16"})
+    policy_device: str | None = field(default=None, metadata={"help": "policy device (default: this process's accelerate device)"})
+    backend: str = field(default="transformers", metadata={"help": "generation backend: transformers or vllm"})
+    num_responses: int = field(default=4, metadata={"help": "K responses sampled per prompt (>= 2)"})
+    generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
+    aggregation: str = field(default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"})
+    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"})
+    pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
+    margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
+    probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
+    seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
+    output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
+    output_format: str | None = field(default=None, metadata={"help": "save_to_disk, jsonl or parquet (default: by output_path extension)"})
+    chunk_size: int = field(default=256, metadata={"help": "prompts per saved chunk (the unit of resume)"})
+    work_dir: str | None = field(default=None, metadata={"help": "where finished chunks are kept (default: <output_path>.chunks)"})
+    overwrite: bool = field(default=False, metadata={"help": "discard chunks of an earlier run with other settings"})
+    keep_chunks: bool = field(default=False, metadata={"help": "keep work_dir after the output is written"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "also push the dataset (with its card) to this hub repo id"})
+    hub_private: bool = field(default=True, metadata={"help": "push the dataset as private (--no_hub_private: public)"})
+
+
+def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_args: SamplingArguments) -> None:
+    """Check every setting that needs no data or model; one-line ValueError/FileNotFoundError naming the flag."""
+    a = label_args
+    if not a.dataset:
+        raise ValueError("--dataset is required (a local path, a hub id or 'tiny')")
+    if not a.output_path:
+        raise ValueError("--output_path is required")
+    if a.policy is None and a.responses_column is None:
+        raise ValueError("--policy is required unless --responses_column is given")
+    choices = {"strategy": STRATEGIES, "aggregation": AGGREGATIONS, "backend": BACKENDS,
+               "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES}
+    for name, allowed in choices.items():
+        value = getattr(a, name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
+    if pairrm_args.pairrm_backend not in (None, "pairrm", "rlhflow"):
+        raise ValueError(f"--pairrm_backend: {pairrm_args.pairrm_backend!r} is not one of pairrm, rlhflow")
+    try:
+        resolve_dtype(pairrm_args.pairrm_dtype, _cpu())
+    except ValueError:
+        raise ValueError(f"--pairrm_dtype: {pairrm_args.pairrm_dtype!r} is not one of float32, bfloat16, float16") from None
+    limits = {"num_responses": (a.num_responses, 2), "chunk_size": (a.chunk_size, 1), "seed": (a.seed, 0),
+              "generation_batch_size": (a.generation_batch_size, 1), "max_prompts": (a.max_prompts, 1),
+              "pairs_per_prompt": (a.pairs_per_prompt, 1)}
+    for name, (value, least) in limits.items():
+        if value is not None and value < least:
+            raise ValueError(f"--{name}: {value} is below {least}")
+    if a.margin_threshold < 0:
+        raise ValueError(f"--margin_threshold: {a.margin_threshold} is negative")
+    if not a.probability_temperature > 0:
+        raise ValueError(f"--probability_temperature: {a.probability_temperature} must be > 0")
+    for flag, name in (("--dataset", a.dataset), ("--policy", a.policy), ("--pairrm", pairrm_args.pairrm),
+                       ("--pairrm_base_model", pairrm_args.pairrm_base_model)):
+        if name is not None and name != assets.TINY and "://" not in name:  # a URL is a server, not a path
+            assets.check_local(name, flag)
+    output = Path(a.output_path)
+    if (a.output_format or output_format_of(a.output_path)) == "save_to_disk" and output.exists() and not (
+        output / "dataset_info.json"
+    ).exists():
+        raise ValueError(f"--output_path: {a.output_path} exists and is not a saved dataset; refusing to replace it")
+    if not isinstance(sampling_args, SamplingArguments):
+        raise TypeError(f"sampling_args must be a SamplingArguments, got {type(sampling_args).__name__}")
+
+
+def run_label(
+    label_args: LabelArguments, pairrm_args: PairRMArguments | None = None, sampling_args: SamplingArguments | None = None
+) -> Dataset:
+    """Run the `label` command: validate, load the prompts and check their columns, load the models, label
+    (resumable, sharded under accelerate), write the dataset, its card and the margin histogram, print a summary.
+
+    Returns:
+        The preference dataset.
+    """
+    pairrm_args = pairrm_args or PairRMArguments()
+    sampling_args = sampling_args or SamplingArguments()
+    validate(label_args, pairrm_args, sampling_args)
+    a = label_args
+    state = _process_state()
+    with state.main_process_first():
+        dataset = load_prompts(a.dataset, a.dataset_config, a.split)
+    check_columns(dataset, prompt_column=a.prompt_column, responses_column=a.responses_column)
+    if a.max_prompts is not None:
+        dataset = dataset.select(range(min(a.max_prompts, len(dataset))))
+    # Everything is checked: now the slow part.
+    pairrm = pairrm_args.load(device=pairrm_args.pairrm_device or str(state.device))
+    policy, tokenizer = a.policy, None
+    if a.responses_column is None and a.backend == "transformers":
+        policy, tokenizer = load_policy(a.policy, a.policy_device or state.device, a.policy_dtype)
+    labeler = PreferenceLabeler(
+        pairrm, policy, tokenizer, num_responses=a.num_responses, responses_column=a.responses_column,
+        prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
+        pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
+        probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
+        generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
+    )
+    labeler.policy_name = a.policy  # the name identifies the run, not the in-memory object
+    work_dir = Path(a.work_dir or f"{a.output_path}.chunks")
+    result = labeler.label(dataset, work_dir, chunk_size=a.chunk_size, overwrite=a.overwrite, show_progress=True)
+    if state.is_main_process:
+        _write_outputs(result, labeler, a, pairrm_args, sampling_args, work_dir)
+    state.wait_for_everyone()
+    return result
+
+
+def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArguments, pairrm_args: PairRMArguments,
+                   sampling_args: SamplingArguments, work_dir: Path) -> None:
+    """Main process: the dataset, its card, the histogram, the optional push, the summary (with the paths)."""
+    s = labeler.stats
+    output_format = save_dataset(result, a.output_path, a.output_format)
+    settings = {**dataclasses.asdict(a), **dataclasses.asdict(pairrm_args), **dataclasses.asdict(sampling_args)}
+    card = dataset_card(policy=a.policy if a.responses_column is None else None, judge=pairrm_args.pairrm,
+                        judge_identity=labeler.pairrm.backend.identity(), strategy=a.strategy, settings=settings,
+                        stats=s)
+    card_path = companion_path(a.output_path, ".card.md")
+    card_path.write_text(card)
+    plot = margin_histogram(result["margin"], companion_path(a.output_path, ".margins.png"),
+                            title=f"{s.pairs} pairs from {s.prompts} prompts ({a.strategy})")
+    if a.push_to_hub:
+        push_with_card(result, a.push_to_hub, card, private=a.hub_private)
+    if not a.keep_chunks:
+        remove_store(work_dir)
+    pushed = f"\nPushed to {a.push_to_hub} ({'private' if a.hub_private else 'public'})" if a.push_to_hub else ""
+    print(
+        f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
+        f"{s.below_margin} below margin {a.margin_threshold}); mean margin {s.mean_margin:.4f}; "
+        f"judge truncation rate {s.truncation_rate:.1%}\n"
+        f"Wrote {a.output_path} ({output_format})\nCard: {card_path}\n"
+        + (f"Margin histogram: {plot}" if plot else "Margin histogram: not written (matplotlib is not installed)")
+        + pushed
+    )
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> Any:
+    """The `label` parser (TRL script style): a `label` subcommand of `subparsers`, else a standalone `TrlParser`."""
+    from trl import TrlParser
+
+    dataclass_types = (LabelArguments, PairRMArguments, SamplingArguments)
+    if subparsers is not None:
+        parser = subparsers.add_parser("label", help=LabelArguments.__doc__, dataclass_types=dataclass_types)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog)
+    for action in parser._actions:  # HfArgumentParser gives `--no_X` the help of `--X`; say what it does
+        if "--no_hub_private" in action.option_strings:
+            action.help, action.default = "push the dataset public instead of private", argparse.SUPPRESS
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pairrm_rlhf.labeling.command [--config X] [--flags]`; bad settings end in one line, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        label_args, pairrm_args, sampling_args = make_parser(prog="label").parse_args_and_config(resolve_config(argv))
+        run_label(label_args, pairrm_args, sampling_args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pairrm-rlhf label: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Sampling K responses per prompt for labeling, with transformers or vLLM, from the same `SamplingArguments`.
+
+Both backends get exactly the sampling that was asked (`core.generation`: `build_generation_config` for
+transformers, `vllm_sampling_params` for vLLM); the checkpoint's own sampling fields apply only with
+`use_checkpoint_sampling`. Sampling is seeded per call, so a chunk's responses do not depend on which process
+labels it or on interruptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..core.generation import SamplingArguments, build_generation_config, load_policy, sample_responses
+
+BACKENDS = ("transformers", "vllm")
+
+
+class ResponseSampler:
+    """`num_responses` samples per prompt from a policy.
+
+    Args:
+        policy: a transformers causal LM or its path (`tiny`: the bundled one); for `backend="vllm"` a model path
+            or a `vllm.LLM`.
+        tokenizer: the policy's tokenizer (loaded with the policy when it is a path; transformers only).
+        num_responses: K samples per prompt.
+        sampling: how to sample (default `SamplingArguments()`: temperature 1, no filtering, 256 new tokens).
+        backend: `transformers` or `vllm`.
+        batch_size: prompts per `generate` call (transformers).
+
+    Example:
+        >>> sampler = ResponseSampler("tiny", num_responses=2, sampling=SamplingArguments(max_new_tokens=4))
+        >>> len(sampler.generate(["Hi"], seed=0)[0])
+        2
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        tokenizer: Any = None,
+        *,
+        num_responses: int = 4,
+        sampling: SamplingArguments | None = None,
+        backend: str = "transformers",
+        batch_size: int = 16,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1, got {batch_size}")
+        if sampling is not None and not isinstance(sampling, SamplingArguments):
+            raise TypeError(f"sampling must be a SamplingArguments, got {type(sampling).__name__}")
+        self.num_responses = num_responses
+        self.sampling = sampling or SamplingArguments()
+        self.backend = backend
+        self.batch_size = batch_size
+        self.name = policy if isinstance(policy, str) else _name_of(policy)
+        if backend == "vllm":
+            self.policy, self.tokenizer = (load_vllm(policy) if isinstance(policy, str) else policy), None
+            return
+        self.policy, self.tokenizer = load_policy(policy) if isinstance(policy, str) else (policy.eval(), tokenizer)
+        if self.tokenizer is None:
+            raise ValueError("tokenizer is required when policy is a model object")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def identity(self) -> dict[str, Any]:
+        """What changes the samples: the policy's name, backend, K, every sampling field and the batch size."""
+        return {
+            "policy": self.name, "backend": self.backend, "num_responses": self.num_responses,
+            "sampling": dataclasses.asdict(self.sampling),
+            "batch_size": self.batch_size if self.backend == "transformers" else None,
+        }
+
+    def generate(self, prompts: list[Any], seed: int) -> list[list[str]]:
+        """`num_responses` responses per prompt (strings or message lists), reproducible under `seed`."""
+        if not prompts:
+            return []
+        if self.backend == "vllm":
+            return self._generate_vllm(prompts, seed)
+        if not isinstance(prompts[0], str) and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("conversational prompts need a policy tokenizer with a chat template")
+        config = build_generation_config(self.policy, self.tokenizer, self.sampling)
+        device = getattr(self.policy, "device", torch.device("cpu"))
+        responses: list[list[str]] = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), self.batch_size):
+                batch = prompts[start : start + self.batch_size]
+                responses += sample_responses(
+                    self.policy, self.tokenizer, batch, self.num_responses, generation_config=config
+                )
+        return responses
+
+    def _generate_vllm(self, prompts: list[Any], seed: int) -> list[list[str]]:
+        from ..core.generation import vllm_sampling_params
+
+        checkpoint = None
+        if self.sampling.use_checkpoint_sampling:  # the model's generation_config, as vLLM reads it
+            checkpoint = self.policy.get_default_sampling_params()
+        params = vllm_sampling_params(self.sampling, self.num_responses, seed=seed, checkpoint=checkpoint)
+        if isinstance(prompts[0], str):
+            outputs = self.policy.generate(prompts, params, use_tqdm=False)
+        else:
+            outputs = self.policy.chat(prompts, params, use_tqdm=False)
+        return [[o.text for o in out.outputs] for out in outputs]
+
+
+def load_vllm(path: str) -> Any:
+    """A `vllm.LLM` for `path`, or an ImportError saying that vLLM is not installed."""
+    try:
+        from vllm import LLM
+    except ImportError as error:
+        raise ImportError(
+            "backend='vllm' needs the vllm package, which is not importable here "
+            f"({error}); install it (pip install vllm) or use backend='transformers'"
+        ) from error
+    return LLM(model=path)
+
+
+def _name_of(model: Any) -> str | None:
+    if model is None:
+        return None
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or type(model).__name__
