@@ -42,7 +42,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from pairrm_rlhf.args import PairRMArguments, resolve_config
 from pairrm_rlhf.core.assets import TINY, resolve
 from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, render_prompts
-from pairrm_rlhf.labeling.labeler import load_prompts
+from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 

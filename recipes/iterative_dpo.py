@@ -41,7 +41,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
 from pairrm_rlhf.core.generation import SamplingArguments
-from pairrm_rlhf.labeling.labeler import PreferenceLabeler, save_dataset
+from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
+from pairrm_rlhf.labeling.store import remove_store
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPO_PROBABILITIES, SPPOTrainer, authors_probabilities
 
@@ -120,7 +120,7 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     labeler = PreferenceLabeler(
         pairrm, policy, tokenizer, num_responses=config.num_responses, aggregation=config.aggregation,
         strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
-        seed=config.seed + iteration, generation_kwargs=dataclasses.asdict(sampling),
+        seed=config.seed + iteration, sampling=sampling,
         generation_batch_size=config.generation_batch_size,
     )
     labeler.policy_name = policy_name
@@ -132,7 +132,7 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     state.wait_for_everyone()  # every process has read the chunks before they are removed
     if state.is_main_process:
         save_dataset(pairs, str(saved), "save_to_disk")
-        shutil.rmtree(work, ignore_errors=True)
+        remove_store(work)
         if config.dataset_hub_id:
             pairs.push_to_hub(config.dataset_hub_id, split=f"iteration_{iteration}", private=config.dataset_hub_private)
     state.wait_for_everyone()

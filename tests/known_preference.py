@@ -47,7 +47,6 @@ class StyleBackend:
     """The known, prompt-dependent preference as a `pairrm_rlhf.core.backend.PairBackend`."""
 
     device = torch.device("cpu")
-    model = torch.nn.Identity()  # the labeler digests `backend.model`'s weights to fingerprint its judge (none here)
 
     def score(self, triples: Sequence[tuple[str, str, str]], *, batch_size: int | None = None,
               show_progress_bar: bool | None = None) -> np.ndarray:

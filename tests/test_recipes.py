@@ -487,14 +487,14 @@ ITERATIVE_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {recipes!r})
 import _common, iterative_dpo
-from pairrm_rlhf.labeling import labeler
+from pairrm_rlhf.labeling.store import ChunkStore
 
-real_read = labeler._read_chunk
-def slow_read(path, *args, **kwargs):  # rank 1 reads the shared chunk files 2 s late
+real_read = ChunkStore.read
+def slow_read(self, index):  # rank 1 reads the shared chunk files 2 s late
     if os.environ.get("RANK") == "1":
         time.sleep(2)
-    return real_read(path, *args, **kwargs)
-labeler._read_chunk = slow_read
+    return real_read(self, index)
+ChunkStore.read = slow_read
 args = _common.parse(iterative_dpo.make_parser(), ["--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1],
                                                     "--max_prompts", "16", "--eval_prompts", "0", "--num_train_epochs", "1"])
 iterative_dpo.main(*args)
