@@ -26,6 +26,7 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -219,7 +220,8 @@ class Evaluator:
             with open(history_file) as f:
                 self.history = json.load(f)
 
-    def __call__(self, model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+    def __call__(self, model: Any, tokenizer: Any, step: int, write: bool = True) -> dict[str, float]:
+        """The metrics of `model` at `step`; `write=False` (the other processes under ZeRO-3) skips the files."""
         samples = generate(model, tokenizer, self.prompts, self.sampling, seed=self.seed)
         before_file = os.path.join(self.output_dir, "eval_before.json")
         if self.before is None and os.path.exists(before_file):  # a resumed run keeps the initial policy's samples
@@ -227,9 +229,10 @@ class Evaluator:
                 self.before = json.load(f)
         if self.before is None:
             self.before = samples
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(before_file, "w") as f:
-                json.dump(samples, f)
+            if write:
+                os.makedirs(self.output_dir, exist_ok=True)
+                with open(before_file, "w") as f:
+                    json.dump(samples, f)
         metrics: dict[str, float] = {"step": step, "mean_length": float(sum(len(s) for s in samples) / len(samples))}
         for name, verdict in (("vs_initial", win_rate(self.judge, self.prompts, samples, self.before)),
                               ("vs_reference", self.references and win_rate(self.judge, self.prompts, samples,
@@ -237,6 +240,8 @@ class Evaluator:
             if verdict:
                 metrics.update({f"{name}/{k}": v for k, v in verdict.items()})
         self.history = [h for h in self.history if h["step"] < step] + [metrics]
+        if not write:
+            return metrics
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "eval_metrics.json"), "w") as f:
             json.dump(self.history, f, indent=1)
@@ -244,6 +249,26 @@ class Evaluator:
             for prompt, sample in zip(self.prompts, samples):
                 f.write(json.dumps({"step": step, "prompt": prompt, "completion": sample}) + "\n")
         return metrics
+
+
+def zero3_enabled() -> bool:
+    """Is DeepSpeed ZeRO-3 active (parameters partitioned across processes)?"""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def gathered(model: Any):
+    """Every parameter of `model` whole on this process for generation under ZeRO-3, as TRL's
+    `unwrap_model_for_generation` does (collective: every process must enter); nothing otherwise."""
+    if not zero3_enabled():
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield model
 
 
 def judge_for(script_args: PairRMArguments, use_cpu: bool) -> PairRM:

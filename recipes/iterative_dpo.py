@@ -50,8 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, Evaluator, RecipeArguments, finish, get_peft_config, judge_for, load_policy,
-                     load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision)
+from _common import (TINY, Evaluator, RecipeArguments, finish, gathered, get_peft_config, judge_for, load_policy,
+                     load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision, zero3_enabled)
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
@@ -146,7 +146,10 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
     directory = Path(config.output_dir) / f"iteration_{iteration}"
     columns = ["prompt", "chosen", "rejected"] + (list(PROB_COLUMNS) if config.sppo else [])
     args = dataclasses.replace(config, output_dir=str(directory / "trainer"))
-    ref_model = None if peft is not None else copy.deepcopy(policy).eval().requires_grad_(False)
+    # the reference: a frozen copy; with LoRA the adapter-disabled policy; under ZeRO-3 (a partitioned policy cannot
+    # be copied) TRL loads it from the policy's own path and shards it with the same DeepSpeed config (eval mode)
+    copy_reference = peft is None and not zero3_enabled()
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if copy_reference else None
     trainer_class = SPPOTrainer if config.sppo else DPOTrainer
     trainer = trainer_class(model=policy, ref_model=ref_model, args=args, train_dataset=pairs.select_columns(columns),
                             processing_class=tokenizer, peft_config=peft)
@@ -205,6 +208,7 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
         eval_judge = pairrm if script_args.eval_pairrm is None else judge_for(
             dataclasses.replace(script_args, pairrm=script_args.eval_pairrm), config.use_cpu)
     peft = get_peft_config(model_args)
+    zero3 = zero3_enabled()
     done = [i for i in range(1, config.num_iterations + 1) if (out / f"iteration_{i}" / "done.json").exists()]
     start = next((i for i in range(1, config.num_iterations + 1) if i not in done), config.num_iterations + 1)
     current = model_args.model_name_or_path if start == 1 else str(out / f"iteration_{start - 1}" / "model")
@@ -215,17 +219,19 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
     if len(eval_set):
         references = list(eval_set["reference"]) if "reference" in eval_set.column_names else None
         evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out))
-        if state.is_main_process and not (out / "eval_before.json").exists():
+        if (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
             policy, tokenizer = load_policy(model_args)  # the initial policy, even when resuming
-            evaluator(policy.to(state.device), tokenizer, 0)
+            with gathered(policy.to(state.device)):
+                evaluator(policy, tokenizer, 0, write=state.is_main_process)
             del policy
         state.wait_for_everyone()
 
     def evaluate(model: Any, trainer: Any, iteration: int) -> dict[str, float]:
         """Held-out metrics of the iteration's policy (main process), shared with every process and logged."""
         metrics = [None]
-        if evaluator is not None and state.is_main_process:
-            result = evaluator(model, trainer.processing_class, iteration)
+        if evaluator is not None and (state.is_main_process or zero3):  # ZeRO-3: every process gathers and samples
+            with gathered(model):
+                result = evaluator(model, trainer.processing_class, iteration, write=state.is_main_process)
             metrics = [{f"eval/{k}": v for k, v in result.items() if k != "step"}]
         if evaluator is None:
             return {}
@@ -236,8 +242,9 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
     for iteration in range(start, config.num_iterations + 1):
         policy, tokenizer = load_policy(dataclasses.replace(model_args, model_name_or_path=current))
         policy.to(state.device)
-        pairs = label(config, iteration, slices[iteration - 1], policy.eval(), tokenizer, pairrm, current, state,
-                      sampling)
+        with gathered(policy):  # ZeRO-3 partitions the policy at load time: labeling samples from the whole one
+            pairs = label(config, iteration, slices[iteration - 1], policy.eval(), tokenizer, pairrm, current, state,
+                          sampling)
         stats: dict[str, Any] = {"iteration": iteration, "prompts": len(slices[iteration - 1]), "pairs": len(pairs),
                                  "mean_margin": float(np.mean(pairs["margin"])) if len(pairs) else 0.0,
                                  "margins": [float(m) for m in pairs["margin"]]}
