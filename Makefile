@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python recipes/iterative_dpo.py --config recipes/configs/iterative_dpo_smoke.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/iterative_dpo.py --config iterative_dpo_smoke
 
 scorer-demo: install
 	$(BIN)/pairrm-rlhf demo

@@ -1,9 +1,23 @@
-"""What the recipe scripts share: the `tiny` special values, prompt data, policies, LoRA and PairRM settings.
+"""What the recipe scripts share: TRL-style parsing, prompt data, fp32-master policies, explicit sampling, evaluation.
 
-Not part of the library (`pairrm_rlhf` never imports recipes). Special values, the same as `pairrm-rlhf label`:
-`policy: tiny` is the bundled tiny test policy (`pairrm_rlhf.core.generation.load_policy`), `pairrm: tiny` the bundled tiny
-PairRM (random weights), `dataset: tiny` the 32 bundled prompts with a `reference` column
-(`pairrm_rlhf/assets/tiny-prompts.jsonl`). A local path of the same name always wins.
+Not part of the library (`pairrm_rlhf` never imports recipes). Every recipe is TRL's script shape:
+`make_parser()` returns a `trl.TrlParser` over (script arguments, training config, `trl.ModelConfig`), and
+`main(script_args, training_args, model_args)` runs it. The script arguments are `RecipeArguments`: the judge
+(`pairrm_rlhf.args.PairRMArguments`), the prompt data and the sampling opt-in. `--config NAME` also finds the configs
+shipped in the package (`pairrm_rlhf/configs/NAME.yaml`, `pairrm_rlhf.args.resolve_config`). `tiny` (policy,
+judge, dataset) is resolved by `pairrm_rlhf.core.assets.resolve` only.
+
+Precision: the policy is loaded with `ModelConfig.dtype` (TRL's default `float32`), whatever the checkpoint declares,
+so the trainable parameters are fp32 master weights; the GPU configs compute in bf16 through the trainer's mixed
+precision (`bf16: true`). `dtype: bfloat16` (or `auto` on a bf16 checkpoint) is the opt-in to pure-bf16 training and
+logs a warning: AdamW updates below bf16's resolution (~0.4% of a weight) are lost.
+
+Sampling: every generation (TRL trainers' rollouts, PPO, labeling, evaluation) uses one explicit `GenerationConfig`
+built by `pairrm_rlhf.core.generation.build_generation_config` from the config's own fields; an unset field is
+neutral (no top-k/top-p/min-p, no penalty), or the checkpoint's `generation_config` value with
+`use_checkpoint_sampling: true`.
+
+On a machine without CUDA the parser defaults to `use_cpu: true, bf16: false` (a config or flag still wins).
 """
 
 from __future__ import annotations
@@ -12,60 +26,71 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+import contextlib
+import dataclasses
+import json
+import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config
 
-from pairrm_rlhf.cli import parse_config
-from pairrm_rlhf.core.assets import bundled
-from pairrm_rlhf.trl.judge import PairRMJudge
-from pairrm_rlhf.core.assets import TINY, bundled, resolve
-from pairrm_rlhf.core.generation import load_policy as _load_policy
-from pairrm_rlhf.labeling.labeler import load_prompts
-from pairrm_rlhf.core.generation import sample_responses
+from pairrm_rlhf.args import PairRMArguments, resolve_config
+from pairrm_rlhf.core.assets import TINY, resolve
+from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, render_prompts
+from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
+from pairrm_rlhf.trl.judge import PairRMJudge
 
-__all__ = ["RecipeArguments", "TINY", "parse_config", "resolve_pairrm", "load_prompt_dataset",
-           "load_policy", "load_pairrm", "lora_config", "generate", "win_rate", "cli_args"]
+__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "load_prompt_dataset", "split_eval",
+           "load_policy", "get_peft_config", "sampling_kwargs", "generate", "win_rate", "Evaluator", "judge_for",
+           "lazy_judge", "finish"]
+
+logger = logging.getLogger("recipes")
 
 
 @dataclass
-class RecipeArguments:
-    """Model, data and LoRA fields shared by every recipe config (mixed into the TRL / PPO config)."""
+class RecipeArguments(PairRMArguments):
+    """Script arguments shared by every recipe: the judge (PairRMArguments), the prompts, the sampling opt-in."""
 
-    policy: str = field(default=TINY, metadata={"help": "policy: hub id or directory; 'tiny' = the bundled tiny test policy"})
-    policy_dtype: str | None = field(default=None, metadata={"help": "policy dtype: auto, bfloat16, float32 (default auto)"})
-    pairrm: str = field(default="llm-blender/PairRM-hf", metadata={"help": "PairRM checkpoint (hub id or dir); 'tiny' = bundled"})
-    pairrm_dtype: str | None = field(default=None, metadata={"help": "PairRM dtype (default: float32 on CPU, bfloat16 on GPU)"})
-    pairrm_batch_size: int | None = field(default=None, metadata={"help": "row cap of one PairRM forward"})
-    dataset: str = field(default=TINY, metadata={"help": "prompts: hub id, save_to_disk dir, .jsonl/.parquet file; 'tiny' = bundled"})
+    dataset_name: str = field(default=TINY, metadata={
+        "help": "prompts: hub id, save_to_disk dir, .jsonl/.parquet file; 'tiny' = the 32 bundled prompts"})
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
-    split: str = field(default="train", metadata={"help": "dataset split"})
+    dataset_train_split: str = field(default="train", metadata={"help": "dataset split"})
     prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})
-    reference_column: str | None = field(default="reference", metadata={"help": "column with reference responses (string or messages; None: no references)"})
+    reference_column: str | None = field(default="reference", metadata={
+        "help": "column with reference responses (string or messages; None: no references)"})
     max_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    conversational: bool = field(default=True, metadata={"help": "wrap string prompts as one user message (chat template)"})
-    use_peft: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of the full policy"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA target modules (default: all-linear)"})
+    eval_prompts: int = field(default=0, metadata={
+        "help": "hold out the last N prompts (at most a quarter) for evaluation; 0: no evaluation"})
+    conversational: bool = field(default=True, metadata={"help": "wrap string prompts as one user message"})
+    use_checkpoint_sampling: bool = field(default=False, metadata={
+        "help": "sampling fields left unset come from the checkpoint's generation_config (default: neutral)"})
 
 
-def cli_args(argv: list[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
+def make_recipe_parser(training_class: type, script_class: type = RecipeArguments) -> TrlParser:
+    """`TrlParser((script_class, training_class, ModelConfig))`; without CUDA it defaults to CPU and no bf16."""
+    parser = TrlParser((script_class, training_class, ModelConfig))
+    if not torch.cuda.is_available():
+        parser.set_defaults(use_cpu=True, bf16=False)
+    return parser
 
 
-def resolve_pairrm(name: str) -> str:
-    """`tiny` -> the bundled tiny PairRM; anything else unchanged."""
-    return resolve(name, "pairrm")
+def parse(parser: TrlParser, argv: list[str] | None = None) -> tuple[Any, ...]:
+    """(script_args, training_args, model_args) from `argv` (default sys.argv); `--config NAME` may be bundled."""
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        resolve_config(list(sys.argv[1:] if argv is None else argv)))
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a hub id, a directory, or 'tiny')")
+    return script_args, training_args, model_args
 
 
+# ---- data -----------------------------------------------------------------------------------------------------
 def _text(value: Any) -> str:
     """A response as text: a string, or the last assistant message of a message list (e.g. UltraFeedback `chosen`)."""
     if isinstance(value, str):
@@ -80,15 +105,16 @@ def _text(value: Any) -> str:
 def load_prompt_dataset(args: RecipeArguments, *, need_reference: bool = False) -> Dataset:
     """A dataset with a `prompt` column (message lists when `conversational`) and, when the source has one, a
     `reference` column of strings. Other columns are dropped."""
-    data = load_prompts(args.dataset, args.dataset_config, args.split)
+    data = load_prompts(args.dataset_name, args.dataset_config, args.dataset_train_split)
     if args.max_prompts is not None:
         data = data.select(range(min(args.max_prompts, len(data))))
     if args.prompt_column not in data.column_names:
-        raise ValueError(f"dataset {args.dataset!r} has no column {args.prompt_column!r} (columns: {data.column_names})")
+        raise ValueError(f"--prompt_column: dataset {args.dataset_name!r} has no column {args.prompt_column!r} "
+                         f"(columns: {data.column_names})")
     has_reference = args.reference_column is not None and args.reference_column in data.column_names
     if need_reference and not has_reference:
-        raise ValueError(f"this recipe needs reference responses: dataset {args.dataset!r} has no column "
-                         f"{args.reference_column!r} (columns: {data.column_names}); set reference_column")
+        raise ValueError(f"--reference_column: this recipe needs reference responses; dataset {args.dataset_name!r} "
+                         f"has no column {args.reference_column!r} (columns: {data.column_names})")
     keep = [args.prompt_column] + ([args.reference_column] if has_reference else [])
 
     def convert(row: dict) -> dict:
@@ -103,41 +129,164 @@ def load_prompt_dataset(args: RecipeArguments, *, need_reference: bool = False) 
     return data.select_columns(keep).map(convert, remove_columns=keep)
 
 
-def load_policy(name: str, dtype: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) on the CPU in train mode: `tiny` is the bundled tiny policy; trainers move the model."""
-    model, tokenizer = _load_policy(name, device="cpu", dtype=dtype)
+def split_eval(args: RecipeArguments, data: Dataset) -> tuple[Dataset, Dataset]:
+    """(train, held-out): the last `eval_prompts` rows (at most a quarter of the data) are held out."""
+    n_eval = min(args.eval_prompts, len(data) // 4)
+    if not n_eval:
+        return data, data.select([])
+    return data.select(range(len(data) - n_eval)), data.select(range(len(data) - n_eval, len(data)))
+
+
+# ---- the policy -----------------------------------------------------------------------------------------------
+def load_policy(model_args: ModelConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) on the CPU in train mode, loaded in `model_args.dtype` (default float32: fp32 masters)."""
+    path = resolve(model_args.model_name_or_path, "policy")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=model_args.model_revision, dtype=model_args.dtype or "float32",
+        attn_implementation=model_args.attn_implementation)
+    warn_half_precision(model, f"dtype={model_args.dtype}")
     return model.train(), tokenizer
 
 
-def lora_config(args: RecipeArguments) -> Any:
-    """A `peft.LoraConfig` when `use_peft`, else None."""
-    if not args.use_peft:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-
-
-def load_pairrm(args: RecipeArguments, device: str | torch.device | None = None) -> PairRM:
-    return PairRM.from_pretrained(resolve_pairrm(args.pairrm), device=device, dtype=args.pairrm_dtype)
+def warn_half_precision(model: torch.nn.Module, how: str) -> bool:
+    """Warn (and return True) when trainable parameters are not float32."""
+    half = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+    if half:
+        logger.warning("training %s weights directly (%s): AdamW updates below their resolution are lost. "
+                       "The default dtype float32 keeps fp32 master weights; `bf16: true` still computes in bf16.",
+                       "/".join(half), how)
+    return bool(half)
 
 
-def generate(model: Any, tokenizer: Any, prompts: list, *, max_new_tokens: int, temperature: float, seed: int,
+def sampling_kwargs(training_args: Any, model: Any, tokenizer: Any, script_args: RecipeArguments) -> dict[str, Any]:
+    """Every sampling field for a TRL trainer's `generation_kwargs`: the config's own values, unset ones neutral (or
+    the checkpoint's with `use_checkpoint_sampling`), so the checkpoint's generation_config cannot change them."""
+    length = getattr(training_args, "max_completion_length", None) or getattr(training_args, "max_new_tokens")
+    sampling = SamplingArguments(
+        max_new_tokens=length, temperature=training_args.temperature, top_p=training_args.top_p,
+        top_k=training_args.top_k, min_p=training_args.min_p, repetition_penalty=training_args.repetition_penalty,
+        use_checkpoint_sampling=script_args.use_checkpoint_sampling)
+    config = build_generation_config(model, tokenizer, sampling)
+    names = list(NEUTRAL) + ([] if getattr(training_args, "use_vllm", False) else list(OFF))  # vLLM: its own names
+    return {**{k: getattr(config, k) for k in names}, **(training_args.generation_kwargs or {})}
+
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+def generate(model: Any, tokenizer: Any, prompts: list, sampling: SamplingArguments, *, seed: int,
              batch_size: int = 32) -> list[str]:
-    """One sampled response per prompt, reproducible under `seed`."""
+    """One sampled response per prompt with an explicit GenerationConfig, reproducible under `seed`."""
     model.eval()
+    config = build_generation_config(model, tokenizer, sampling)
     out: list[str] = []
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for s in range(0, len(prompts), batch_size):
-            out += [r[0] for r in sample_responses(model, tokenizer, prompts[s : s + batch_size], 1,
-                                                   max_new_tokens=max_new_tokens, temperature=temperature)]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(seed)
+            for s in range(0, len(prompts), batch_size):
+                part = prompts[s : s + batch_size]
+                enc = tokenizer(render_prompts(tokenizer, part), return_tensors="pt", padding=True,
+                                add_special_tokens=isinstance(part[0], str)).to(device)
+                ids = model.generate(**enc, generation_config=config)
+                out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return out
 
 
-def win_rate(pairrm: PairRM, prompts: list, first: list[str], second: list[str]) -> float:
-    """Mean PairRM win rate of `first` over `second` (two-order logit; ties count 1/2)."""
+def win_rate(pairrm: PairRM, prompts: list, first: list[str], second: list[str]) -> dict[str, float]:
+    """PairRM's verdicts of `first` over `second`: win rate (ties count 1/2), tie rate, mean two-order logit."""
     z = PairRMJudge(pairrm).two_order_logits(prompts, [[a, b] for a, b in zip(first, second)])
-    return float(np.mean((z > 0) + 0.5 * (z == 0)))
+    return {"win_rate": float(np.mean((z > 0) + 0.5 * (z == 0))), "ties": float(np.mean(z == 0)),
+            "mean_logit": float(np.mean(z))}
+
+
+class Evaluator:
+    """Held-out evaluation: the policy's samples vs the initial policy's (the first call's, kept in
+    `eval_before.json`) and vs the references, by the judge. Appends to `eval_metrics.json` and the completions
+    table `eval_completions.jsonl` in `output_dir`. Sampling runs under a forked RNG (training is unchanged)."""
+
+    def __init__(self, judge: PairRM, prompts: list, references: list[str] | None, sampling: SamplingArguments,
+                 seed: int, output_dir: str):
+        self.judge, self.prompts, self.references, self.sampling, self.seed = judge, prompts, references, sampling, seed
+        self.output_dir, self.before, self.history = output_dir, None, []
+        history_file = os.path.join(output_dir, "eval_metrics.json")
+        if os.path.exists(history_file):  # a resumed run continues the history
+            with open(history_file) as f:
+                self.history = json.load(f)
+
+    def __call__(self, model: Any, tokenizer: Any, step: int, write: bool = True) -> dict[str, float]:
+        """The metrics of `model` at `step`; `write=False` (the other processes under ZeRO-3) skips the files."""
+        samples = generate(model, tokenizer, self.prompts, self.sampling, seed=self.seed)
+        before_file = os.path.join(self.output_dir, "eval_before.json")
+        if self.before is None and os.path.exists(before_file):  # a resumed run keeps the initial policy's samples
+            with open(before_file) as f:
+                self.before = json.load(f)
+        if self.before is None:
+            self.before = samples
+            if write:
+                os.makedirs(self.output_dir, exist_ok=True)
+                with open(before_file, "w") as f:
+                    json.dump(samples, f)
+        metrics: dict[str, float] = {"step": step, "mean_length": float(sum(len(s) for s in samples) / len(samples))}
+        for name, verdict in (("vs_initial", win_rate(self.judge, self.prompts, samples, self.before)),
+                              ("vs_reference", self.references and win_rate(self.judge, self.prompts, samples,
+                                                                             self.references))):
+            if verdict:
+                metrics.update({f"{name}/{k}": v for k, v in verdict.items()})
+        self.history = [h for h in self.history if h["step"] < step] + [metrics]
+        if not write:
+            return metrics
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "eval_metrics.json"), "w") as f:
+            json.dump(self.history, f, indent=1)
+        with open(os.path.join(self.output_dir, "eval_completions.jsonl"), "a") as f:
+            for prompt, sample in zip(self.prompts, samples):
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": sample}) + "\n")
+        return metrics
+
+
+def zero3_enabled() -> bool:
+    """Is DeepSpeed ZeRO-3 active (parameters partitioned across processes)?"""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def gathered(model: Any):
+    """Every parameter of `model` whole on this process for generation under ZeRO-3, as TRL's
+    `unwrap_model_for_generation` does (collective: every process must enter); nothing otherwise."""
+    if not zero3_enabled():
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield model
+
+
+def judge_for(script_args: PairRMArguments, use_cpu: bool) -> PairRM:
+    """The judge loaded from the script arguments (on the CPU when training on the CPU)."""
+    return script_args.load(device="cpu" if use_cpu else None)
+
+
+def lazy_judge(script_args: PairRMArguments, use_cpu: bool) -> Any:
+    """The judge, loaded on first use (TRL reward functions), on the CPU when training on the CPU."""
+    if use_cpu and script_args.pairrm_device is None:
+        script_args = dataclasses.replace(script_args, pairrm_device="cpu")
+    return script_args.lazy()
+
+
+def finish() -> None:
+    """End a script run in order: wait for every process, then destroy the process group. Left to interpreter exit,
+    the gloo/NCCL group is torn down while other processes may still use it, which can abort a process with
+    "terminate called without an active exception" after training has finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

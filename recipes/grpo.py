@@ -1,12 +1,14 @@
 """GRPO (TRL's `GRPOTrainer`) with PairRM rewards.
 
-    python recipes/grpo.py --config recipes/configs/grpo.yaml
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/grpo.py --config recipes/configs/grpo.yaml
-    python recipes/grpo.py --config recipes/configs/grpo_smoke.yaml      # tiny models, CPU, seconds
+    python recipes/grpo.py --config grpo_smoke        # bundled tiny models, CPU, seconds
+    python recipes/grpo.py --config grpo              # Qwen2.5-0.5B-Instruct on UltraFeedback, 1 GPU
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/grpo.py --config grpo
 
 `reward_mode: reference` scores each completion against its row's reference response; `reward_mode: group` scores it
 round-robin against the other completions of its prompt (no reference needed; GRPO's group-relative advantage then
-ranks the group by PairRM's pairwise preferences). Both through `PairwiseReward`.
+ranks the group by PairRM's pairwise preferences). Both through `PairwiseReward`. fp32 master weights (`dtype`,
+default float32; bf16 compute with `bf16: true`); sampling from GRPOConfig's own fields only (`_common.sampling_kwargs`).
+With `eval_prompts: N` the last N prompts are held out and evaluated before and after training (`eval_metrics.json`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,23 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RecipeArguments, cli_args, load_policy, load_prompt_dataset, lora_config, parse_config, resolve_pairrm
+from _common import (Evaluator, RecipeArguments, finish, get_peft_config, judge_for, lazy_judge, load_policy,
+                     load_prompt_dataset, make_recipe_parser, parse, sampling_kwargs, split_eval)
 from trl import GRPOConfig, GRPOTrainer
 
+from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.rewards import AsyncPairwiseReward, PairwiseReward
+
+MODES = ("reference", "group")
 
 
 @dataclass
-class GRPORecipeConfig(RecipeArguments, GRPOConfig):
+class GRPORecipeConfig(GRPOConfig):
     """GRPO with PairRM comparisons against a reference column or within each group of generations."""
 
     reward_mode: str = field(default="reference", metadata={"help": "reference (vs the reference column) or group (round-robin)"})
@@ -33,35 +41,49 @@ class GRPORecipeConfig(RecipeArguments, GRPOConfig):
     async_reward: bool = field(default=False, metadata={"help": "score in a worker thread (AsyncPairwiseReward)"})
 
 
-def build_reward(config: GRPORecipeConfig) -> PairwiseReward:
-    cls = AsyncPairwiseReward if config.async_reward else PairwiseReward
-    group_size = config.num_generations if config.reward_mode == "group" else None
-    return cls(resolve_pairrm(config.pairrm), mode=config.reward_mode, output=config.reward_output, group_size=group_size,
-               name=f"pairrm_{config.reward_mode}", device="cpu" if config.use_cpu else None, dtype=config.pairrm_dtype,
-               batch_size=config.pairrm_batch_size)
+def make_parser():
+    return make_recipe_parser(GRPORecipeConfig)
 
 
-def run(config: GRPORecipeConfig) -> GRPOTrainer:
-    """Train and save to `output_dir`; returns the trainer."""
-    dataset = load_prompt_dataset(config, need_reference=config.reward_mode == "reference")
-    policy, tokenizer = load_policy(config.policy, config.policy_dtype)
-    reward = build_reward(config)
-    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora_config(config))
+def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_args: Any,
+         judge: PairRM | None = None) -> GRPOTrainer:
+    """Train and save to `output_dir`; returns the trainer. `judge`: a loaded PairRM instead of `script_args.pairrm`."""
+    if training_args.reward_mode not in MODES:
+        raise ValueError(f"--reward_mode must be one of {MODES}, got {training_args.reward_mode!r}")
+    data = load_prompt_dataset(script_args, need_reference=training_args.reward_mode == "reference")
+    train_set, eval_set = split_eval(script_args, data)
+    policy, tokenizer = load_policy(model_args)
+    training_args.generation_kwargs = sampling_kwargs(training_args, policy, tokenizer, script_args)
+    cls = AsyncPairwiseReward if training_args.async_reward else PairwiseReward
+    group_size = training_args.num_generations if training_args.reward_mode == "group" else None
+    reward = cls(judge or lazy_judge(script_args, training_args.use_cpu), mode=training_args.reward_mode,
+                 output=training_args.reward_output, group_size=group_size, name=f"pairrm_{training_args.reward_mode}",
+                 batch_size=script_args.pairrm_batch_size)
+    evaluator = None
+    if len(eval_set):
+        sampling = SamplingArguments(max_new_tokens=training_args.max_completion_length,
+                                     temperature=training_args.temperature)
+        evaluator = Evaluator(judge or judge_for(script_args, training_args.use_cpu), list(eval_set["prompt"]),
+                              list(eval_set["reference"]) if "reference" in eval_set.column_names else None,
+                              sampling, training_args.seed, training_args.output_dir)
+        evaluator(policy, tokenizer, 0)
+        policy.train()
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,
+                          processing_class=tokenizer, peft_config=get_peft_config(model_args))
     trainer.train()
-    trainer.save_model(config.output_dir)
+    trainer.save_model(training_args.output_dir)
+    if evaluator is not None and trainer.is_world_process_zero():
+        evaluator(trainer.model, tokenizer, trainer.state.global_step)
     key = f"rewards/{reward.__name__}/mean"
     logs = [log for log in trainer.state.log_history if key in log]
     if trainer.is_world_process_zero() and logs:
-        print(f"GRPO: {trainer.state.global_step} steps; PairRM reward ({config.reward_mode}, {config.reward_output}) "
-              f"{logs[0][key]:.3f} -> {logs[-1][key]:.3f}\nSaved to {config.output_dir}")
+        print(f"GRPO: {trainer.state.global_step} steps; PairRM reward ({training_args.reward_mode}, "
+              f"{training_args.reward_output}) {logs[0][key]:.3f} -> {logs[-1][key]:.3f}\n"
+              f"Saved to {training_args.output_dir}")
     return trainer
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(parse_config(GRPORecipeConfig, cli_args(argv)))
-
-
 if __name__ == "__main__":
-    main()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse(make_parser()))
+    finish()

@@ -1,22 +1,36 @@
 """Iterative DPO with PairRM labels (Snorkel-Mistral-PairRM-DPO / Online-RLHF / SPPO style).
 
-    python recipes/iterative_dpo.py --config recipes/configs/iterative_dpo.yaml
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/iterative_dpo.py --config recipes/configs/iterative_dpo.yaml
-    python recipes/iterative_dpo.py --config recipes/configs/iterative_dpo_smoke.yaml   # tiny models, CPU, < 1 min
+    python recipes/iterative_dpo.py --config iterative_dpo_smoke   # bundled tiny models, CPU, < 1 min
+    python recipes/iterative_dpo.py --config iterative_dpo         # Qwen2.5-0.5B-Instruct on UltraFeedback, 1 GPU
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/iterative_dpo.py --config iterative_dpo
 
 Each iteration: sample `num_responses` responses per prompt from the current policy, label them with PairRM
 (`PreferenceLabeler`: best vs worst by default), then train DPO from the current policy with a frozen copy of it as
-the reference (with LoRA: the adapter-disabled model, merged into the policy after the iteration). The next
-iteration starts from the result. `sppo: true` trains SPPO's soft-probability loss instead (`SPPOTrainer`).
+the reference (with LoRA: the adapter-disabled model, merged into the fp32 policy after the iteration). The next
+iteration starts from the result. `sppo: true` trains SPPO's soft-probability loss instead (`SPPOTrainer`), on the
+authors' soft labels by default (`sppo_probabilities: authors`, see `pairrm_rlhf.trl.sppo`).
+
+Precision: the policy is trained and saved in fp32 (`dtype`, default float32; bf16 compute with `bf16: true`), so
+iteration i+1 starts from exactly what iteration i learned. Sampling (labeling and evaluation) uses exactly the
+config's fields (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `max_new_tokens`); unset ones are
+neutral unless `use_checkpoint_sampling`.
+
+After every iteration the policy answers the held-out prompts (`eval_prompts`, the last N) and the judge (or
+`eval_pairrm`) compares them with the initial policy's answers and the references; the numbers go to the trainer's
+`report_to` trackers and to `metrics.json`, plus `win_rate.png` and `margins.png` (with the `plots` extra).
 
 Layout of `output_dir`, which makes the run resumable (re-run the same command; finished iterations are skipped,
-a labeled dataset is reused, labeling resumes from its saved chunks):
+a labeled dataset is reused, labeling resumes from its saved chunks, training from the trainer's last
+`checkpoint-*` when `save_strategy` writes them):
 
-    eval_before.json             initial policy's responses to the held-out prompts
+    eval_before.json             the initial policy's responses to the held-out prompts
     iteration_<i>/pairs/         the iteration's preference dataset (save_to_disk; optionally pushed as a split)
-    iteration_<i>/model/         the policy after the iteration
-    iteration_<i>/done.json      written last: the iteration is finished
-    summary.json                 pairs, margins and win rates
+    iteration_<i>/trainer/       the DPO trainer's output_dir (its checkpoints)
+    iteration_<i>/model/         the policy after the iteration (fp32)
+    iteration_<i>/done.json      written last: the iteration's pairs, training and held-out evaluation
+    metrics.json                 per-iteration evaluation (iteration 0 = the initial policy)
+    win_rate.png, margins.png    win rate per iteration; histogram of each iteration's pair margins
+    summary.json                 all of the above in one file
 """
 
 from __future__ import annotations
@@ -27,7 +41,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,29 +50,45 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, RecipeArguments, cli_args, generate, load_pairrm, load_policy, load_prompt_dataset,
-                     lora_config, parse_config, win_rate)
+from _common import (TINY, Evaluator, RecipeArguments, finish, gathered, get_peft_config, judge_for, load_policy,
+                     load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision, zero3_enabled)
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
+from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
-from pairrm_rlhf.labeling.labeler import PreferenceLabeler, save_dataset
-from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPOTrainer
+from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
+from pairrm_rlhf.labeling.store import remove_store
+from pairrm_rlhf.pairrm import PairRM
+from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPO_PROBABILITIES, SPPOTrainer, authors_probabilities
 
 logger = logging.getLogger("iterative_dpo")
 SCHEDULES = ("disjoint", "same")
 
 
 @dataclass
-class IterativeDPOConfig(RecipeArguments, DPOConfig):
+class IterativeDPOScriptArguments(RecipeArguments):
+    """Script arguments of iterative DPO: the shared ones, plus an optional separate evaluation judge."""
+
+    eval_pairrm: str | None = field(default=None, metadata={
+        "help": "judge of the held-out evaluation (default: the training judge); a different one exposes reward hacking"})
+
+
+@dataclass
+class IterativeDPOConfig(DPOConfig):
     """Iterative DPO (or SPPO): sample K per prompt, label with PairRM, train, repeat from the result."""
 
     num_iterations: int = field(default=3, metadata={"help": "iterations of sample -> label -> train"})
     prompt_schedule: str = field(default="disjoint", metadata={"help": "disjoint: iteration i uses the i-th of num_iterations prompt slices; same: all prompts every iteration"})
     num_responses: int = field(default=5, metadata={"help": "K responses sampled per prompt"})
     max_new_tokens: int = field(default=512, metadata={"help": "response length limit when sampling"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p"})
+    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (default 1.0)"})
+    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling p (default 1.0: off)"})
+    top_k: int | None = field(default=None, metadata={"help": "top-k sampling (default 0: off)"})
+    min_p: float | None = field(default=None, metadata={"help": "min-p sampling (default 0: off)"})
+    repetition_penalty: float | None = field(default=None, metadata={"help": "repetition penalty (default 1.0: off)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
     aggregation: str = field(default="rank", metadata={"help": "labeler score: rank, copeland or bradley_terry"})
     strategy: str = field(default="best_vs_worst", metadata={"help": "labeler pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs"})
@@ -67,55 +96,73 @@ class IterativeDPOConfig(RecipeArguments, DPOConfig):
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this"})
     label_chunk_size: int = field(default=256, metadata={"help": "prompts per saved labeling chunk (the unit of resume)"})
     sppo: bool = field(default=False, metadata={"help": "train SPPO's soft loss on chosen_probs_win/lose instead of DPO"})
-    eval_prompts: int = field(default=64, metadata={"help": "held-out prompts (the last N) for win rates before/after; 0: none"})
+    sppo_probabilities: str = field(default="authors", metadata={
+        "help": "SPPO soft labels: authors (mean_j sigmoid(s_i - s_j) of the round-robin scores, uclaml/SPPO's "
+                "compute_prob, for which beta 0.001 was tuned) or calibrated (the labeler's mean calibrated P(i > j))"})
     dataset_hub_id: str | None = field(default=None, metadata={"help": "push each iteration's pairs to this hub dataset as split iteration_<i>"})
     dataset_hub_private: bool = field(default=True, metadata={"help": "push the pairs as a private dataset"})
+
+    def sampling(self, use_checkpoint_sampling: bool = False) -> SamplingArguments:
+        return SamplingArguments(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                 top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                 use_checkpoint_sampling=use_checkpoint_sampling)
 
 
 # ---- one iteration -------------------------------------------------------------------------------------------
 def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: Any, tokenizer: Any, pairrm: Any,
-          policy_name: str, state: PartialState) -> Dataset:
+          policy_name: str, state: PartialState, sampling: SamplingArguments) -> Dataset:
     """The iteration's preference pairs: loaded when already saved, else labeled (resumable) and saved."""
     directory = Path(config.output_dir) / f"iteration_{iteration}"
     saved = directory / "pairs"
     if (saved / "dataset_info.json").exists():
         logger.info("iteration %d: reusing the labeled pairs in %s", iteration, saved)
         return load_from_disk(str(saved))
-    generation = {"do_sample": True, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                  "top_p": config.top_p}
     labeler = PreferenceLabeler(
         pairrm, policy, tokenizer, num_responses=config.num_responses, aggregation=config.aggregation,
         strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
-        seed=config.seed + iteration, generation_kwargs=generation, generation_batch_size=config.generation_batch_size,
+        seed=config.seed + iteration, sampling=sampling,
+        generation_batch_size=config.generation_batch_size,
     )
     labeler.policy_name = policy_name
     work = directory / "pairs.chunks"
     pairs = labeler.label(prompts, work, chunk_size=config.label_chunk_size)
+    if config.sppo and config.sppo_probabilities == "authors" and len(pairs):
+        win, lose = authors_probabilities(pairs["score_chosen"], pairs["score_rejected"], pairs["all_rm_scores"])
+        pairs = pairs.remove_columns(list(PROB_COLUMNS)).add_column(PROB_COLUMNS[0], win).add_column(PROB_COLUMNS[1], lose)
+    state.wait_for_everyone()  # every process has read the chunks before they are removed
     if state.is_main_process:
         save_dataset(pairs, str(saved), "save_to_disk")
-        shutil.rmtree(work, ignore_errors=True)
+        remove_store(work)
         if config.dataset_hub_id:
             pairs.push_to_hub(config.dataset_hub_id, split=f"iteration_{iteration}", private=config.dataset_hub_private)
     state.wait_for_everyone()
     return pairs
 
 
-def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: Any, tokenizer: Any) -> dict[str, float]:
-    """DPO (or SPPO) from `policy` against a frozen copy of it; saves the result to iteration_<i>/model."""
+def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: Any, tokenizer: Any, peft: Any,
+          evaluate: Any) -> dict[str, float]:
+    """DPO (or SPPO) from `policy` against a frozen copy of it; saves the result to iteration_<i>/model (fp32),
+    evaluates it (`evaluate(model, trainer, iteration)`), and resumes from the trainer's last checkpoint when one exists."""
     directory = Path(config.output_dir) / f"iteration_{iteration}"
     columns = ["prompt", "chosen", "rejected"] + (list(PROB_COLUMNS) if config.sppo else [])
     args = dataclasses.replace(config, output_dir=str(directory / "trainer"))
-    peft = lora_config(config)
-    ref_model = None if peft is not None else copy.deepcopy(policy).eval().requires_grad_(False)
+    # the reference: a frozen copy; with LoRA the adapter-disabled policy; under ZeRO-3 (a partitioned policy cannot
+    # be copied) TRL loads it from the policy's own path and shards it with the same DeepSpeed config (eval mode)
+    copy_reference = peft is None and not zero3_enabled()
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if copy_reference else None
     trainer_class = SPPOTrainer if config.sppo else DPOTrainer
     trainer = trainer_class(model=policy, ref_model=ref_model, args=args, train_dataset=pairs.select_columns(columns),
                             processing_class=tokenizer, peft_config=peft)
-    result = trainer.train()
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last:
+        logger.info("iteration %d: resuming training from %s", iteration, last)
+    result = trainer.train(resume_from_checkpoint=last)
     model_dir = str(directory / "model")
-    if peft is not None:  # merge the adapter: the next iteration starts from (and is referenced to) the merged policy
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if peft is not None:  # merge the adapter into the fp32 base: the next iteration starts from the merged policy
+        model = model.merge_and_unload()
         if trainer.is_world_process_zero():
-            merged.save_pretrained(model_dir)
+            model.save_pretrained(model_dir)
     else:
         trainer.save_model(model_dir)
     if trainer.is_world_process_zero():
@@ -124,6 +171,7 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
     stats = {"train_loss": float(result.training_loss), "steps": trainer.state.global_step}
     if logs:
         stats.update({k: float(logs[-1][k]) for k in ("rewards/margins", "rewards/accuracies") if k in logs[-1]})
+    stats.update(evaluate(model, trainer, iteration))
     del trainer, ref_model
     return stats
 
@@ -131,52 +179,78 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
 # ---- the loop ----------------------------------------------------------------------------------------------
 def prompt_slices(config: IterativeDPOConfig, prompts: Dataset) -> list[Dataset]:
     if config.prompt_schedule not in SCHEDULES:
-        raise ValueError(f"prompt_schedule must be one of {SCHEDULES}, got {config.prompt_schedule!r}")
+        raise ValueError(f"--prompt_schedule must be one of {SCHEDULES}, got {config.prompt_schedule!r}")
     if config.prompt_schedule == "same":
         return [prompts] * config.num_iterations
     bounds = np.linspace(0, len(prompts), config.num_iterations + 1).astype(int)
     return [prompts.select(range(bounds[i], bounds[i + 1])) for i in range(config.num_iterations)]
 
 
-def sample_eval(config: IterativeDPOConfig, policy: Any, tokenizer: Any, prompts: list, device: Any) -> list[str]:
-    policy.to(device)
-    return generate(policy, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                    seed=config.seed, batch_size=config.generation_batch_size)
+def make_parser():
+    return make_recipe_parser(IterativeDPOConfig, IterativeDPOScriptArguments)
 
 
-def run(config: IterativeDPOConfig) -> dict[str, Any]:
-    """Run (or resume) all iterations; returns the summary (also written to summary.json and printed)."""
+def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOConfig, model_args: Any,
+         judge: PairRM | None = None, eval_judge: PairRM | None = None) -> dict[str, Any]:
+    """Run (or resume) all iterations; returns the summary (also written to summary.json and printed).
+
+    `judge` / `eval_judge`: loaded PairRMs to use instead of `script_args.pairrm` / `eval_pairrm`."""
+    config = training_args
+    if config.sppo_probabilities not in SPPO_PROBABILITIES:
+        raise ValueError(f"--sppo_probabilities must be one of {SPPO_PROBABILITIES}, got {config.sppo_probabilities!r}")
     state = PartialState(cpu=config.use_cpu or not torch.cuda.is_available())
     out = Path(config.output_dir)
-    data = load_prompt_dataset(config)
-    n_eval = min(config.eval_prompts, len(data) // 4)
-    eval_set = data.select(range(len(data) - n_eval, len(data))) if n_eval else data.select([])
-    train_prompts = data.select(range(len(data) - n_eval))
+    sampling = config.sampling(script_args.use_checkpoint_sampling)
+    train_prompts, eval_set = split_eval(script_args, load_prompt_dataset(script_args))
     slices = prompt_slices(config, train_prompts)
-    pairrm = load_pairrm(config, device="cpu" if config.use_cpu else None)
+    pairrm = judge or judge_for(script_args, config.use_cpu)
+    if eval_judge is None:
+        eval_judge = pairrm if script_args.eval_pairrm is None else judge_for(
+            dataclasses.replace(script_args, pairrm=script_args.eval_pairrm), config.use_cpu)
+    peft = get_peft_config(model_args)
+    zero3 = zero3_enabled()
     done = [i for i in range(1, config.num_iterations + 1) if (out / f"iteration_{i}" / "done.json").exists()]
     start = next((i for i in range(1, config.num_iterations + 1) if i not in done), config.num_iterations + 1)
-    current = config.policy if start == 1 else str(out / f"iteration_{start - 1}" / "model")
+    current = model_args.model_name_or_path if start == 1 else str(out / f"iteration_{start - 1}" / "model")
     if start > 1:
         logger.info("resuming: iterations 1..%d are finished, starting from %s", start - 1, current)
 
-    eval_prompts = list(eval_set["prompt"])
-    before_file = out / "eval_before.json"
-    if n_eval and state.is_main_process and not before_file.exists():
-        policy, tokenizer = load_policy(config.policy, config.policy_dtype)  # the initial policy, even when resuming
-        out.mkdir(parents=True, exist_ok=True)
-        before_file.write_text(json.dumps(sample_eval(config, policy, tokenizer, eval_prompts, state.device)))
-        del policy
-    state.wait_for_everyone()
+    evaluator = None
+    if len(eval_set):
+        references = list(eval_set["reference"]) if "reference" in eval_set.column_names else None
+        evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out))
+        if (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
+            policy, tokenizer = load_policy(model_args)  # the initial policy, even when resuming
+            with gathered(policy.to(state.device)):
+                evaluator(policy, tokenizer, 0, write=state.is_main_process)
+            del policy
+        state.wait_for_everyone()
+
+    def evaluate(model: Any, trainer: Any, iteration: int) -> dict[str, float]:
+        """Held-out metrics of the iteration's policy (main process), shared with every process and logged."""
+        metrics = [None]
+        if evaluator is not None and (state.is_main_process or zero3):  # ZeRO-3: every process gathers and samples
+            with gathered(model):
+                result = evaluator(model, trainer.processing_class, iteration, write=state.is_main_process)
+            metrics = [{f"eval/{k}": v for k, v in result.items() if k != "step"}]
+        if evaluator is None:
+            return {}
+        metrics = broadcast_object_list(metrics) if state.num_processes > 1 else metrics
+        trainer.log(dict(metrics[0]))  # to the configured report_to trackers
+        return metrics[0]
 
     for iteration in range(start, config.num_iterations + 1):
-        policy, tokenizer = load_policy(current, config.policy_dtype)
+        policy, tokenizer = load_policy(dataclasses.replace(model_args, model_name_or_path=current))
         policy.to(state.device)
-        pairs = label(config, iteration, slices[iteration - 1], policy.eval(), tokenizer, pairrm, current, state)
+        with gathered(policy):  # ZeRO-3 partitions the policy at load time: labeling samples from the whole one
+            pairs = label(config, iteration, slices[iteration - 1], policy.eval(), tokenizer, pairrm, current, state,
+                          sampling)
         stats: dict[str, Any] = {"iteration": iteration, "prompts": len(slices[iteration - 1]), "pairs": len(pairs),
-                                 "mean_margin": float(np.mean(pairs["margin"])) if len(pairs) else 0.0}
+                                 "mean_margin": float(np.mean(pairs["margin"])) if len(pairs) else 0.0,
+                                 "margins": [float(m) for m in pairs["margin"]]}
         if len(pairs):
-            stats.update(train(config, iteration, pairs, policy.train(), tokenizer))
+            warn_half_precision(policy, f"dtype={model_args.dtype}")
+            stats.update(train(config, iteration, pairs, policy.train(), tokenizer, peft, evaluate))
         else:
             logger.warning("iteration %d produced no pairs (all ties?); the policy is carried over unchanged", iteration)
             if state.is_main_process:
@@ -192,25 +266,73 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
             torch.cuda.empty_cache()
 
     iterations = [json.loads((out / f"iteration_{i}" / "done.json").read_text()) for i in range(1, config.num_iterations + 1)]
-    summary: dict[str, Any] = {"iterations": iterations, "loss": "sppo" if config.sppo else "dpo", "eval_prompts": n_eval}
-    if n_eval and state.is_main_process:
-        before = json.loads(before_file.read_text())
-        policy, tokenizer = load_policy(current, config.policy_dtype)
-        after = sample_eval(config, policy, tokenizer, eval_prompts, state.device)
-        summary["win_rate_after_vs_before"] = win_rate(pairrm, eval_prompts, after, before)
-        if "reference" in eval_set.column_names:
-            references = list(eval_set["reference"])
-            summary["win_rate_vs_reference_before"] = win_rate(pairrm, eval_prompts, before, references)
-            summary["win_rate_vs_reference_after"] = win_rate(pairrm, eval_prompts, after, references)
-        summary["eval_samples"] = [{"before": b, "after": a} for b, a in zip(before[:3], after[:3])]
+    summary: dict[str, Any] = {"iterations": iterations, "loss": "sppo" if config.sppo else "dpo",
+                               "eval_prompts": len(eval_set)}
+    if evaluator is not None:
+        summary["metrics"] = metrics_table(out, iterations)
+        last = summary["metrics"][-1]
+        summary["win_rate_after_vs_before"] = last.get("vs_initial/win_rate")
+        summary["win_rate_vs_reference_before"] = summary["metrics"][0].get("vs_reference/win_rate")
+        summary["win_rate_vs_reference_after"] = last.get("vs_reference/win_rate")
     if state.is_main_process:
+        if evaluator is not None:
+            (out / "metrics.json").write_text(json.dumps(summary["metrics"], indent=1))
+        summary["plots"] = plot(out, summary.get("metrics", []), iterations)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(format_summary(config, summary))
+        print(format_summary(config, script_args, summary))
     state.wait_for_everyone()
     return summary
 
 
-def format_summary(config: IterativeDPOConfig, summary: dict[str, Any]) -> str:
+def metrics_table(out: Path, iterations: list[dict]) -> list[dict[str, float]]:
+    """Iteration 0 (the initial policy) and each iteration's held-out metrics, from eval_metrics.json/done.json."""
+    before = json.loads((out / "eval_metrics.json").read_text())[0]
+    rows = [{"iteration": 0, **{k: v for k, v in before.items() if k != "step"}}]
+    for it in iterations:
+        rows.append({"iteration": it["iteration"], "pairs": it["pairs"], "mean_margin": it["mean_margin"],
+                     **{k[len("eval/"):]: v for k, v in it.items() if k.startswith("eval/")}})
+    return rows
+
+
+def plot(out: Path, metrics: list[dict], iterations: list[dict]) -> list[str]:
+    """win_rate.png (held-out win rates per iteration) and margins.png (each iteration's pair margins)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("no plots: matplotlib is not installed (pip install 'pairrm-rlhf[plots]')")
+        return []
+    paths = []
+    if metrics:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        steps = [m["iteration"] for m in metrics]
+        for key, label in (("vs_initial/win_rate", "vs initial policy"), ("vs_reference/win_rate", "vs references")):
+            if any(key in m for m in metrics):
+                ax.plot(steps, [m.get(key, np.nan) for m in metrics], marker="o", label=label)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="iteration", ylabel="held-out win rate", ylim=(0, 1), xticks=steps)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "win_rate.png", dpi=100)
+        plt.close(fig)
+        paths.append(str(out / "win_rate.png"))
+    if any(it.get("margins") for it in iterations):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for it in iterations:
+            if it.get("margins"):
+                ax.hist(it["margins"], bins=20, alpha=0.5, label=f"iteration {it['iteration']}")
+        ax.set(xlabel="PairRM score margin (chosen - rejected)", ylabel="pairs")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "margins.png", dpi=100)
+        plt.close(fig)
+        paths.append(str(out / "margins.png"))
+    return paths
+
+
+def format_summary(config: IterativeDPOConfig, script_args: RecipeArguments, summary: dict[str, Any]) -> str:
     lines = [f"Iterative {summary['loss'].upper()} with PairRM: {len(summary['iterations'])} iteration(s), "
              f"K={config.num_responses} responses per prompt"]
     for it in summary["iterations"]:
@@ -221,21 +343,20 @@ def format_summary(config: IterativeDPOConfig, summary: dict[str, Any]) -> str:
                      f"{it.get('rewards/margins', float('nan')):.4f}, accuracy {it.get('rewards/accuracies', float('nan')):.2f}")
         lines.append(line)
     n = summary["eval_prompts"]
-    if "win_rate_vs_reference_before" in summary:
-        lines.append(f"  win rate vs reference on {n} held-out prompts: before {summary['win_rate_vs_reference_before']:.3f}"
-                     f" -> after {summary['win_rate_vs_reference_after']:.3f}")
-    if "win_rate_after_vs_before" in summary:
-        lines.append(f"  win rate of the final policy over the initial one: {summary['win_rate_after_vs_before']:.3f}")
-    if config.pairrm == TINY:
+    for m in summary.get("metrics", []):
+        parts = [f"{name} {m[key]:.3f}" for key, name in (("vs_initial/win_rate", "win rate vs initial"),
+                                                           ("vs_reference/win_rate", "win rate vs reference"),
+                                                           ("vs_reference/ties", "ties vs reference"),
+                                                           ("mean_length", "mean length")) if key in m]
+        lines.append(f"  held-out ({n} prompts) after iteration {m['iteration']}: " + ", ".join(parts))
+    if script_args.pairrm == TINY:
         lines.append("  (the bundled tiny PairRM has random weights: these numbers only show that the pipeline runs)")
-    lines.append(f"Saved to {config.output_dir} (iteration_<i>/pairs, iteration_<i>/model, summary.json)")
+    lines.append(f"Saved to {config.output_dir} (iteration_<i>/pairs, iteration_<i>/model, metrics.json, "
+                 f"summary.json{', ' + ', '.join(Path(p).name for p in summary['plots']) if summary.get('plots') else ''})")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(parse_config(IterativeDPOConfig, cli_args(argv)))
-
-
 if __name__ == "__main__":
-    main()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse(make_parser()))
+    finish()

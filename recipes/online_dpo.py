@@ -1,12 +1,14 @@
 """Online DPO (TRL's `trl.experimental.online_dpo.OnlineDPOTrainer`) with PairRM choosing the preferred sample.
 
-    python recipes/online_dpo.py --config recipes/configs/online_dpo.yaml
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/online_dpo.py --config recipes/configs/online_dpo.yaml
-    python recipes/online_dpo.py --config recipes/configs/online_dpo_smoke.yaml     # tiny models, CPU, seconds
+    python recipes/online_dpo.py --config online_dpo_smoke    # bundled tiny models, CPU, seconds
+    python recipes/online_dpo.py --config online_dpo          # Qwen2.5-0.5B-Instruct on UltraFeedback, 1 GPU
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/online_dpo.py --config online_dpo
 
 Per step the trainer samples two responses per prompt; `reward: judge` (default) has PairRM compare them directly
 (`OnlineDPOJudgeReward`: the chosen one is PairRM's preferred one), `reward: reference` scores each against the row's
-reference response (`PairwiseReward`) and keeps the higher. LoRA with `use_peft: true`.
+reference response (`PairwiseReward`) and keeps the higher. LoRA with `use_peft: true`. fp32 master weights (`dtype`,
+default float32; bf16 compute with `bf16: true`); sampling from the config's own fields only. With `eval_prompts: N`
+the last N prompts are held out and evaluated before and after training (`eval_metrics.json`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RecipeArguments, cli_args, load_policy, load_prompt_dataset, lora_config, parse_config, resolve_pairrm
+from _common import (Evaluator, RecipeArguments, finish, get_peft_config, judge_for, lazy_judge, load_policy,
+                     load_prompt_dataset, make_recipe_parser, parse, sampling_kwargs, split_eval)
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-from pairrm_rlhf.pairrm import LazyPairRM
+from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 from pairrm_rlhf.trl.rewards import OnlineDPOJudgeReward, PairwiseReward
 
@@ -29,45 +34,57 @@ REWARDS = ("judge", "reference")
 
 
 @dataclass
-class OnlineDPORecipeConfig(RecipeArguments, OnlineDPOConfig):
+class OnlineDPORecipeConfig(OnlineDPOConfig):
     """Online DPO with PairRM as the judge of each pair of samples."""
 
     reward: str = field(default="judge", metadata={"help": "judge: PairRM compares the two samples; reference: each vs the reference column"})
     judge_soft: bool = field(default=True, metadata={"help": "judge: rewards (P, 1-P) instead of (1, 0)"})
 
 
-def build_reward(config: OnlineDPORecipeConfig):
-    """The reward function the trainer gets, with one lazily loaded PairRM (this process's device)."""
-    if config.reward not in REWARDS:
-        raise ValueError(f"reward must be one of {REWARDS}, got {config.reward!r}")
-    pairrm = LazyPairRM(resolve_pairrm(config.pairrm), device="cpu" if config.use_cpu else None, dtype=config.pairrm_dtype)
-    if config.reward == "judge":
-        return OnlineDPOJudgeReward(PairRMJudge(pairrm, batch_size=config.pairrm_batch_size), soft=config.judge_soft)
-    return PairwiseReward(pairrm, batch_size=config.pairrm_batch_size)
+def make_parser():
+    return make_recipe_parser(OnlineDPORecipeConfig)
 
 
-def run(config: OnlineDPORecipeConfig) -> OnlineDPOTrainer:
-    """Train and save to `output_dir`; returns the trainer."""
-    dataset = load_prompt_dataset(config, need_reference=config.reward == "reference")
-    policy, tokenizer = load_policy(config.policy, config.policy_dtype)
-    trainer = OnlineDPOTrainer(model=policy, reward_funcs=[build_reward(config)], args=config, train_dataset=dataset,
-                               processing_class=tokenizer, peft_config=lora_config(config))
+def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, model_args: Any,
+         judge: PairRM | None = None) -> OnlineDPOTrainer:
+    """Train and save to `output_dir`; returns the trainer. `judge`: a loaded PairRM instead of `script_args.pairrm`."""
+    if training_args.reward not in REWARDS:
+        raise ValueError(f"--reward must be one of {REWARDS}, got {training_args.reward!r}")
+    data = load_prompt_dataset(script_args, need_reference=training_args.reward == "reference")
+    train_set, eval_set = split_eval(script_args, data)
+    policy, tokenizer = load_policy(model_args)
+    training_args.generation_kwargs = sampling_kwargs(training_args, policy, tokenizer, script_args)
+    pairrm = judge or lazy_judge(script_args, training_args.use_cpu)
+    if training_args.reward == "judge":
+        reward = OnlineDPOJudgeReward(PairRMJudge(pairrm, batch_size=script_args.pairrm_batch_size),
+                                      soft=training_args.judge_soft)
+    else:
+        reward = PairwiseReward(pairrm, batch_size=script_args.pairrm_batch_size)
+    evaluator = None
+    if len(eval_set):
+        sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
+        evaluator = Evaluator(judge or judge_for(script_args, training_args.use_cpu), list(eval_set["prompt"]),
+                              list(eval_set["reference"]) if "reference" in eval_set.column_names else None,
+                              sampling, training_args.seed, training_args.output_dir)
+        evaluator(policy, tokenizer, 0)
+        policy.train()
+    trainer = OnlineDPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,
+                               processing_class=tokenizer, peft_config=get_peft_config(model_args))
     trainer.train()
-    trainer.save_model(config.output_dir)
+    trainer.save_model(training_args.output_dir)
+    if evaluator is not None and trainer.is_world_process_zero():
+        evaluator(trainer.model, tokenizer, trainer.state.global_step)
     logs = [log for log in trainer.state.log_history if "objective/scores_margin" in log]
     if trainer.is_world_process_zero() and logs:
         first, last = logs[0], logs[-1]
         print(f"Online DPO: {trainer.state.global_step} steps; PairRM score margin chosen-rejected "
               f"{first['objective/scores_margin']:.3f} -> {last['objective/scores_margin']:.3f}, "
               f"DPO reward margin {last.get('rewards/margins', float('nan')):.3f}, KL {last.get('objective/kl', float('nan')):.3f}"
-              f"\nSaved to {config.output_dir}")
+              f"\nSaved to {training_args.output_dir}")
     return trainer
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(parse_config(OnlineDPORecipeConfig, cli_args(argv)))
-
-
 if __name__ == "__main__":
-    main()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse(make_parser()))
+    finish()

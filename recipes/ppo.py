@@ -1,57 +1,115 @@
 """PPO with PairRM as the reward: each response is scored against its row's reference response.
 
-    python recipes/ppo.py --config recipes/configs/ppo.yaml
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/ppo.py --config recipes/configs/ppo.yaml
-    python recipes/ppo.py --config recipes/configs/ppo_smoke.yaml          # tiny models, CPU, seconds
+    python recipes/ppo.py --config ppo_smoke          # bundled tiny models, CPU, seconds
+    python recipes/ppo.py --config ppo                # Qwen2.5-0.5B-Instruct on UltraFeedback, 1 GPU
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/ppo.py --config ppo
 
-The trainer is `pairrm_rlhf.trl.ppo.PPOTrainer` (TRL no longer ships PPO). The scalar reward is PairRM's comparison of
-the response with the reference (`PairwiseReward`, `reward_output`: the two-order logit by default, or P(win)).
+The trainer is `pairrm_rlhf.trl.ppo.PPOTrainer` (TRL no longer ships PPO): fp32 master weights (bf16 compute with
+`bf16: true`), explicit sampling (temperature only: no top-k/top-p, whatever the checkpoint's generation_config says),
+resumable `save_steps` checkpoints. The scalar reward is PairRM's comparison of the response with the reference
+(`PairwiseReward`, `reward_output`: the two-order logit by default, or P(win)). With `eval_prompts: N` the last N
+prompts are held out and, every `eval_steps` updates and at the end, the policy's responses to them are compared with
+the initial policy's and the references (`eval_metrics.json`, logged as `eval/*`; `eval_completions.jsonl` is the
+completions table).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RecipeArguments, cli_args, load_policy, load_prompt_dataset, lora_config, parse_config, resolve_pairrm
+from _common import (Evaluator, RecipeArguments, finish, get_peft_config, judge_for, load_policy, load_prompt_dataset,
+                     make_recipe_parser, parse, split_eval)
 
+from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
 from pairrm_rlhf.trl.rewards import PairwiseReward
 
+logger = logging.getLogger("ppo")
+
 
 @dataclass
-class PPORecipeConfig(RecipeArguments, PPOConfig):
+class PPORecipeConfig(PPOConfig):
     """PPO against PairRM comparisons with each row's reference response."""
 
     reward_output: str = field(default="logit", metadata={"help": "PairwiseReward output: logit (two-order log-odds), probability or win"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
 
 
-def run(config: PPORecipeConfig) -> PPOTrainer:
-    """Train and save; returns the trainer (its `log_history` holds the logged metrics)."""
-    dataset = load_prompt_dataset(config, need_reference=True)
-    policy, tokenizer = load_policy(config.policy, config.policy_dtype)
-    reward = PairwiseReward(resolve_pairrm(config.pairrm), output=config.reward_output, name="pairrm",
-                            device="cpu" if config.use_cpu else None, dtype=config.pairrm_dtype,
-                            batch_size=config.pairrm_batch_size)
-    trainer = PPOTrainer(config, policy, tokenizer, reward, dataset, peft_config=lora_config(config))
+class EvaluatingPPOTrainer(PPOTrainer):
+    """`PPOTrainer` that evaluates on held-out prompts every `eval_steps` updates (main process; others wait).
+    Evaluation samples under a forked RNG: it does not change the training run."""
+
+    evaluator: Evaluator | None = None
+
+    def on_update_end(self) -> None:
+        steps = self.config.eval_steps
+        if steps and self.update_step % steps == 0 and self.update_step < self.num_updates:
+            self.evaluate()
+
+    def evaluate(self) -> dict[str, float] | None:
+        acc = self.accelerator
+        metrics = None
+        if self.evaluator is not None and acc.is_main_process:
+            policy = acc.unwrap_model(self.model).policy
+            metrics = self.evaluator(policy, self.tokenizer, self.update_step)
+            policy.train()
+            logger.info("eval at update %d: %s", self.update_step,
+                        ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
+            if self.config.report_to:
+                acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"}, step=self.update_step)
+        acc.wait_for_everyone()
+        return metrics
+
+
+def make_parser():
+    return make_recipe_parser(PPORecipeConfig)
+
+
+def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_args: Any,
+         judge: PairRM | None = None) -> EvaluatingPPOTrainer:
+    """Train and save; returns the trainer (its `log_history` holds the logged metrics).
+
+    `judge`: a loaded PairRM to use instead of `script_args.pairrm` (e.g. one over a custom `PairBackend`)."""
+    data = load_prompt_dataset(script_args, need_reference=True)
+    train_set, eval_set = split_eval(script_args, data)
+    policy, tokenizer = load_policy(model_args)
+    training_args.keep_half_precision_weights |= model_args.dtype not in (None, "float32")  # the dtype opt-in
+    judge = judge or judge_for(script_args, training_args.use_cpu)
+    reward = PairwiseReward(judge, output=training_args.reward_output, name="pairrm",
+                            batch_size=script_args.pairrm_batch_size)
+    trainer = EvaluatingPPOTrainer(training_args, policy, tokenizer, reward, train_set,
+                                   peft_config=get_peft_config(model_args))
+    if len(eval_set):
+        sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
+        trainer.evaluator = Evaluator(judge, list(eval_set["prompt"]), list(eval_set["reference"]), sampling,
+                                      training_args.seed, training_args.output_dir)
+        if not training_args.resume_from_checkpoint:
+            trainer.evaluate()  # the initial policy's samples: the baseline of every later win rate
     history = trainer.train()
+    if trainer.evaluator is not None:
+        trainer.evaluate()
     if trainer.accelerator.is_main_process and history:
         first, last = history[0], history[-1]
         print(f"PPO: {len(history)} logged updates of {trainer.num_updates}; "
               f"PairRM score vs reference {first['objective/scores']:.3f} -> {last['objective/scores']:.3f}, "
               f"win rate {first.get('pairrm/win_rate', float('nan')):.2f} -> {last.get('pairrm/win_rate', float('nan')):.2f}, "
-              f"KL {last['objective/kl']:.3f}, EOS rate {last['val/eos_rate']:.2f}\nSaved to {config.output_dir}")
+              f"KL {last['objective/kl']:.3f}, EOS rate {last['val/eos_rate']:.2f}\nSaved to {training_args.output_dir}")
+        if trainer.evaluator is not None and trainer.evaluator.history:
+            e = trainer.evaluator.history[-1]
+            print(f"held-out ({len(eval_set)} prompts): win rate vs initial policy {e['vs_initial/win_rate']:.3f}, "
+                  f"vs references {e.get('vs_reference/win_rate', float('nan')):.3f}")
     return trainer
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(parse_config(PPORecipeConfig, cli_args(argv)))
-
-
 if __name__ == "__main__":
-    main()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse(make_parser()))
+    finish()

@@ -1,22 +1,19 @@
-"""Recipes: learning tests against a PairRM whose preference is known, PPO internals, SPPO loss, resume, smoke runs.
+"""Recipes: learning tests against a judge whose prompt-dependent preference is known, PPO durability and
+internals, SPPO's loss and soft labels, resume, per-iteration evaluation, smoke runs of the shipped configs.
 
-The scorer is a real PairRM checkpoint (hf layout, the bundled tokenizer, loaded through `PairRM.from_pretrained`)
-with hand-set weights: one attention layer in which every token attends uniformly to itself and the tokens after it
-and reads a feature that is +1 on special tokens and -1 on text tokens. The two-order logit f(x,A,B) - f(x,B,A) then
-only depends on the `[CLS] <|candidate2|> text [SEP]` segment of each slot, and is > 0 exactly when A has fewer
-PairRM tokens than B: the scorer prefers shorter responses. The tiny random policy can learn that in a few dozen
-updates (end early, use tokens that cost fewer PairRM tokens), so each trainer must raise its win rate against the
-initial policy, and shorten its responses, by clear margins.
+The learning tests use `known_preference.StyleBackend` behind `PairRM`: prompts ask for an answer "briefly" (fewer
+characters win) or "in detail" (more characters win). The last 8 prompts (4 topics never trained on, both styles)
+are held out; a policy that ignores the prompt scores about 0.5 against the initial policy there, so each trainer
+must reach a held-out win rate of at least MIN_WIN (judged by the same rule, which is also the ground truth).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,21 +25,16 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from safetensors.torch import save_file
-from transformers import DebertaV2Config
 
-from pairrm_rlhf import PairRM, PairwiseReward
-from pairrm_rlhf.core.assets import bundled
-from pairrm_rlhf.core.formats import render
+from known_preference import preferred_fraction, style_judge, style_prompts
+from pairrm_rlhf import PairwiseReward
+from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.trl.judge import PairRMJudge
-from pairrm_rlhf.core.modeling import PairRMModel
-from tiny_policy import build_tiny_tokenizer
-
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-CONFIGS = RECIPES / "configs"
-NO_SAVE = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to=[], save_strategy="no", seed=0)
+NO_SAVE = ["--report_to", "none", "--save_strategy", "no", "--seed", "0"]
+MIN_WIN = 0.75
 
 
 def recipe(name: str):
@@ -59,186 +51,112 @@ def recipe(name: str):
     return sys.modules[f"recipe_{name}"]
 
 
-# ---- the scorer with a known preference -----------------------------------------------------------------------
-def build_short_preferring_pairrm(path: Path) -> str:
-    """A 1-layer PairRM (bundled tokenizer and prefix ids) whose two-order logit prefers fewer PairRM tokens."""
-    source = Path(bundled("pairrm"))
-    path.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, path / f.name)
-    cfg = json.loads((source / "config.json").read_text())
-    cfg.update(num_hidden_layers=1, num_attention_heads=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    config = DebertaV2Config.from_dict(cfg)
-    model = PairRMModel(config)
-    hidden = config.hidden_size
-    specials = [0, 1, 2, cfg["source_prefix_id"], cfg["cand1_prefix_id"], cfg["cand2_prefix_id"], cfg["cand_prefix_id"]]
-    balanced = torch.tensor([1.0, -1.0] * (hidden // 2))  # zero mean, unit variance: LayerNorm leaves it as it is
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.fill_(1.0)
-        emb = balanced.repeat(config.vocab_size, 1)
-        emb[:, 0], emb[:, 1] = -1.0, 1.0  # dim 0: the feature, -1 on text tokens ...
-        emb[specials, 0], emb[specials, 1] = 1.0, -1.0  # ... +1 on [PAD] [CLS] [SEP] and the prefix tokens
-        model.pretrained_model.embeddings.word_embeddings.weight.copy_(emb)
-        encoder = model.pretrained_model.encoder
-        span = encoder.rel_embeddings.weight.shape[0] // 2
-        rel = balanced.repeat(2 * span, 1)
-        rel[span + 1 :, 2], rel[span + 1 :, 3] = -1.0, 1.0  # dim 2: +1 for keys at/after the query, -1 before
-        encoder.rel_embeddings.weight.copy_(rel)
-        attention = encoder.layer[0].attention
-        attention.self.query_proj.bias[0] = 20.0  # one constant query ...
-        attention.self.key_proj.weight[0, 2] = 20.0  # ... against keys that see only the direction: c2p masks "before"
-        attention.self.value_proj.weight[0, 0] = 1.0  # values carry the feature: the mean over the tokens after
-        attention.output.dense.weight[0, 0] = 1.0
-        model.head_layer[1].weight[0, hidden] = 1.0  # g reads dim 0 of the candidate prefix state
-        model.head_layer[4].weight[0, 0] = 10.0
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+def parse(name: str, argv: list[str]):
+    return recipe("_common").parse(recipe(name).make_parser(), argv)
+
+
+def tiny_policy():
+    from trl import ModelConfig
+
+    return recipe("_common").load_policy(ModelConfig(model_name_or_path="tiny"))
+
+
+@pytest.fixture(scope="module")
+def style_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("style") / "style.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in style_prompts()))
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def short_rm_path(tmp_path_factory) -> str:
-    return build_short_preferring_pairrm(tmp_path_factory.mktemp("short-pairrm"))
+# ---- the known preference ------------------------------------------------------------------------------------
+def test_style_judge_through_the_adapters():
+    judge = style_judge()
+    brief, detail = "Tell me about the sun, briefly", "Tell me about the sun, in detail"
+    z = PairRMJudge(judge).two_order_logits([brief, detail, brief], [["ok", "a longer answer"]] * 2 + [["same", "four"]])
+    np.testing.assert_allclose(z, [0.25 * 13, -0.25 * 13, 0.0])  # pinned: SCALE x (len(B) - len(A)) x style
+    reward = PairwiseReward(judge, output="win")
+    assert reward([brief, detail], ["short", "short"], reference=["a reference", "a reference"]) == [1.0, 0.0]
+    conversational = [{"role": "user", "content": brief}]
+    assert PairRMJudge(judge).judge([conversational], [["a much longer one", "tiny"]]) == [1]
+    rows = style_prompts()
+    assert len(rows) == 40 and all(("briefly" in r["prompt"]) != ("in detail" in r["prompt"]) for r in rows)
+    held_topics = {r["prompt"].split(",")[0] for r in rows[-8:]}
+    assert len(held_topics) == 4 and not held_topics & {r["prompt"].split(",")[0] for r in rows[:-8]}
 
 
-@pytest.fixture(scope="module")
-def short_rm(short_rm_path) -> PairRM:
-    return PairRM.from_pretrained(short_rm_path, device="cpu")
+# ---- learning tests --------------------------------------------------------------------------------------------
+# The shipped configs' losses (PPO: clipped PPO; DPO: plain sigmoid; GRPO: TRL's default) at rates a random 2-layer
+# policy needs to learn a condition in seconds (1e-3 to 1e-2, no KL penalty for PPO). GRPO takes 4 optimisation
+# passes per generation batch (num_iterations, like PPO's epochs); iterative DPO trains on all pairs of its 8 samples
+# per prompt (strategy all_pairs), plain sigmoid DPO as in the shipped config. Measured over seeds 0-2: docs/recipes.md.
+LEARNING = {
+    "ppo": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "4",
+            "--total_episodes", "960", "--max_new_tokens", "12", "--temperature", "1.0", "--learning_rate", "1e-3",
+            "--kl_coef", "0.0", "--save_final", "false"],
+    "grpo": ["--max_steps", "200", "--per_device_train_batch_size", "16", "--num_generations", "4",
+             "--num_iterations", "4", "--steps_per_generation", "1", "--max_completion_length", "12",
+             "--temperature", "1.0", "--learning_rate", "5e-3", "--logging_steps", "40", "--reward_mode", "group",
+             *NO_SAVE],
+    "online_dpo": ["--max_steps", "240", "--per_device_train_batch_size", "16", "--max_new_tokens", "12",
+                   "--max_length", "96", "--temperature", "1.0", "--learning_rate", "1e-2", "--beta", "0.1",
+                   "--logging_steps", "40", *NO_SAVE],
+    "iterative_dpo": ["--num_iterations", "3", "--prompt_schedule", "same", "--num_responses", "8",
+                      "--strategy", "all_pairs", "--max_new_tokens", "12", "--temperature", "1.0",
+                      "--label_chunk_size", "32", "--num_train_epochs", "4", "--per_device_train_batch_size", "16",
+                      "--max_length", "96", "--learning_rate", "5e-3", "--beta", "0.1", "--loss_type", "sigmoid",
+                      "--logging_steps", "40", *NO_SAVE],
+}
 
 
-def n_tokens(rm: PairRM, texts: list[str], prompt="Q") -> np.ndarray:
-    """PairRM tokens of each response's candidate text, as PairRM reads it after `prompt`."""
-    candidates = [render(prompt, t)[1] for t in texts]
-    ids = rm.backend.tokenize(candidates)
-    return np.array([len(ids[c]) for c in candidates])
+def train_on_style(name: str, data: str, output_dir: Path, seed: int = 0):
+    """Train `name` on the style prompts (the last 8 held out) with the known judge; returns the trained policy."""
+    argv = ["--model_name_or_path", "tiny", "--dataset_name", data, "--conversational", "false", "--eval_prompts", "8",
+            "--output_dir", str(output_dir), *LEARNING[name], "--seed", str(seed)]
+    result = recipe(name).main(*parse(name, argv), judge=style_judge())
+    if name == "iterative_dpo":
+        from trl import ModelConfig
+
+        return recipe("_common").load_policy(ModelConfig(model_name_or_path=str(output_dir / "iteration_3" / "model")))[0]
+    if name == "ppo":
+        return result.accelerator.unwrap_model(result.model).policy
+    return result.model
 
 
-def test_scorer_prefers_fewer_tokens(short_rm):
-    tokenizer = build_tiny_tokenizer()
-    rng = random.Random(0)
-    texts = [tokenizer.decode([rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(0, 12))]) for _ in range(200)]
-    texts += ["", "Paris.", "The capital of France is Paris, a large city on the Seine.", "Lyon"]
-    a, b = texts[0::2], texts[1::2]
-    for prompt in ("Explain the sun.", [{"role": "user", "content": "Explain the sun."}]):
-        z = PairRMJudge(short_rm).two_order_logits([prompt] * len(a), [[x, y] for x, y in zip(a, b)])
-        diff = n_tokens(short_rm, b, prompt) - n_tokens(short_rm, a, prompt)
-        assert np.array_equal(np.sign(z), np.sign(diff))  # the known preference, with ties exactly at equal counts
-        assert np.abs(z[diff != 0]).min() > 0.05 and (diff != 0).mean() > 0.8
-    # as a reward against a reference: shorter than the reference wins, longer loses
-    reward = PairwiseReward(short_rm, output="win")
-    got = reward(["Q?"] * 3, ["ok", "a much longer answer with many more words than that", "same length"],
-                 reference=["a reference that is longer than ok", "short reference", "same length"])
-    assert got == [1.0, 0.0, 0.5]
-
-
-# ---- evaluation: win rate against the initial policy, by the same scorer; and the ground truth -----------------
-def evaluate(rm: PairRM, model, tokenizer, prompts: list, before: list[str] | None = None) -> tuple[list[str], float, float]:
+def held_out_win_rate(model, seed: int = 1234) -> tuple[float, float]:
+    """(judge's, ground truth's) win rate of `model` over the initial policy: 4 samples per held-out prompt."""
     common = recipe("_common")
-    samples = common.generate(model, tokenizer, prompts * 2, max_new_tokens=12, temperature=1.0, seed=1234)
-    if before is None:
-        return samples, 0.5, float(n_tokens(rm, samples).mean())
-    return samples, common.win_rate(rm, prompts * 2, samples, before), float(n_tokens(rm, samples).mean())
+    initial, tokenizer = tiny_policy()
+    prompts = [r["prompt"] for r in style_prompts()[-8:]] * 4
+    sampling = SamplingArguments(max_new_tokens=12, temperature=1.0)
+    before = common.generate(initial, tokenizer, prompts, sampling, seed=seed)
+    after = common.generate(model, tokenizer, prompts, sampling, seed=seed)
+    return common.win_rate(style_judge(), prompts, after, before)["win_rate"], preferred_fraction(prompts, after, before)
 
 
-@pytest.fixture(scope="module")
-def baseline(short_rm):
-    common = recipe("_common")
-    data = common.load_prompt_dataset(common.RecipeArguments(dataset="tiny"))
-    prompts = list(data["prompt"])
-    model, tokenizer = common.load_policy("tiny")
-    before, _, length = evaluate(short_rm, model, tokenizer, prompts)
-    return prompts, before, length
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LEARNING))
+def test_learns_the_prompt_dependent_preference(name, style_data, tmp_path):
+    model = train_on_style(name, style_data, tmp_path)
+    win, truth = held_out_win_rate(model)
+    print(f"{name}: held-out win rate vs the initial policy {win:.3f} (ground truth {truth:.3f})")
+    assert win == pytest.approx(truth)  # the judge is the rule
+    assert win >= MIN_WIN
 
 
-def check_learned(name: str, short_rm, model, tokenizer, baseline, min_win: float, min_shrink: float) -> None:
-    prompts, before, length_before = baseline
-    _, win, length_after = evaluate(short_rm, model, tokenizer, prompts, before)
-    print(f"{name}: win rate vs initial policy {win:.3f}; PairRM tokens per response {length_before:.1f} -> {length_after:.1f}")
-    assert win >= min_win
-    assert length_after <= (1 - min_shrink) * length_before
-
-
-# ---- learning tests ------------------------------------------------------------------------------------------
-def test_ppo_learns_the_known_preference(short_rm_path, short_rm, baseline, tmp_path):
-    ppo = recipe("ppo")
-    config = ppo.PPORecipeConfig(
-        output_dir=str(tmp_path), policy="tiny", pairrm=short_rm_path, dataset="tiny", use_cpu=True, seed=0,
-        per_device_train_batch_size=8, gradient_accumulation_steps=2, num_ppo_epochs=4, total_episodes=16 * 30,
-        max_new_tokens=12, temperature=1.0, learning_rate=1e-3, kl_coef=0.02, save_final=False,
-    )
-    trainer = ppo.run(config)
-    history = trainer.log_history
-    assert len(history) == 30
-    assert np.mean([h["objective/scores"] for h in history[-4:]]) > np.mean([h["objective/scores"] for h in history[:4]]) + 0.1
-    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference policy's
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    check_learned("PPO", short_rm, policy, trainer.tokenizer, baseline, min_win=0.8, min_shrink=0.4)
-
-
-def test_online_dpo_learns_the_known_preference(short_rm_path, short_rm, baseline, tmp_path):
-    online_dpo = recipe("online_dpo")
-    config = online_dpo.OnlineDPORecipeConfig(
-        output_dir=str(tmp_path), policy="tiny", pairrm=short_rm_path, dataset="tiny", reward="judge", max_steps=40,
-        per_device_train_batch_size=8, max_new_tokens=12, max_length=96, temperature=1.0, learning_rate=2e-3,
-        beta=[0.05], logging_steps=10, **NO_SAVE,
-    )
-    trainer = online_dpo.run(config)
-    check_learned("online DPO", short_rm, trainer.model, trainer.processing_class, baseline, min_win=0.75, min_shrink=0.25)
-
-
-def test_grpo_group_rewards_learn_the_known_preference(short_rm_path, short_rm, baseline, tmp_path):
-    grpo = recipe("grpo")
-    config = grpo.GRPORecipeConfig(
-        output_dir=str(tmp_path), policy="tiny", pairrm=short_rm_path, dataset="tiny", reward_mode="group", max_steps=40,
-        per_device_train_batch_size=16, num_generations=4, max_completion_length=12, temperature=1.0,
-        learning_rate=2e-3, logging_steps=10, **NO_SAVE,
-    )
-    trainer = grpo.run(config)
-    check_learned("GRPO (group)", short_rm, trainer.model, trainer.processing_class, baseline, min_win=0.75, min_shrink=0.3)
-
-
-def iterative_config(module, tmp_path, short_rm_path, **overrides):
-    # DPO + NLL on the chosen responses (TRL's loss_type ["sigmoid", "sft"], as in Iterative RPO): at this learning
-    # rate plain DPO iterations on 32 pairs drift (likelihood displacement) and some seeds get longer, not shorter.
-    values = dict(
-        output_dir=str(tmp_path), policy="tiny", pairrm=short_rm_path, dataset="tiny", num_iterations=3,
-        prompt_schedule="same", num_responses=8, strategy="best_vs_worst", max_new_tokens=12, temperature=1.0,
-        eval_prompts=0, label_chunk_size=16, num_train_epochs=2, per_device_train_batch_size=4, max_length=96,
-        learning_rate=2e-3, beta=0.1, loss_type=["sigmoid", "sft"], logging_steps=10, **NO_SAVE,
-    )
-    return module.IterativeDPOConfig(**{**values, **overrides})
-
-
-def test_iterative_dpo_learns_the_known_preference(short_rm_path, short_rm, baseline, tmp_path):
-    iterative = recipe("iterative_dpo")
-    common = recipe("_common")
-    summary = iterative.run(iterative_config(iterative, tmp_path, short_rm_path))
-    assert [it["iteration"] for it in summary["iterations"]] == [1, 2, 3]
-    for it in summary["iterations"]:
-        assert it["pairs"] >= 28 and it["mean_margin"] > 0
-    pairs = Dataset.load_from_disk(str(tmp_path / "iteration_1" / "pairs"))
-    chosen = [c[0]["content"] for c in pairs["chosen"]]
-    rejected = [r[0]["content"] for r in pairs["rejected"]]
-    assert (n_tokens(short_rm, chosen) < n_tokens(short_rm, rejected)).all()  # labels follow the known preference
-    model, tokenizer = common.load_policy(str(tmp_path / "iteration_3" / "model"))
-    check_learned("iterative DPO", short_rm, model, tokenizer, baseline, min_win=0.75, min_shrink=0.3)
-
-
-# ---- PPO internals ---------------------------------------------------------------------------------------------
-def test_ppo_advantages_and_eos_handling(short_rm):
+# ---- PPO internals -----------------------------------------------------------------------------------------------
+def ppo_trainer(reward_fn, **config):
     from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
 
-    common = recipe("_common")
-    model, tokenizer = common.load_policy("tiny")
-    data = Dataset.from_dict({"prompt": ["Explain the sun."] * 2, "reference": ["The sun is a star."] * 2})
-    config = PPOConfig(use_cpu=True, per_device_train_batch_size=2, kl_coef=0.1, gamma=0.9, lam=0.8,
-                       missing_eos_penalty=2.0, save_final=False, max_new_tokens=5)
-    trainer = PPOTrainer(config, model, tokenizer, PairwiseReward(short_rm), data)
+    model, tokenizer = tiny_policy()
+    data = Dataset.from_dict({"prompt": ["Explain the sun.", "Describe the ocean."] * 2,
+                              "reference": ["The sun is a star.", "Water."] * 2})
+    defaults = dict(use_cpu=True, per_device_train_batch_size=2, save_final=False, max_new_tokens=5)
+    return PPOTrainer(PPOConfig(**{**defaults, **config}), model, tokenizer, reward_fn, data)
+
+
+def test_ppo_advantages_and_eos_handling():
+    trainer = ppo_trainer(PairwiseReward(style_judge()), kl_coef=0.1, gamma=0.9, lam=0.8, missing_eos_penalty=2.0)
+    tokenizer = trainer.tokenizer
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     # EOS handling on a hand-made rollout: row 0 stops at its EOS (kept), row 1 never emits one
     response = torch.tensor([[10, 11, eos, 12, 13], [20, 21, 22, 23, 24]])
@@ -246,8 +164,7 @@ def test_ppo_advantages_and_eos_handling(short_rm):
     length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.tensor(5))
     assert length.tolist() == [3, 5]
     mask = (torch.arange(5)[None] < length[:, None]).float()
-    logprobs, ref_logprobs = torch.randn(2, 5), torch.randn(2, 5)
-    values = torch.randn(2, 5)
+    logprobs, ref_logprobs, values = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
     scores = torch.tensor([1.0, 3.0])
     r = dict(mask=mask, length=length, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
              penalized=scores - torch.tensor([0.0, 2.0]))
@@ -265,24 +182,80 @@ def test_ppo_advantages_and_eos_handling(short_rm):
         assert r["returns"][i, n:].abs().sum() == 0 and r["advantages"][i, n:].abs().sum() == 0
     valid = r["advantages"][mask.bool()]
     assert valid.mean().abs() < 1e-5 and valid.std() == pytest.approx(1.0, abs=1e-3)  # whitened over valid tokens
-    # a real rollout: responses are truncated after their first EOS, recomputed logprobs are the sampled ones
-    rollout = trainer.rollout(data[:2])
+    # a real rollout: responses are truncated after their first EOS (either of the checkpoint's EOS ids)
+    rollout = trainer.rollout(trainer.dataset[:2])
+    eos_ids = trainer.generation_config.eos_token_id
+    assert sorted(eos_ids) == sorted([eos, pad])
     for row, n in zip(rollout["response"], rollout["length"]):
-        assert (row[n:] == pad).all() and (row[: n - 1] != eos).all()
+        assert (row[n:] == pad).all() and not any(int(t) in eos_ids for t in row[: n - 1])
     assert torch.allclose(rollout["logprobs"] * rollout["mask"], rollout["ref_logprobs"] * rollout["mask"], atol=1e-5)
     stats = trainer.update(rollout)
     assert {"policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
             "val/clipfrac_avg"} <= set(stats)
 
 
-# ---- SPPO: the soft loss, exactly ------------------------------------------------------------------------------
+def test_ppo_masks_rows_without_a_reward():
+    def reward(prompts, completions, log_metric, **kwargs):
+        log_metric("custom/seen", float(len(prompts)))
+        return [None, 1.0, float("nan"), 2.0][: len(prompts)]
+
+    trainer = ppo_trainer(reward, per_device_train_batch_size=4)
+    rollout = trainer.rollout(trainer.dataset[:4])
+    assert rollout["valid"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    for row in (0, 2):  # masked out of the losses, the whitening and the KL
+        assert rollout["mask"][row].sum() == 0 and rollout["advantages"][row].abs().sum() == 0
+    assert rollout["mask"][1].sum() > 0
+    metrics = trainer._rollout_metrics(rollout)
+    assert metrics["objective/invalid_rewards"] == 2 and metrics["custom/seen"] == 4
+    assert metrics["objective/scores"] == pytest.approx(1.5)  # the mean over the rows that have a reward
+    stats = trainer.update(rollout)
+    assert all(np.isfinite(v) for v in stats.values())
+
+
+def test_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Interrupt after update 2 (checkpoints every 2 updates), resume: the metrics of updates 3-4 and the final
+    weights equal the uninterrupted run's."""
+    from pairrm_rlhf.trl import ppo
+
+    reward = PairwiseReward(style_judge(), output="logit")
+    settings = dict(per_device_train_batch_size=2, total_episodes=8, save_steps=2, num_ppo_epochs=2, seed=3,
+                    learning_rate=1e-3)
+
+    full = ppo_trainer(reward, output_dir=str(tmp_path / "full"), **settings)
+    expected = full.train()
+    assert [h["update"] for h in expected] == [1, 2, 3, 4] and (tmp_path / "full" / "checkpoint-4").is_dir()
+
+    original = ppo.PPOTrainer.rollout
+    calls = []
+
+    def crash_on_third(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, batch)
+
+    monkeypatch.setattr(ppo.PPOTrainer, "rollout", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        ppo_trainer(reward, output_dir=str(tmp_path / "run"), **settings).train()
+    monkeypatch.setattr(ppo.PPOTrainer, "rollout", original)
+    assert ppo.checkpoints(str(tmp_path / "run")) == [str(tmp_path / "run" / "checkpoint-2")]
+
+    resumed = ppo_trainer(reward, output_dir=str(tmp_path / "run"), resume_from_checkpoint="true", **settings)
+    history = resumed.train()
+    assert history == expected  # every metric of every update, bit for bit (CPU)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
+        ppo_trainer(reward, output_dir=str(tmp_path / "empty"), resume_from_checkpoint="true", **settings).train()
+
+
+# ---- SPPO ---------------------------------------------------------------------------------------------------------
 def test_sppo_loss_is_the_soft_formula(tmp_path):
     from trl import DPOConfig
 
     from pairrm_rlhf.trl.sppo import SPPOTrainer
 
-    common = recipe("_common")
-    model, tokenizer = common.load_policy("tiny")
+    model, tokenizer = tiny_policy()
     p_win, p_lose = [0.9, 0.6, 0.55, 0.7], [0.2, 0.4, 0.5, 0.1]
     data = Dataset.from_dict({"prompt": ["Explain the sun.", "Describe the ocean.", "What is tea?", "Hi."],
                               "chosen": [" A star.", " Water.", " A drink.", " Hello."],
@@ -290,7 +263,8 @@ def test_sppo_loss_is_the_soft_formula(tmp_path):
                               "chosen_probs_win": p_win, "chosen_probs_lose": p_lose})
     beta = 0.2
     args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
-                     beta=beta, logging_steps=1, max_length=64, **NO_SAVE)
+                     beta=beta, logging_steps=1, max_length=64, use_cpu=True, bf16=False, report_to=[],
+                     save_strategy="no", seed=0)
     trainer = SPPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
                           processing_class=tokenizer)
     trainer.train()
@@ -301,109 +275,312 @@ def test_sppo_loss_is_the_soft_formula(tmp_path):
     assert logged["sppo/prob_win_chosen"] == pytest.approx(np.mean(p_win), abs=1e-6)
 
 
-# ---- resume ------------------------------------------------------------------------------------------------------
-def test_iterative_dpo_resumes_after_a_crash(short_rm_path, tmp_path, monkeypatch):
+def test_sppo_authors_probabilities():
+    """uclaml/SPPO scripts/compute_prob.py: P_i = sum_j 1 / (1 + exp(s_j - s_i)) / K, j over all K (itself too)."""
+    from pairrm_rlhf.trl.sppo import authors_probabilities
+
+    scores = [[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]
+    win, lose = authors_probabilities([2.0, 0.5], [-1.0, 0.5], scores)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(win, [(0.5 + sig(2) + sig(3)) / 3, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(lose, [(sig(-3) + sig(-1) + 0.5) / 3, 0.5], rtol=1e-12)
+    assert win[0] == pytest.approx(0.7777904, abs=1e-7) and lose[0] == pytest.approx(0.2721224, abs=1e-7)
+
+
+# ---- iterative DPO: resume, evaluation, SPPO labels ---------------------------------------------------------------
+ITERATIVE_SMALL = ["--model_name_or_path", "tiny", "--conversational", "false", "--eval_prompts", "4",
+                   "--num_iterations", "2", "--num_responses", "2", "--max_new_tokens", "6", "--temperature", "1.0",
+                   "--label_chunk_size", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+                   "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--max_prompts", "24"]
+
+
+def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):
     iterative = recipe("iterative_dpo")
-    config = iterative_config(iterative, tmp_path, short_rm_path, num_iterations=2, num_responses=2, num_train_epochs=1,
-                              eval_prompts=4, prompt_schedule="disjoint")
+    args = parse("iterative_dpo", [*ITERATIVE_SMALL, "--dataset_name", style_data, "--output_dir", str(tmp_path),
+                                   "--save_strategy", "no"])
     real_train, real_label = iterative.train, iterative.label
     calls = []
 
-    def crashing_train(config, iteration, *args):
+    def crashing_train(config, iteration, *rest):
         if iteration == 2:
             raise RuntimeError("simulated crash")
-        return real_train(config, iteration, *args)
+        return real_train(config, iteration, *rest)
 
     monkeypatch.setattr(iterative, "train", crashing_train)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        iterative.run(config)
+        iterative.main(*copy.deepcopy(args), judge=style_judge())
     assert (tmp_path / "iteration_1" / "done.json").exists() and not (tmp_path / "iteration_2" / "done.json").exists()
     assert (tmp_path / "iteration_2" / "pairs" / "dataset_info.json").exists()  # labeled before the crash
+    assert not (tmp_path / "iteration_2" / "pairs.chunks").exists()  # removed once every process had read it
     pairs_2 = Dataset.load_from_disk(str(tmp_path / "iteration_2" / "pairs"))["chosen"]
     done_1 = (tmp_path / "iteration_1" / "done.json").stat().st_mtime_ns
 
-    def recording_label(config, iteration, *args):
+    def recording_label(config, iteration, *rest):
         calls.append(iteration)
-        return real_label(config, iteration, *args)
+        return real_label(config, iteration, *rest)
 
     monkeypatch.setattr(iterative, "train", real_train)
     monkeypatch.setattr(iterative, "label", recording_label)
-    summary = iterative.run(config)
+    summary = iterative.main(*copy.deepcopy(args), judge=style_judge())
     assert calls == [2]  # iteration 1 is skipped entirely; iteration 2 reuses its saved pairs
     assert (tmp_path / "iteration_1" / "done.json").stat().st_mtime_ns == done_1
     assert Dataset.load_from_disk(str(tmp_path / "iteration_2" / "pairs"))["chosen"] == pairs_2
     assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
-    assert json.loads((tmp_path / "summary.json").read_text())["eval_prompts"] == 4
-    assert {"win_rate_after_vs_before", "win_rate_vs_reference_before", "win_rate_vs_reference_after"} <= set(summary)
+    # per-iteration held-out evaluation: iteration 0 (initial policy) and both iterations, even across the crash
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for m in metrics[1:]:
+        assert {"vs_initial/win_rate", "vs_initial/ties", "vs_reference/win_rate", "vs_reference/ties",
+                "mean_length", "pairs", "mean_margin"} <= set(m)
+        assert 0 <= m["vs_initial/win_rate"] <= 1
+    assert metrics[0]["vs_initial/win_rate"] == 0.5 and metrics[0]["vs_initial/ties"] == 1.0  # itself
+    if importlib.util.find_spec("matplotlib"):
+        for png in ("win_rate.png", "margins.png"):
+            assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# ---- smoke runs of every recipe with its smoke config ------------------------------------------------------------
+def test_iterative_dpo_resumes_inside_an_iteration(style_data, tmp_path, monkeypatch):
+    """A crash in the middle of an iteration's training resumes from the DPO trainer's last checkpoint."""
+    from transformers import Trainer
+
+    iterative = recipe("iterative_dpo")
+    args = [*ITERATIVE_SMALL, "--num_iterations", "1", "--dataset_name", style_data, "--output_dir", str(tmp_path),
+            "--save_strategy", "steps", "--save_steps", "2", "--num_train_epochs", "2", "--eval_prompts", "0"]
+    real_step = Trainer.training_step
+    steps = []
+
+    def crash_at_step_4(self, *a, **kw):
+        steps.append(self.state.global_step)
+        if self.state.global_step == 3 and not getattr(self, "_resumed", False):
+            raise RuntimeError("simulated crash")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "training_step", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        iterative.main(*parse("iterative_dpo", args), judge=style_judge())
+    trainer_dir = tmp_path / "iteration_1" / "trainer"
+    assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    steps.clear()
+    monkeypatch.setattr(Trainer, "_resumed", True, raising=False)
+    summary = iterative.main(*parse("iterative_dpo", args), judge=style_judge())
+    assert steps[0] == 2  # continued after the checkpoint's step, not from 0
+    assert summary["iterations"][0]["steps"] == 10  # 20 pairs / 4 per step x 2 epochs, as uninterrupted
+
+
+def test_sppo_uses_the_authors_labels_by_default(style_data, tmp_path):
+    from pairrm_rlhf.trl.sppo import authors_probabilities
+
+    iterative = recipe("iterative_dpo")
+    args = [*ITERATIVE_SMALL, "--num_iterations", "1", "--num_responses", "3", "--dataset_name", style_data,
+            "--output_dir", str(tmp_path), "--sppo", "true", "--beta", "0.001", "--eval_prompts", "0",
+            "--save_strategy", "no", "--max_prompts", "8"]
+    script_args, training_args, model_args = parse("iterative_dpo", args)
+    assert training_args.sppo_probabilities == "authors"
+    iterative.main(script_args, training_args, model_args, judge=style_judge())
+    pairs = Dataset.load_from_disk(str(tmp_path / "iteration_1" / "pairs"))
+    win, lose = authors_probabilities(pairs["score_chosen"], pairs["score_rejected"], pairs["all_rm_scores"])
+    np.testing.assert_allclose(pairs["chosen_probs_win"], win, rtol=1e-12)
+    np.testing.assert_allclose(pairs["chosen_probs_lose"], lose, rtol=1e-12)
+    with pytest.raises(ValueError, match="--sppo_probabilities"):
+        iterative.main(*parse("iterative_dpo", args + ["--sppo_probabilities", "soft"]), judge=style_judge())
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [
-    ("ppo", ["model.safetensors", "value_head.pt", "log_history.json"]),
+    ("ppo", ["model.safetensors", "value_head.pt", "log_history.json", "checkpoint-2/trainer_state.json",
+             "eval_metrics.json", "eval_completions.jsonl"]),
     ("online_dpo", ["model.safetensors"]),
     ("grpo", ["model.safetensors"]),
-    ("iterative_dpo", ["summary.json", "eval_before.json", "iteration_1/model/model.safetensors",
+    ("iterative_dpo", ["summary.json", "metrics.json", "eval_before.json", "iteration_1/model/model.safetensors",
                        "iteration_1/pairs/dataset_info.json", "iteration_1/done.json"]),
 ])
-def test_smoke_config(name, expected, tmp_path, capsys):
-    module = recipe(name)
-    module.main(["--config", str(CONFIGS / f"{name}_smoke.yaml"), "--output_dir", str(tmp_path)])
+def test_smoke_config_by_name(name, expected, tmp_path):
+    """`--config <name>_smoke` finds the config shipped in the package; the script runs on a CPU-only machine."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(RECIPES / f"{name}.py"), "--config", f"{name}_smoke", "--output_dir",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for relative in expected:
         assert (tmp_path / relative).exists(), relative
-    out = capsys.readouterr().out
-    assert "Saved to" in out
+    assert "Saved to" in proc.stdout
     if name == "iterative_dpo":
-        assert "pairs, mean PairRM score margin" in out and "win rate vs reference" in out and "initial one" in out
+        assert "pairs, mean PairRM score margin" in proc.stdout and "held-out (8 prompts) after iteration 1" in proc.stdout
 
 
-def test_real_configs_parse():
-    """Every shipped config parses into its recipe's dataclass (nothing is loaded)."""
-    names = {"ppo": "PPORecipeConfig", "online_dpo": "OnlineDPORecipeConfig", "grpo": "GRPORecipeConfig",
-             "iterative_dpo": "IterativeDPOConfig"}
-    common = recipe("_common")
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        name = next((n for n in sorted(names, key=len, reverse=True) if path.stem.startswith(n)), None)
-        if name is None:
+def test_shipped_configs_parse():
+    """Every shipped config parses into its recipe's dataclasses by name (nothing is loaded)."""
+    from pairrm_rlhf.args import bundled_configs
+
+    kinds = ("iterative_dpo", "online_dpo", "grpo", "ppo")
+    names = sorted(bundled_configs())
+    assert {f"{k}{s}" for k in kinds for s in ("", "_smoke")} <= set(names)
+    for name in names:
+        kind = next((k for k in kinds if name.startswith(k)), None)
+        if kind is None:
             continue  # another command's config (e.g. the labeler's)
         # bf16 is validated against the hardware when a TRL config is built: parse the GPU configs with it off here
-        config = common.parse_config(getattr(recipe(name), names[name]), ["--config", str(path), "--bf16", "false"])
-        if not path.stem.endswith("smoke"):
-            assert config.policy == "Qwen/Qwen2.5-0.5B-Instruct" and config.pairrm == "llm-blender/PairRM-hf"
-            assert "ultrafeedback" in config.dataset.lower()
+        script_args, training_args, model_args = parse(kind, ["--config", name, "--bf16", "false"])
+        if name.endswith("smoke"):
+            assert model_args.model_name_or_path == "tiny" and training_args.use_cpu
+        else:
+            assert model_args.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and model_args.dtype == "float32"
+            assert script_args.pairrm == "llm-blender/PairRM-hf" and "ultrafeedback" in script_args.dataset_name.lower()
+    with pytest.raises(FileNotFoundError, match="--config: file not found: nope"):
+        parse("ppo", ["--config", "nope"])
 
 
 # ---- two processes -----------------------------------------------------------------------------------------------
 PPO_SCRIPT = """
 import hashlib, json, os, sys
-import torch
 sys.path.insert(0, {recipes!r})
-import ppo
-config = ppo.PPORecipeConfig(output_dir=sys.argv[1], policy="tiny", pairrm="tiny", dataset="tiny", use_cpu=True,
-                             per_device_train_batch_size=4, gradient_accumulation_steps=2, num_ppo_epochs=2,
-                             total_episodes=32, max_new_tokens=6, learning_rate=1e-3, seed=0)
-trainer = ppo.run(config)
+import _common, ppo
+from pairrm_rlhf.trl.rewards import PairwiseReward
+from pairrm_rlhf.pairrm import PairRM
+
+script_args, training_args, model_args = _common.parse(ppo.make_parser(), [
+    "--model_name_or_path", "tiny", "--pairrm", "tiny", "--dataset_name", "tiny", "--use_cpu", "true",
+    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "2",
+    "--total_episodes", "32", "--max_new_tokens", "6", "--learning_rate", "1e-3", "--seed", "0",
+    "--output_dir", sys.argv[1]])
+real_call = PairwiseReward.__call__
+def call(self, *args, log_metric=None, **kwargs):  # a metric only rank 0 logs: the reduce must not hang
+    if os.environ.get("RANK") == "0":
+        log_metric("rank0/only", 1.0)
+    return real_call(self, *args, log_metric=log_metric, **kwargs)
+PairwiseReward.__call__ = call
+trainer = ppo.main(script_args, training_args, model_args)
 acc = trainer.accelerator
 digest = hashlib.sha256()
 for name, p in sorted(acc.unwrap_model(trainer.model).state_dict().items()):
     digest.update(p.detach().cpu().numpy().tobytes())
 with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(dict(world=acc.num_processes, digest=digest.hexdigest(), history=trainer.log_history), f)
+_common.finish()
 """
 
 
+def launch(script: Path, *args: str, env: dict | None = None, processes: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]), **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(script),
+           *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.multiprocess
 def test_ppo_two_processes(tmp_path):
     script = tmp_path / "ppo_2proc.py"
     script.write_text(textwrap.dedent(PPO_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]))
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch(script, str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # gradients were averaged: the replicas stayed identical
     assert ranks[0]["history"] == ranks[1]["history"]  # logged metrics are reduced over both processes
     assert [h["episode"] for h in ranks[0]["history"]] == [16, 32]
+    assert all(h["rank0/only"] == 1.0 for h in ranks[0]["history"])  # the union of keys, averaged where present
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "value_head.pt").exists()
+
+
+ITERATIVE_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {recipes!r})
+import _common, iterative_dpo
+from pairrm_rlhf.labeling.store import ChunkStore
+
+real_read = ChunkStore.read
+def slow_read(self, index):  # rank 1 reads the shared chunk files 2 s late
+    if os.environ.get("RANK") == "1":
+        time.sleep(2)
+    return real_read(self, index)
+ChunkStore.read = slow_read
+args = _common.parse(iterative_dpo.make_parser(), ["--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1],
+                                                    "--max_prompts", "16", "--eval_prompts", "0", "--num_train_epochs", "1"])
+iterative_dpo.main(*args)
+_common.finish()
+"""
+
+
+@pytest.mark.multiprocess
+def test_iterative_dpo_two_processes_with_a_slow_rank(tmp_path):
+    """The chunks of the labeling run are removed only after every process has read them (a barrier)."""
+    script = tmp_path / "iterative_2proc.py"
+    script.write_text(textwrap.dedent(ITERATIVE_SCRIPT.format(recipes=str(RECIPES))))
+    proc = launch(script, str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "out" / "iteration_1" / "done.json").exists()
+    assert not (tmp_path / "out" / "iteration_1" / "pairs.chunks").exists()
+
+
+# ---- DeepSpeed ZeRO-3 (CPU, gloo) ---------------------------------------------------------------------------------
+DEEPSPEED_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {recipes!r})
+import torch
+import _common, ppo
+
+args = _common.parse(ppo.make_parser(), [
+    "--model_name_or_path", "tiny", "--pairrm", "tiny", "--dataset_name", "tiny", "--use_cpu", "false",
+    "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "1",
+    "--total_episodes", "16", "--max_new_tokens", "6", "--learning_rate", "1e-3", "--max_grad_norm", "0.5",
+    "--seed", "0", "--output_dir", sys.argv[1]])
+trainer = ppo.main(*args)
+acc = trainer.accelerator
+engine = trainer.model
+with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
+    json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(),
+                   ref=type(trainer.ref_policy).__name__, history=trainer.log_history), f)
+_common.finish()
+"""
+
+
+@pytest.mark.multiprocess
+def test_ppo_deepspeed_zero3(tmp_path):
+    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the batch sizes and
+    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, generation runs under gathered
+    parameters. (Two processes cannot run here: accelerate 1.15 reports num_processes=1 / process_index=0 on every
+    rank of a CPU DeepSpeed launch, so both ranks would act as the main process.)"""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
+    script = tmp_path / "ppo_zero3.py"
+    script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
+    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true")  # as recipes/accelerate/deepspeed_zero3.yaml
+    proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    assert r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine"
+    assert len(r["history"]) == 4 and all(np.isfinite(h["loss/policy_avg"]) for h in r["history"])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+DEEPSPEED_ITERATIVE_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {recipes!r})
+import _common, iterative_dpo
+
+args = _common.parse(iterative_dpo.make_parser(), [
+    "--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1], "--use_cpu", "false", "--max_prompts", "16",
+    "--num_train_epochs", "1", "--eval_prompts", "4"])
+summary = iterative_dpo.main(*args)
+with open(os.path.join(sys.argv[1], "zero3.json"), "w") as f:
+    json.dump(dict(zero3=_common.zero3_enabled(), steps=summary["iterations"][0]["steps"]), f)
+_common.finish()
+"""
+
+
+@pytest.mark.multiprocess
+def test_iterative_dpo_deepspeed_zero3(tmp_path):
+    """Iterative DPO under ZeRO-3 (partitioned at load, `zero3_init`): labeling and evaluation sample from the gathered
+    policy, the reference is loaded and sharded by TRL (a partitioned model cannot be deep-copied)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
+    script = tmp_path / "iterative_zero3.py"
+    script.write_text(textwrap.dedent(DEEPSPEED_ITERATIVE_SCRIPT.format(recipes=str(RECIPES))))
+    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
+    proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "zero3.json").read_text()) == {"zero3": True, "steps": 3}
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    assert (tmp_path / "out" / "iteration_1" / "model" / "model.safetensors").exists()

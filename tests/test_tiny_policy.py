@@ -10,8 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pairrm_rlhf.core.assets import bundled
 from tiny_policy import (
     BOS_TOKEN,
+    DEFAULT_SYSTEM,
+    QWEN_SAMPLING,
     IM_END,
     IM_START,
     PAD_TOKEN,
@@ -64,6 +67,12 @@ def test_chat_template(tokenizer) -> None:
         "<|im_start|>user\nExplain the sun.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+    # no system message: Qwen2.5's template adds a default one
+    assert tokenizer.apply_chat_template(MESSAGES[1:], tokenize=False, add_generation_prompt=True) == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        "<|im_start|>user\nExplain the sun.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     no_gen = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
     assert not no_gen.endswith("assistant\n")
     full = tokenizer.apply_chat_template(MESSAGES + [{"role": "assistant", "content": "Hot."}], tokenize=False)
@@ -78,8 +87,10 @@ def test_policy_config_and_sampling(tokenizer, arch: str) -> None:
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.pad_token_id]  # Qwen-style
     assert model.generation_config.bos_token_id == tokenizer.bos_token_id
+    assert {k: getattr(model.generation_config, k) for k in QWEN_SAMPLING} == QWEN_SAMPLING
+    assert model.config.tie_word_embeddings and model.config.dtype == torch.bfloat16
     prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     enc = tokenizer([prompt, "Hi"], return_tensors="pt", padding=True)
     torch.manual_seed(0)
@@ -114,7 +125,22 @@ def test_save_load_round_trip(tmp_path, tokenizer) -> None:
     assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True).endswith(
         "<|im_start|>assistant\n"
     )
-    fresh = build_tiny_policy(tokenizer).state_dict()
-    loaded = model.state_dict()
+    # stored like Qwen2.5: bf16 weights and a bf16 dtype in config.json (transformers 5 loads "auto" by default)
+    assert model.dtype == torch.bfloat16
+    auto = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    assert auto.dtype == torch.bfloat16 and auto.config.dtype == torch.bfloat16
+    fresh = build_tiny_policy(tokenizer, dtype=torch.bfloat16).state_dict()
+    loaded = auto.state_dict()
     assert all(torch.equal(fresh[k], loaded[k]) for k in fresh)
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert {k: getattr(model.generation_config, k) for k in QWEN_SAMPLING} == QWEN_SAMPLING
+
+
+def test_bundled_asset_is_save_tiny_policy(tmp_path) -> None:
+    """pairrm_rlhf/assets/tiny-policy is exactly what save_tiny_policy writes (regenerate it when this changes)."""
+    fresh, bundled_path = save_tiny_policy(tmp_path / "tiny"), bundled("policy")
+    a = AutoModelForCausalLM.from_pretrained(fresh, dtype="auto").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(bundled_path, dtype="auto").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
+    for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"):
+        assert (tmp_path / "tiny" / name).read_text() == (tmp_path.__class__(bundled_path) / name).read_text(), name

@@ -181,7 +181,8 @@ def test_group_reward_in_trainer(hf_model, tmp_path, kind, conversational, outpu
 
 # ---- two processes, groups split across them ------------------------------------------------------------
 SCRIPT = """
-import json, os, sys
+import faulthandler, json, os, sys
+faulthandler.enable(all_threads=True)  # a SIGABRT at exit (#15.5) prints every thread's Python stack to stderr
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch
 from datasets import Dataset
@@ -211,9 +212,15 @@ torch.manual_seed(1000 + rank)  # the processes sample different completions for
 trainer.train()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(dict(world=trainer.accelerator.num_processes, calls=calls), f)
+# An orderly end (#15.5): wait for every process, then destroy the process group. Left to interpreter exit, the
+# gloo group was torn down while the other rank could still be using it, and under load a rank aborted with
+# SIGABRT ("terminate called without an active exception") after training had finished.
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
 """
 
 
+@pytest.mark.multiprocess
 def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
     script = tmp_path / "grpo_2proc.py"
     script.write_text(textwrap.dedent(SCRIPT))
@@ -221,7 +228,7 @@ def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ["PYTHONPATH"]]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     single = PairwiseReward(hf_model, mode="group")

@@ -2,6 +2,14 @@
 
 Nothing here touches the model hub: the tokenizer is a byte-level BPE trained in-process on a small
 built-in corpus and the model is built from a config with a fixed seed.
+
+The stand-in carries Qwen2.5-0.5B-Instruct's properties that change training and sampling: the saved checkpoint
+declares `dtype: bfloat16` and stores bf16 weights, embeddings are tied, the ChatML template adds a default system
+message, EOS is `[<|im_end|>, <|pad|>]` (Qwen: `[151645, 151643]`, the second also its pad) and the
+generation_config samples like Qwen's (do_sample, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.1:
+Qwen/Qwen2.5-0.5B-Instruct's generation_config.json; 1.05 is the 3B/7B value).
+`pairrm_rlhf/assets/tiny-policy` is `save_tiny_policy` of this module (regenerate with
+`python tests/tiny_policy.py pairrm_rlhf/assets/tiny-policy`).
 """
 
 from __future__ import annotations
@@ -29,8 +37,13 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS: list[str] = [PAD_TOKEN, BOS_TOKEN, IM_START, IM_END]
 
-# ChatML-like template. BOS is never emitted by the template (as with Qwen2); EOS is <|im_end|>.
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# Qwen2.5's ChatML shape (without tools): a default system message when the conversation has none. BOS is never
+# emitted by the template (as with Qwen2); EOS is <|im_end|>.
 CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
@@ -53,6 +66,10 @@ _RESPONSES = [
     "Of course. People often enjoy {t} on a good day.",
     "That is a great question. In short, {t} is worth a look.",
 ]
+
+
+# Qwen/Qwen2.5-0.5B-Instruct generation_config.json sampling fields.
+QWEN_SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1)
 
 
 def default_corpus() -> list[str]:
@@ -103,10 +120,12 @@ def build_tiny_policy(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     """Build a randomly initialised tiny causal LM (``qwen2`` or ``llama``) matching ``tokenizer``.
 
-    Initialisation is deterministic under ``seed`` and does not disturb the global torch RNG.
+    Initialisation is deterministic under ``seed`` and does not disturb the global torch RNG. The weights are
+    `dtype` (default float32; `save_tiny_policy` stores bfloat16 like Qwen2.5); the config declares bfloat16.
     """
     common = dict(
         vocab_size=len(tokenizer),
@@ -129,11 +148,13 @@ def build_tiny_policy(
         raise ValueError(f"Unsupported arch {arch!r}; expected 'qwen2' or 'llama'.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.config.dtype = torch.bfloat16  # what Qwen2.5 declares; loaders that honour it ("auto") get bf16
     model.generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+        **QWEN_SAMPLING,
     )
     n_params = sum(p.numel() for p in model.parameters())
     logger.debug("Built tiny %s policy with %d parameters (seed=%d)", arch, n_params, seed)
@@ -145,8 +166,14 @@ def save_tiny_policy(path: str | os.PathLike[str], *, arch: str = "qwen2", seed:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_policy(tokenizer, arch=arch, seed=seed)
+    model = build_tiny_policy(tokenizer, arch=arch, seed=seed, dtype=torch.bfloat16)
     tokenizer.save_pretrained(path)
     model.save_pretrained(path)
     logger.info("Saved tiny %s policy to %s", arch, path)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(save_tiny_policy(sys.argv[1]))

@@ -24,7 +24,8 @@ from .engine import default_device
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 # Other logits processors a checkpoint may switch on; always set to their neutral values.
 OFF = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0,
-       "encoder_repetition_penalty": 1.0, "num_beams": 1, "min_length": 0, "min_new_tokens": 0}
+       "encoder_repetition_penalty": 1.0, "num_beams": 1, "min_new_tokens": 0}
+# (min_length is left alone: with min_new_tokens also set, transformers warns on every call; min_new_tokens wins)
 
 
 @dataclass

@@ -7,8 +7,10 @@ It follows "The N Implementation Details of RLHF with PPO" (Huang et al., 2024):
 - responses are truncated after the first EOS (everything after it is padding, masked out of every loss);
   a response without EOS can be penalised (`missing_eos_penalty` is subtracted from its score);
 - the score goes on the last response token; every token gets a KL penalty `-kl_coef * (logp - logp_ref)`;
-- log-probabilities are recomputed with the sampling temperature (logits / T) and sampling has no top-k/top-p,
-  so the recomputed distribution is the one sampled from;
+- log-probabilities are recomputed with the sampling temperature (logits / T) and sampling has no top-k/top-p
+  (one explicit `GenerationConfig` from `core.generation.build_generation_config`: the checkpoint's
+  generation_config, e.g. Qwen's top_k=20 and repetition penalty, never applies), so the recomputed distribution
+  is the one sampled from;
 - GAE (gamma, lam) over response tokens, advantages whitened over all processes' valid tokens (optionally rewards);
 - clipped policy loss and clipped value loss, `num_ppo_epochs` passes over `num_mini_batches` minibatches with
   gradient accumulation; dropout is disabled; Adam eps 1e-5; linear learning-rate decay.
@@ -17,6 +19,22 @@ Value function: a linear head on the policy's last hidden state (shared backbone
 TRL's former `AutoModelForCausalLMWithValueHead`. It costs one extra `hidden x 1` layer instead of a second model;
 the value loss (weighted by `vf_coef`) also flows into the shared backbone. Reference policy: a frozen copy of
 the initial policy, or with LoRA (`peft_config`) the same model with its adapter disabled.
+
+DeepSpeed: the batch sizes and `max_grad_norm` (as `gradient_clipping`) go into the DeepSpeed config; under
+ZeRO-3 generation gathers the sharded parameters, and the reference copy is wrapped by TRL's `prepare_deepspeed`
+(sharded with ZeRO-3, eval mode).
+
+Precision: trainable parameters are cast to float32 (master weights) whatever the checkpoint declares; `bf16: true`
+computes in bf16 through accelerate's autocast. `keep_half_precision_weights: true` trains bf16/fp16 weights
+directly (with a warning: AdamW updates below bf16's resolution are lost).
+
+Durability: `save_steps` writes `output_dir/checkpoint-<update>` (policy + value head, optimizer, scheduler, every
+process's RNG states, through `accelerator.save_state`, plus the update count and log history in
+`trainer_state.json`); `resume_from_checkpoint` (a checkpoint directory, or `true` for the latest one in
+`output_dir`) continues exactly where it stopped: the resumed run logs the same metrics as an uninterrupted one.
+A reward of None or NaN masks its row out of every loss and the whitening; `objective/invalid_rewards` counts them.
+Metrics that only some processes log (a reward function's `log_metric`) are averaged over the processes that have
+them, so differing keys cannot hang the reduce.
 """
 
 from __future__ import annotations
@@ -26,6 +44,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -36,7 +56,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationConfig, get_scheduler
+from transformers import get_scheduler
+
+from ..core.generation import SamplingArguments, build_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +97,13 @@ class PPOConfig:
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
     logging_steps: int = field(default=1, metadata={"help": "log every N updates"})
+    save_steps: int = field(default=0, metadata={"help": "write a resumable checkpoint-<update> every N updates (0: none)"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "a checkpoint-<update> directory to resume from, or 'true' for the latest one in output_dir"})
     save_final: bool = field(default=True, metadata={"help": "save the policy and value head at the end"})
+    keep_half_precision_weights: bool = field(default=False, metadata={
+        "help": "train bf16/fp16 weights directly instead of fp32 master weights (updates below their resolution are lost)"})
     use_cpu: bool = field(default=False, metadata={"help": "train on CPU even when CUDA is available"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in the policy"})
@@ -140,12 +168,22 @@ class PPOTrainer:
                                        mixed_precision="bf16" if config.bf16 else None,
                                        log_with=config.report_to or None, project_dir=config.output_dir)
         deepspeed = self.accelerator.state.deepspeed_plugin
-        if deepspeed is not None:  # no prepared dataloader to infer it from
+        if deepspeed is not None:  # no prepared dataloader to infer them from
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+            deepspeed.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+            deepspeed.deepspeed_config["train_batch_size"] = (
+                config.per_device_train_batch_size * config.gradient_accumulation_steps
+                * self.accelerator.num_processes)
         torch.manual_seed(config.seed)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        half = sorted({str(p.dtype) for p in policy.parameters() if p.dtype != torch.float32 and p.is_floating_point()})
+        if half and config.keep_half_precision_weights:
+            logger.warning("training %s weights directly (keep_half_precision_weights): AdamW updates below their "
+                           "resolution are lost", "/".join(half))
+        elif half:  # fp32 master weights; bf16 compute comes from mixed precision
+            policy = policy.float()
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -161,6 +199,10 @@ class PPOTrainer:
         if ref_policy is not None:
             disable_dropout(ref_policy)
             self.ref_policy = ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
+            if deepspeed is not None:  # sharded like the policy under ZeRO-3 (eval mode, no optimizer), as TRL does
+                from trl.models.utils import prepare_deepspeed
+
+                self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
         model = PolicyWithValueHead(policy)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -171,25 +213,33 @@ class PPOTrainer:
             raise ValueError(f"the dataset has {len(train_dataset)} rows; one update needs {config.local_batch_size * world}")
         steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
         self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.warmup_steps, steps)
+        if deepspeed is not None and config.max_grad_norm:  # DeepSpeed clips inside its own step
+            deepspeed.deepspeed_config["gradient_clipping"] = config.max_grad_norm
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # each process samples its own responses
-        self.generation_config = GenerationConfig(
-            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0,
-            min_p=None, repetition_penalty=1.0, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+        self.generation_config = build_generation_config(policy, tokenizer, sampling)
+        self.eos_ids = torch.tensor(self.generation_config.eos_token_id or [self.eos_id])
         self.log_history: list[dict[str, float]] = []
+        self.update_step = 0
         self._zero3 = getattr(deepspeed, "zero_stage", 0) == 3
         if config.report_to:
             self.accelerator.init_trackers("pairrm-ppo", config={k: v for k, v in asdict(config).items() if v is not None})
 
     # ---- data ------------------------------------------------------------------------------------------
-    def _batches(self) -> Iterator[dict[str, list]]:
-        """This process's share of each global batch; one shuffled permutation per epoch, the same on every process."""
+    def _batches(self, skip: int = 0) -> Iterator[dict[str, list]]:
+        """This process's share of each global batch; one shuffled permutation per epoch, the same on every process.
+        The first `skip` batches are passed over without reading them (the data position of a resumed run)."""
         size, rank = self.config.local_batch_size, self.accelerator.process_index
         generator = torch.Generator().manual_seed(self.config.seed)
         while True:
             order = torch.randperm(len(self.dataset), generator=generator).tolist()
             step = size * self.accelerator.num_processes
             for start in range(0, len(order) - step + 1, step):
+                if skip:
+                    skip -= 1
+                    continue
                 rows = order[start + rank * size : start + (rank + 1) * size]
                 yield self.dataset[rows]
 
@@ -236,14 +286,14 @@ class PPOTrainer:
         unwrapped.eval()  # generation with the KV cache (activation checkpointing is for training only)
         chunk = cfg.local_rollout_forward_batch_size
         responses = []
-        with self._gathered(unwrapped):
+        with self._gathered(unwrapped), acc.autocast():
             for s in range(0, len(prompts), chunk):
                 out = unwrapped.policy.generate(input_ids=query[s : s + chunk], attention_mask=query_mask[s : s + chunk],
                                                 generation_config=self.generation_config, synced_gpus=self._zero3)
                 responses.append(out[:, context:])
         width = max(r.shape[1] for r in responses)
         response = torch.cat([F.pad(r, (0, width - r.shape[1]), value=self.pad_id) for r in responses])
-        is_eos = response == self.eos_id
+        is_eos = torch.isin(response, self.eos_ids.to(response.device))
         has_eos = is_eos.any(1)
         length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full_like(has_eos, width, dtype=torch.long))
         mask = torch.arange(width, device=response.device)[None] < length[:, None]
@@ -255,6 +305,8 @@ class PPOTrainer:
         metrics: dict[str, float] = {}
         raw = self.reward_fn(prompts=prompts, completions=completions, log_metric=metrics.__setitem__, **columns)
         scores = torch.tensor([math.nan if r is None else float(r) for r in raw], device=acc.device)
+        valid = ~torch.isnan(scores)  # a row without a reward is masked out of every loss
+        mask &= valid[:, None]
         penalized = scores.clone()
         if cfg.missing_eos_penalty is not None:
             penalized[~has_eos] -= cfg.missing_eos_penalty
@@ -272,12 +324,14 @@ class PPOTrainer:
             ref_logprobs.append(self._logprobs(ref_logits, response[s : s + chunk]))
         rollout = dict(query=query, query_mask=query_mask, response=response, mask=mask.float(), length=length,
                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
-                       scores=scores, penalized=penalized, has_eos=has_eos.float(), texts=texts, metrics=metrics)
+                       scores=scores, penalized=penalized, has_eos=has_eos.float(), texts=texts, metrics=metrics,
+                       valid=valid.float())
         self._advantages(rollout)
         return rollout
 
     def _gathered(self, unwrapped: nn.Module):
-        """ZeRO-3 shards parameters: gather them once for the whole generation."""
+        """ZeRO-3 shards parameters: gather them once for the whole generation (as TRL's
+        `unwrap_model_for_generation` does; every process generates, with `synced_gpus`)."""
         if not self._zero3:
             return nullcontext()
         import deepspeed
@@ -357,21 +411,38 @@ class PPOTrainer:
                         stats["loss/value_avg"].append(vf_loss.detach())
                         stats["val/clipfrac_avg"].append(masked_mean((v_losses > (vpred - ret) ** 2).float(), mask))
                         stats["val/ratio"].append(masked_mean(ratio, mask))
-        local = torch.stack([torch.stack(v).mean() for v in stats.values()])
-        means = acc.reduce(local, reduction="mean")
-        return {k: float(v) for k, v in zip(stats, means)}
+        return self._reduce({k: torch.stack(v).mean() for k, v in stats.items()})
+
+    def _reduce(self, local: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Mean of each metric over the processes that logged it (the union of every process's keys, so keys that
+        differ between processes cannot hang the collective); NaN values count as missing."""
+        acc = self.accelerator
+        keys = sorted(local)
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            keys = sorted(set().union(*gather_object([keys])))
+        values = torch.tensor([float(local.get(k, math.nan)) for k in keys], dtype=torch.float64, device=acc.device)
+        present = ~torch.isnan(values)
+        totals = acc.reduce(torch.stack([torch.nan_to_num(values), present.double()]), reduction="sum")
+        return {k: float(t / c) if c else math.nan for k, t, c in zip(keys, totals[0], totals[1])}
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        """Run `num_updates` PPO updates; returns the log history (also saved as `log_history.json`)."""
+        """Run `num_updates` PPO updates (from a checkpoint with `resume_from_checkpoint`); returns the log history
+        (also saved as `log_history.json`)."""
         cfg, acc = self.config, self.accelerator
-        batches = self._batches()
-        logger.info("PPO: %d updates of %d rollouts (%d per process)", self.num_updates,
-                    cfg.local_batch_size * acc.num_processes, cfg.local_batch_size)
-        for update in range(1, self.num_updates + 1):
+        if cfg.resume_from_checkpoint:
+            self.load_checkpoint(cfg.resume_from_checkpoint)
+        batches = self._batches(skip=self.update_step)
+        logger.info("PPO: %d updates of %d rollouts (%d per process)%s", self.num_updates,
+                    cfg.local_batch_size * acc.num_processes, cfg.local_batch_size,
+                    f", resuming after update {self.update_step}" if self.update_step else "")
+        for update in range(self.update_step + 1, self.num_updates + 1):
             lr = self.scheduler.get_last_lr()[0]
             r = self.rollout(next(batches))
             stats = self.update(r)
+            self.update_step = update
             if update % cfg.logging_steps == 0 or update == self.num_updates:
                 log = self._rollout_metrics(r) | stats
                 log.update(lr=lr, episode=update * cfg.local_batch_size * acc.num_processes,
@@ -382,11 +453,49 @@ class PPOTrainer:
                 if acc.is_main_process:
                     logger.info("update %d/%d: %s", update, self.num_updates,
                                 ", ".join(f"{k}={v:.4g}" for k, v in log.items() if k.startswith(("objective", "policy/approx"))))
+            self.on_update_end()
+            if cfg.save_steps and update % cfg.save_steps == 0:
+                self.save_checkpoint()
         if cfg.save_final:
             self.save_model(cfg.output_dir)
         if cfg.report_to:
             acc.end_training()
         return self.log_history
+
+    def on_update_end(self) -> None:
+        """Called after each update (and its logging), before its checkpoint: a hook for subclasses (evaluation)."""
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        """Write `output_dir/checkpoint-<update>`: model, optimizer, scheduler, RNG states, update count, logs."""
+        acc = self.accelerator
+        directory = os.path.join(self.config.output_dir, f"checkpoint-{self.update_step}")
+        acc.save_state(directory)
+        if acc.is_main_process:
+            with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+                json.dump({"update": self.update_step, "log_history": self.log_history}, f, indent=1)
+            limit = self.config.save_total_limit
+            if limit:
+                for old in checkpoints(self.config.output_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return directory
+
+    def load_checkpoint(self, checkpoint: str) -> None:
+        """Restore a `save_checkpoint` directory (or the latest in output_dir for 'true')."""
+        if str(checkpoint).lower() == "true":
+            found = checkpoints(self.config.output_dir)
+            if not found:
+                raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<update> in {self.config.output_dir}")
+            checkpoint = found[-1]
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} is not a PPO checkpoint (no trainer_state.json)")
+        self.accelerator.load_state(checkpoint)
+        with open(state_file) as f:
+            state = json.load(f)
+        self.update_step, self.log_history = state["update"], state["log_history"]
+        logger.info("resumed from %s (update %d)", checkpoint, self.update_step)
 
     def _rollout_metrics(self, r: dict[str, Any]) -> dict[str, float]:
         kl_sum = r["kl"].sum(1)
@@ -394,14 +503,16 @@ class PPOTrainer:
             "objective/kl": kl_sum.mean(),
             "objective/entropy": (-r["logprobs"] * r["mask"]).sum(1).mean(),
             "objective/non_score_reward": r["non_score_reward"].mean(),
-            "objective/rlhf_reward": (torch.nan_to_num(r["penalized"]) + r["non_score_reward"]).mean(),
+            "objective/rlhf_reward": (r["penalized"] + r["non_score_reward"])[r["valid"].bool()].mean(),
             "objective/scores": torch.nanmean(r["scores"]),
             "val/eos_rate": r["has_eos"].mean(),
             "val/response_length": r["length"].float().mean(),
             **{k: torch.tensor(v, device=kl_sum.device) for k, v in sorted(r["metrics"].items())},
         }
-        means = self.accelerator.reduce(torch.stack([v.float() for v in local.values()]), reduction="mean")
-        return {k: float(v) for k, v in zip(local, means)}
+        out = self._reduce(local)
+        invalid = self.accelerator.reduce((1 - r["valid"]).sum(), reduction="sum")
+        out["objective/invalid_rewards"] = float(invalid)
+        return out
 
     def save_model(self, output_dir: str) -> None:
         """Save the policy (full model, or the LoRA adapter), the tokenizer, the value head and the log history."""
@@ -419,3 +530,11 @@ class PPOTrainer:
             with open(os.path.join(output_dir, "log_history.json"), "w") as f:
                 json.dump(self.log_history, f, indent=1)
         acc.wait_for_everyone()
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """The `checkpoint-<update>` directories in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]

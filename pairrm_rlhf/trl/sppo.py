@@ -8,6 +8,13 @@ reference (the previous iteration's policy) onto its estimated win probability a
 where P_w = P(y_w beats pi_t) is estimated as the mean PairRM probability of y_w against the K sampled responses
 of its prompt: the labeler's `chosen_probs_win` (and `chosen_probs_lose` for y_l). beta = 1/eta of the paper; the
 halving follows the authors' released trainer (their scripts use beta = 0.001, lr 5e-7, RMSprop, K = 5).
+Soft labels (`authors_probabilities`): the authors estimate P(y_i beats pi_t) from PairRM's round-robin scores
+s_1..s_K of the K responses as P_i = mean_j sigmoid(s_i - s_j), j over all K including i itself (uclaml/SPPO,
+scripts/compute_prob.py: `prb[i][j] = 1 / (1 + exp(score[j] - score[i]))`, then `sum(axis=1) / K`, with
+`score = blender.rank(..., return_scores=True)` in scripts/rank.py); beta = 0.001 was tuned for these. That is the
+recipes' default (`sppo_probabilities: authors`). The labeler's own `chosen_probs_win` (the mean *calibrated*
+PairRM probability sigma(z / 2) of each pair's two-order logit) stays available as `sppo_probabilities: calibrated`.
+
 TRL's built-in `loss_type="sppo_hard"` is the same loss with P_w = 1 and P_l = 0; this trainer uses the soft
 probabilities, which TRL leaves to the caller. Everything else (data, reference model or disabled LoRA adapter,
 precomputed reference log-probs, logging) is `DPOTrainer`'s.
@@ -15,12 +22,38 @@ precomputed reference log-probs, logging) is `DPOTrainer`'s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from trl import DPOTrainer
 
 PROB_COLUMNS = ("chosen_probs_win", "chosen_probs_lose")
+SPPO_PROBABILITIES = ("authors", "calibrated")
+
+
+def authors_probabilities(score_chosen: Sequence[float], score_rejected: Sequence[float],
+                          all_scores: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    """SPPO's soft labels as the authors compute them: P_i = mean_j sigmoid(s_i - s_j) over all K scores of the
+    prompt (itself included, sigmoid(0) = 1/2), for each row's chosen and rejected response.
+
+    Args:
+        score_chosen / score_rejected: the chosen / rejected response's round-robin score, per row.
+        all_scores: the scores of all K responses of the row's prompt (the labeler's `all_rm_scores`).
+
+    Returns:
+        (chosen_probs_win, chosen_probs_lose) lists.
+
+    Example:
+        >>> authors_probabilities([1.0], [-1.0], [[1.0, -1.0]])[0]  # (sigmoid(0) + sigmoid(2)) / 2
+        [0.6903...]
+    """
+    def p(s: float, scores: Sequence[float]) -> float:
+        return float(np.mean(1.0 / (1.0 + np.exp(np.asarray(scores, dtype=np.float64) - s))))
+
+    return ([p(s, all_) for s, all_ in zip(score_chosen, all_scores)],
+            [p(s, all_) for s, all_ in zip(score_rejected, all_scores)])
 
 
 class _ProbsCollator:
