@@ -131,16 +131,6 @@ def load_command(name: str) -> tuple[argparse.ArgumentParser, Callable]:
     return parser, run
 
 
-def parse_config(config_class: type, argv: list[str]):
-    """One dataclass from `--config file.yaml` (optional) and flags (flags win), via TrlParser."""
-    from trl import TrlParser
-
-    parser = TrlParser([config_class])
-    parser.formatter_class = HelpFormatter
-    (config,) = parser.parse_args_and_config(resolve_config(argv))
-    return config
-
-
 def setup_logging(level: int = logging.INFO) -> None:
     """One handler on the root logger (idempotent), skipping records a library's own handler already prints."""
     root = logging.getLogger()

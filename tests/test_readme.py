@@ -38,6 +38,7 @@ def test_readme_is_short_and_its_untested_snippets_are_few_and_explained():
 def test_readme_snippet_runs(tmp_path, lang, code):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",  # as on a CPU-only machine
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    (tmp_path / "recipes").symlink_to(README.parent / "recipes")  # snippets run as from a checkout, in a scratch dir
     command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"README {lang} snippet failed:\n{code}\n--- stderr ---\n{result.stderr[-3000:]}"
