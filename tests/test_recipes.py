@@ -212,6 +212,22 @@ def test_ppo_masks_rows_without_a_reward():
     assert all(np.isfinite(v) for v in stats.values())
 
 
+def test_ppo_shows_a_progress_bar_with_reward_and_loss(tmp_path, capsys):
+    """With logging at INFO (a CLI run), PPO's updates show one bar whose postfix carries the reward and the loss."""
+    import logging
+
+    reward = PairwiseReward(style_judge(), output="logit")
+    trainer = ppo_trainer(reward, output_dir=str(tmp_path), per_device_train_batch_size=2, total_episodes=4)
+    level = logging.getLogger("pairrm_rlhf").level
+    logging.getLogger("pairrm_rlhf").setLevel(logging.INFO)
+    try:
+        trainer.train()
+    finally:
+        logging.getLogger("pairrm_rlhf").setLevel(level)
+    err = capsys.readouterr().err
+    assert "PPO" in err and "2/2" in err and "reward=" in err and "loss=" in err, err[-2000:]
+
+
 def test_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     """Interrupt after update 2 (checkpoints every 2 updates), resume: the metrics of updates 3-4 and the final
     weights equal the uninterrupted run's."""

@@ -30,6 +30,7 @@ from ..core import aggregation
 from ..core.backend import PairBackend
 from ..core.formats import render
 from ..core.generation import SamplingArguments
+from ..core.progress import progress_enabled
 from ..pairrm import PairRM
 from .generation import BACKENDS, ResponseSampler
 from .io import load_prompts, save_dataset  # noqa: F401  (re-exported: recipes import them from here)
@@ -237,7 +238,8 @@ class PreferenceLabeler:
             dataset: prompts in `prompt_column` (and responses in `responses_column` when given).
             work_dir: keep each finished chunk of `chunk_size` prompts there; a later call resumes from the intact
                 chunks of the same run (see `store`). Chunks of another run are refused unless `overwrite=True`.
-            show_progress: a progress bar (default: when logging is at INFO or lower).
+            show_progress: a progress bar (default: `core.progress.progress_enabled`: more than one chunk, and stderr
+                is a terminal or logging is at INFO or lower).
 
         Returns:
             The preference dataset (every process under `accelerate launch` gets the merged result).
@@ -254,8 +256,7 @@ class PreferenceLabeler:
         mine = [int(i) for i in np.array_split(np.array(pending, dtype=int), state.num_processes)[state.process_index]]
         if done:
             logger.info("Resuming from %s: %d of %d chunks already done", work_dir, len(done), n_chunks)
-        if show_progress is None:
-            show_progress = logger.getEffectiveLevel() <= logging.INFO
+        show_progress = progress_enabled(show_progress, len(mine), logger)
         results: list[tuple[int, pa.Table, LabelStats]] = []
         total = sum(min(chunk_size, len(dataset) - i * chunk_size) for i in mine)
         running = LabelStats()

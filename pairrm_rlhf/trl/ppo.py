@@ -56,9 +56,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..core.generation import SamplingArguments, build_generation_config
+from ..core.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -438,6 +440,8 @@ class PPOTrainer:
         logger.info("PPO: %d updates of %d rollouts (%d per process)%s", self.num_updates,
                     cfg.local_batch_size * acc.num_processes, cfg.local_batch_size,
                     f", resuming after update {self.update_step}" if self.update_step else "")
+        show = acc.is_main_process and progress_enabled(None, self.num_updates - self.update_step, logger)
+        bar = tqdm(total=self.num_updates, initial=self.update_step, unit="update", desc="PPO", disable=not show)
         for update in range(self.update_step + 1, self.num_updates + 1):
             lr = self.scheduler.get_last_lr()[0]
             r = self.rollout(next(batches))
@@ -450,12 +454,16 @@ class PPOTrainer:
                 self.log_history.append(log)
                 if cfg.report_to:
                     acc.log(log, step=update)
-                if acc.is_main_process:
+                bar.set_postfix(reward=f"{log.get('objective/scores', math.nan):.4g}",
+                                loss=f"{log.get('loss/policy_avg', math.nan):.4g}", refresh=False)
+                if acc.is_main_process and not show:  # the bar shows these already
                     logger.info("update %d/%d: %s", update, self.num_updates,
                                 ", ".join(f"{k}={v:.4g}" for k, v in log.items() if k.startswith(("objective", "policy/approx"))))
+            bar.update(1)
             self.on_update_end()
             if cfg.save_steps and update % cfg.save_steps == 0:
                 self.save_checkpoint()
+        bar.close()
         if cfg.save_final:
             self.save_model(cfg.output_dir)
         if cfg.report_to:
