@@ -72,7 +72,11 @@ def test_openrlhf_v011_client_gets_the_in_process_rewards(hf_model):
         results = asyncio.run(client.run(samples, MAX_PROMPT_TOKENS))
     assert not results[2]["query"].startswith(prompts[2])  # the prompt really was cut from the left
     assert "Hello! How can I help?" not in results[2]["query"]
-    messages = [m for m, _, _ in SAMPLES]
+    # What the server sees is the rendered prompt: the policy's template adds its default system message (as Qwen2.5's
+    # does) when a conversation has none, so the in-process reference scores that conversation.
+    default = {"role": "system", "content": "You are a helpful assistant."}
+    assert all(default["content"] in p for p, (m, _, _) in zip(prompts, SAMPLES) if m[0]["role"] != "system")
+    messages = [m if m[0]["role"] == "system" else [default, *m] for m, _, _ in SAMPLES]
     responses = [r for _, r, _ in SAMPLES]
     references = [label for _, _, label in SAMPLES]
     want = PairwiseReward(hf_model)(messages, responses, reference=references)
