@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # sweeps of the whole golden set (~35 s on 2 cores): in `make test`, not `make test-fast`
+
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_rank_and_compare_invariant_to_batch_size(hf_model, golden, batch_size):

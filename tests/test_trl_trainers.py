@@ -244,6 +244,7 @@ def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
 
 
 # ---- TRL's CLI with the module-level reward functions ---------------------------------------------------
+@pytest.mark.slow  # trains through TRL's CLI in a subprocess
 def test_trl_cli_with_env_configured_rewards(tmp_path):
     from pairrm_rlhf.core.assets import bundled
     from tiny_policy import save_tiny_policy
