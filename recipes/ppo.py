@@ -15,7 +15,6 @@ completions table).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys

@@ -79,3 +79,23 @@ def preferred_fraction(prompts: list, first: list[str], second: list[str]) -> fl
     text = lambda p: p if isinstance(p, str) else " ".join(m["content"] for m in p)  # noqa: E731
     diff = np.array([style(text(p)) * (len(b) - len(a)) for p, a, b in zip(prompts, first, second)])
     return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+
+
+class LengthBackend:
+    """A `PairBackend` whose preference is the simplest known one: the longer response wins,
+    f(x, A, B) = len(A) - len(B). Counts the triples it scores (`scored`), so tests can count matches."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, triples, *, batch_size=None, show_progress_bar=None):
+        self.scored += len(triples)
+        return np.array([len(a) - len(b) for _, a, b in triples], dtype=np.float32)
+
+    def truncation_rate(self, triples):
+        return 0.0
+
+    def identity(self):
+        return {"backend": "length"}

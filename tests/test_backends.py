@@ -14,6 +14,7 @@ from pairrm_rlhf.core.backend import PairBackend
 from pairrm_rlhf.core.formats import better_pairrm_source, rlhflow_context
 from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.core.formats import render
+from known_preference import LengthBackend
 from tiny_policy import save_tiny_policy
 
 
@@ -171,22 +172,6 @@ def test_adapters_work_on_better_pairrm(better):
 
 
 # ---- knockout (any backend) -----------------------------------------------------------------------------------
-class LengthBackend:
-    """A fake backend: the longer response wins; counts the triples it scores."""
-
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.scored = 0
-
-    def score(self, triples, *, batch_size=None, show_progress_bar=None):
-        self.scored += len(triples)
-        return np.array([len(a) - len(b) for _, a, b in triples], dtype=np.float32)
-
-    def truncation_rate(self, triples):
-        return 0.0
-
-
 def test_knockout_plays_n_minus_one_matches():
     backend = LengthBackend()
     model = PairRM(backend)

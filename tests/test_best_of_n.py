@@ -2,32 +2,13 @@
 `get_best_of_n`, `get_worst_of_n`, `n_generate`, `best_of_n_generate`; bubble pass: `llm_blender/pair_ranker/ranker.py`
 `_bubble_predict`)."""
 
-import numpy as np
 import pytest
 import torch
 
 import pairrm_rlhf.pairrm as pairrm_module
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.generation import SamplingArguments, load_policy
-
-
-class LengthBackend:
-    """A fake backend: the longer response wins (f = len(A) - len(B)); counts the triples it scores."""
-
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.scored = 0
-
-    def score(self, triples, *, batch_size=None, show_progress_bar=None):
-        self.scored += len(triples)
-        return np.array([len(a) - len(b) for _, a, b in triples], dtype=np.float32)
-
-    def truncation_rate(self, triples):
-        return 0.0
-
-    def identity(self):
-        return {"backend": "length"}
+from known_preference import LengthBackend
 
 
 def bubble_reference(candidates, order, best=True):

@@ -9,31 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.cli import main
 from pairrm_rlhf.evaluation import (
-    Example, autoj_groups, bootstrap_ci, correctness, detect_format, evaluate, load_examples, read_rows,
+    Example, autoj_groups, bootstrap_ci, detect_format, evaluate, load_examples, read_rows,
     rewardbench_sections, summarize,
 )
 from pairrm_rlhf.evaluation.report import calibration_bins, example_probability
 from pairrm_rlhf.evaluation.sections import AUTOJ_GROUPS, REWARDBENCH_COUNTS, REWARDBENCH_SECTIONS, detect_scheme
+from known_preference import LengthBackend
 
 DATA = Path(__file__).parent / "fixtures" / "eval"
-
-
-class LengthBackend:
-    """A fake judge: the longer text wins (f = len(A) - len(B))."""
-
-    device = torch.device("cpu")
-
-    def score(self, triples, *, batch_size=None, show_progress_bar=None):
-        return np.array([len(a) - len(b) for _, a, b in triples], dtype=np.float32)
-
-    def truncation_rate(self, triples):
-        return 0.0
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ ValueError/TypeError. Well-typed text must always succeed.
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 

@@ -105,7 +105,7 @@ def test_prompt_ids_equal_the_reference(judge, llama3_tokenizer, plain_tokenizer
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
 def test_probability_applies_temperature_per_order(judge, llama3_tokenizer, plain_tokenizer, temperature):
     """PairRM.probability = the reference's mean over both orders of softmax([logit_A, logit_B] / T)."""
-    model, scorer = judge.backend.model, judge.backend
+    model = judge.backend.model
     prompt, responses = "What is the sun?", ["A star.", "A planet, far from here."]
     probs = []
     for chosen_position in (0, 1):  # the reference loop (pair-pm/README.md), one plain forward per order

@@ -12,7 +12,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 

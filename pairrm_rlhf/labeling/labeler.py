@@ -17,7 +17,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,6 @@ from ..core.generation import SamplingArguments
 from ..core.progress import progress_enabled
 from ..pairrm import PairRM
 from .generation import BACKENDS, ResponseSampler
-from .io import load_prompts, save_dataset  # noqa: F401  (re-exported: recipes import them from here)
 from .pairs import AGGREGATIONS, STRATEGIES, LabelStats, aggregate, select_pairs
 from .store import WORK_FORMAT, ChunkStore
 
