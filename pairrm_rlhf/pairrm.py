@@ -144,23 +144,14 @@ class PairRM:
         self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> np.ndarray:
         """f(x, A, B) - f(x, B, A) for each triple; exactly 0 without any forward when A == B."""
-        out = np.zeros(len(triples), dtype=np.float32)
-        todo = [i for i, (_, a, b) in enumerate(triples) if a != b]
-        both = [triples[i] for i in todo] + [(s, b, a) for s, a, b in (triples[i] for i in todo)]
-        logits = self.pair_logits(both, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        out[todo] = logits[: len(todo)] - logits[len(todo) :]
-        return out
+        return self.mode_logits(triples, "[A,B]+[B,A]", batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def mode_logits(
         self, triples: Sequence[Triple], mode: str, *, batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> np.ndarray:
         """`compare`'s modes: "[A,B]+[B,A]" two-order logits, "[A,B]" f(x,A,B), "[B,A]" f(x,B,A)."""
-        if mode == "[A,B]+[B,A]":
-            return self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        if mode in ("[A,B]", "[B,A]"):
-            order = triples if mode == "[A,B]" else [(s, b, a) for s, a, b in triples]
-            return self.pair_logits(order, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r:.40}")
+        sides = [(s, s, a, b) for s, a, b in triples]  # one source for both orders
+        return self.sided_logits(sides, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def pairwise_matrices(
         self, sources: list[str], candidates: list[list[str]], *, batch_size: int | None = None,

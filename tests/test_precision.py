@@ -5,29 +5,13 @@ most updates (the control that shows the check can fail)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import Trainer
 
 from pairrm_rlhf.args import bundled_configs
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from recipe_scripts import recipe
 TRAINING = {"ppo": "ppo", "online_dpo": "online_dpo", "grpo": "grpo", "iterative_dpo": "iterative_dpo"}
-
-
-def recipe(name: str):
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    if f"recipe_{name}" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[f"recipe_{name}"]
 
 
 def shipped_configs() -> list[tuple[str, str]]:
@@ -41,7 +25,7 @@ def shipped_configs() -> list[tuple[str, str]]:
 
 def parsed(name: str, kind: str, tmp_path, *extra: str):
     module = recipe(kind)
-    common = importlib.import_module("_common")
+    common = recipe("_common")
     return common, common.parse(module.make_parser(), ["--config", name, "--model_name_or_path", "tiny", "--bf16",
                                                        "false", "--output_dir", str(tmp_path), *extra])
 

@@ -10,7 +10,6 @@ must reach a held-out win rate of at least MIN_WIN (judged by the same rule, whi
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import json
 import os
@@ -30,25 +29,11 @@ from known_preference import preferred_fraction, style_judge, style_prompts
 from pairrm_rlhf import PairwiseReward
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.trl.judge import PairRMJudge
+from recipe_scripts import RECIPES, recipe
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
+REPO = RECIPES.parent
 NO_SAVE = ["--report_to", "none", "--save_strategy", "no", "--seed", "0"]
 MIN_WIN = 0.75
-
-
-def recipe(name: str):
-    """Import recipes/<name>.py (the recipes are scripts, not a package)."""
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    if name == "_common":  # the recipes import it under this name: share that one module
-        return importlib.import_module("_common")
-    if f"recipe_{name}" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[f"recipe_{name}"]
 
 
 def parse(name: str, argv: list[str]):
