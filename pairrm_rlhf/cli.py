@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .args import PairRMArguments, resolve_config
+from .core.distributed import end_distributed_run
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         argv: the arguments after the program name (default: `sys.argv[1:]`).
 
     Returns:
-        None; exits with code 2 and one line on stderr on a configuration error.
+        None; exits with code 2 and one line on stderr on a configuration error. In a process group (`label` under
+        `accelerate launch`) it ends the process with `core.distributed.end_distributed_run` instead of returning.
 
     Example:
         >>> main(["demo", "--pairrm_device", "cpu"])  # doctest: +SKIP
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as err:  # an optional extra that is not installed (serve, plots)
         print(f"pairrm-rlhf {name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    end_distributed_run()  # under `accelerate launch` / `torchrun` (label): the orderly end (#15.5); else nothing
 
 
 if __name__ == "__main__":

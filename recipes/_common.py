@@ -49,7 +49,7 @@ from pairrm_rlhf.trl.judge import PairRMJudge
 
 __all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "load_prompt_dataset", "split_eval",
            "load_policy", "get_peft_config", "sampling_kwargs", "generate", "win_rate", "Evaluator", "judge_for",
-           "lazy_judge", "finish"]
+           "lazy_judge"]
 
 logger = logging.getLogger("recipes")
 
@@ -281,12 +281,3 @@ def lazy_judge(script_args: PairRMArguments, use_cpu: bool) -> Any:
     if use_cpu and script_args.pairrm_device is None:
         script_args = dataclasses.replace(script_args, pairrm_device="cpu")
     return script_args.lazy()
-
-
-def finish() -> None:
-    """End a script run in order: wait for every process, then destroy the process group. Left to interpreter exit,
-    the gloo/NCCL group is torn down while other processes may still use it, which can abort a process with
-    "terminate called without an active exception" after training has finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, Evaluator, RecipeArguments, finish, gathered, get_peft_config, judge_for, load_policy,
+from _common import (TINY, Evaluator, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
                      load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision, zero3_enabled)
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -58,6 +58,7 @@ from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
+from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
 from pairrm_rlhf.labeling.store import remove_store
@@ -359,4 +360,4 @@ def format_summary(config: IterativeDPOConfig, script_args: RecipeArguments, sum
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*parse(make_parser()))
-    finish()
+    end_distributed_run()  # the orderly end of a multi-process run (#15.5); nothing in one process

@@ -21,10 +21,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Evaluator, RecipeArguments, finish, get_peft_config, judge_for, lazy_judge, load_policy,
+from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, lazy_judge, load_policy,
                      load_prompt_dataset, make_recipe_parser, parse, sampling_kwargs, split_eval)
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
+from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
@@ -87,4 +88,4 @@ def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, mod
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*parse(make_parser()))
-    finish()
+    end_distributed_run()  # the orderly end of a multi-process run (#15.5); nothing in one process

@@ -23,9 +23,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Evaluator, RecipeArguments, finish, get_peft_config, judge_for, load_policy, load_prompt_dataset,
+from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, load_policy, load_prompt_dataset,
                      make_recipe_parser, parse, split_eval)
 
+from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
@@ -111,4 +112,4 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*parse(make_parser()))
-    finish()
+    end_distributed_run()  # the orderly end of a multi-process run (#15.5); nothing in one process

@@ -223,6 +223,8 @@ labeler = PreferenceLabeler(PairRM.from_pretrained(bundled("pairrm"), device="cp
 out = labeler.label(load_prompts(sys.argv[2]), chunk_size=2)
 if _process_state().is_main_process:
     out.save_to_disk(sys.argv[1])
+from pairrm_rlhf.core.distributed import end_distributed_run
+end_distributed_run()
 """
 
 

@@ -457,7 +457,8 @@ for name, p in sorted(acc.unwrap_model(trainer.model).state_dict().items()):
     digest.update(p.detach().cpu().numpy().tobytes())
 with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(dict(world=acc.num_processes, digest=digest.hexdigest(), history=trainer.log_history), f)
-_common.finish()
+from pairrm_rlhf.core.distributed import end_distributed_run
+end_distributed_run()
 """
 
 
@@ -499,7 +500,8 @@ ChunkStore.read = slow_read
 args = _common.parse(iterative_dpo.make_parser(), ["--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1],
                                                     "--max_prompts", "16", "--eval_prompts", "0", "--num_train_epochs", "1"])
 iterative_dpo.main(*args)
-_common.finish()
+from pairrm_rlhf.core.distributed import end_distributed_run
+end_distributed_run()
 """
 
 
@@ -532,7 +534,8 @@ engine = trainer.model
 with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(),
                    ref=type(trainer.ref_policy).__name__, history=trainer.log_history), f)
-_common.finish()
+from pairrm_rlhf.core.distributed import end_distributed_run
+end_distributed_run()
 """
 
 
@@ -566,7 +569,8 @@ args = _common.parse(iterative_dpo.make_parser(), [
 summary = iterative_dpo.main(*args)
 with open(os.path.join(sys.argv[1], "zero3.json"), "w") as f:
     json.dump(dict(zero3=_common.zero3_enabled(), steps=summary["iterations"][0]["steps"]), f)
-_common.finish()
+from pairrm_rlhf.core.distributed import end_distributed_run
+end_distributed_run()
 """
 
 

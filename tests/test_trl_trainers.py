@@ -181,7 +181,7 @@ def test_group_reward_in_trainer(hf_model, tmp_path, kind, conversational, outpu
 # ---- two processes, groups split across them ------------------------------------------------------------
 SCRIPT = """
 import faulthandler, json, os, sys
-faulthandler.enable(all_threads=True)  # a SIGABRT at exit (#15.5) prints every thread's Python stack to stderr
+faulthandler.enable(all_threads=True)  # should a rank abort, every thread's Python stack goes to stderr
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch
 from datasets import Dataset
@@ -211,11 +211,11 @@ torch.manual_seed(1000 + rank)  # the processes sample different completions for
 trainer.train()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(dict(world=trainer.accelerator.num_processes, calls=calls), f)
-# An orderly end (#15.5): wait for every process, then destroy the process group. Left to interpreter exit, the
-# gloo group was torn down while the other rank could still be using it, and under load a rank aborted with
-# SIGABRT ("terminate called without an active exception") after training had finished.
-trainer.accelerator.wait_for_everyone()
-trainer.accelerator.end_training()
+# The orderly end of a multi-process run (#15.5): returning from the script instead let a gloo worker thread that
+# still held the last collective's work take the GIL during interpreter finalization, and under load a rank aborted
+# with SIGABRT ("terminate called without an active exception") after training (tests/test_distributed.py).
+from pairrm_rlhf.core.distributed import end_distributed_run
+end_distributed_run()
 """
 
 

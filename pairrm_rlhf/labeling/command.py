@@ -23,6 +23,7 @@ from datasets import Dataset
 
 from ..args import PairRMArguments, resolve_config
 from ..core import assets
+from ..core.distributed import end_distributed_run
 from ..core.generation import SamplingArguments, load_policy
 from .generation import BACKENDS
 from .io import (OUTPUT_FORMATS, companion_path, dataset_card, load_prompts, margin_histogram, output_format_of,
@@ -200,3 +201,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # under `accelerate launch`: the orderly end of a multi-process run (#15.5)

@@ -1,0 +1,66 @@
+"""The end of a multi-process run: how a script started by `torchrun`/`accelerate launch` must exit.
+
+Why a script cannot simply return (#15.5). A gloo (or NCCL) worker thread runs each collective and drops its
+reference to the work only after the caller has already been woken. When that work holds a tensor whose Python
+object was freed meanwhile, the tensor owns the Python object, and dropping it takes the GIL. If the main thread has
+begun interpreter finalization by then, CPython (before 3.14) ends the worker with `pthread_exit`; the forced unwind
+reaches a `noexcept` destructor and libstdc++ calls `std::terminate`: "terminate called without an active
+exception", SIGABRT, after training finished. The core dump of an aborted rank (gloo all-gather, then exit) shows
+that path: `~AsyncAllgatherWork` → `TensorImpl::decref_pyobject` → `gil_scoped_acquire` → `take_gil` →
+`PyThread_exit_thread` → `__gxx_personality_v0` → `std::terminate`; pytorch/pytorch#179291 describes the same.
+
+`destroy_process_group()` does not close the window. It joins the worker threads only when the last reference to the
+group goes. But DDP (every multi-process TRL trainer) and a `torch._dynamo` import after the group exists keep
+references that outlive it (torch 2.13: the gloo threads are still running after `destroy_process_group()` and
+`gc.collect()`). So `end_distributed_run` does what an orderly interpreter exit does for the user's data (non-daemon
+threads joined, `atexit` handlers such as trackers and temporary directories run, logging and stdio flushed) and then
+leaves with `os._exit`, without the finalization in which a worker thread can abort the process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+
+logger = logging.getLogger(__name__)
+
+
+def _process_group_initialized() -> bool:
+    if "torch.distributed" not in sys.modules:  # no torch.distributed imported: no process group (and no torch import)
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def end_distributed_run() -> None:
+    """End a script that runs in a process group: wait for every process, destroy the group, and exit with code 0.
+
+    Call it as the last statement of a multi-process script, after everything is saved. Without a process group
+    (a single-process run) it does nothing and returns, so a script can call it unconditionally.
+
+    Steps: a barrier (no process leaves while another still uses the group), `destroy_process_group()`, the
+    non-daemon threads joined, the `atexit` handlers run (trackers, temporary directories, logging), stdout and
+    stderr flushed, then `os._exit(0)`: the interpreter's finalization, during which a collective's worker thread can
+    abort the process with SIGABRT, never starts (see the module docstring).
+    """
+    if not _process_group_initialized():
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what Py_FinalizeEx would run next; includes logging.shutdown
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken stream: nothing left to save
+            pass
+    os._exit(0)
