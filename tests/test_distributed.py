@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pairrm_rlhf.core.distributed import end_distributed_run
-
 REPO = Path(__file__).resolve().parents[1]
 
 # In a real run the window is the worker's own decref of a tensor owned by a Python object, microseconds after it
@@ -96,5 +94,11 @@ def test_interpreter_exit_aborts_when_a_worker_enters_python(tmp_path):
     assert "SIGABRT" in output and "local_rank: 0" in output
 
 
-def test_without_a_process_group_it_returns():
-    assert end_distributed_run() is None  # a single-process run: nothing to end, the script goes on
+@pytest.mark.parametrize("setup", ["", "import torch.distributed"])
+def test_without_a_process_group_it_returns(setup):
+    """A single-process run: nothing to end, the script goes on (in a subprocess, so that a process group some
+    other test left in this interpreter can never make it exit pytest)."""
+    code = f"{setup}\nfrom pairrm_rlhf.core.distributed import end_distributed_run\nend_distributed_run()\nprint('returned')"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "returned", proc.stderr[-2000:]
