@@ -66,7 +66,8 @@ dist.destroy_process_group()
 def run_script(tmp_path: Path, ending: str) -> subprocess.CompletedProcess:
     script = tmp_path / "ending.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path), ending]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -98,7 +99,8 @@ def test_interpreter_exit_aborts_when_a_worker_enters_python(tmp_path):
 def test_without_a_process_group_it_returns(setup):
     """A single-process run: nothing to end, the script goes on (in a subprocess, so that a process group some
     other test left in this interpreter can never make it exit pytest)."""
-    code = f"{setup}\nfrom pairrm_rlhf.core.distributed import end_distributed_run\nend_distributed_run()\nprint('returned')"
+    code = "\n".join([setup, "from pairrm_rlhf.core.distributed import end_distributed_run",
+                      "end_distributed_run()", "print('returned')"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "returned", proc.stderr[-2000:]

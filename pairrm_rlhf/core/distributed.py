@@ -10,22 +10,21 @@ that path: `~AsyncAllgatherWork` → `TensorImpl::decref_pyobject` → `gil_scop
 `PyThread_exit_thread` → `__gxx_personality_v0` → `std::terminate`; pytorch/pytorch#179291 describes the same.
 
 `destroy_process_group()` does not close the window. It joins the worker threads only when the last reference to the
-group goes. But DDP (every multi-process TRL trainer) and a `torch._dynamo` import after the group exists keep
-references that outlive it (torch 2.13: the gloo threads are still running after `destroy_process_group()` and
-`gc.collect()`). So `end_distributed_run` does what an orderly interpreter exit does for the user's data (non-daemon
-threads joined, `atexit` handlers such as trackers and temporary directories run, logging and stdio flushed) and then
-leaves with `os._exit`, without the finalization in which a worker thread can abort the process.
+group goes, and in a training run that never happens: importing `torch._dynamo` while a group exists adds
+references to it that are never released (torch 2.13: +10), and DDP's first construction, in every multi-process
+TRL trainer, does that import. In a 2-process GRPO run the gloo threads are still running after
+`destroy_process_group()`, `del trainer` and `gc.collect()`. So `end_distributed_run` does what an orderly
+interpreter exit does for the user's data (non-daemon threads joined, `atexit` handlers such as trackers and
+temporary directories run, logging and stdio flushed) and then leaves with `os._exit`, without the finalization in
+which a worker thread can abort the process.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import sys
 import threading
-
-logger = logging.getLogger(__name__)
 
 
 def _process_group_initialized() -> bool:
@@ -42,21 +41,21 @@ def end_distributed_run() -> None:
     Call it as the last statement of a multi-process script, after everything is saved. Without a process group
     (a single-process run) it does nothing and returns, so a script can call it unconditionally.
 
-    Steps: a barrier (no process leaves while another still uses the group), `destroy_process_group()`, the
-    non-daemon threads joined, the `atexit` handlers run (trackers, temporary directories, logging), stdout and
-    stderr flushed, then `os._exit(0)`: the interpreter's finalization, during which a collective's worker thread can
-    abort the process with SIGABRT, never starts (see the module docstring).
+    Steps: the non-daemon threads joined (as at interpreter exit), a barrier (no process leaves while another still
+    uses the group), `destroy_process_group()`, the `atexit` handlers run (trackers, temporary directories,
+    logging), stdout and stderr flushed, then `os._exit(0)`: the interpreter's finalization, during which a
+    collective's worker thread can abort the process with SIGABRT, never starts (see the module docstring).
     """
     if not _process_group_initialized():
         return
     import torch.distributed as dist
 
-    dist.barrier()
-    dist.destroy_process_group()
     current = threading.current_thread()
     for thread in threading.enumerate():
         if thread is not current and not thread.daemon:
             thread.join()
+    dist.barrier()
+    dist.destroy_process_group()
     atexit._run_exitfuncs()  # what Py_FinalizeEx would run next; includes logging.shutdown
     for stream in (sys.stdout, sys.stderr):
         try:
