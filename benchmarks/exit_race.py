@@ -65,7 +65,8 @@ def main() -> None:
     for _ in range(args.runs):
         for ending in args.endings:  # interleaved, so that every ending sees the same load
             port = free_port()
-            procs = [context.Process(target=worker, args=(r, args.processes, port, ending)) for r in range(args.processes)]
+            procs = [context.Process(target=worker, args=(rank, args.processes, port, ending))
+                     for rank in range(args.processes)]
             for proc in procs:
                 proc.start()
             for proc in procs:
