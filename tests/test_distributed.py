@@ -10,8 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from torchrun import REPO, launch
 
 # In a real run the window is the worker's own decref of a tensor owned by a Python object, microseconds after it
 # has woken the caller; under load the worker can be descheduled there for longer than the barrier, the group's
@@ -66,11 +65,7 @@ dist.destroy_process_group()
 def run_script(tmp_path: Path, ending: str) -> subprocess.CompletedProcess:
     script = tmp_path / "ending.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path), ending]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return launch(script, str(tmp_path), ending)
 
 
 @pytest.mark.multiprocess

@@ -30,6 +30,7 @@ from pairrm_rlhf import PairwiseReward
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.trl.judge import PairRMJudge
 from recipe_scripts import RECIPES, recipe
+from torchrun import launch
 
 REPO = RECIPES.parent
 NO_SAVE = ["--report_to", "none", "--save_strategy", "no", "--seed", "0"]
@@ -460,14 +461,6 @@ with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as 
 from pairrm_rlhf.core.distributed import end_distributed_run
 end_distributed_run()
 """
-
-
-def launch(script: Path, *args: str, env: dict | None = None, processes: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]), **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(script),
-           *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.multiprocess

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
 from pairrm_rlhf.core import aggregation
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
+from torchrun import launch
 
 trl = pytest.importorskip("trl")
 
@@ -223,10 +224,7 @@ end_distributed_run()
 def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
     script = tmp_path / "grpo_2proc.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ["PYTHONPATH"]]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch(script, str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
