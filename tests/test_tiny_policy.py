@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -142,5 +144,22 @@ def test_bundled_asset_is_save_tiny_policy(tmp_path) -> None:
     a = AutoModelForCausalLM.from_pretrained(fresh, dtype="auto").state_dict()
     b = AutoModelForCausalLM.from_pretrained(bundled_path, dtype="auto").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
-    for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"):
-        assert (tmp_path / "tiny" / name).read_text() == (tmp_path.__class__(bundled_path) / name).read_text(), name
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert _settings(tmp_path / "tiny" / name) == _settings(Path(bundled_path) / name), name
+    assert (tmp_path / "tiny" / "chat_template.jinja").read_text() == (Path(bundled_path) / "chat_template.jinja").read_text()
+
+
+def _settings(path: Path) -> dict:
+    """A saved JSON file's values without the writer's version stamp, which changes with every transformers release."""
+    values = json.loads(path.read_text())
+    values.pop("transformers_version", None)
+    return values
+
+
+def test_settings_ignore_only_the_version_stamp(tmp_path) -> None:
+    """The comparison above still sees any real change of a saved value."""
+    (tmp_path / "a.json").write_text(json.dumps({"transformers_version": "5.24.0", "eos_token_id": 2}))
+    (tmp_path / "b.json").write_text(json.dumps({"transformers_version": "5.25.0", "eos_token_id": 2}))
+    (tmp_path / "c.json").write_text(json.dumps({"transformers_version": "5.24.0", "eos_token_id": 3}))
+    assert _settings(tmp_path / "a.json") == _settings(tmp_path / "b.json")
+    assert _settings(tmp_path / "a.json") != _settings(tmp_path / "c.json")
