@@ -53,7 +53,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q "$(PIP_TOOLS)"
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null .venv-lock/bin/pip-compile -q --extra test --strip-extras \
-		--no-emit-index-url --no-emit-find-links --annotation-style line -o $(LOCK) pyproject.toml requirements/pins.in
+		--no-emit-index-url --no-emit-find-links --annotation-style line --unsafe-package pairrm-rlhf -o $(LOCK) pyproject.toml requirements/pins.in
 
 bench: install-demo
 	$(BIN)/pairrm-rlhf bench
