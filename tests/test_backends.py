@@ -34,17 +34,20 @@ def better(tmp_path_factory) -> PairRM:
     return PairRM.from_pretrained(directory, device="cpu")
 
 
-def test_better_pairrm_is_chosen_by_name_or_template(better):
+def test_better_pairrm_is_chosen_by_name_or_judge(better):
     assert better.template == "better-pairrm"
     layout = better.backend.layout
     assert (layout.source_max_length, layout.candidate_max_length) == (2030, 670)
     assert layout.truncate_source_left and layout.source_prefix_segment
-    explicit = PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="better-pairrm")
+    explicit = PairRM.from_pretrained(bundled("pairrm"), device="cpu", judge="better-pairrm")
     assert explicit.template == "better-pairrm" and explicit.backend.layout == layout
     assert PairRM.from_pretrained(bundled("pairrm"), device="cpu").template == "pairrm"
     assert isinstance(better.backend, PairBackend) and isinstance(explicit.backend, PairBackend)
-    with pytest.raises(ValueError, match="unknown template"):
-        PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="vicuna")
+    with pytest.deprecated_call():  # the name before the registry still works
+        old = PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="better-pairrm")
+    assert old.template == "better-pairrm" and old.backend.layout == layout
+    with pytest.raises(ValueError, match="judge: must be one of pairrm, better-pairrm, rlhflow, got 'vicuna'"):
+        PairRM.from_pretrained(bundled("pairrm"), device="cpu", judge="vicuna")
 
 
 def test_better_pairrm_rendering():
@@ -198,7 +201,7 @@ def test_rank_of_nothing_is_empty(tournament):
 @pytest.fixture(scope="module")
 def rlhflow(tmp_path_factory) -> PairRM:
     path = save_tiny_policy(tmp_path_factory.mktemp("rlhflow") / "tiny-llama", arch="llama")
-    return PairRM.from_pretrained(path, backend="rlhflow", device="cpu", max_length=256)
+    return PairRM.from_pretrained(path, judge="rlhflow", device="cpu", max_length=256)
 
 
 def test_rlhflow_prompt_format(rlhflow):
@@ -224,7 +227,7 @@ def test_rlhflow_warns_when_the_template_needs_the_generation_prompt(tmp_path, c
     header only on request (like the tiny policy's) is loaded with a warning saying so."""
     path = save_tiny_policy(tmp_path / "tiny-llama", arch="llama")
     with caplog.at_level("WARNING", logger="pairrm_rlhf.backends.rlhflow"):
-        PairRM.from_pretrained(path, backend="rlhflow", device="cpu")
+        PairRM.from_pretrained(path, judge="rlhflow", device="cpu")
     assert "add_generation_prompt" in caplog.text
 
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parents[1] / "pairrm_rlhf"
 LAYERS = {
     "core": 0,
     "backends": 1,
-    "pairrm": 2, "args": 2,
+    "best_of_n": 2, "pairrm": 2, "args": 2,
     "trl": 3,
     "labeling": 4,
     "serve": 5, "evaluation": 5,

@@ -301,3 +301,19 @@ def rlhflow_context(tokenizer: Any, source: str) -> str:
     return tokenizer.apply_chat_template(
         rlhflow_context_messages(source), chat_template=RLHFLOW_PLAIN_TEMPLATE, tokenize=False
     )
+
+
+def check_candidates(name: str, candidates: Any, n_inputs: int, same_count: bool = True) -> list[list[str]]:
+    """Each input's list of candidate strings, or an error naming `name[i]`."""
+    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+        raise TypeError(f"{name} must be a list of lists of strings, got {type(candidates).__name__}")
+    if len(candidates) != n_inputs:
+        raise ValueError(f"{name} has {len(candidates)} items but inputs has {n_inputs}")
+    checked = [check_texts(f"{name}[{i}]", c) for i, c in enumerate(candidates)]
+    for i, c in enumerate(checked):
+        if not c:
+            raise ValueError(f"{name}[{i}] is empty: each input needs at least one candidate")
+        if same_count and len(c) != len(checked[0]):
+            raise ValueError(f"{name}[{i}] has {len(c)} candidates but {name}[0] has {len(checked[0])}")
+    return checked
+

@@ -21,6 +21,8 @@ import torch
 from transformers import DebertaV2Config
 
 from . import assets
+from .backend import LoadOptions
+from .engine import PairScorer
 from .modeling import PairRMModel
 from .tokenization import PREFIX_TOKENS, PairLayout, load_text_tokenizer
 
@@ -195,20 +197,30 @@ class Checkpoint:
     template: str = "pairrm"
 
 
-# Input formats of encoder checkpoints: (source max, candidate max, cut the source from the left, prefix segment).
-TEMPLATES = {
-    "pairrm": (1224, 412, False, False),
-    "better-pairrm": (2030, 670, True, True),
+@dataclass(frozen=True)
+class EncoderFormat:
+    """How an encoder checkpoint lays out a pair: the length budgets and where the source is cut (`PairLayout`)."""
+
+    source_max_length: int
+    candidate_max_length: int
+    truncate_source_left: bool = False
+    source_prefix_segment: bool = False
+
+
+# The encoder checkpoints' input formats, by template name (`core.formats`). PairRM's blender layout reads its
+# budgets from its config (`source_maxlength`, `candidate_maxlength`); these are its published values.
+ENCODER_FORMATS = {
+    "pairrm": EncoderFormat(source_max_length=1224, candidate_max_length=412),
+    "better-pairrm": EncoderFormat(
+        source_max_length=2030, candidate_max_length=670, truncate_source_left=True, source_prefix_segment=True
+    ),
 }
 
 
-def detect_template(name_or_path: str | Path, config: dict | None = None) -> str:
-    """`better-pairrm` when the checkpoint's name says so (`maywell/Better-PairRM`, any directory named
-    `*Better-PairRM*`) or its config.json has `"pairrm_template": "better-pairrm"`; else `pairrm`."""
-    if config and config.get("pairrm_template"):
-        return str(config["pairrm_template"])
-    name = Path(str(name_or_path).rstrip("/")).name.lower()
-    return "better-pairrm" if "better-pairrm" in name else "pairrm"
+def declared_template(directory: Path) -> str | None:
+    """The `pairrm_template` a local checkpoint's config.json declares (a Better-PairRM copy may), else None."""
+    value = _read_json(Path(directory) / "config.json").get("pairrm_template") if Path(directory).is_dir() else None
+    return str(value) if value else None
 
 
 def _read_json(path: Path) -> dict:
@@ -233,14 +245,16 @@ def _encoder_config(path: Path, config: dict) -> DebertaV2Config:
 
 
 def load_checkpoint(
-    name_or_path: str | Path, base_model: str | Path | None = None, template: str | None = None
+    name_or_path: str | Path, base_model: str | Path | None = None, template: str | EncoderFormat | None = None
 ) -> Checkpoint:
     """Read a PairRM checkpoint of either layout into a `Checkpoint`, validating it first (see the module docstring).
 
     Args:
         name_or_path: a local checkpoint directory, `tiny` (the bundled one) or a hub id.
         base_model: blender layout only: the base encoder's config and tokenizer (default: its `model_name`).
-        template: `pairrm` or `better-pairrm`: the input format and length budgets (default: `detect_template`).
+        template: the input format and length budgets: a name in `ENCODER_FORMATS` (`pairrm`, `better-pairrm`) or
+            an `EncoderFormat` (default: the config's `pairrm_template`, else `pairrm`). Which judge a checkpoint
+            is (by its name) is `backends.registry`'s business, not this loader's.
 
     Returns:
         The model (CPU, float32, eval mode), text tokenizer, pair layout, layout kind and template.
@@ -274,7 +288,9 @@ def load_checkpoint(
             raise FileNotFoundError(f"{base} has no config.json: cannot build the base encoder")
         encoder_config = _encoder_config(encoder_path, _read_json(encoder_path))
         tokenizer_dir, kind = base, "blender"
-        source_max, candidate_max = config.get("source_maxlength", 1224), config.get("candidate_maxlength", 412)
+        pairrm = ENCODER_FORMATS["pairrm"]
+        source_max = config.get("source_maxlength", pairrm.source_max_length)
+        candidate_max = config.get("candidate_maxlength", pairrm.candidate_max_length)
     elif config.get("model_type") == "deberta-v2":  # hf layout
         for name, (kind_, low, high) in PAIRRM_FIELDS.items():
             check_field(config_path, config, name, kind_, low, high)
@@ -283,7 +299,7 @@ def load_checkpoint(
         encoder_path = config_path
         encoder_config = _encoder_config(encoder_path, config)
         tokenizer_dir, kind = directory, "hf"
-        source_max, candidate_max = 1224, 412
+        source_max, candidate_max = ENCODER_FORMATS["pairrm"].source_max_length, ENCODER_FORMATS["pairrm"].candidate_max_length
     else:
         raise ValueError(
             f"{config_path}: neither a PairRM-hf config (field 'model_type' 'deberta-v2') nor an llm-blender ranker "
@@ -291,13 +307,17 @@ def load_checkpoint(
         )
     n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
     from_config = template is None and bool(config.get("pairrm_template"))
-    template = template or detect_template(name_or_path, config)
-    if template not in TEMPLATES:
+    template = template or str(config.get("pairrm_template") or "pairrm")
+    if isinstance(template, EncoderFormat):
+        encoder_format, template = template, "custom"
+    elif template in ENCODER_FORMATS:
+        encoder_format = ENCODER_FORMATS[template]
+    else:
         origin = f"{config_path}: field 'pairrm_template': " if from_config else ""
-        raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
-    truncate_left, prefix_segment = TEMPLATES[template][2:]
+        raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(ENCODER_FORMATS)}")
+    truncate_left, prefix_segment = encoder_format.truncate_source_left, encoder_format.source_prefix_segment
     if template != "pairrm":
-        source_max, candidate_max = TEMPLATES[template][:2]
+        source_max, candidate_max = encoder_format.source_max_length, encoder_format.candidate_max_length
     if n_tasks != 1:
         raise ValueError(f"{config_path}: field 'n_tasks' is {n_tasks}; only single-task PairRM checkpoints are supported")
 
@@ -357,3 +377,13 @@ def load_checkpoint(
     )
     logger.info("loaded PairRM (%s layout, %s template) from %s", kind, template, directory)
     return Checkpoint(model=model, tokenizer=tokenizer, layout=layout, kind=kind, template=template)
+
+
+def load_pair_scorer(name_or_path: str | Path, options: LoadOptions, template: str | EncoderFormat) -> tuple[PairScorer, str]:
+    """An encoder checkpoint as the encoder engine on `options.device`, and its layout (`hf` or `blender`)."""
+    checkpoint = load_checkpoint(name_or_path, base_model=options.base_model, template=template)
+    scorer = PairScorer(
+        checkpoint.model.to(options.device), checkpoint.tokenizer, checkpoint.layout, device=options.device,
+        dtype=options.dtype, max_tokens=options.max_tokens,
+    )
+    return scorer, checkpoint.kind
