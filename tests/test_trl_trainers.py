@@ -212,7 +212,7 @@ torch.manual_seed(1000 + rank)  # the processes sample different completions for
 trainer.train()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(dict(world=trainer.accelerator.num_processes, calls=calls), f)
-# The orderly end of a multi-process run (#15.5): returning from the script instead let a gloo worker thread that
+# The orderly end of a multi-process run (`core.distributed`): returning from the script instead let a gloo worker thread that
 # still held the last collective's work take the GIL during interpreter finalization, and under load a rank aborted
 # with SIGABRT ("terminate called without an active exception") after training (tests/test_distributed.py).
 from pairrm_rlhf.core.distributed import end_distributed_run

@@ -201,4 +201,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    end_distributed_run()  # under `accelerate launch`: the orderly end of a multi-process run (#15.5)
+    end_distributed_run()  # under `accelerate launch`: the orderly end of a multi-process run
