@@ -32,8 +32,10 @@ class PairRMArguments:
         "help": "cpu, cuda, cuda:1 ... (None: this process's CUDA device if any, else cpu)"})
     pairrm_dtype: str | None = field(default=None, metadata={
         "help": "float32, bfloat16 or float16 (None: float32 on CPU, bfloat16 on CUDA)"})
-    pairrm_batch_size: int | None = field(default=None, metadata={"help": "most pairs in one forward (None: the token budget decides)"})
-    pairrm_max_tokens: int | None = field(default=None, metadata={"help": "padded tokens per forward (None: by device)"})
+    pairrm_batch_size: int | None = field(default=None, metadata={
+        "help": "most pairs in one forward (None: the token budget decides)"})
+    pairrm_max_tokens: int | None = field(default=None, metadata={
+        "help": "padded tokens per forward (None: by device)"})
 
     def __post_init__(self):
         """Check every field now, before anything loads: one line naming the flag and the value."""
@@ -90,7 +92,9 @@ def bundled_configs() -> dict[str, str]:
     from importlib import resources
 
     folder = resources.files("pairrm_rlhf") / "configs"
-    return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")} if folder.is_dir() else {}
+    if not folder.is_dir():
+        return {}
+    return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
 def resolve_config(argv: list[str]) -> list[str]:

@@ -166,9 +166,11 @@ class BestOfN:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         fields = dict(generate_kwargs)
         if sampling_mode in SAMPLING_MODES:
-            fields.update(do_sample=True, temperature=fields.get("temperature", 0.7), **SAMPLING_MODES[sampling_mode](fields))
+            mode_fields = SAMPLING_MODES[sampling_mode](fields)
+            fields.update(do_sample=True, temperature=fields.get("temperature", 0.7), **mode_fields)
         elif sampling_mode is not None:
-            raise ValueError(f"sampling_mode must be one of {sorted(SAMPLING_MODES)} or None, got {sampling_mode!r:.40}")
+            raise ValueError(
+                f"sampling_mode must be one of {sorted(SAMPLING_MODES)} or None, got {sampling_mode!r:.40}")
         try:
             sampling = SamplingArguments(**fields)
         except TypeError as err:
@@ -209,7 +211,8 @@ class BestOfN:
         Example:
             >>> pairrm.best_of_n_generate(policy, tokenizer, ["Tell me a joke."], n=4, max_new_tokens=64)
         """
-        samples = self.n_generate(model, model_tokenizer, inputs, instructions, n, sampling_mode, batch_size, **generate_kwargs)
+        samples = self.n_generate(
+            model, model_tokenizer, inputs, instructions, n, sampling_mode, batch_size, **generate_kwargs)
         return self.get_best_of_n(inputs, samples, instructions, pairrm_cmp_type, return_all, seed=seed)
 
     def best_of_n(

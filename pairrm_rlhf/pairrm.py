@@ -137,7 +137,8 @@ class PairRM(BestOfN):
         return self.mode_logits(triples, "[A,B]+[B,A]", batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def mode_logits(
-        self, triples: Sequence[Triple], mode: str, *, batch_size: int | None = None, show_progress_bar: bool | None = None
+        self, triples: Sequence[Triple], mode: str, *, batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
     ) -> np.ndarray:
         """`compare`'s modes: "[A,B]+[B,A]" two-order logits, "[A,B]" f(x,A,B), "[B,A]" f(x,B,A)."""
         sides = [(s, s, a, b) for s, a, b in triples]  # one source for both orders
@@ -209,7 +210,7 @@ class PairRM(BestOfN):
         candidates_B = check_texts("candidates_B", candidates_B)
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
-        triples = [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
+        triples = _prepared(sources, candidates_A, candidates_B)
         logits = self.mode_logits(triples, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
         return logits if return_logits else logits > 0
 
@@ -234,7 +235,7 @@ class PairRM(BestOfN):
         candidates_B = check_texts("candidates_B", candidates_B)
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
-        triples = [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
+        triples = _prepared(sources, candidates_A, candidates_B)
         return self.triple_probability(triples, temperature, batch_size=batch_size)
 
     def triple_probability(
@@ -280,7 +281,10 @@ class PairRM(BestOfN):
             sources, [[pairrm_candidate(c) for c in cands] for cands in candidates],
             batch_size=batch_size, show_progress_bar=show_progress_bar,
         )
-        scores = np.stack([aggregation.round_robin_scores(m) for m in matrices]) if matrices else np.zeros((0, 0), np.float32)
+        if not matrices:
+            scores = np.zeros((0, 0), np.float32)
+        else:
+            scores = np.stack([aggregation.round_robin_scores(m) for m in matrices])
         return scores if return_scores else aggregation.ranks_from_scores(scores)
 
     def rank_with_ref(
@@ -309,7 +313,9 @@ class PairRM(BestOfN):
             check_lengths(inputs=inputs, ref_candidates=refs)
         sources = self._sources(inputs, instructions)
         triples = [
-            (s, pairrm_candidate(c), pairrm_candidate(ref)) for s, cands, ref in zip(sources, candidates, refs) for c in cands
+            (s, pairrm_candidate(c), pairrm_candidate(ref))
+            for s, cands, ref in zip(sources, candidates, refs)
+            for c in cands
         ]
         flat = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
         scores = flat.reshape(len(inputs), len(candidates[0]) if candidates else 0)
@@ -335,7 +341,9 @@ class PairRM(BestOfN):
         inputs, cands_a, cands_b = render_conversations(conversations_a, conversations_b)
         if self.template == "better-pairrm":
             sides = [
-                conversation_sides(conversation_turns(f"conversations_a[{k}]", a), conversation_turns(f"conversations_b[{k}]", b))
+                conversation_sides(
+                    conversation_turns(f"conversations_a[{k}]", a), conversation_turns(f"conversations_b[{k}]", b)
+                )
                 for k, (a, b) in enumerate(zip(conversations_a, conversations_b))
             ]
             logits = self.sided_logits(sides, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
@@ -356,7 +364,8 @@ class PairRM(BestOfN):
         ab = [(xa, a, b) for xa, _, a, b in sides]
         ba = [(xb, b, a) for _, xb, a, b in sides]
         if mode in ("[A,B]", "[B,A]"):
-            return self.pair_logits(ab if mode == "[A,B]" else ba, batch_size=batch_size, show_progress_bar=show_progress_bar)
+            one_order = ab if mode == "[A,B]" else ba
+            return self.pair_logits(one_order, batch_size=batch_size, show_progress_bar=show_progress_bar)
         if mode != "[A,B]+[B,A]":
             raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r:.40}")
         out = np.zeros(len(sides), dtype=np.float32)
@@ -398,7 +407,15 @@ def pick_reference(candidates: list[str], mode: str) -> str:
     raise ValueError(f"ref_mode must be one of {REF_MODES}, got {mode!r}")
 
 
+def _prepared(sources: list[str], candidates_a: list[str], candidates_b: list[str]) -> list[Triple]:
+    """(source, A, B) triples of PairRM's prepared text."""
+    return [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_a, candidates_b)]
+
+
 # ---- lazy model ---------------------------------------------------------------------------------------
+LOADING_OPTIONS_ONLY = "loading options (device, dtype, ...) apply only when model is a checkpoint id or path"
+
+
 class LazyPairRM:
     """A `PairRM`, or where to load one from on first use (no model load, no CUDA init before that).
 
@@ -418,10 +435,11 @@ class LazyPairRM:
         base_model: str | os.PathLike | None = None,
         **load_kwargs: Any,
     ):
-        self.load_kwargs = {k: v for k, v in dict(load_kwargs, dtype=dtype, base_model=base_model).items() if v is not None}
+        options = dict(load_kwargs, dtype=dtype, base_model=base_model)
+        self.load_kwargs = {k: v for k, v in options.items() if v is not None}
         if isinstance(model, PairRM):
             if device is not None or self.load_kwargs:
-                raise ValueError("loading options (device, dtype, ...) apply only when model is a checkpoint id or path")
+                raise ValueError(LOADING_OPTIONS_ONLY)
         elif not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a PairRM or a checkpoint id/path, got {type(model).__name__}")
         self._model = model if isinstance(model, PairRM) else None
@@ -430,11 +448,11 @@ class LazyPairRM:
         self._lock = threading.Lock()
 
     @classmethod
-    def wrap(cls, model: "LazyPairRM | PairRM | str | os.PathLike", **kwargs: Any) -> "LazyPairRM":
+    def wrap(cls, model: LazyPairRM | PairRM | str | os.PathLike, **kwargs: Any) -> LazyPairRM:
         """`model` itself when it is already a `LazyPairRM` (to share one model), else a new one."""
         if isinstance(model, LazyPairRM):
             if any(v is not None for v in kwargs.values()):
-                raise ValueError("loading options (device, dtype, ...) apply only when model is a checkpoint id or path")
+                raise ValueError(LOADING_OPTIONS_ONLY)
             return model
         return cls(model, **kwargs)
 

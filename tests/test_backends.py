@@ -7,16 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
-from pairrm_rlhf.backends.rlhflow import RLHFlowScorer, swap_averaged_logit
-from pairrm_rlhf.core.backend import PairBackend
-from pairrm_rlhf.core.formats import better_pairrm_source, rlhflow_context
-from pairrm_rlhf.core.assets import bundled
-from pairrm_rlhf.core.formats import render
 from known_preference import LengthBackend
 from tiny_policy import save_tiny_policy
 
+from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
+from pairrm_rlhf.backends.rlhflow import RLHFlowScorer, swap_averaged_logit
+from pairrm_rlhf.core.assets import bundled
+from pairrm_rlhf.core.backend import PairBackend
+from pairrm_rlhf.core.formats import better_pairrm_source, render, rlhflow_context
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -61,7 +59,8 @@ def test_better_pairrm_rendering():
     )
     assert candidate.response == "It orbits the earth."
     plain_source, plain_candidate = render("  hello!\n", "hi!")  # a plain prompt is one USER turn, trimmed
-    assert better_pairrm_source(plain_source) == "USER: hello!\n    \n    ASSISTANT: " and plain_candidate.response == "hi!"
+    assert better_pairrm_source(plain_source) == "USER: hello!\n    \n    ASSISTANT: "
+    assert plain_candidate.response == "hi!"
 
 
 def reward_bench_pair_ids(source, answer_a, answer_b) -> list[int]:
@@ -151,7 +150,8 @@ def test_better_pairrm_compares_each_sides_own_history(better):
     shared = better.compare_conversations([conv_a], [conv_a[:3] + conv_b[3:]], return_logits=True)[0]
     assert z[0] != pytest.approx(shared, abs=1e-4)  # B's own history changes the result
     assert better.compare_conversations([conv_b], [conv_a], return_logits=True)[0] == pytest.approx(-z[0], rel=1e-5)
-    assert better.compare_conversations([conv_a], [conv_b], mode="[A,B]", return_logits=True)[0] == pytest.approx(f_ab, rel=1e-5)
+    one_order = better.compare_conversations([conv_a], [conv_b], mode="[A,B]", return_logits=True)
+    assert one_order[0] == pytest.approx(f_ab, rel=1e-5)
     assert better.compare_conversations([conv_a], [conv_a], return_logits=True)[0] == 0.0
     with pytest.raises(ValueError, match="USER turn 1"):
         better.compare_conversations([conv_a], [conv_b[:2] + [{"role": "user", "content": "other"}] + conv_b[3:]])
@@ -216,7 +216,8 @@ def test_rlhflow_prompt_format(rlhflow):
     )
     ids, cut = scorer.prompt_ids((source, a, "No."))
     expected = scorer.tokenizer.apply_chat_template(  # the model's own template, as the reference calls it
-        [{"role": "user", "content": f"[CONTEXT] {context} [RESPONSE A] It orbits. [RESPONSE B] No. \n"}], tokenize=False,
+        [{"role": "user", "content": f"[CONTEXT] {context} [RESPONSE A] It orbits. [RESPONSE B] No. \n"}],
+        tokenize=False,
     )
     assert not cut and ids == scorer.tokenizer.encode(expected, add_special_tokens=False)
     assert len(scorer.tokenizer.encode("A", add_special_tokens=False)) == 1

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from known_preference import LengthBackend
+
 from pairrm_rlhf import OnlineDPOJudgeReward, PairRM, PairRMJudge, PairwiseReward
 from pairrm_rlhf.trl import rewards
 

@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from known_preference import LengthBackend, StyleBackend, ToyBackend
+from tiny_policy import save_tiny_policy
+
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.backends import registry
@@ -21,7 +22,6 @@ from pairrm_rlhf.core.engine import PairScorer
 from pairrm_rlhf.core.formats import render
 from pairrm_rlhf.core.settings import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, default_max_tokens, resolve_dtype
 from pairrm_rlhf.pairrm import LazyPairRM
-from tiny_policy import save_tiny_policy
 
 TEMPLATES = {"pairrm", "better-pairrm", "rlhflow"}
 USER_A = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."},
@@ -78,12 +78,14 @@ def test_every_in_process_backend_implements_the_protocol(hf_model, better, rlhf
 
 def test_each_backend_says_what_it_is(hf_model, better, rlhflow):
     """The values a remote client or the server reports come from the backend, not from guesses."""
-    assert better.backend.dtype == better.backend.inner.dtype and better.backend.max_tokens == better.backend.inner.max_tokens
+    assert better.backend.dtype == better.backend.inner.dtype
+    assert better.backend.max_tokens == better.backend.inner.max_tokens
     assert better.backend.pair_lengths([("x", "a", "b")]) == better.backend.inner.pair_lengths(
         better.backend.convert([("x", "a", "b")]))
     assert hf_model.backend.reference_probability([("x", "a", "b")], 1.0) is None
     p = rlhflow.backend.reference_probability([("x", "a", "b")], 2.0)
-    assert p.shape == (1,) and p[0] == pytest.approx(rlhflow.probability(["x"], ["a"], ["b"], temperature=2.0)[0], abs=1e-6)
+    assert p.shape == (1,)
+    assert p[0] == pytest.approx(rlhflow.probability(["x"], ["a"], ["b"], temperature=2.0)[0], abs=1e-6)
     assert rlhflow.backend.pair_lengths([("x", "a", "b")]) == [len(rlhflow.backend.prompt_ids(("x", "a", "b"))[0])]
     assert not hasattr(BetterPairRMScorer, "__getattr__")  # no forwarding of whatever is asked
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from ..core.backend import LoadOptions, Triple
 from ..core.engine import PairScorer
-from ..core.modeling import PairRMModel
 from ..core.formats import better_pairrm_source, response_text
 from ..core.loading import load_pair_scorer, resolve
+from ..core.modeling import PairRMModel
 from ..core.tokenization import PairLayout, pretruncate
 
 
@@ -80,12 +81,14 @@ class BetterPairRMScorer:
     def source_text(self, source: str) -> str:
         """The rendered source, cut to its last `source_max_length` tokens and decoded (reward-bench's step)."""
         text = better_pairrm_source(source)
-        return pretruncate(self.inner.tokenizer, text, self.inner.layout.source_max_length, "left", self.clean_up_spaces)
+        limit = self.inner.layout.source_max_length
+        return pretruncate(self.inner.tokenizer, text, limit, "left", self.clean_up_spaces)
 
     def candidate_text(self, candidate: str) -> str:
         """The bare response, cut to its first `candidate_max_length` tokens and decoded."""
         text = response_text(candidate)
-        return pretruncate(self.inner.tokenizer, text, self.inner.layout.candidate_max_length, "right", self.clean_up_spaces)
+        limit = self.inner.layout.candidate_max_length
+        return pretruncate(self.inner.tokenizer, text, limit, "right", self.clean_up_spaces)
 
     def convert(self, triples: Sequence[Triple]) -> list[Triple]:
         sources = {s: self.source_text(s) for s in dict.fromkeys(s for s, _, _ in triples)}
@@ -143,7 +146,9 @@ def load_better_pairrm(name_or_path: str | Path, options: LoadOptions) -> tuple[
 def tokenizer_cleans_up_spaces(name_or_path: str | Path) -> bool:
     """The checkpoint tokenizer's `clean_up_tokenization_spaces` (transformers' default since 4.45: False)."""
     path = resolve(name_or_path, ["*.json", "spm.model"]) / "tokenizer_config.json"
+    if not path.is_file():
+        return False
     try:
-        return bool(json.loads(path.read_text()).get("clean_up_tokenization_spaces", False)) if path.is_file() else False
+        return bool(json.loads(path.read_text()).get("clean_up_tokenization_spaces", False))
     except (ValueError, AttributeError) as err:
         raise ValueError(f"{path} is not a JSON object: {err}") from None

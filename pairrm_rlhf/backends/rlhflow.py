@@ -107,7 +107,8 @@ class RLHFlowScorer:
     def _choice_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"the tokenizer encodes {text!r} as {len(ids)} tokens; the RLHFlow judge needs exactly one")
+            raise ValueError(
+                f"the tokenizer encodes {text!r} as {len(ids)} tokens; the RLHFlow judge needs exactly one")
         return ids[0]
 
     # ---- prompts ----------------------------------------------------------------------------------------
@@ -131,7 +132,8 @@ class RLHFlowScorer:
             keep = max(keep - (len(ids) - self.max_length), 0)
             ids = self._ids(self.tokenizer.decode(context_ids[len(context_ids) - keep :]), a, b)
         if len(ids) > self.max_length:
-            logger.warning("responses alone take %d > max_length=%d tokens; scoring them uncut", len(ids), self.max_length)
+            logger.warning("responses alone take %d > max_length=%d tokens; scoring them uncut",
+                           len(ids), self.max_length)
         return ids, True
 
     def identity(self) -> dict:

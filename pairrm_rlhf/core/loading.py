@@ -137,7 +137,9 @@ def check_field(
     if valid and high is not None and value > high:
         valid = False
     if not valid:
-        bounds = f" in [{low}, {high}]" if low is not None and high is not None else f" >= {low}" if low is not None else ""
+        bounds = ""
+        if low is not None:
+            bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}"
         raise ValueError(f"{path}: field {name!r} must be {what}{bounds}, got {value!r:.60}")
 
 
@@ -149,7 +151,8 @@ def check_encoder_config(path: Path, config: dict) -> None:
     hidden = config.get("hidden_size", defaults.hidden_size)
     heads = config.get("num_attention_heads", defaults.num_attention_heads)
     if hidden % heads:
-        raise ValueError(f"{path}: field 'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads})")
+        raise ValueError(
+            f"{path}: field 'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads})")
     if config.get("pad_token_id") is not None:
         check_field(path, config, "pad_token_id", int, 0)
     terms = config.get("pos_att_type")
@@ -162,7 +165,8 @@ def check_encoder_config(path: Path, config: dict) -> None:
     from transformers.activations import ACT2FN
 
     if config.get("hidden_act", "gelu") not in ACT2FN:
-        raise ValueError(f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
+        raise ValueError(
+            f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
 
 
 def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], config: DebertaV2Config) -> None:
@@ -171,14 +175,16 @@ def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tens
     layers = {key.split(".")[3] for key in state_dict if key.startswith("pretrained_model.encoder.layer.")}
     if config.num_hidden_layers != len(layers):
         raise ValueError(
-            f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} but {path} has {len(layers)} layers"
+            f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} "
+            f"but {path} has {len(layers)} layers"
         )
     with torch.device("meta"):
         expected = PairRMModel(config).state_dict()
     for key, tensor in state_dict.items():
         if key in expected and tensor.shape != expected[key].shape:
             raise ValueError(
-                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but {config_path} implies {tuple(expected[key].shape)}"
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} "
+                f"but {config_path} implies {tuple(expected[key].shape)}"
             )
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -279,7 +285,8 @@ def load_checkpoint(
         for name, (kind_, low, high) in RANKER_FIELDS.items():
             check_field(config_path, config, name, kind_, low, high)
         if config["ranker_type"] != "pairranker":
-            raise ValueError(f"{config_path}: field 'ranker_type' is {config['ranker_type']!r:.60}, not a PairRM ('pairranker')")
+            raise ValueError(
+                f"{config_path}: field 'ranker_type' is {config['ranker_type']!r:.60}, not a PairRM ('pairranker')")
         if base_model is None and "model_name" not in config:
             raise ValueError(f"{config_path}: field 'model_name' (the base encoder) is missing; pass base_model")
         base = resolve(base_model or config["model_name"], ["config.json", "tokenizer*.json", "spm.model"])
@@ -299,7 +306,8 @@ def load_checkpoint(
         encoder_path = config_path
         encoder_config = _encoder_config(encoder_path, config)
         tokenizer_dir, kind = directory, "hf"
-        source_max, candidate_max = ENCODER_FORMATS["pairrm"].source_max_length, ENCODER_FORMATS["pairrm"].candidate_max_length
+        pairrm = ENCODER_FORMATS["pairrm"]
+        source_max, candidate_max = pairrm.source_max_length, pairrm.candidate_max_length
     else:
         raise ValueError(
             f"{config_path}: neither a PairRM-hf config (field 'model_type' 'deberta-v2') nor an llm-blender ranker "
@@ -319,7 +327,8 @@ def load_checkpoint(
     if template != "pairrm":
         source_max, candidate_max = encoder_format.source_max_length, encoder_format.candidate_max_length
     if n_tasks != 1:
-        raise ValueError(f"{config_path}: field 'n_tasks' is {n_tasks}; only single-task PairRM checkpoints are supported")
+        raise ValueError(
+            f"{config_path}: field 'n_tasks' is {n_tasks}; only single-task PairRM checkpoints are supported")
 
     tokenizer_config_path = tokenizer_dir / "tokenizer_config.json"
     tokenizer_config = _read_json(tokenizer_config_path)
@@ -342,11 +351,13 @@ def load_checkpoint(
     rows = embedding.shape[0]
     if base_vocab > rows:
         raise ValueError(
-            f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows"
+            f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens "
+            f"but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows"
         )
     for token, key in zip(PREFIX_TOKENS, PREFIX_ID_FIELDS):
         if prefix_ids[token] >= rows:
-            where = f"{config_path}: field {key!r}" if kind == "hf" and key in config else f"{token} (after the vocabulary)"
+            from_config = kind == "hf" and key in config
+            where = f"{config_path}: field {key!r}" if from_config else f"{token} (after the vocabulary)"
             raise ValueError(f"{where}: id {prefix_ids[token]} is outside the embedding ({weights_path}: {rows} rows)")
     if encoder_config.pad_token_id is not None and encoder_config.pad_token_id >= rows:
         pad = encoder_config.pad_token_id
@@ -379,7 +390,9 @@ def load_checkpoint(
     return Checkpoint(model=model, tokenizer=tokenizer, layout=layout, kind=kind, template=template)
 
 
-def load_pair_scorer(name_or_path: str | Path, options: LoadOptions, template: str | EncoderFormat) -> tuple[PairScorer, str]:
+def load_pair_scorer(
+    name_or_path: str | Path, options: LoadOptions, template: str | EncoderFormat
+) -> tuple[PairScorer, str]:
     """An encoder checkpoint as the encoder engine on `options.device`, and its layout (`hf` or `blender`)."""
     checkpoint = load_checkpoint(name_or_path, base_model=options.base_model, template=template)
     scorer = PairScorer(

@@ -89,7 +89,8 @@ class OnlineDPOJudgeReward:
         prompts, completions = _check_rows(prompts, completions)
         if len(prompts) % 2:
             raise ValueError(
-                f"prompts has {len(prompts)} rows; OnlineDPOTrainer's block layout has 2 * B rows (prompts = 2 * prompts)"
+                f"prompts has {len(prompts)} rows; OnlineDPOTrainer's block layout has 2 * B rows "
+                "(prompts = 2 * prompts)"
             )
         b = len(prompts) // 2
         for i in range(b):
@@ -219,9 +220,11 @@ class PairwiseReward:
 
     # ---- group mode -------------------------------------------------------------------------------------
     def _group(self, prompts: list, completions: list) -> list[float]:
-        offset, rows = _gather_rows(list(zip(prompts, completions))) if self.gather else (0, list(zip(prompts, completions)))
+        local = list(zip(prompts, completions))
+        offset, rows = _gather_rows(local) if self.gather else (0, local)
         end = offset + len(prompts)
-        spans = [(s, e) for s, e in self._spans([p for p, _ in rows]) if s < end and e > offset]  # groups with local rows
+        # the groups that hold some of this process's rows
+        spans = [(s, e) for s, e in self._spans([p for p, _ in rows]) if s < end and e > offset]
         if not spans:
             return []
         sources, candidates = [], []
@@ -254,7 +257,8 @@ class PairwiseReward:
             return list(zip(starts, starts[1:] + [n]))
         size = self.group_size
         if n % size:
-            raise ValueError(f"group mode with group_size={size} got {n} rows in all (over all processes): not a multiple")
+            raise ValueError(
+                f"group mode with group_size={size} got {n} rows in all (over all processes): not a multiple")
         for s in range(0, n, size):
             for k in range(s + 1, s + size):
                 if prompts[k] != prompts[s]:
