@@ -6,7 +6,7 @@ import pytest
 import torch
 from known_preference import LengthBackend
 
-import pairrm_rlhf.pairrm as pairrm_module
+import pairrm_rlhf.best_of_n as best_of_n_module
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.generation import SamplingArguments, load_policy
 
@@ -75,7 +75,7 @@ def test_ranking_sees_instruction_plus_input(hf_model):
 
 def test_n_generate_prompts_and_sampling(monkeypatch):
     calls = []
-    monkeypatch.setattr(pairrm_module, "sample_responses",
+    monkeypatch.setattr(best_of_n_module, "sample_responses",
                         lambda model, tok, prompts, n, sampling:
                         calls.append((prompts, sampling)) or [["r"] * n for _ in prompts])
     model = PairRM(LengthBackend())
