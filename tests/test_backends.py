@@ -7,14 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from known_preference import LengthBackend
-from tiny_policy import save_tiny_policy
 
 from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
 from pairrm_rlhf.backends.rlhflow import RLHFlowScorer, swap_averaged_logit
 from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.core.backend import PairBackend
 from pairrm_rlhf.core.formats import better_pairrm_source, render, rlhflow_context
+
+from known_preference import LengthBackend
+from tiny_policy import save_tiny_policy
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -4,11 +4,12 @@
 
 import pytest
 import torch
-from known_preference import LengthBackend
 
 import pairrm_rlhf.best_of_n as best_of_n_module
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.generation import SamplingArguments, load_policy
+
+from known_preference import LengthBackend
 
 
 def bubble_reference(candidates, order, best=True):

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from known_preference import LengthBackend
 
 from pairrm_rlhf import OnlineDPOJudgeReward, PairRM, PairRMJudge, PairwiseReward
 from pairrm_rlhf.trl import rewards
+
+from known_preference import LengthBackend
 
 ROOT = Path(__file__).parents[1]
 SOURCES = sorted([*(ROOT / "pairrm_rlhf").rglob("*.py"), *(ROOT / "recipes").glob("*.py")])

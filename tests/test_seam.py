@@ -7,8 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from known_preference import LengthBackend, StyleBackend, ToyBackend
-from tiny_policy import save_tiny_policy
 
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.args import PairRMArguments
@@ -22,6 +20,9 @@ from pairrm_rlhf.core.engine import PairScorer
 from pairrm_rlhf.core.formats import render
 from pairrm_rlhf.core.settings import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, default_max_tokens, resolve_dtype
 from pairrm_rlhf.pairrm import LazyPairRM
+
+from known_preference import LengthBackend, StyleBackend, ToyBackend
+from tiny_policy import save_tiny_policy
 
 TEMPLATES = {"pairrm", "better-pairrm", "rlhflow"}
 USER_A = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."},

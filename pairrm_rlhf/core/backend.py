@@ -5,7 +5,8 @@ causal-LM judge (`backends.rlhflow`), an HTTP client of our server (`backends.re
 queue (`serve`) all implement it; `PairRM(backend)` is the one face over any of them.
 
 A backend declares what it is here — its prompt template, compute dtype, token limits and reference probability —
-so callers never probe it with `getattr`.
+so callers never probe it with `getattr`; `check_backend` refuses one that lacks a member. `LoadOptions` is what
+every judge loader of `backends.registry` is given.
 """
 
 from __future__ import annotations

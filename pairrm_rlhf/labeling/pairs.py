@@ -41,7 +41,7 @@ class LabelStats:
         """Fraction of scored pairs in which the judge cut some text."""
         return self.truncated_pairs / self.scored_pairs if self.scored_pairs else 0.0
 
-    def add(self, other: "LabelStats") -> None:
+    def add(self, other: LabelStats) -> None:
         """Add `other`'s counts to these."""
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
