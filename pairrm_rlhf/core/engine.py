@@ -25,6 +25,7 @@ from .backend import Triple
 from .modeling import PairRMModel
 from .tokenization import PairLayout
 from .progress import progress_enabled
+from .settings import default_max_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ def default_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
-
-
-def default_max_tokens(device: torch.device) -> int:
-    """Padded tokens per forward: small on CPU (attention is quadratic, caches are small), large on GPU."""
-    return 65536 if device.type == "cuda" else 8192
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
@@ -65,7 +61,7 @@ def state_digest(model: torch.nn.Module) -> str:
 
 
 class PairScorer:
-    """Batched single-order scoring of ordered pairs with one `PairRMModel`.
+    """Batched single-order scoring of ordered pairs with one `PairRMModel` (a `PairBackend` with PairRM's template).
 
     Args:
         model: the encoder + head, already on `device`.
@@ -74,6 +70,8 @@ class PairScorer:
         dtype: compute dtype: float32, or bfloat16/float16 through autocast.
         max_tokens: padded tokens per batch (batch rows x longest pair); default by device.
     """
+
+    template = "pairrm"
 
     def __init__(
         self,
@@ -128,6 +126,16 @@ class PairScorer:
             return 0.0
         ids = self.tokenize([text for triple in triples for text in triple])
         return sum(self.layout.is_truncated(ids[s], ids[a], ids[b]) for s, a, b in triples) / len(triples)
+
+    def pair_lengths(self, triples: Sequence[Triple]) -> list[int]:
+        """Tokens of each triple's forward input (after truncation; no padding)."""
+        return [len(ids) for ids, _ in self.build(triples)]
+
+    def reference_probability(
+        self, triples: Sequence[Triple], temperature: float, *, batch_size: int | None = None
+    ) -> None:
+        """None: PairRM's probability is the default sigmoid((f(x,A,B) - f(x,B,A)) / (2 T))."""
+        return None
 
     # ---- scoring ------------------------------------------------------------------------------------
     def score(
