@@ -109,7 +109,8 @@ class ResponseSampler:
             batch = list(prompts[start : start + batch_size])
             texts = render_prompts(self.tokenizer, batch)
             lengths = [len(ids) for ids in self.tokenizer(
-                texts, add_special_tokens=isinstance(batch[0], str), return_attention_mask=False)["input_ids"]]
+                texts, add_special_tokens=isinstance(batch[0], str), return_attention_mask=False, verbose=False,
+            )["input_ids"]]
             for k, n in enumerate(lengths):
                 if n > room:
                     raise ValueError(

@@ -51,12 +51,14 @@ def companion_path(output_path: str, suffix: str) -> Path:
 def as_conversational(dataset: Dataset, column: str = "prompt") -> Dataset:
     """`dataset` with every string prompt of `column` made one user message (message lists are kept), so a chat
     policy samples through its chat template and the pairs are in TRL's conversational format."""
-    def wrap(batch: dict) -> dict:
-        return {column: [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in batch[column]]}
+    from datasets import List, Value
 
     if len(dataset) == 0 or not isinstance(dataset[0][column], str):
         return dataset
-    return dataset.map(wrap, batched=True, desc="conversational prompts")
+    messages = [[{"role": "user", "content": p}] for p in dataset[column]]
+    feature = List({"role": Value("string"), "content": Value("string")})
+    converted = dataset.add_column(f"{column}.messages", messages, feature=feature).remove_columns(column)
+    return converted.rename_column(f"{column}.messages", column).select_columns(dataset.column_names)
 
 
 def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) -> str:

@@ -225,10 +225,11 @@ class ChunkStore:
                 self.directory.mkdir(parents=True, exist_ok=True)
             lock = FileLock(self.directory / LOCK, thread_local=False)
             try:
-                with writing(self.directory / LOCK):
-                    lock.acquire(timeout=0)
-            except Timeout:
+                lock.acquire(timeout=0)
+            except Timeout:  # (an OSError itself: caught first)
                 refusal = self._busy()
+            except OSError as error:
+                raise WriteError(f"cannot write {self.directory / LOCK}: {error.strerror or error}") from error
             else:
                 self._lock = lock
                 owner = {"pid": os.getpid(), "host": socket.gethostname(),
