@@ -5,7 +5,8 @@ A source is, in this order:
 
 - `tiny` (when no such path exists): the 32 bundled smoke-test prompts;
 - a folder: written by `save_to_disk` (`state.json`, `dataset_info.json` or `dataset_dict.json`; a `DatasetDict`
-  takes `split`), else a folder of data files, read by `datasets.load_dataset(folder)`;
+  takes `split`), else a folder of data files, read by `datasets.load_dataset(folder)` (`split` when it has
+  several splits; its only one otherwise, as for a single file);
 - a file, by extension: `.jsonl` (JSON Lines), `.json` (an array of objects, an object holding that array under
   `data` or `rows`, or JSON Lines), `.parquet`, `.csv`;
 - a name that looks like a local path (`./`, `/`, `~`, a file extension) and does not exist: FileNotFoundError,
@@ -162,9 +163,14 @@ def _folder(path: Path, split: str, what: str) -> Dataset:
         raise ValueError(f"{what}: {path} is a folder but not a `save_to_disk` dataset (no state.json or "
                          f"dataset_dict.json) and holds no {', '.join(FILE_TYPES)} files")
     try:
-        return datasets.load_dataset(str(path), split=split)
+        loaded = datasets.load_dataset(str(path))
     except (OSError, ValueError) as error:
         raise ValueError(f"{what}: cannot read the data files in {path}: {_first_line(error)}") from None
+    if split in loaded or len(loaded) != 1:  # one split (as a single file has): whatever `split` says
+        if split not in loaded:
+            raise ValueError(f"--split: {path} has no split {split!r} (splits: {', '.join(loaded)})")
+        return loaded[split]
+    return next(iter(loaded.values()))
 
 
 def _arrow_table(path: Path, suffix: str, what: str) -> Any:

@@ -217,30 +217,40 @@ class ChunkStore:
 
     def _take_lock(self, state: Any) -> None:
         """Main process: take the lock without waiting, or fail naming its holder; every process gets the answer."""
-        from filelock import FileLock, Timeout
-
-        refusal = None
+        refusal: tuple[bool, str] | None = None  # (a write failed, the message)
         if state.is_main_process and self._lock is None:
-            with writing(self.directory):
-                self.directory.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(self.directory / LOCK, thread_local=False)
             try:
-                lock.acquire(timeout=0)
-            except Timeout:  # (an OSError itself: caught first)
-                refusal = self._busy()
-            except OSError as error:
-                raise WriteError(f"cannot write {self.directory / LOCK}: {error.strerror or error}") from error
-            else:
-                self._lock = lock
-                owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                atomic_write(self.directory / LOCK_OWNER, json.dumps(owner).encode())
-        if state.num_processes > 1:
+                refusal = self._lock_or_holder()
+            except WriteError as error:
+                refusal = (True, str(error))
+        if state.num_processes > 1:  # the other processes must not wait at a barrier the main one never reaches
             from accelerate.utils import broadcast_object_list
 
             refusal = broadcast_object_list([refusal])[0]
         if refusal is not None:
-            raise ValueError(refusal)
+            raise (WriteError if refusal[0] else ValueError)(refusal[1])
+
+    def _lock_or_holder(self) -> tuple[bool, str] | None:
+        from filelock import FileLock, Timeout
+
+        with writing(self.directory):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.directory / LOCK, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # (an OSError itself: caught first)
+            return False, self._busy()
+        except OSError as error:
+            raise WriteError(f"cannot write {self.directory / LOCK}: {error.strerror or error}") from error
+        self._lock = lock
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            atomic_write(self.directory / LOCK_OWNER, json.dumps(owner).encode())
+        except WriteError:
+            self.close()
+            raise
+        return None
 
     def _busy(self) -> str:
         try:
