@@ -201,13 +201,14 @@ def _json_rows(path: Path, what: str) -> list[dict]:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise ValueError(f"{where}: line {line}: not UTF-8 text") from None
     head = text.lstrip()[:1]
+    document_error = None
     if path.suffix.lower() == ".json" and head in ("[", "{"):
         try:
             return _document_rows(json.loads(text), where)
         except json.JSONDecodeError as error:
             if head == "[":
                 raise ValueError(f"{where}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
-            # an object that is not one document: JSON Lines in a .json file
+            document_error = error  # an object that is not one document: JSON Lines in a .json file, or a bad document
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -215,6 +216,9 @@ def _json_rows(path: Path, what: str) -> list[dict]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
+            if document_error is not None and not rows:  # not JSON Lines either: the document's own error
+                error = document_error
+                number = error.lineno
             raise ValueError(f"{where}: line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
         if not isinstance(value, dict):
             raise ValueError(f"{where}: line {number}: a row must be a JSON object, got {_kind(value)} {_short(value)}")

@@ -80,6 +80,7 @@ BAD_JSON = [
     ("five.json", "5", r"line 1: a row must be a JSON object, got a number \(5\)"),
     ("list.json", '[{"prompt": "a"}, 7]', r"item 1 of the array must be a JSON object, got a number \(7\)"),
     ("broken.json", '[\n{"prompt": "a"},\n{"prompt": }\n]', r"line 3: invalid JSON"),
+    ("pretty.json", '{\n  "data": [\n    {"prompt": "a"},\n    {"prompt" "b"}\n  ]\n}', r"line 4: invalid JSON \(Expecting ':'"),
 ]
 
 
