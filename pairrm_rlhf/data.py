@@ -7,8 +7,8 @@ A source is, in this order:
 - a folder: written by `save_to_disk` (`state.json`, `dataset_info.json` or `dataset_dict.json`; a `DatasetDict`
   takes `split`), else a folder of data files, read by `datasets.load_dataset(folder)` (`split` when it has
   several splits; its only one otherwise, as for a single file);
-- a file, by extension: `.jsonl` (JSON Lines), `.json` (an array of objects, an object holding that array under
-  `data` or `rows`, or JSON Lines), `.parquet`, `.csv`;
+- a file, by extension: `.jsonl` (JSON Lines), `.json` (an array of objects, an object whose only key, `data` or
+  `rows`, holds that array, or JSON Lines), `.parquet`, `.csv`;
 - a name that looks like a local path (`./`, `/`, `~`, a file extension) and does not exist: FileNotFoundError,
   never a hub lookup;
 - anything else: a hub dataset (`config_name`, `split`).
@@ -227,9 +227,9 @@ def _json_rows(path: Path, what: str) -> list[dict]:
 
 
 def _document_rows(document: Any, where: str) -> list[dict]:
-    if isinstance(document, dict):
-        inner = next((document[k] for k in ("data", "rows") if isinstance(document.get(k), list)), None)
-        document = inner if inner is not None else [document]
+    if isinstance(document, dict):  # {"data": [rows]} (only that key), else one row
+        key = next(iter(document), None)
+        document = document[key] if len(document) == 1 and key in ("data", "rows") else [document]
     if not isinstance(document, list):
         raise ValueError(f"{where}: expected an array of JSON objects, got {_kind(document)} {_short(document)}")
     for i, row in enumerate(document):

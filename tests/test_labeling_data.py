@@ -72,6 +72,8 @@ def test_the_three_readers_are_one(tmp_path):
         assert eval_read_rows(str(source)) == ROWS, source
         table = ReferenceTable.from_file(source)
         assert [table.get(r["prompt"]) for r in ROWS] == ["A star.", "Salty."], source
+    one = write(tmp_path / "one.json", json.dumps({"prompt": "p", "rows": [1, 2]}))  # a row with a `rows` column
+    assert load_prompts(str(one)).to_list() == eval_read_rows(str(one)) == [{"prompt": "p", "rows": [1, 2]}]
 
 
 BAD_JSON = [
