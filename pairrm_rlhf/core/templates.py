@@ -6,7 +6,8 @@ for hours. `render_chat` counts the lines the compiled template executes (jinja 
 code is named `<template>`; a per-thread trace function counts only those frames) and stops it past
 `MAX_TEMPLATE_STEPS` with a one-line ValueError. A real template takes a few steps per message: the bundled
 Qwen-style one 4,020 for a 1,001-message chat; the budget is spent by the nested loops above in 0.2 s on the shared
-2-core CI machine (`tests/test_labeling_data.py::test_chat_template_that_never_ends_is_stopped`).
+2-core CI machine (`tests/test_labeling_data.py::test_chat_template_that_never_ends_is_stopped`). The counting
+costs 0.19 ms per one-turn prompt against 0.07 ms unbounded (2,000 prompts, the bundled template, same machine).
 """
 
 from __future__ import annotations
