@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core.formats import check_candidates, check_lengths, check_texts, pairrm_candidate
+from .core import aggregation
+from .core.formats import check_candidates, check_lengths, check_texts, pairrm_candidate, render
 from .core.generation import SamplingArguments, sample_responses
 
 CMP_TYPES = ("bubble", "full")
@@ -81,21 +82,28 @@ class BestOfN:
         self, inputs: Sequence[str], candidates: Sequence[Sequence[str]], instructions: Sequence[str] | None,
         cmp_type: str, return_all: bool, batch_size: int | None, seed: int, best: bool,
     ) -> list[str] | list[list[str]]:
-        if cmp_type not in CMP_TYPES:
-            raise ValueError(f"pairrm_cmp_type must be one of {CMP_TYPES}, got {cmp_type!r:.40}")
         inputs = check_texts("inputs", inputs)
         candidates = check_candidates("candidates", candidates, len(inputs))
-        if all(len(c) == 1 for c in candidates):
-            orders = [[0] for _ in candidates]
-        elif cmp_type == "full":
-            ranks = self.rank(inputs, candidates, instructions, batch_size=batch_size)
-            orders = np.argsort(ranks if best else -ranks, axis=1, kind="stable").tolist()
-        else:
-            sources = self._sources(inputs, instructions)
-            prepared = [[pairrm_candidate(c) for c in cands] for cands in candidates]
-            orders = self.bubble_orders(sources, prepared, best=best, seed=seed, batch_size=batch_size)
+        sources = self._sources(inputs, instructions)
+        prepared = [[pairrm_candidate(c) for c in cands] for cands in candidates]
+        orders = self._orders(sources, prepared, cmp_type, best, seed, batch_size)
         picked = [[cands[i] for i in order] for cands, order in zip(candidates, orders)]
         return picked if return_all else [p[0] for p in picked]
+
+    def _orders(
+        self, sources: list[str], prepared: list[list[str]], cmp_type: str, best: bool, seed: int,
+        batch_size: int | None,
+    ) -> list[list[int]]:
+        """Candidate indices per source, the selected one first, for prepared (PairRM-rendered) text."""
+        if cmp_type not in CMP_TYPES:
+            raise ValueError(f"pairrm_cmp_type must be one of {CMP_TYPES}, got {cmp_type!r:.40}")
+        if all(len(c) == 1 for c in prepared):
+            return [[0] for _ in prepared]
+        if cmp_type == "bubble":
+            return self.bubble_orders(sources, prepared, best=best, seed=seed, batch_size=batch_size)
+        matrices = self.pairwise_matrices(sources, prepared, batch_size=batch_size)
+        ranks = aggregation.ranks_from_scores(np.stack([aggregation.round_robin_scores(m) for m in matrices]))
+        return np.argsort(ranks if best else -ranks, axis=1, kind="stable").tolist()
 
     def bubble_orders(
         self, sources: list[str], candidates: list[list[str]], *, best: bool = True, seed: int = 0,
@@ -156,10 +164,15 @@ class BestOfN:
         Example:
             >>> pairrm.n_generate(policy, tokenizer, ["Tell me a joke."], n=4, max_new_tokens=64)
         """
-        inputs = check_texts("inputs", inputs)
+        inputs = _check_prompts(inputs, instructions)
         if instructions is not None:
             instructions = check_texts("instructions", instructions)
             check_lengths(inputs=inputs, instructions=instructions)
+        if "num_beams" in generate_kwargs:
+            raise ValueError(
+                "num_beams: n_generate samples n independent responses per input (num_return_sequences=n) and does "
+                "not run beam search; use sampling_mode='top_p_sampling' or 'top_k_sampling' for diverse candidates, "
+                "or generate with your own model.generate(num_beams=...) and rank the outputs with get_best_of_n")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -203,7 +216,9 @@ class BestOfN:
         Generation sees `instruction + "\\n" + input`; ranking sees `instruction + input` (no separator), as in
         llm-blender. `pairrm_cmp_type="bubble"` (default, seeded by `seed`) or `"full"` (deterministic full
         ranking); `return_all` gives every response, best first. `batch_size` is the generation batch (the
-        scorer packs its own batches).
+        scorer packs its own batches). `inputs` may also be message lists (chat prompts): they are sampled
+        through the tokenizer's chat template and ranked in PairRM's multi-turn format (`core.formats.render`).
+        `num_beams` is refused with the alternative (this samples n independent responses).
 
         Returns:
             The best response per input, or with `return_all` all `n` responses per input, best first.
@@ -213,7 +228,16 @@ class BestOfN:
         """
         samples = self.n_generate(
             model, model_tokenizer, inputs, instructions, n, sampling_mode, batch_size, **generate_kwargs)
-        return self.get_best_of_n(inputs, samples, instructions, pairrm_cmp_type, return_all, seed=seed)
+        if isinstance(inputs[0], str):
+            return self.get_best_of_n(inputs, samples, instructions, pairrm_cmp_type, return_all, seed=seed)
+        # conversations: ranked in PairRM's multi-turn format, as the TRL adapters and compare_conversations render them
+        rendered = [[render(prompt, s, name=f"inputs[{i}]") for s in group] for i, (prompt, group) in
+                    enumerate(zip(inputs, samples))]
+        sources = [pairs[0][0] for pairs in rendered]
+        prepared = [[candidate for _, candidate in pairs] for pairs in rendered]
+        orders = self._orders(sources, prepared, pairrm_cmp_type, True, seed, None)
+        picked = [[group[i] for i in order] for group, order in zip(samples, orders)]
+        return picked if return_all else [p[0] for p in picked]
 
     def best_of_n(
         self,
@@ -228,3 +252,16 @@ class BestOfN:
         """The best candidate of each input: `get_best_of_n` with the same default (`"bubble"`); pass
         `pairrm_cmp_type="full"` for the deterministic full ranking (the first one among equal best scores)."""
         return self.get_best_of_n(inputs, candidates, instructions, pairrm_cmp_type, batch_size=batch_size, seed=seed)
+
+
+def _check_prompts(inputs: Any, instructions: Sequence[str] | None) -> list:
+    """`n_generate`'s inputs: all strings, or all message lists (sampled through the tokenizer's chat template)."""
+    if isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)) and inputs and all(
+            isinstance(x, Sequence) and not isinstance(x, (str, bytes)) for x in inputs):
+        if instructions is not None:
+            raise ValueError("instructions: not supported with message-list inputs (put them in a system message)")
+        for i, messages in enumerate(inputs):
+            if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                raise TypeError(f"inputs[{i}] must be a non-empty list of {{'role', 'content'}} messages")
+        return list(inputs)
+    return check_texts("inputs", inputs)

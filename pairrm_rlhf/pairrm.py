@@ -34,7 +34,7 @@ from .core.formats import (
     pairrm_source,
     render_conversations,
 )
-from .core.settings import check_choice, resolve_dtype
+from .core.settings import check_choice, compare_mode, progress_flag, reference_mode_argument, resolve_dtype
 
 __all__ = ["PairRM", "LazyPairRM", "check_candidates", "pick_reference", "resolve_dtype"]
 
@@ -200,11 +200,15 @@ class PairRM(BestOfN):
         return_logits: bool = False,
         mode: str = "[A,B]+[B,A]",
         show_progress_bar: bool | None = None,
+        *,
+        disable_tqdm: bool | None = None,
     ) -> np.ndarray:
         """Is A better than B? Booleans, or logits with `return_logits=True` (> 0 means A is better).
 
-        `mode="[A,B]+[B,A]"` (default) gives f(x,A,B) - f(x,B,A); `"[A,B]"` gives f(x,A,B); `"[B,A]"` f(x,B,A).
+        `mode="[A,B]+[B,A]"` (default) gives f(x,A,B) - f(x,B,A); `"[A,B]"` gives f(x,A,B); `"[B,A]"` f(x,B,A)
+        (spaces are ignored). `disable_tqdm=True` (llm-blender's name) is `show_progress_bar=False`.
         """
+        show_progress_bar = progress_flag(show_progress_bar, disable_tqdm)
         inputs = check_texts("inputs", inputs)
         candidates_A = check_texts("candidates_A", candidates_A)
         candidates_B = check_texts("candidates_B", candidates_B)
@@ -259,13 +263,16 @@ class PairRM(BestOfN):
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         tournament: str = "round_robin",
+        *,
+        disable_tqdm: bool | None = None,
     ) -> np.ndarray:
-        """Rank each input's candidates: 1-based ranks (1 = best), or scores.
+        """Rank each input's candidates: 1-based ranks (1 = best), or scores (`disable_tqdm`: as in `compare`).
 
         `round_robin` (default): score_i = (1/N) sum_j (f(x,c_i,c_j) - f(x,c_j,c_i)), as the reference; equal scores
         share a rank. `knockout`: a single-elimination bracket of N-1 two-order matches (RLHFlow's recommendation
         for n > 2); score = matches won, so the winner ranks 1 and candidates out in the same round share a rank.
         """
+        show_progress_bar = progress_flag(show_progress_bar, disable_tqdm)
         if tournament not in TOURNAMENTS:
             raise ValueError(f"tournament must be one of {TOURNAMENTS}, got {tournament!r}")
         inputs = check_texts("inputs", inputs)
@@ -297,13 +304,17 @@ class PairRM(BestOfN):
         ref_mode: str = "longest",
         ref_candidates: Sequence[str] | None = None,
         show_progress_bar: bool | None = None,
+        *,
+        mode: str | None = None,
     ) -> np.ndarray:
         """Score each candidate against one reference: f(x,c,ref) - f(x,ref,c) (ranks unless return_scores).
 
         The reference is `ref_candidates[i]` when given, else picked from the candidates by character length:
         `longest` (first on ties), `shortest`, `median_length` (sorted[N//2]), `first` or `last`. A candidate
-        equal to its reference scores exactly 0.
+        equal to its reference scores exactly 0. `mode` is accepted where llm-blender's README example and its code
+        agree (`mode="longest"`, or the two-order compare mode); see `reference_mode_argument`.
         """
+        reference_mode_argument(mode, ref_mode)
         inputs = check_texts("inputs", inputs)
         candidates = check_candidates("candidates", candidates, len(inputs))
         if ref_candidates is None:
@@ -361,6 +372,7 @@ class PairRM(BestOfN):
     ) -> np.ndarray:
         """`compare`'s modes when each order has its own source: for (x_A, x_B, A, B), "[A,B]+[B,A]" gives
         f(x_A, A, B) - f(x_B, B, A), "[A,B]" f(x_A, A, B), "[B,A]" f(x_B, B, A); exactly 0 when both sides agree."""
+        mode = compare_mode(mode)
         ab = [(xa, a, b) for xa, _, a, b in sides]
         ba = [(xb, b, a) for _, xb, a, b in sides]
         if mode in ("[A,B]", "[B,A]"):
@@ -469,3 +481,4 @@ class LazyPairRM:
                     logger.info("Loading PairRM from %s on %s", self.source, device)
                     self._model = PairRM.from_pretrained(os.fspath(self.source), device=device, **self.load_kwargs)
         return self._model
+

@@ -1,4 +1,5 @@
-"""Settings every layer shares, each defined once: token budgets, dtype names, and how a bad choice is reported.
+"""Settings every layer shares, each defined once: token budgets, dtype names, how a bad choice is reported, and
+llm-blender's spellings of `PairRM` arguments.
 
 Importing this module loads no torch (the CLI's argument checks use it before anything heavy is imported).
 """
@@ -62,3 +63,30 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str, w
         kind = device if isinstance(device, str) else device.type
         return torch.bfloat16 if kind.split(":")[0] == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---- llm-blender's spellings of `PairRM` arguments -------------------------------------------------------
+
+def compare_mode(mode: str) -> str:
+    """`compare`'s mode without spaces: llm-blender's users write both "[A,B]+[B,A]" and "[A,B] + [B,A]"."""
+    return "".join(mode.split()) if isinstance(mode, str) else mode
+
+
+def progress_flag(show_progress_bar: bool | None, disable_tqdm: bool | None) -> bool | None:
+    """`show_progress_bar` from it or from llm-blender's `disable_tqdm` (True hides the bar)."""
+    if disable_tqdm is None:
+        return show_progress_bar
+    if show_progress_bar is not None and show_progress_bar == bool(disable_tqdm):
+        raise ValueError("disable_tqdm and show_progress_bar disagree; pass one of them")
+    return not disable_tqdm
+
+
+def reference_mode_argument(mode: str | None, ref_mode: str) -> None:
+    """llm-blender's README calls `rank_with_ref(..., mode="longest")`, but its code passes `mode` on to `compare`
+    (two-order for any value but "[A,B]"/"[B,A]") and picks the reference by `ref_mode` (default "longest"). Both
+    readings agree only for None, the two-order mode, or `mode == ref_mode`; anything else is refused."""
+    if mode is None or compare_mode(mode) == "[A,B]+[B,A]" or mode == ref_mode:
+        return
+    raise ValueError(
+        f"rank_with_ref: mode={mode!r:.40} is ambiguous: llm-blender picked the reference by ref_mode "
+        f"(here {ref_mode!r}) and passed mode to compare; pass ref_mode=... to choose the reference")

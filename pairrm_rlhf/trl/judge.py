@@ -97,6 +97,14 @@ class PairRMJudge(BasePairwiseJudge):
         """The underlying `PairRM` (loaded on first access)."""
         return self._lazy.get()
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """A judge is not a reward function: say which adapter turns it into one (TRL calls reward functions)."""
+        raise TypeError(
+            "PairRMJudge is a pairwise judge (call .judge(prompts, completions)), not a TRL reward function. As a "
+            "reward: GRPO/RLOO take PairwiseReward(pairrm=judge.pairrm) (against a reference column, or "
+            "PairwiseReward(pairrm=judge.pairrm, mode='group')); online DPO takes "
+            "OnlineDPOJudgeReward(pairrm=judge.pairrm) (docs/migrating.md)")
+
     def judge(
         self,
         prompts: Sequence[Any],
