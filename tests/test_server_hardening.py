@@ -157,7 +157,7 @@ def test_trickled_or_missing_headers_get_408_and_are_closed(guarded):
 
 def test_trickled_body_gets_408_and_is_closed(guarded):
     body = json.dumps(OK).encode()
-    head = (b"POST /compare HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
     started = time.perf_counter()
     sock = trickle(guarded.port, head, body, threading.Event(), interval=0.1)  # needs ~6 s; the limit is 0.6 s
@@ -171,7 +171,7 @@ def test_trickled_body_gets_408_and_is_closed(guarded):
 def test_idle_keep_alive_connections_are_closed(guarded):
     with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         body = json.dumps(OK).encode()
-        sock.sendall(b"POST /compare HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+        sock.sendall(b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
         sock.settimeout(10)
         first = b""
@@ -186,7 +186,7 @@ def test_idle_keep_alive_connections_are_closed(guarded):
 def test_slow_senders_do_not_take_compute_slots(guarded, hf_model):
     """With --max_concurrency 2, eight clients trickling their bodies used to make every other request a 503."""
     body = json.dumps(OK).encode()
-    head = (b"POST /compare HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
     stop = threading.Event()
     socks = []

@@ -88,6 +88,15 @@ class BetterPairRMScorer:
             )
         return cut / len(triples)
 
+    def reference_probability(
+        self, triples: Sequence[Triple], temperature: float, *, batch_size: int | None = None
+    ) -> None:
+        """None: Better-PairRM's probability is the default sigmoid((f(x,A,B) - f(x,B,A)) / (2 T))."""
+        return None
+
+    def pair_lengths(self, triples: Sequence[Triple]) -> list[int]:
+        return self.inner.pair_lengths(self.convert(triples))
+
     def identity(self) -> dict:
         return {**self.inner.identity(), "template": self.template, "clean_up_spaces": self.clean_up_spaces}
 
