@@ -85,6 +85,7 @@ class Work:
 
     def __init__(self, future: asyncio.Future, ticket: Ticket):
         self.future, self.ticket, self.waiters = future, ticket, 0
+        self.left_at = 0.0  # when the last waiter left
 
 
 class Service:
@@ -290,7 +291,7 @@ class Service:
             ticket = Ticket()
             future = loop.run_in_executor(self.pool, self.handle, handler, raw, ticket)
             work = Work(future, ticket)
-            future.add_done_callback(lambda _: self.slots.release())
+            future.add_done_callback(self._finished)
             if ident:
                 self.works[ident] = work
                 future.add_done_callback(lambda _: loop.call_later(self.config.orphan_grace_s, self._forget, ident, work))
@@ -300,20 +301,29 @@ class Service:
             await asyncio.wait({work.future, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             work.waiters -= 1
+            work.left_at = time.monotonic()
             gone.cancel()
         if work.future.done():
             return work.future.result()
         if work.waiters == 0:
-            loop.call_later(self.config.orphan_grace_s if ident else 0, self._abandon, work)
+            grace = self.config.orphan_grace_s if ident else 0.0
+            loop.call_later(grace, self._abandon, work, grace)
         raise ClientGone("the client disconnected while its request was computed")
+
+    def _finished(self, future: asyncio.Future) -> None:
+        self.slots.release()
+        if not future.cancelled():
+            future.exception()  # marked as retrieved: a gone client's work may end with nobody waiting
 
     @staticmethod
     async def _disconnected(request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    def _abandon(self, work: Work) -> None:
-        if work.waiters == 0 and not work.future.done():
+    def _abandon(self, work: Work, grace: float) -> None:
+        """Drop `work` when nobody has waited for it for `grace` seconds (a retry that joined and left again
+        scheduled its own check)."""
+        if work.waiters == 0 and not work.future.done() and time.monotonic() - work.left_at >= grace - 1e-3:
             self.queue.cancel(work.ticket)
 
     def _forget(self, ident: tuple, work: Work) -> None:
