@@ -186,7 +186,7 @@ class Service:
         given = value.strip() if scheme.lower() == "bearer" else request.query_params.get("token", "")
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytearray:
         """The raw body, within `max_body_bytes` (refused from Content-Length before reading, or as soon as a chunked
         stream passes it), `body_timeout_s` (else 408) and the server's body budget (503). The caller releases the
         bytes reserved (`self.buffered`) with `release`."""
@@ -207,16 +207,15 @@ class Service:
             self.buffered += n
             reserved += n
 
-        async def read() -> bytes:
-            chunks, size = [], 0
+        async def read() -> bytearray:
+            body = bytearray()  # grown in place: no list of chunks joined into a second copy
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
+                if len(body) + len(chunk) > limit:
                     raise ApiError(413, f"request body exceeds {limit} bytes (--max_body_bytes)")
-                if size > reserved:
-                    reserve(size - reserved)
-                chunks.append(chunk)
-            return b"".join(chunks)
+                if len(body) + len(chunk) > reserved:
+                    reserve(len(body) + len(chunk) - reserved)
+                body += chunk
+            return body
 
         try:
             reserve(int(length or 0))
@@ -235,7 +234,7 @@ class Service:
         self.buffered -= getattr(request.state, "reserved", 0)
         request.state.reserved = 0
 
-    def handle(self, handler: Callable[[dict], dict], raw: bytes, ticket: Ticket) -> bytes:
+    def handle(self, handler: Callable[[dict], dict], raw: bytearray, ticket: Ticket) -> bytes:
         """Count, parse, check limits, run the route, serialize: all in a request thread, off the event loop. The
         route's queue work is `ticket`'s (dropped when the client goes)."""
         values = count_json_values(raw)
@@ -274,7 +273,7 @@ class Service:
                                        f"{kind[:60] or 'no Content-Type'!r}")
         return None
 
-    async def compute(self, request: Request, handler: Callable[[dict], dict], raw: bytes) -> bytes:
+    async def compute(self, request: Request, handler: Callable[[dict], dict], raw: bytearray) -> bytes:
         """Run `handler` on `raw` in a request thread, or join the computation of an earlier attempt with the same
         `Idempotency-Key` and body; `ClientGone` when the client leaves first (its work is then dropped after
         `orphan_grace_s` unless a retry joins it)."""

@@ -17,7 +17,7 @@ from typing import Any
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
-def count_json_values(raw: bytes) -> int:
+def count_json_values(raw: bytes | bytearray) -> int:
     """About how many values `json.loads(raw)` would build: 1 + the `[`, `{` and `,` outside strings (each comma
     starts one more entry). Counted on the raw bytes in C-speed passes (one copy of the body at most), so a body
     of a million empty objects is refused before any of them is built."""
