@@ -194,3 +194,30 @@ def test_the_host_header_must_be_the_servers(hf_model):
     with BackgroundServer(ServeArguments(port=0, allowed_hosts=["rm-0.internal"]), hf_model) as server:
         assert httpx2.post(server.url + "/compare", json=OK, headers={"Host": "rm-0.internal:8000"}).status_code == 200
         assert httpx2.post(server.url + "/compare", json=OK, headers={"Host": "evil.example"}).status_code == 403
+
+
+# ---- memory: bounded before parsing ------------------------------------------------------------------------------
+def test_json_values_are_counted_before_parsing(hf_model):
+    with BackgroundServer(ServeArguments(port=0, max_json_values=100), hf_model) as server:
+        body = {"inputs": [{}] * 150}
+        response = httpx2.post(server.url + "/compare", json=body)
+        assert response.status_code == 400 and "the limit is 100 (--max_json_values)" in response.json()["error"]
+        tricky = {"inputs": ["[{,,,}]" * 200], "candidates_A": ["a"], "candidates_B": ["b"]}  # inside strings: free
+        assert httpx2.post(server.url + "/compare", json=tricky).status_code == 200
+
+
+def test_bodies_held_at_once_are_capped(hf_model):
+    """At most max_concurrency x max_body_bytes bytes of bodies are held (being read or computed): a slow sender's
+    declared body counts from its head on, and the next body over the budget gets a JSON 503."""
+    with BackgroundServer(ServeArguments(port=0, max_concurrency=1, max_body_bytes=1000), hf_model) as server:
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        slow.sendall(b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 990\r\n\r\n{")
+        try:
+            time.sleep(0.3)
+            response = httpx2.post(server.url + "/compare", json=OK)
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert "--max_concurrency x --max_body_bytes" in response.json()["error"]
+        finally:
+            slow.close()
+        wait_until(lambda: httpx2.post(server.url + "/compare", json=OK).status_code == 200)
