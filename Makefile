@@ -8,8 +8,9 @@ LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 LATEST := .venv-latest
 PIP_TOOLS := pip-tools==7.7.0
+UV := uv==0.13.9
 
-.PHONY: demo scorer-demo test test-fast test-latest bench install install-demo lock
+.PHONY: demo scorer-demo test test-fast test-latest test-lowest bench install install-demo lock
 
 # What the demo and the CLI use (no test tools, no DeepSpeed).
 install-demo: $(VENV)/.installed-demo
@@ -46,6 +47,18 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q -U --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[test]"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|deepspeed) '
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q
+
+# The suite against the lowest version of every direct dependency that pyproject.toml admits (uv's
+# lowest-direct resolution; torch included, so this downloads PyPI's torch at its floor): the floors we claim.
+LOWEST := .venv-lowest
+test-lowest:
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q "$(UV)"
+	$(LOWEST)/bin/uv pip compile -q --resolution lowest-direct --python $(LOWEST)/bin/python --extra test \
+		pyproject.toml -o $(LOWEST)/lowest.txt
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python -c $(LOWEST)/lowest.txt -e ".[test]"
+	$(LOWEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|deepspeed) '
+	HF_HUB_OFFLINE=1 $(LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Re-resolve the lock from pyproject.toml + requirements/pins.in against PyPI alone (machine-local pip
 # configuration, such as a find-links folder of CPU wheels, is ignored so the lock names public releases).

@@ -41,8 +41,9 @@ def values_body(size: int) -> bytes:
 
 def rank_body(candidates: int = 128) -> bytes:
     """~130 tokens a candidate: 16,256 pairs of ~290 tokens, over even a GPU server's default limit (4.2M)."""
-    return json.dumps({"inputs": ["Tell me about the sun. " * 4],
-                       "candidates": [[f"{i} " + "x y " * 64 for i in range(candidates)]]}).encode()
+    return json.dumps(
+        {"inputs": ["Tell me about the sun. " * 4], "candidates": [[f"{i} " + "x y " * 64 for i in range(candidates)]]}
+    ).encode()
 
 
 def attack(url: str, route: str, body: bytes, concurrency: int, timeout: float) -> Counter:
@@ -52,8 +53,9 @@ def attack(url: str, route: str, body: bytes, concurrency: int, timeout: float) 
     def client() -> None:
         barrier.wait()
         try:
-            status = httpx2.post(url + route, content=body, headers={"Content-Type": "application/json"},
-                                 timeout=timeout).status_code
+            status = httpx2.post(
+                url + route, content=body, headers={"Content-Type": "application/json"}, timeout=timeout
+            ).status_code
         except httpx2.HTTPError as error:
             status = type(error).__name__
         with lock:
@@ -68,14 +70,28 @@ def attack(url: str, route: str, body: bytes, concurrency: int, timeout: float) 
 
 
 def run(args: argparse.Namespace) -> dict:
-    process, url = (None, args.url.rstrip("/")) if args.url else start_server(argparse.Namespace(
-        pairrm="tiny", max_batch_pairs=256, max_wait_ms=5.0, clients=args.concurrency, pairrm_device="cpu", token=None))
+    process, url = (
+        (None, args.url.rstrip("/"))
+        if args.url
+        else start_server(
+            argparse.Namespace(
+                pairrm="tiny",
+                max_batch_pairs=256,
+                max_wait_ms=5.0,
+                clients=args.concurrency,
+                pairrm_device="cpu",
+                token=None,
+            )
+        )
+    )
     pid = args.pid if args.url else process.pid
     try:
         httpx2.post(url + "/compare", json={"inputs": ["x"], "candidates_A": ["a"], "candidates_B": ["b"]})  # warm
         result = {"concurrency": args.concurrency, "body_mib": args.body_mib, "baseline_mib": peak_mib(pid)}
-        for name, route, body in (("rank", "/rank", rank_body()),  # the smaller first: the peak only grows
-                                  ("values", "/compare", values_body(int(args.body_mib * 2**20)))):
+        for name, route, body in (
+            ("rank", "/rank", rank_body()),  # the smaller first: the peak only grows
+            ("values", "/compare", values_body(int(args.body_mib * 2**20))),
+        ):
             statuses = attack(url, route, body, args.concurrency, args.timeout)
             result[name] = {"body_bytes": len(body), "statuses": dict(statuses), "peak_mib": peak_mib(pid)}
     finally:
@@ -86,12 +102,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict) -> str:
-    lines = ["| attack | concurrency | body | answers | server peak RSS |", "|---|---|---|---|---|",
-             f"| (baseline, warmed up) | | | | {result['baseline_mib']:.0f} MiB |"]
+    lines = [
+        "| attack | concurrency | body | answers | server peak RSS |",
+        "|---|---|---|---|---|",
+        f"| (baseline, warmed up) | | | | {result['baseline_mib']:.0f} MiB |",
+    ]
     for name in ("rank", "values"):
         r = result[name]
-        lines.append(f"| {name} | {result['concurrency']} | {r['body_bytes'] / 2**20:.2f} MiB | {r['statuses']} | "
-                     f"{r['peak_mib']:.0f} MiB |")
+        lines.append(
+            f"| {name} | {result['concurrency']} | {r['body_bytes'] / 2**20:.2f} MiB | {r['statuses']} | "
+            f"{r['peak_mib']:.0f} MiB |"
+        )
     return "\n".join(lines)
 
 

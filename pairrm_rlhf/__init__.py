@@ -25,7 +25,10 @@ _EXPORTS = {
     "OnlineDPOJudgeReward": "pairrm_rlhf.trl.rewards",
     "PreferenceLabeler": "pairrm_rlhf.labeling",
 }
-__all__ = list(_EXPORTS)
+__all__ = [  # the names of _EXPORTS, spelled out so linters see them
+    "PairRM", "LazyPairRM", "PairBackend", "PairRMJudge", "PairwiseReward", "AsyncPairwiseReward",
+    "OnlineDPOJudgeReward", "PreferenceLabeler",
+]
 
 if TYPE_CHECKING:
     from .core.backend import PairBackend

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as err:  # an optional extra that is not installed (serve, plots)
         print(f"pairrm-rlhf {name}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    end_distributed_run()  # under `accelerate launch` / `torchrun` (label): the orderly end (#15.5); else nothing
+    end_distributed_run()  # under `accelerate launch` / `torchrun` (label): the orderly end; else nothing
 
 
 if __name__ == "__main__":

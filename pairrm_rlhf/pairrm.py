@@ -1,14 +1,15 @@
-"""`PairRM`: load a checkpoint and score with the method names and semantics of llm-blender's `Blender`.
+"""`PairRM`: load a judge and score with the method names and semantics of llm-blender's `Blender`.
 
-All methods return numpy arrays, like the reference, and go through one `PairScorer`.
+All methods return numpy arrays, like the reference, and go through one `PairBackend`. The best-of-n methods are in
+`best_of_n` (a mixin); which judge a checkpoint is, and how it loads, is `backends.registry`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import detect_backend
-from .backends.better_pairrm import BetterPairRMScorer
-from .backends.rlhflow import load_rlhflow
+from .backends.registry import find_judge
+from .best_of_n import BestOfN
 from .core import aggregation, assets
-from .core.backend import PairBackend, Triple
-from .core.engine import PairScorer, default_device
+from .core.backend import LoadOptions, PairBackend, Triple, check_backend
+from .core.engine import default_device
 from .core.formats import (
     CONVERSATION_INSTRUCTION,
+    check_candidates,
     check_lengths,
     check_texts,
     conversation_sides,
@@ -33,94 +34,83 @@ from .core.formats import (
     pairrm_source,
     render_conversations,
 )
-from .core.generation import SamplingArguments, sample_responses
-from .core.loading import load_checkpoint, resolve
+from .core.settings import check_choice, resolve_dtype
+
+__all__ = ["PairRM", "LazyPairRM", "check_candidates", "pick_reference", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
-def check_candidates(name: str, candidates: Any, n_inputs: int, same_count: bool = True) -> list[list[str]]:
-    """Each input's list of candidate strings, or an error naming `name[i]`."""
-    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
-        raise TypeError(f"{name} must be a list of lists of strings, got {type(candidates).__name__}")
-    if len(candidates) != n_inputs:
-        raise ValueError(f"{name} has {len(candidates)} items but inputs has {n_inputs}")
-    checked = [check_texts(f"{name}[{i}]", c) for i, c in enumerate(candidates)]
-    for i, c in enumerate(checked):
-        if not c:
-            raise ValueError(f"{name}[{i}] is empty: each input needs at least one candidate")
-        if same_count and len(c) != len(checked[0]):
-            raise ValueError(f"{name}[{i}] has {len(c)} candidates but {name}[0] has {len(checked[0])}")
-    return checked
-
-
 REF_MODES = ("longest", "shortest", "median_length", "first", "last")
 TOURNAMENTS = ("round_robin", "knockout")
-CMP_TYPES = ("bubble", "full")
-# llm-blender's n_generate sampling modes: the fields each sets unless given (plus do_sample and temperature 0.7)
-SAMPLING_MODES = {
-    "top_p_sampling": lambda fields: {"top_p": fields.get("top_p", 1.0)},
-    "top_k_sampling": lambda fields: {"top_k": fields.get("top_k", 50)},
-}
 
 
-class PairRM:
+class PairRM(BestOfN):
     """PairRM pairwise reward model: `from_pretrained`, then `compare`, `rank`, `rank_with_ref`, ...
 
     f(x, A, B) > 0 means A is better than B for prompt x. The model is not antisymmetric (slot bias), so the
     default comparison uses both orders: f(x, A, B) - f(x, B, A).
+
+    Args:
+        backend: any `PairBackend`; its `template` decides how prompts and conversations are rendered.
+        kind: a short name of the checkpoint's layout, for messages (`hf`, `blender`, `causal-lm`, ...).
+        template: deprecated: the template is the backend's (`backend.template`). Given, it must equal it.
     """
 
     def __init__(self, backend: PairBackend, kind: str = "hf", template: str | None = None):
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.kind = kind
-        self.template = template or getattr(backend, "template", "pairrm")
+        if template is not None:
+            if template != backend.template:
+                raise ValueError(f"template={template!r} disagrees with the backend's template {backend.template!r}; "
+                                 "the backend decides how text is rendered (omit template=)")
+            warnings.warn("PairRM(template=...) is deprecated: the template is the backend's (backend.template)",
+                          DeprecationWarning, stacklevel=2)
+
+    @property
+    def template(self) -> str:
+        """How prompts and conversations are rendered for this judge: the backend's `template`."""
+        return self.backend.template
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | Path,
         *,
+        judge: str | None = None,
         base_model: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         max_tokens: int | None = None,
+        max_length: int | None = None,
+        swap_average: bool = True,
         template: str | None = None,
         backend: str | None = None,
-        max_length: int = 8192,
-        swap_average: bool = True,
-    ) -> "PairRM":
-        """Load any of the three judges: `llm-blender/PairRM(-hf)`, `maywell/Better-PairRM`,
-        `RLHFlow/pair-preference-model-LLaMA3-8B`, or a local directory of one of them.
+    ) -> PairRM:
+        """Load a judge of the registry (`backends.registry.JUDGES`): `llm-blender/PairRM(-hf)`,
+        `maywell/Better-PairRM`, `RLHFlow/pair-preference-model-LLaMA3-8B`, a local directory of one of them, or
+        any registered judge.
 
         Args:
+            judge: the registry's name (`pairrm`, `better-pairrm`, `rlhflow`, ...); default from the name
+                (`backends.registry.find_judge`).
             base_model: blender layout only: the base encoder (hub id or local directory) whose config and
                 tokenizer are read, overriding the checkpoint's `model_name`.
             device: default this process's CUDA device (`LOCAL_RANK` under a launcher) when available, else CPU.
-            dtype: compute dtype; default float32 on CPU and bfloat16 (autocast) on CUDA. `float16` is the
-                reference's GPU mode.
-            max_tokens: padded tokens per batch; default 8192 on CPU, 65536 on CUDA.
-            template: encoder checkpoints: `pairrm` or `better-pairrm` (default: from the name, see
-                `loading.detect_template`).
-            backend: `pairrm` (encoder checkpoints) or `rlhflow` (the causal-LM judge); default from the name.
+            dtype: compute dtype (`core.settings.DTYPE_NAMES`); default float32 on CPU and bfloat16 (autocast) on
+                CUDA. `float16` is the reference's GPU mode.
+            max_tokens: padded tokens per batch; default `core.settings.default_max_tokens` (CPU 8192, CUDA 65536).
             max_length, swap_average: RLHFlow only (see `backends.rlhflow.RLHFlowScorer`).
+            template, backend: deprecated names of `judge` (they were two overlapping ways to pick it).
         """
+        judge = _judge_name(name_or_path, judge, template, backend)
+        entry = find_judge(name_or_path, judge, where="template" if template else "judge")
         device = torch.device(device or default_device())
-        dtype = resolve_dtype(dtype, device)
-        backend = backend or ("rlhflow" if template == "rlhflow" else detect_backend(str(name_or_path)))
-        if backend == "rlhflow":
-            scorer = load_rlhflow(
-                str(name_or_path), device=device, dtype=dtype, max_length=max_length, max_tokens=max_tokens,
-                swap_average=swap_average,
-            )
-            return cls(scorer, "causal-lm", "rlhflow")
-        if backend != "pairrm":
-            raise ValueError(f"backend must be 'pairrm' or 'rlhflow', got {backend!r}")
-        checkpoint = load_checkpoint(name_or_path, base_model=base_model, template=template)
-        model = checkpoint.model.to(device)
-        scorer = PairScorer(model, checkpoint.tokenizer, checkpoint.layout, device=device, dtype=dtype, max_tokens=max_tokens)
-        if checkpoint.template == "better-pairrm":
-            scorer = BetterPairRMScorer(scorer, clean_up_spaces=_clean_up_spaces(name_or_path))
-        return cls(scorer, checkpoint.kind, checkpoint.template)
+        options = LoadOptions(
+            device=device, dtype=resolve_dtype(dtype, device), max_tokens=max_tokens, base_model=base_model,
+            max_length=max_length, swap_average=swap_average,
+        )
+        scorer, kind = entry.load(str(name_or_path), options)
+        return cls(scorer, kind)
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +137,8 @@ class PairRM:
         return self.mode_logits(triples, "[A,B]+[B,A]", batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def mode_logits(
-        self, triples: Sequence[Triple], mode: str, *, batch_size: int | None = None, show_progress_bar: bool | None = None
+        self, triples: Sequence[Triple], mode: str, *, batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
     ) -> np.ndarray:
         """`compare`'s modes: "[A,B]+[B,A]" two-order logits, "[A,B]" f(x,A,B), "[B,A]" f(x,B,A)."""
         sides = [(s, s, a, b) for s, a, b in triples]  # one source for both orders
@@ -219,7 +210,7 @@ class PairRM:
         candidates_B = check_texts("candidates_B", candidates_B)
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
-        triples = [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
+        triples = _prepared(sources, candidates_A, candidates_B)
         logits = self.mode_logits(triples, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
         return logits if return_logits else logits > 0
 
@@ -237,25 +228,26 @@ class PairRM:
         At T=1 this is the sigmoid of the mean of the two orders' log-odds. TRL's former soft `PairRMJudge` (and
         our `PairRMJudge(return_scores=True)`) returns sigmoid(z / T) with z = f(x,A,B) - f(x,B,A): this at T/2.
         A backend with its own reference probability (RLHFlow: temperature applied to each order's logits, then
-        the two orders' probabilities averaged) computes it itself (`backend.swap_probability`).
+        the two orders' probabilities averaged) computes it itself (`backend.reference_probability`).
         """
         inputs = check_texts("inputs", inputs)
         candidates_A = check_texts("candidates_A", candidates_A)
         candidates_B = check_texts("candidates_B", candidates_B)
         check_lengths(inputs=inputs, candidates_A=candidates_A, candidates_B=candidates_B)
         sources = self._sources(inputs, instructions)
-        triples = [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_A, candidates_B)]
+        triples = _prepared(sources, candidates_A, candidates_B)
         return self.triple_probability(triples, temperature, batch_size=batch_size)
 
     def triple_probability(
         self, triples: Sequence[Triple], temperature: float = 1.0, *, batch_size: int | None = None
     ) -> np.ndarray:
-        """`probability` for prepared (source, A, B) triples: the backend's own reference probability when it has
-        one (`swap_probability`; RLHFlow: per-order temperature, then the average), else sigmoid(z / (2 T))."""
+        """`probability` for prepared (source, A, B) triples: the backend's own reference probability when it
+        defines one (`reference_probability`; RLHFlow: per-order temperature, then the average), else
+        sigmoid(z / (2 T))."""
         aggregation.probability(np.zeros(0), temperature)  # validates the temperature
-        own = getattr(self.backend, "swap_probability", None)
+        own = self.backend.reference_probability(triples, temperature, batch_size=batch_size)
         if own is not None:
-            return own(triples, temperature, batch_size=batch_size).astype(np.float32)
+            return np.asarray(own, dtype=np.float32)
         return aggregation.probability(self.two_order_logits(triples, batch_size=batch_size), temperature)
 
     def rank(
@@ -289,7 +281,10 @@ class PairRM:
             sources, [[pairrm_candidate(c) for c in cands] for cands in candidates],
             batch_size=batch_size, show_progress_bar=show_progress_bar,
         )
-        scores = np.stack([aggregation.round_robin_scores(m) for m in matrices]) if matrices else np.zeros((0, 0), np.float32)
+        if not matrices:
+            scores = np.zeros((0, 0), np.float32)
+        else:
+            scores = np.stack([aggregation.round_robin_scores(m) for m in matrices])
         return scores if return_scores else aggregation.ranks_from_scores(scores)
 
     def rank_with_ref(
@@ -318,7 +313,9 @@ class PairRM:
             check_lengths(inputs=inputs, ref_candidates=refs)
         sources = self._sources(inputs, instructions)
         triples = [
-            (s, pairrm_candidate(c), pairrm_candidate(ref)) for s, cands, ref in zip(sources, candidates, refs) for c in cands
+            (s, pairrm_candidate(c), pairrm_candidate(ref))
+            for s, cands, ref in zip(sources, candidates, refs)
+            for c in cands
         ]
         flat = self.two_order_logits(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
         scores = flat.reshape(len(inputs), len(candidates[0]) if candidates else 0)
@@ -344,7 +341,9 @@ class PairRM:
         inputs, cands_a, cands_b = render_conversations(conversations_a, conversations_b)
         if self.template == "better-pairrm":
             sides = [
-                conversation_sides(conversation_turns(f"conversations_a[{k}]", a), conversation_turns(f"conversations_b[{k}]", b))
+                conversation_sides(
+                    conversation_turns(f"conversations_a[{k}]", a), conversation_turns(f"conversations_b[{k}]", b)
+                )
                 for k, (a, b) in enumerate(zip(conversations_a, conversations_b))
             ]
             logits = self.sided_logits(sides, mode, batch_size=batch_size, show_progress_bar=show_progress_bar)
@@ -365,7 +364,8 @@ class PairRM:
         ab = [(xa, a, b) for xa, _, a, b in sides]
         ba = [(xb, b, a) for _, xb, a, b in sides]
         if mode in ("[A,B]", "[B,A]"):
-            return self.pair_logits(ab if mode == "[A,B]" else ba, batch_size=batch_size, show_progress_bar=show_progress_bar)
+            one_order = ab if mode == "[A,B]" else ba
+            return self.pair_logits(one_order, batch_size=batch_size, show_progress_bar=show_progress_bar)
         if mode != "[A,B]+[B,A]":
             raise ValueError(f"mode must be '[A,B]+[B,A]', '[A,B]' or '[B,A]', got {mode!r:.40}")
         out = np.zeros(len(sides), dtype=np.float32)
@@ -375,222 +375,22 @@ class PairRM:
         out[todo] = logits[: len(todo)] - logits[len(todo) :]
         return out
 
-    # ---- best of n (llm-blender's Blender.get_best_of_n, get_worst_of_n, n_generate, best_of_n_generate) ---------
-    def get_best_of_n(
-        self,
-        inputs: Sequence[str],
-        candidates: Sequence[Sequence[str]],
-        instructions: Sequence[str] | None = None,
-        pairrm_cmp_type: str = "bubble",
-        return_all: bool = False,
-        batch_size: int | None = None,
-        *,
-        seed: int = 0,
-    ) -> list[str] | list[list[str]]:
-        """The best candidate of each input, or with `return_all` all candidates with the best first.
-
-        `pairrm_cmp_type` (llm-blender's `Blender.get_best_of_n`, `llm_blender/blender/blender.py`):
-        - `"bubble"` (default, as llm-blender): one bubble pass over a random order of the candidates, n - 1
-          two-order matches; the winner of each match moves on (a tie goes to the later candidate). `return_all`
-          lists the winner, then the losers in match order (not a full ranking). The order is drawn per input from
-          `torch.randperm` seeded with `seed`, so the result is reproducible and independent of batching
-          (llm-blender draws one order per batch from the global torch RNG).
-        - `"full"`: our deterministic full ranking (all n(n-1) ordered pairs, `rank`'s round-robin scores); ties
-          keep the candidates' order. `return_all` is the full ranking, best first.
-        With one candidate per input nothing is scored.
-
-        Args:
-            inputs, candidates, instructions: as in `rank` (the same number of candidates per input).
-            pairrm_cmp_type: `"bubble"` or `"full"` (above). return_all: return every candidate, best first.
-            batch_size: pairs per scorer batch (default: its token budget). seed: the bubble order's seed.
-
-        Returns:
-            One string per input, or with `return_all` one list of all its candidates per input.
-
-        Example:
-            >>> pairrm.get_best_of_n(["Say hi"], [["hi!", "go away", "hello"]], pairrm_cmp_type="full")
-        """
-        return self._select(inputs, candidates, instructions, pairrm_cmp_type, return_all, batch_size, seed, best=True)
-
-    def get_worst_of_n(
-        self,
-        inputs: Sequence[str],
-        candidates: Sequence[Sequence[str]],
-        instructions: Sequence[str] | None = None,
-        pairrm_cmp_type: str = "bubble",
-        return_all: bool = False,
-        batch_size: int | None = None,
-        *,
-        seed: int = 0,
-    ) -> list[str] | list[list[str]]:
-        """The worst candidate of each input (`return_all`: the worst first), as `get_best_of_n` with the roles
-        swapped: in a bubble match the worse one moves on (a tie sends the later one on)."""
-        return self._select(inputs, candidates, instructions, pairrm_cmp_type, return_all, batch_size, seed, best=False)
-
-    def _select(
-        self, inputs: Sequence[str], candidates: Sequence[Sequence[str]], instructions: Sequence[str] | None,
-        cmp_type: str, return_all: bool, batch_size: int | None, seed: int, best: bool,
-    ) -> list[str] | list[list[str]]:
-        if cmp_type not in CMP_TYPES:
-            raise ValueError(f"pairrm_cmp_type must be one of {CMP_TYPES}, got {cmp_type!r:.40}")
-        inputs = check_texts("inputs", inputs)
-        candidates = check_candidates("candidates", candidates, len(inputs))
-        if all(len(c) == 1 for c in candidates):
-            orders = [[0] for _ in candidates]
-        elif cmp_type == "full":
-            ranks = self.rank(inputs, candidates, instructions, batch_size=batch_size)
-            orders = np.argsort(ranks if best else -ranks, axis=1, kind="stable").tolist()
-        else:
-            sources = self._sources(inputs, instructions)
-            prepared = [[pairrm_candidate(c) for c in cands] for cands in candidates]
-            orders = self.bubble_orders(sources, prepared, best=best, seed=seed, batch_size=batch_size)
-        picked = [[cands[i] for i in order] for cands, order in zip(candidates, orders)]
-        return picked if return_all else [p[0] for p in picked]
-
-    def bubble_orders(
-        self, sources: list[str], candidates: list[list[str]], *, best: bool = True, seed: int = 0,
-        batch_size: int | None = None,
-    ) -> list[list[int]]:
-        """llm-blender's single bubble pass (`PairRanker._bubble_predict`, `llm_blender/pair_ranker/ranker.py`):
-        per input, a random order of the candidates (seeded); match j compares the current holder with the next
-        candidate by the two-order logit z = f(x,cur,next) - f(x,next,cur); for `best`, `cur` moves on iff z > 0,
-        for worst iff z < 0. Returns [winner, losers in match order] per input (n - 1 matches, one scorer call each).
-        """
-        generator = torch.Generator().manual_seed(int(seed))
-        n = len(candidates[0])
-        orders = [torch.randperm(n, generator=generator).tolist() for _ in candidates]
-        holders = [order[0] for order in orders]
-        losers: list[list[int]] = [[] for _ in candidates]
-        for j in range(1, n):
-            nexts = [order[j] for order in orders]
-            triples = [(src, cands[h], cands[nx]) for src, cands, h, nx in zip(sources, candidates, holders, nexts)]
-            z = self.two_order_logits(triples, batch_size=batch_size)
-            for k, value in enumerate(z):
-                cur_moves_on = value > 0 if best else value < 0
-                loser = nexts[k] if cur_moves_on else holders[k]
-                holders[k] = holders[k] if cur_moves_on else nexts[k]
-                losers[k].append(loser)
-        return [[h, *rest] for h, rest in zip(holders, losers)]
-
-    def n_generate(
-        self,
-        model: Any,
-        model_tokenizer: Any,
-        inputs: Sequence[str],
-        instructions: Sequence[str] | None = None,
-        n: int = 5,
-        sampling_mode: str | None = "top_p_sampling",
-        batch_size: int = 4,
-        **generate_kwargs: Any,
-    ) -> list[list[str]]:
-        """`n` sampled responses per input from a causal LM, as llm-blender's `Blender.n_generate`.
-
-        The prompt is `instruction + "\\n" + input` when instructions are given, else the input (tokenized with the
-        tokenizer's special tokens). `sampling_mode`: `"top_p_sampling"` (sample, `top_p` default 1.0,
-        `temperature` default 0.7), `"top_k_sampling"` (sample, `top_k` default 50, `temperature` default 0.7),
-        or None (only `generate_kwargs`). `generate_kwargs` are `core.generation.SamplingArguments` fields
-        (`max_new_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `stop`, ...); sampling
-        goes through an explicit `GenerationConfig` (`core.generation`), so fields not given are neutral, not the
-        checkpoint's (llm-blender under transformers also gets the checkpoint's or transformers' default
-        `top_k=50` in top-p mode: pass `top_k=50` for that), and `max_new_tokens` defaults to 256 (llm-blender:
-        the tokenizer's `model_max_length` as total length). Prompts are generated `batch_size` at a time; seed
-        the sampling with `torch.manual_seed`.
-
-        Args:
-            model, model_tokenizer: a transformers causal LM and its tokenizer.
-            inputs, instructions: prompts and optional per-prompt instructions. n: responses per prompt.
-
-        Returns:
-            `n` decoded responses (special tokens skipped) per input.
-
-        Example:
-            >>> pairrm.n_generate(policy, tokenizer, ["Tell me a joke."], n=4, max_new_tokens=64)
-        """
-        inputs = check_texts("inputs", inputs)
-        if instructions is not None:
-            instructions = check_texts("instructions", instructions)
-            check_lengths(inputs=inputs, instructions=instructions)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        fields = dict(generate_kwargs)
-        if sampling_mode in SAMPLING_MODES:
-            fields.update(do_sample=True, temperature=fields.get("temperature", 0.7), **SAMPLING_MODES[sampling_mode](fields))
-        elif sampling_mode is not None:
-            raise ValueError(f"sampling_mode must be one of {sorted(SAMPLING_MODES)} or None, got {sampling_mode!r:.40}")
-        try:
-            sampling = SamplingArguments(**fields)
-        except TypeError as err:
-            raise TypeError(f"n_generate: {err}; generate_kwargs are SamplingArguments fields "
-                            f"({sorted(SamplingArguments.__dataclass_fields__)})") from None
-        prompts = [f"{ins}\n{x}" for ins, x in zip(instructions, inputs)] if instructions is not None else inputs
-        out: list[list[str]] = []
-        for start in range(0, len(prompts), batch_size):
-            out += sample_responses(model, model_tokenizer, prompts[start : start + batch_size], n, sampling=sampling)
-        return out
-
-    def best_of_n_generate(
-        self,
-        model: Any,
-        model_tokenizer: Any,
-        inputs: Sequence[str],
-        instructions: Sequence[str] | None = None,
-        n: int = 5,
-        sampling_mode: str | None = "top_p_sampling",
-        batch_size: int = 4,
-        pairrm_cmp_type: str = "bubble",
-        return_all: bool = False,
-        *,
-        seed: int = 0,
-        **generate_kwargs: Any,
-    ) -> list[str] | list[list[str]]:
-        """Sample `n` responses per input (`n_generate`) and return the best of each (`get_best_of_n`), with
-        llm-blender's `Blender.best_of_n_generate` signature and defaults.
-
-        Generation sees `instruction + "\\n" + input`; ranking sees `instruction + input` (no separator), as in
-        llm-blender. `pairrm_cmp_type="bubble"` (default, seeded by `seed`) or `"full"` (deterministic full
-        ranking); `return_all` gives every response, best first. `batch_size` is the generation batch (the
-        scorer packs its own batches).
-
-        Returns:
-            The best response per input, or with `return_all` all `n` responses per input, best first.
-
-        Example:
-            >>> pairrm.best_of_n_generate(policy, tokenizer, ["Tell me a joke."], n=4, max_new_tokens=64)
-        """
-        samples = self.n_generate(model, model_tokenizer, inputs, instructions, n, sampling_mode, batch_size, **generate_kwargs)
-        return self.get_best_of_n(inputs, samples, instructions, pairrm_cmp_type, return_all, seed=seed)
-
-    def best_of_n(
-        self,
-        inputs: Sequence[str],
-        candidates: Sequence[Sequence[str]],
-        instructions: Sequence[str] | None = None,
-        batch_size: int | None = None,
-    ) -> list[str]:
-        """The best candidate of each input by full ranking (the first one among equal best scores)."""
-        return self.get_best_of_n(inputs, candidates, instructions, "full", batch_size=batch_size)
-
-
-def _clean_up_spaces(name_or_path: str | Path) -> bool:
-    """The checkpoint tokenizer's `clean_up_tokenization_spaces` (transformers' default since 4.45: False)."""
-    path = resolve(name_or_path, ["*.json", "spm.model"]) / "tokenizer_config.json"
-    try:
-        return bool(json.loads(path.read_text()).get("clean_up_tokenization_spaces", False)) if path.is_file() else False
-    except (ValueError, AttributeError) as err:
-        raise ValueError(f"{path} is not a JSON object: {err}") from None
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    resolved = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return resolved
+def _judge_name(name_or_path: str | Path, judge: str | None, template: str | None, backend: str | None) -> str | None:
+    """`judge`, or the judge the deprecated `template=` / `backend=` named before the registry: `backend="rlhflow"`
+    or `template="rlhflow"` -> rlhflow; another template -> that encoder judge; `backend="pairrm"` -> the encoder
+    judge the name implies."""
+    if template is None and backend is None:
+        return judge
+    old = " and ".join(name for name, value in (("template", template), ("backend", backend)) if value is not None)
+    warnings.warn(f"{old}= is deprecated: pass judge= (a name of backends.registry.JUDGES)", DeprecationWarning,
+                  stacklevel=3)
+    if judge is not None:
+        raise ValueError(f"pass judge= alone: {old}= is its deprecated alias")
+    if backend is not None and check_choice("backend", backend, ("pairrm", "rlhflow")) == "rlhflow":
+        return "rlhflow"
+    if template is not None:
+        return template
+    return "better-pairrm" if find_judge(name_or_path).name == "better-pairrm" else "pairrm"
 
 
 def pick_reference(candidates: list[str], mode: str) -> str:
@@ -607,13 +407,21 @@ def pick_reference(candidates: list[str], mode: str) -> str:
     raise ValueError(f"ref_mode must be one of {REF_MODES}, got {mode!r}")
 
 
+def _prepared(sources: list[str], candidates_a: list[str], candidates_b: list[str]) -> list[Triple]:
+    """(source, A, B) triples of PairRM's prepared text."""
+    return [(s, pairrm_candidate(a), pairrm_candidate(b)) for s, a, b in zip(sources, candidates_a, candidates_b)]
+
+
 # ---- lazy model ---------------------------------------------------------------------------------------
+LOADING_OPTIONS_ONLY = "loading options (device, dtype, ...) apply only when model is a checkpoint id or path"
+
+
 class LazyPairRM:
     """A `PairRM`, or where to load one from on first use (no model load, no CUDA init before that).
 
     Args:
         model: a loaded `PairRM`, or a checkpoint id or path (`tiny`: the bundled one).
-        device, dtype, base_model, **load_kwargs: passed to `PairRM.from_pretrained` (e.g. `template`, `backend`,
+        device, dtype, base_model, **load_kwargs: passed to `PairRM.from_pretrained` (e.g. `judge`,
             `max_tokens`). With no `device`, the model goes to this process's CUDA device when CUDA is available
             (one per process under `accelerate launch`/`torchrun`), else to the CPU.
     """
@@ -627,10 +435,11 @@ class LazyPairRM:
         base_model: str | os.PathLike | None = None,
         **load_kwargs: Any,
     ):
-        self.load_kwargs = {k: v for k, v in dict(load_kwargs, dtype=dtype, base_model=base_model).items() if v is not None}
+        options = dict(load_kwargs, dtype=dtype, base_model=base_model)
+        self.load_kwargs = {k: v for k, v in options.items() if v is not None}
         if isinstance(model, PairRM):
             if device is not None or self.load_kwargs:
-                raise ValueError("loading options (device, dtype, ...) apply only when model is a checkpoint id or path")
+                raise ValueError(LOADING_OPTIONS_ONLY)
         elif not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a PairRM or a checkpoint id/path, got {type(model).__name__}")
         self._model = model if isinstance(model, PairRM) else None
@@ -639,11 +448,11 @@ class LazyPairRM:
         self._lock = threading.Lock()
 
     @classmethod
-    def wrap(cls, model: "LazyPairRM | PairRM | str | os.PathLike", **kwargs: Any) -> "LazyPairRM":
+    def wrap(cls, model: LazyPairRM | PairRM | str | os.PathLike, **kwargs: Any) -> LazyPairRM:
         """`model` itself when it is already a `LazyPairRM` (to share one model), else a new one."""
         if isinstance(model, LazyPairRM):
             if any(v is not None for v in kwargs.values()):
-                raise ValueError("loading options (device, dtype, ...) apply only when model is a checkpoint id or path")
+                raise ValueError(LOADING_OPTIONS_ONLY)
             return model
         return cls(model, **kwargs)
 

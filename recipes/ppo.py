@@ -112,4 +112,4 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run (#15.5); nothing in one process
+    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process

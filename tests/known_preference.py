@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pairrm_rlhf.core.settings import MAX_TOKENS_CPU
 from pairrm_rlhf.pairrm import PairRM
 
 BRIEF, DETAIL = "briefly", "in detail"
@@ -43,18 +44,35 @@ def style(source: str) -> float:
     return 1.0 if BRIEF in source else -1.0 if DETAIL in source else 0.0
 
 
-class StyleBackend:
-    """The known, prompt-dependent preference as a `pairrm_rlhf.core.backend.PairBackend`."""
+class ToyBackend:
+    """What every test backend shares: the `PairBackend` members besides `score` and `identity`, with real values
+    (PairRM's template unless given, CPU, float32, the CPU token budget, the default probability, no truncation,
+    one token per character)."""
 
     device = torch.device("cpu")
+    dtype = torch.float32
+    max_tokens = MAX_TOKENS_CPU
+
+    def __init__(self, template: str = "pairrm"):
+        self.template = template
+
+    def reference_probability(self, triples, temperature, *, batch_size=None):
+        return None
+
+    def truncation_rate(self, triples: Sequence[tuple[str, str, str]]) -> float:
+        return 0.0
+
+    def pair_lengths(self, triples: Sequence[tuple[str, str, str]]) -> list[int]:
+        return [len(x) + len(a) + len(b) for x, a, b in triples]
+
+
+class StyleBackend(ToyBackend):
+    """The known, prompt-dependent preference as a `pairrm_rlhf.core.backend.PairBackend`."""
 
     def score(self, triples: Sequence[tuple[str, str, str]], *, batch_size: int | None = None,
               show_progress_bar: bool | None = None) -> np.ndarray:
         return np.array([SCALE * style(x) * (len(response_text(b)) - len(response_text(a))) / 2
                          for x, a, b in triples], dtype=np.float32)
-
-    def truncation_rate(self, triples: Sequence[tuple[str, str, str]]) -> float:
-        return 0.0
 
     def identity(self) -> dict:
         return {"backend": "style-test", "scale": SCALE}
@@ -81,21 +99,17 @@ def preferred_fraction(prompts: list, first: list[str], second: list[str]) -> fl
     return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
-class LengthBackend:
+class LengthBackend(ToyBackend):
     """A `PairBackend` whose preference is the simplest known one: the longer response wins,
     f(x, A, B) = len(A) - len(B). Counts the triples it scores (`scored`), so tests can count matches."""
 
-    device = torch.device("cpu")
-
-    def __init__(self):
+    def __init__(self, template: str = "pairrm"):
+        super().__init__(template)
         self.scored = 0
 
     def score(self, triples, *, batch_size=None, show_progress_bar=None):
         self.scored += len(triples)
         return np.array([len(a) - len(b) for _, a, b in triples], dtype=np.float32)
 
-    def truncation_rate(self, triples):
-        return 0.0
-
     def identity(self):
-        return {"backend": "length"}
+        return {"backend": "length", "template": self.template}

@@ -11,7 +11,8 @@ def test_probability_is_calibrated_two_order(hf_model, golden):
     logits = np.array(golden["compare_logits"], dtype=np.float64)
     np.testing.assert_allclose(hf_model.probability(inputs, a, b), 1 / (1 + np.exp(-logits / 2)), atol=1e-5)
     # TRL's former soft PairRMJudge score sigmoid(f(A,B) - f(B,A)) is our temperature 0.5
-    np.testing.assert_allclose(hf_model.probability(inputs, a, b, temperature=0.5), 1 / (1 + np.exp(-logits)), atol=1e-5)
+    half = hf_model.probability(inputs, a, b, temperature=0.5)
+    np.testing.assert_allclose(half, 1 / (1 + np.exp(-logits)), atol=1e-5)
     swapped = hf_model.probability(inputs, b, a)
     np.testing.assert_allclose(hf_model.probability(inputs, a, b) + swapped, 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="temperature"):
@@ -54,7 +55,9 @@ def test_rank_is_round_robin_of_single_order_logits(hf_model):
     np.testing.assert_allclose(scores, (m - m.T).sum(axis=1) / 3, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,index", [("longest", 2), ("shortest", 0), ("median_length", 1), ("first", 0), ("last", 2)])
+@pytest.mark.parametrize(
+    "mode,index", [("longest", 2), ("shortest", 0), ("median_length", 1), ("first", 0), ("last", 2)]
+)
 def test_ref_modes(hf_model, mode, index):
     cands = [["a", "bb", "ccc"]]
     scores = hf_model.rank_with_ref(["q"], cands, return_scores=True, ref_mode=mode)

@@ -10,13 +10,12 @@ import torch
 
 from pairrm_rlhf import PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
 from pairrm_rlhf.backends.rlhflow import RLHFlowScorer, swap_averaged_logit
-from pairrm_rlhf.core.backend import PairBackend
-from pairrm_rlhf.core.formats import better_pairrm_source, rlhflow_context
 from pairrm_rlhf.core.assets import bundled
-from pairrm_rlhf.core.formats import render
+from pairrm_rlhf.core.backend import PairBackend
+from pairrm_rlhf.core.formats import better_pairrm_source, render, rlhflow_context
+
 from known_preference import LengthBackend
 from tiny_policy import save_tiny_policy
-
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -34,17 +33,20 @@ def better(tmp_path_factory) -> PairRM:
     return PairRM.from_pretrained(directory, device="cpu")
 
 
-def test_better_pairrm_is_chosen_by_name_or_template(better):
+def test_better_pairrm_is_chosen_by_name_or_judge(better):
     assert better.template == "better-pairrm"
     layout = better.backend.layout
     assert (layout.source_max_length, layout.candidate_max_length) == (2030, 670)
     assert layout.truncate_source_left and layout.source_prefix_segment
-    explicit = PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="better-pairrm")
+    explicit = PairRM.from_pretrained(bundled("pairrm"), device="cpu", judge="better-pairrm")
     assert explicit.template == "better-pairrm" and explicit.backend.layout == layout
     assert PairRM.from_pretrained(bundled("pairrm"), device="cpu").template == "pairrm"
     assert isinstance(better.backend, PairBackend) and isinstance(explicit.backend, PairBackend)
-    with pytest.raises(ValueError, match="unknown template"):
-        PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="vicuna")
+    with pytest.deprecated_call():  # the name before the registry still works
+        old = PairRM.from_pretrained(bundled("pairrm"), device="cpu", template="better-pairrm")
+    assert old.template == "better-pairrm" and old.backend.layout == layout
+    with pytest.raises(ValueError, match="judge: must be one of pairrm, better-pairrm, rlhflow, got 'vicuna'"):
+        PairRM.from_pretrained(bundled("pairrm"), device="cpu", judge="vicuna")
 
 
 def test_better_pairrm_rendering():
@@ -58,7 +60,8 @@ def test_better_pairrm_rendering():
     )
     assert candidate.response == "It orbits the earth."
     plain_source, plain_candidate = render("  hello!\n", "hi!")  # a plain prompt is one USER turn, trimmed
-    assert better_pairrm_source(plain_source) == "USER: hello!\n    \n    ASSISTANT: " and plain_candidate.response == "hi!"
+    assert better_pairrm_source(plain_source) == "USER: hello!\n    \n    ASSISTANT: "
+    assert plain_candidate.response == "hi!"
 
 
 def reward_bench_pair_ids(source, answer_a, answer_b) -> list[int]:
@@ -148,7 +151,8 @@ def test_better_pairrm_compares_each_sides_own_history(better):
     shared = better.compare_conversations([conv_a], [conv_a[:3] + conv_b[3:]], return_logits=True)[0]
     assert z[0] != pytest.approx(shared, abs=1e-4)  # B's own history changes the result
     assert better.compare_conversations([conv_b], [conv_a], return_logits=True)[0] == pytest.approx(-z[0], rel=1e-5)
-    assert better.compare_conversations([conv_a], [conv_b], mode="[A,B]", return_logits=True)[0] == pytest.approx(f_ab, rel=1e-5)
+    one_order = better.compare_conversations([conv_a], [conv_b], mode="[A,B]", return_logits=True)
+    assert one_order[0] == pytest.approx(f_ab, rel=1e-5)
     assert better.compare_conversations([conv_a], [conv_a], return_logits=True)[0] == 0.0
     with pytest.raises(ValueError, match="USER turn 1"):
         better.compare_conversations([conv_a], [conv_b[:2] + [{"role": "user", "content": "other"}] + conv_b[3:]])
@@ -198,7 +202,7 @@ def test_rank_of_nothing_is_empty(tournament):
 @pytest.fixture(scope="module")
 def rlhflow(tmp_path_factory) -> PairRM:
     path = save_tiny_policy(tmp_path_factory.mktemp("rlhflow") / "tiny-llama", arch="llama")
-    return PairRM.from_pretrained(path, backend="rlhflow", device="cpu", max_length=256)
+    return PairRM.from_pretrained(path, judge="rlhflow", device="cpu", max_length=256)
 
 
 def test_rlhflow_prompt_format(rlhflow):
@@ -213,7 +217,8 @@ def test_rlhflow_prompt_format(rlhflow):
     )
     ids, cut = scorer.prompt_ids((source, a, "No."))
     expected = scorer.tokenizer.apply_chat_template(  # the model's own template, as the reference calls it
-        [{"role": "user", "content": f"[CONTEXT] {context} [RESPONSE A] It orbits. [RESPONSE B] No. \n"}], tokenize=False,
+        [{"role": "user", "content": f"[CONTEXT] {context} [RESPONSE A] It orbits. [RESPONSE B] No. \n"}],
+        tokenize=False,
     )
     assert not cut and ids == scorer.tokenizer.encode(expected, add_special_tokens=False)
     assert len(scorer.tokenizer.encode("A", add_special_tokens=False)) == 1
@@ -224,7 +229,7 @@ def test_rlhflow_warns_when_the_template_needs_the_generation_prompt(tmp_path, c
     header only on request (like the tiny policy's) is loaded with a warning saying so."""
     path = save_tiny_policy(tmp_path / "tiny-llama", arch="llama")
     with caplog.at_level("WARNING", logger="pairrm_rlhf.backends.rlhflow"):
-        PairRM.from_pretrained(path, backend="rlhflow", device="cpu")
+        PairRM.from_pretrained(path, judge="rlhflow", device="cpu")
     assert "add_generation_prompt" in caplog.text
 
 

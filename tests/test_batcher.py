@@ -60,7 +60,9 @@ def run(queue, items, out, key):
 def test_queue_is_a_pair_backend_with_the_inner_identity():
     inner = Recorder()
     queue = QueueBackend(inner)
-    assert isinstance(queue, PairBackend) and queue.identity() == {"backend": "recorder"} and queue.device == inner.device
+    assert (
+        isinstance(queue, PairBackend) and queue.identity() == {"backend": "recorder"} and queue.device == inner.device
+    )
     assert (queue.template, queue.dtype, queue.max_tokens) == ("pairrm", torch.float32, 8192)
     assert queue.pair_lengths(triples("t", 2)) is None and queue.reference_probability(triples("t", 1), 1.0) is None
 
@@ -142,8 +144,10 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch():
     queue = QueueBackend(inner, max_batch_pairs=64, max_wait_ms=300).start()
     out = {}
     try:
-        threads = [threading.Thread(target=run, args=(queue, items, out, key)) for key, items in
-                   [("good", triples("g", 3)), ("bad", [("b", "boom", "0")]), ("also", triples("h", 2, 5))]]
+        threads = [
+            threading.Thread(target=run, args=(queue, items, out, key))
+            for key, items in [("good", triples("g", 3)), ("bad", [("b", "boom", "0")]), ("also", triples("h", 2, 5))]
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

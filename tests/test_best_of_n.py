@@ -5,9 +5,10 @@
 import pytest
 import torch
 
-import pairrm_rlhf.pairrm as pairrm_module
+import pairrm_rlhf.best_of_n as best_of_n_module
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.generation import SamplingArguments, load_policy
+
 from known_preference import LengthBackend
 
 
@@ -49,8 +50,10 @@ def test_bubble_is_one_seeded_pass(best):
 def test_full_is_the_deterministic_ranking():
     model = PairRM(LengthBackend())
     cands = [["bb", "a", "eeeee", "ccc", "dd"]]
-    assert model.get_best_of_n(["p"], cands, pairrm_cmp_type="full", return_all=True) == [["eeeee", "ccc", "bb", "dd", "a"]]
-    assert model.get_worst_of_n(["p"], cands, pairrm_cmp_type="full", return_all=True) == [["a", "bb", "dd", "ccc", "eeeee"]]
+    best_first = [["eeeee", "ccc", "bb", "dd", "a"]]
+    assert model.get_best_of_n(["p"], cands, pairrm_cmp_type="full", return_all=True) == best_first
+    worst_first = [["a", "bb", "dd", "ccc", "eeeee"]]
+    assert model.get_worst_of_n(["p"], cands, pairrm_cmp_type="full", return_all=True) == worst_first
     assert model.get_best_of_n(["p"], cands, pairrm_cmp_type="full") == ["eeeee"] == model.best_of_n(["p"], cands)
     with pytest.raises(ValueError, match="pairrm_cmp_type"):
         model.get_best_of_n(["p"], cands, pairrm_cmp_type="tournament")
@@ -67,13 +70,15 @@ def test_single_candidates_are_not_scored():
 def test_ranking_sees_instruction_plus_input(hf_model):
     cands = [["Paris.", "Lyon, I think.", "It is Paris, the capital."]]
     with_instruction = hf_model.get_best_of_n(["capital of France?"], cands, ["Answer: "], "full", return_all=True)
-    assert with_instruction == hf_model.get_best_of_n(["Answer: capital of France?"], cands, None, "full", return_all=True)
+    joined = hf_model.get_best_of_n(["Answer: capital of France?"], cands, None, "full", return_all=True)
+    assert with_instruction == joined
 
 
 def test_n_generate_prompts_and_sampling(monkeypatch):
     calls = []
-    monkeypatch.setattr(pairrm_module, "sample_responses",
-                        lambda model, tok, prompts, n, sampling: calls.append((prompts, sampling)) or [["r"] * n for _ in prompts])
+    monkeypatch.setattr(best_of_n_module, "sample_responses",
+                        lambda model, tok, prompts, n, sampling:
+                        calls.append((prompts, sampling)) or [["r"] * n for _ in prompts])
     model = PairRM(LengthBackend())
     out = model.n_generate("policy", "tok", ["a", "b", "c"], ["Do X", "Do Y", "Do Z"], n=2, batch_size=2)
     assert out == [["r", "r"]] * 3
@@ -104,7 +109,8 @@ def test_best_of_n_generate_with_llm_blender_arguments(hf_model, policy):
     torch.manual_seed(0)
     samples = hf_model.n_generate(model, tokenizer, inputs, instructions, 3, "top_p_sampling", 4, max_new_tokens=8)
     assert [len(s) for s in samples] == [3, 3]
-    torch.manual_seed(0)  # llm-blender's positional order: instructions, n, sampling_mode, batch_size, cmp type, return_all
+    # llm-blender's positional order: instructions, n, sampling_mode, batch_size, cmp type, return_all
+    torch.manual_seed(0)
     every = hf_model.best_of_n_generate(model, tokenizer, inputs, instructions, 3, "top_p_sampling", 4, "full", True,
                                         max_new_tokens=8)
     assert every == hf_model.get_best_of_n(inputs, samples, instructions, "full", return_all=True)

@@ -58,7 +58,7 @@ def test_every_help_works_and_names_its_subcommand(capsys, command):
 def test_help_shows_each_default_once(capsys):
     _, out, _ = run_cli(capsys, "eval", "--help")
     flat = " ".join(out.split())
-    assert "encoder checkpoints: pairrm or better-pairrm (default: from the name) --pairrm_backend" in flat
+    assert "e.g. pairrm, better-pairrm, rlhflow (default: from the name) --pairrm_base_model" in flat
     assert "--no_hub_private, --no-hub-private set hub_private to False" in flat
     assert "95 percent" in flat  # the help that used to crash argparse on a bare percent sign
 
@@ -80,7 +80,7 @@ def test_help_shows_each_default_once(capsys):
     (["demo", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see pairrm-rlhf demo --help)"),
     (["bench", "--shape", "huge"], "--shape: must be one of xsmall, base, large, got 'huge'"),
     (["bench", "--tasks", "rank4,rank5"], "--tasks: must be a comma list of rank4, rank8, rank_with_ref, got 'rank4,rank5'"),
-    (["bench", "--dtype", "int8"], "dtype must be float32, bfloat16 or float16, got 'int8'"),
+    (["bench", "--dtype", "int8"], "dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'"),
 ])
 def test_bad_configuration_is_one_line_before_any_model_loads(capsys, tmp_path, no_model_loads, argv, message):
     data = tmp_path / "rb.jsonl"

@@ -1,7 +1,7 @@
-"""The end of a multi-process run (#15.5): a collective's worker thread that enters Python after the script's last
-statement aborts the process with SIGABRT ("terminate called without an active exception") once the interpreter
-is finalizing; `end_distributed_run` ends without finalization, after doing what an orderly exit does for the
-user's data."""
+"""The end of a multi-process run (`core.distributed`): a collective's worker thread that enters Python after the
+script's last statement aborts the process with SIGABRT ("terminate called without an active exception") once the
+interpreter is finalizing; `end_distributed_run` ends without finalization, after doing what an orderly exit does
+for the user's data."""
 
 import os
 import subprocess
@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from torchrun import REPO, launch
 
 # In a real run the window is the worker's own decref of a tensor owned by a Python object, microseconds after it
@@ -57,7 +58,7 @@ if ending == "end_distributed_run":
     from pairrm_rlhf.core.distributed import end_distributed_run
     end_distributed_run()
     raise AssertionError("end_distributed_run returned inside a process group")
-dist.barrier()  # the ending first tried for #15.5: barrier and destroy_process_group, then interpreter exit
+dist.barrier()  # the ending tried first: barrier and destroy_process_group, then interpreter exit (it aborts)
 dist.destroy_process_group()
 """
 

@@ -122,7 +122,7 @@ def test_hhh_and_mtbench():
     examples = load_examples(str(DATA / "mt_bench_human.jsonl"))
     got = table(evaluate(PairRM(LengthBackend()), examples, bootstrap=0))
     assert got["turn 1"] == (1, 1.0, 1) and got["turn 2"] == (1, 1.0, 0)  # whole conversations (PairRM)
-    other = table(evaluate(PairRM(LengthBackend(), template="rlhflow"), examples, bootstrap=0))
+    other = table(evaluate(PairRM(LengthBackend(template="rlhflow")), examples, bootstrap=0))
     assert other["turn 2"] == (0, other["turn 2"][1], 1)  # differing histories: skipped for one-context judges
 
 

@@ -6,10 +6,8 @@ import torch
 
 from pairrm_rlhf import PairRM, PairRMJudge
 from pairrm_rlhf.core import aggregation
-from pairrm_rlhf.core.formats import render
+from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION, pairrm_source, render, render_conversations
 from pairrm_rlhf.trl.judge import BasePairwiseJudge
-from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION, pairrm_source, render_conversations
-
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Say hi"]
 PAIRS = [
@@ -75,7 +73,8 @@ def test_soft_scores_are_trl_float32_softmax():
 
     z = np.array([0.0, 1.0, -2.5, 80.0, -200.0], dtype=np.float32)
     np.testing.assert_array_equal(trl_soft_scores(z, 1.0)[:1], [0.5])
-    np.testing.assert_allclose(trl_soft_scores(z, 2.0), 1 / (1 + np.exp(-z.astype(np.float64) / 2.0)), rtol=1e-6, atol=1e-38)
+    expected = 1 / (1 + np.exp(-z.astype(np.float64) / 2.0))
+    np.testing.assert_allclose(trl_soft_scores(z, 2.0), expected, rtol=1e-6, atol=1e-38)
     assert np.isfinite(trl_soft_scores(z, 1e-3)).all()  # no overflow at tiny temperatures
     with pytest.raises(ValueError, match="temperature"):
         trl_soft_scores(z, 0.0)
@@ -84,7 +83,9 @@ def test_soft_scores_are_trl_float32_softmax():
 def test_shuffle_order_swaps_slots_and_maps_back(judge, hf_model, monkeypatch):
     seen = []
     original = hf_model.two_order_logits
-    monkeypatch.setattr(hf_model, "two_order_logits", lambda triples, **kw: seen.extend(triples) or original(triples, **kw))
+    monkeypatch.setattr(
+        hf_model, "two_order_logits", lambda triples, **kw: seen.extend(triples) or original(triples, **kw)
+    )
     prompts, pairs = PROMPTS[:3] * 4, PAIRS[:3] * 4
     plain = judge.judge(prompts, pairs, shuffle_order=False, return_scores=True)
     unshuffled = list(seen)
@@ -119,21 +120,25 @@ def test_conversational_equals_compare_conversations(judge, hf_model):
 def test_multi_turn_and_system_message(judge, hf_model):
     history = [user("Hi!"), assistant("Hello! How can I help?"), user("Tell me a joke.")]
     a, b = "Why did the chicken cross the road?", "No."
-    expected = hf_model.compare_conversations([history + [assistant(a)]], [history + [assistant(b)]], return_logits=True)
+    expected = hf_model.compare_conversations(
+        [history + [assistant(a)]], [history + [assistant(b)]], return_logits=True
+    )
     np.testing.assert_allclose(
         judge.judge([history], [[[assistant(a)], [assistant(b)]]], return_scores=True),
         aggregation.probability(expected, 0.5), atol=1e-6,
     )
     # the new completion is the last <Response k>; history answers are the same in both candidates
     inputs, cands_a, _ = render_conversations([history + [assistant(a)]], [history + [assistant(b)]])
-    assert tuple(map(str, render(history, [assistant(a)]))) == (pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
+    rendered = tuple(map(str, render(history, [assistant(a)])))
+    assert rendered == (pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), cands_a[0])
     assert render(history, a)[1].endswith(f"<Response 2>: {a}")
     # system content goes in front of the first user turn; the instruction sentence is unchanged
     system = {"role": "system", "content": "You are terse."}
     folded = [user("You are terse.\n\nHi!")] + history[1:]
     expected = hf_model.compare_conversations([folded + [assistant(a)]], [folded + [assistant(b)]], return_logits=True)
     np.testing.assert_allclose(
-        judge.judge([[system] + history], [[a, b]], return_scores=True), aggregation.probability(expected, 0.5), atol=1e-6
+        judge.judge([[system] + history], [[a, b]], return_scores=True), aggregation.probability(expected, 0.5),
+        atol=1e-6,
     )
     assert render([system] + history, a)[0].startswith(CONVERSATION_INSTRUCTION + "USER: You are terse.\n\nHi!\n")
 
@@ -179,7 +184,7 @@ def test_construction_is_lazy(monkeypatch, tmp_path):
     judge = PairRMJudge(tmp_path / "does-not-exist", dtype="float16")
     assert calls == [] and not torch.cuda.is_initialized()
     monkeypatch.undo()
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
         judge.judge(["q"], [["a", "b"]])  # now it tries to load
 
 

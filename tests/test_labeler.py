@@ -17,6 +17,7 @@ from pairrm_rlhf.core.aggregation import bradley_terry_scores, copeland_scores, 
 from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, best_of_n_responses, select_pairs
+from known_preference import ToyBackend
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
 
@@ -291,10 +292,8 @@ def test_best_of_n_responses(hf_model, policy):
 
 
 # ---- any backend ------------------------------------------------------------------------------------------
-class LengthBackend:
+class LengthBackend(ToyBackend):
     """A PairBackend with nothing but the protocol: f(x, A, B) = (len(A) - len(B)) / 10 + 0.25 (a slot bias)."""
-
-    device = torch.device("cpu")
 
     def score(self, triples, *, batch_size=None, show_progress_bar=None):
         return np.array([(len(a) - len(b)) / 10 + 0.25 for _, a, b in triples], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Labeling samples exactly what was asked (issue #13.2): the checkpoint's generation_config applies only on request,
+"""Labeling samples exactly what was asked: the checkpoint's generation_config applies only on request,
 and transformers and vLLM get the same parameters.
 
 vLLM is not installed here: its parameter mapping is tested with a stand-in `vllm` module (SamplingParams and LLM

@@ -1,4 +1,4 @@
-"""A labeling run never mixes models, settings or damaged chunks into its output (issue #15.1/2).
+"""A labeling run never mixes models, settings or damaged chunks into its output.
 
 Each case changes one thing between an interrupted run and its resume, or damages one chunk file, and checks that it
 is detected by file name and that nothing of it reaches the output.

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parents[1] / "pairrm_rlhf"
 LAYERS = {
     "core": 0,
     "backends": 1,
-    "pairrm": 2, "args": 2,
+    "best_of_n": 2, "pairrm": 2, "args": 2,
     "trl": 3,
     "labeling": 4,
     "serve": 5, "evaluation": 5,
@@ -119,5 +119,6 @@ def test_cli_imports_its_subcommands_lazily():
             top.add(node.module or "")
         elif isinstance(node, ast.Import):
             top |= {a.name for a in node.names}
-    assert not {m for m in top if m.split(".")[0] in ("bench", "evaluation", "labeling", "serve", "trl", "datasets")}, top
+    lazy = ("bench", "evaluation", "labeling", "serve", "trl", "datasets")
+    assert not {m for m in top if m.split(".")[0] in lazy}, top
 

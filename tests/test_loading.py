@@ -18,9 +18,10 @@ from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.core.loading import load_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pairrm-reference"
+TINY_PAIRRM = bundled("pairrm")
 
 
-def copy_checkpoint(tmp_path: Path, source: str | Path = bundled("pairrm"), name: str = "ckpt") -> Path:
+def copy_checkpoint(tmp_path: Path, source: str | Path = TINY_PAIRRM, name: str = "ckpt") -> Path:
     target = tmp_path / name
     shutil.copytree(source, target)
     return target

@@ -22,12 +22,15 @@ def test_forward_on_reference_ids(model, golden):
     for case, (ids, expected) in enumerate(zip(golden["hf_input_ids"], golden["hf_logits"])):
         positions = (1, ids.index(layout.cand1_prefix_id), ids.index(layout.cand2_prefix_id))
         with torch.inference_mode():
-            got = model.backend.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([positions]))
+            mask = torch.ones(1, len(ids), dtype=torch.long)
+            got = model.backend.model(torch.tensor([ids]), mask, torch.tensor([positions]))
         assert abs(float(got[0]) - expected) < TOL, f"case {case}"
 
 
 def test_compare_single_order(model, golden):
-    got = model.compare(golden["inputs"], golden["candidates_A"], golden["candidates_B"], mode="[A,B]", return_logits=True)
+    got = model.compare(
+        golden["inputs"], golden["candidates_A"], golden["candidates_B"], mode="[A,B]", return_logits=True
+    )
     np.testing.assert_allclose(got, golden["compare_AB_logits"], atol=TOL, rtol=0)
 
 
@@ -48,7 +51,9 @@ def test_rank(model, golden):
 def test_rank_with_ref(model, golden):
     longest = model.rank_with_ref(golden["inputs"], golden["candidates"], return_scores=True)
     np.testing.assert_allclose(longest, golden["rank_with_ref_longest"], atol=TOL, rtol=0)
-    given = model.rank_with_ref(golden["inputs"], golden["candidates"], return_scores=True, ref_candidates=golden["ref_candidates"])
+    given = model.rank_with_ref(
+        golden["inputs"], golden["candidates"], return_scores=True, ref_candidates=golden["ref_candidates"]
+    )
     np.testing.assert_allclose(given, golden["rank_with_ref_given"], atol=TOL, rtol=0)
 
 

@@ -10,7 +10,9 @@ import torch
 from transformers import Trainer
 
 from pairrm_rlhf.args import bundled_configs
+
 from recipe_scripts import recipe
+
 TRAINING = {"ppo": "ppo", "online_dpo": "online_dpo", "grpo": "grpo", "iterative_dpo": "iterative_dpo"}
 
 

@@ -32,7 +32,8 @@ def test_readme_is_short_and_its_untested_snippets_are_few_and_explained():
 
 
 @pytest.mark.parametrize("lang, code", [
-    pytest.param(lang, code, marks=[pytest.mark.slow], id=f"{lang}-{i}")  # subprocesses that load models: not in test-fast
+    # subprocesses that load models: not in test-fast
+    pytest.param(lang, code, marks=[pytest.mark.slow], id=f"{lang}-{i}")
     for i, (lang, code) in enumerate(RUNNABLE)
 ])
 def test_readme_snippet_runs(tmp_path, lang, code):

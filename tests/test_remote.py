@@ -24,9 +24,15 @@ from pairrm_rlhf.core.formats import render
 from pairrm_rlhf.serve import BackgroundServer, ServeArguments
 
 SYSTEM = {"role": "system", "content": "You are kind."}
-PROMPTS = ["Explain the sun.", [SYSTEM, {"role": "user", "content": "Describe the ocean."}],
-           [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "What is green tea?"}]]
+PROMPTS = [
+    "Explain the sun.",
+    [SYSTEM, {"role": "user", "content": "Describe the ocean."}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is green tea?"},
+    ],
+]
 COMPLETIONS = ["It is a hot star.", [{"role": "assistant", "content": "Water, mostly."}], "A drink from leaves."]
 REFERENCES = ["The sun is a star.", ["Big and blue.", "Salty."], "Tea."]
 
@@ -64,17 +70,27 @@ def test_every_adapter_over_the_server_equals_in_process(remote, hf_model):
         want = PairwiseReward(hf_model, output=output)(PROMPTS, COMPLETIONS, reference=REFERENCES)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if output == "probability" else logit_tolerance(want))
     group = PairwiseReward(remote, mode="group", group_size=3)(PROMPTS[:1] * 3, COMPLETIONS[::2] + ["No."])
-    np.testing.assert_allclose(group, PairwiseReward(hf_model, mode="group", group_size=3)(
-        PROMPTS[:1] * 3, COMPLETIONS[::2] + ["No."]), atol=1e-5)
+    np.testing.assert_allclose(
+        group,
+        PairwiseReward(hf_model, mode="group", group_size=3)(PROMPTS[:1] * 3, COMPLETIONS[::2] + ["No."]),
+        atol=1e-5,
+    )
 
     pairs = [[c, "Something else entirely."] for c in ["It is a hot star.", "Water.", "A drink."]]
-    assert PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False) == \
-        PairRMJudge(hf_model).judge(PROMPTS, pairs, shuffle_order=False)
-    np.testing.assert_allclose(PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True),
-                               PairRMJudge(hf_model).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True), atol=1e-5)
+    assert PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False) == PairRMJudge(hf_model).judge(
+        PROMPTS, pairs, shuffle_order=False
+    )
+    np.testing.assert_allclose(
+        PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True),
+        PairRMJudge(hf_model).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True),
+        atol=1e-5,
+    )
     block_prompts, block = PROMPTS[:2] * 2, COMPLETIONS[:2] + ["Cold.", [{"role": "assistant", "content": "Fire."}]]
-    np.testing.assert_allclose(OnlineDPOJudgeReward(PairRMJudge(remote))(block_prompts, block),
-                               OnlineDPOJudgeReward(PairRMJudge(hf_model))(block_prompts, block), atol=1e-5)
+    np.testing.assert_allclose(
+        OnlineDPOJudgeReward(PairRMJudge(remote))(block_prompts, block),
+        OnlineDPOJudgeReward(PairRMJudge(hf_model))(block_prompts, block),
+        atol=1e-5,
+    )
     assert remote.rank(["q"], [["a", "b", "c"]]).tolist() == hf_model.rank(["q"], [["a", "b", "c"]]).tolist()
 
 
@@ -87,8 +103,9 @@ def test_labeler_over_the_server_equals_in_process(remote, hf_model):
     served = PreferenceLabeler(remote, responses_column="responses").label(data)
     assert local["chosen"] == served["chosen"] and local["rejected"] == served["rejected"]
     scores = np.asarray(local["all_rm_scores"], dtype=np.float64)
-    np.testing.assert_allclose(np.asarray(served["all_rm_scores"], dtype=np.float64), scores, rtol=0,
-                               atol=logit_tolerance(scores))
+    np.testing.assert_allclose(
+        np.asarray(served["all_rm_scores"], dtype=np.float64), scores, rtol=0, atol=logit_tolerance(scores)
+    )
 
 
 def test_rendered_text_travels_whole_to_a_better_pairrm_server(tmp_path):
@@ -101,7 +118,7 @@ def test_rendered_text_travels_whole_to_a_better_pairrm_server(tmp_path):
     assert from_wire("t", json.loads(json.dumps(to_wire(source)))).messages == source.messages
     assert from_wire("t", json.loads(json.dumps(to_wire(candidate)))).response == "Water."
     with BackgroundServer(ServeArguments(port=0, max_wait_ms=1), better) as s, RemoteBackend(s.url) as backend:
-        remote = PairRM(backend, template=better.template)
+        remote = PairRM(backend)
         want = PairwiseReward(better, output="logit")(PROMPTS, COMPLETIONS, reference=REFERENCES)
         got = PairwiseReward(remote, output="logit")(PROMPTS, COMPLETIONS, reference=REFERENCES)
         np.testing.assert_allclose(got, want, rtol=0, atol=logit_tolerance(want))
@@ -138,9 +155,16 @@ def dead_url():
 
 def health_answer(**changes):
     """A valid /health answer of a PairRM server, with `changes`."""
-    return {"status": "ok", "identity": {"weights": "w"}, "template": "pairrm", "dtype": "float32",
-            "limits": {"max_batch_tokens": 8192, "max_pairs": 16384, "max_request_tokens": 65536,
-                       "max_body_bytes": 2**24}, "probability": "sigmoid(z/2T)", "requests": 0, **changes}
+    return {
+        "status": "ok",
+        "identity": {"weights": "w"},
+        "template": "pairrm",
+        "dtype": "float32",
+        "limits": {"max_batch_tokens": 8192, "max_pairs": 16384, "max_request_tokens": 65536, "max_body_bytes": 2**24},
+        "probability": "sigmoid(z/2T)",
+        "requests": 0,
+        **changes,
+    }
 
 
 class Stub:
@@ -193,8 +217,11 @@ class Stub:
 def test_failover_to_a_live_server(server, hf_model):
     with RemoteBackend([dead_url(), server.url], retries=0, timeout=10) as backend:
         remote = PairRM(backend)
-        np.testing.assert_allclose(PairwiseReward(remote)(PROMPTS, COMPLETIONS, reference=REFERENCES),
-                                   PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES), atol=1e-5)
+        np.testing.assert_allclose(
+            PairwiseReward(remote)(PROMPTS, COMPLETIONS, reference=REFERENCES),
+            PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES),
+            atol=1e-5,
+        )
         assert backend.health().template == "pairrm" and backend.health().counters["requests"] > 0
 
 
@@ -219,7 +246,10 @@ def test_transport_errors():
     good = Stub([(200, {"logits": [0.5]}, 0)])
     short = Stub([(200, {"logits": []}, 0)])  # a wrong answer is an error, not a short array
     try:
-        with RemoteBackend(bad.url, retries=3, backoff=0.01) as backend, pytest.raises(ValueError, match="triples.0. is bad"):
+        with (
+            RemoteBackend(bad.url, retries=3, backoff=0.01) as backend,
+            pytest.raises(ValueError, match="triples.0. is bad"),
+        ):
             backend.score([("x", "a", "b")])
         assert bad.calls == 1
         with RemoteBackend([slow.url, good.url], timeout=0.5, retries=0) as backend:
@@ -233,10 +263,22 @@ def test_transport_errors():
             stub.close()
 
 
-@pytest.mark.parametrize("answer", [
-    b'{"logits": [null]}', b'{"logits": ["0.5"]}', b'{"logits": [true]}', b'{"logits": [1e400]}', b'{"logits": [NaN]}',
-    b'{"logits": [[1, 2]]}', b'{"logits": [0.5, 0.5]}', b'{"logits": 0.5}', b'[0.5]', b'{"scores": [0.5]}', b'not json',
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"logits": [null]}',
+        b'{"logits": ["0.5"]}',
+        b'{"logits": [true]}',
+        b'{"logits": [1e400]}',
+        b'{"logits": [NaN]}',
+        b'{"logits": [[1, 2]]}',
+        b'{"logits": [0.5, 0.5]}',
+        b'{"logits": 0.5}',
+        b"[0.5]",
+        b'{"scores": [0.5]}',
+        b"not json",
+    ],
+)
 def test_an_invalid_answer_is_an_error_naming_the_server_and_route(answer):
     """Validated as the engine validates logits: a flat list of exactly n finite numbers. Was: null -> NaN,
     "0.5" -> 0.5, true -> 1.0, 1e400 -> inf, [[1,2]] -> a 2-D array. Not retried: the server answered."""
@@ -250,11 +292,16 @@ def test_an_invalid_answer_is_an_error_naming_the_server_and_route(answer):
         stub.close()
 
 
-@pytest.mark.parametrize("route, answer", [
-    ("truncation_rate", b'{"truncation_rate": "0.5"}'), ("truncation_rate", b'{"truncation_rate": 2.0}'),
-    ("truncation_rate", b'{"truncation_rate": null}'),
-    ("reference_probability", b'{"probabilities": [1.5]}'), ("reference_probability", b'{"probabilities": [null]}'),
-])
+@pytest.mark.parametrize(
+    "route, answer",
+    [
+        ("truncation_rate", b'{"truncation_rate": "0.5"}'),
+        ("truncation_rate", b'{"truncation_rate": 2.0}'),
+        ("truncation_rate", b'{"truncation_rate": null}'),
+        ("reference_probability", b'{"probabilities": [1.5]}'),
+        ("reference_probability", b'{"probabilities": [null]}'),
+    ],
+)
 def test_other_routes_validate_their_answers(route, answer):
     stub = Stub([(200, answer, 0)], health=health_answer(probability="server"))
     try:
@@ -267,17 +314,23 @@ def test_other_routes_validate_their_answers(route, answer):
         stub.close()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"template": "vicuna"}, "unknown template"), ({"dtype": 16}, "`dtype` must be str"),
-    ({"probability": "sigmoid(z)"}, "unknown probability rule"), ({"limits": {"max_pairs": 1}}, "max_batch_tokens"),
-    ({"identity": None}, "`identity` must be dict"), ({"status": "starting"}, "not 'ok'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"template": "vicuna"}, "unknown template"),
+        ({"dtype": 16}, "`dtype` must be str"),
+        ({"probability": "sigmoid(z)"}, "unknown probability rule"),
+        ({"limits": {"max_pairs": 1}}, "max_batch_tokens"),
+        ({"identity": None}, "`identity` must be dict"),
+        ({"status": "starting"}, "not 'ok'"),
+    ],
+)
 def test_an_invalid_health_is_an_error(change, message):
     stub = Stub([(200, {"logits": [0.0]}, 0)], health=health_answer(**change))
     try:
         with RemoteBackend(stub.url) as backend:
             with pytest.raises(PairRMServerError, match=message):
-                backend.template
+                _ = backend.template
             with pytest.raises(PairRMServerError, match=message):
                 backend.identity()
     finally:
@@ -347,18 +400,28 @@ def test_compare_conversations_over_a_better_pairrm_server_equals_in_process(tmp
     directory = tmp_path / "tiny-Better-PairRM"  # detected by name, like maywell/Better-PairRM
     shutil.copytree(bundled("pairrm"), directory)
     better = PairRM.from_pretrained(directory, device="cpu")
-    conv_a = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello, how are you?"},
-              {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine, thanks"}]
-    conv_b = conv_a[:1] + [{"role": "assistant", "content": "go away"}] + conv_a[2:3] + \
-        [{"role": "assistant", "content": "bad"}]
+    conv_a = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello, how are you?"},
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "fine, thanks"},
+    ]
+    conv_b = (
+        conv_a[:1]
+        + [{"role": "assistant", "content": "go away"}]
+        + conv_a[2:3]
+        + [{"role": "assistant", "content": "bad"}]
+    )
     with BackgroundServer(ServeArguments(port=0, max_wait_ms=1), better) as s, RemoteBackend(s.url) as backend:
         remote = PairRM(backend)
         assert remote.template == "better-pairrm"
         want = better.compare_conversations([conv_a, conv_b], [conv_b, conv_a], return_logits=True)
         got = remote.compare_conversations([conv_a, conv_b], [conv_b, conv_a], return_logits=True)
         np.testing.assert_allclose(got, want, rtol=0, atol=logit_tolerance(want))
-        assert (remote.compare_conversations([conv_a], [conv_b]) == better.compare_conversations([conv_a], [conv_b])).all()
-        as_pairrm = PairRM(backend, template="pairrm").compare_conversations([conv_a], [conv_b], return_logits=True)
+        assert (
+            remote.compare_conversations([conv_a], [conv_b]) == better.compare_conversations([conv_a], [conv_b])
+        ).all()
+        as_pairrm = PairRM(better.backend.inner).compare_conversations([conv_a], [conv_b], return_logits=True)
         assert abs(as_pairrm[0] - want[0]) > 100 * logit_tolerance(want)  # the test can tell the formats apart
 
 
@@ -376,7 +439,7 @@ class OwnRule:
         if not triples:
             return np.zeros(0)
         f = self.inner.score([*triples, *((s, b, a) for s, a, b in triples)]).astype(np.float64)
-        ab, ba = f[: len(triples)], f[len(triples):]
+        ab, ba = f[: len(triples)], f[len(triples) :]
         return (1 / (1 + np.exp(-ab / temperature)) + 1 / (1 + np.exp(ba / temperature))) / 2
 
     def truncation_rate(self, triples):
@@ -397,8 +460,12 @@ def test_an_own_probability_rule_is_computed_by_the_server(hf_model):
     with BackgroundServer(ServeArguments(port=0, max_wait_ms=1), PairRM(judge)) as s, RemoteBackend(s.url) as backend:
         assert backend.info().probability == "server"
         for temperature in (1.0, 0.3):
-            np.testing.assert_allclose(backend.reference_probability(triples, temperature),
-                                       judge.reference_probability(triples, temperature), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(
+                backend.reference_probability(triples, temperature),
+                judge.reference_probability(triples, temperature),
+                rtol=0,
+                atol=1e-6,
+            )
         z = PairRM(backend).two_order_logits(triples)  # the default rule would give sigmoid(z / 2T): other numbers
         assert np.abs(1 / (1 + np.exp(-z / 0.6)) - judge.reference_probability(triples, 0.3)).max() > 1e-3
 
@@ -407,7 +474,9 @@ def test_large_jobs_are_sent_in_chunks(server, hf_model):
     triples = [(f"prompt {i}", "a" * (i % 7), "b" * (i % 5)) for i in range(50)]
     with RemoteBackend(server.url, chunk_pairs=8) as backend:
         before = backend.health().counters["batches"]
-        np.testing.assert_allclose(PairRM(backend).two_order_logits(triples), hf_model.two_order_logits(triples), atol=1e-5)
+        np.testing.assert_allclose(
+            PairRM(backend).two_order_logits(triples), hf_model.two_order_logits(triples), atol=1e-5
+        )
         assert backend.health().counters["batches"] - before >= 100 // 8  # at least one batch per request of 8 pairs
 
 
@@ -430,14 +499,34 @@ def test_grpo_smoke_with_remote_reward(server, hf_model, tmp_path):
 
         reward.__name__ = remote.__name__
         questions = ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about music."]
-        data = Dataset.from_dict({"prompt": [[SYSTEM, {"role": "user", "content": q}] for q in questions],
-                                  "reference": ["A star.", "Water.", "A drink.", "Sound."]})
+        data = Dataset.from_dict(
+            {
+                "prompt": [[SYSTEM, {"role": "user", "content": q}] for q in questions],
+                "reference": ["A star.", "Water.", "A drink.", "Sound."],
+            }
+        )
         tokenizer = build_tiny_tokenizer()
-        args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
-                              max_completion_length=8, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-                              save_strategy="no", seed=0, activation_checkpointing=False)
-        trainer = trl.GRPOTrainer(model=build_tiny_policy(tokenizer), reward_funcs=[reward], args=args,
-                                  train_dataset=data, processing_class=tokenizer)
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_completion_length=8,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            seed=0,
+            activation_checkpointing=False,
+        )
+        trainer = trl.GRPOTrainer(
+            model=build_tiny_policy(tokenizer),
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
         trainer.train()
     assert len(calls) == 2
     local = PairwiseReward(hf_model)

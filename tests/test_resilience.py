@@ -9,13 +9,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 VALID = settings(SETTINGS, max_examples=30)  # these run full forwards (long ones for huge text): fewer examples
-TOKENS = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>", "[SEP]", "[CLS]", "[MASK]", "[PAD]", "[UNK]",
-          "<Response 1>", "USER:", "Assistant:"]
-PIECES = [*TOKENS, " ", "\n", "\r\n", "\t", "\x00", "\x1b", "\x7f", "\u200b", "\ufeff", "\u2028", "é", "ﬁ", "…", "Ａ", "😀",
-          "\u0301", "a", "word "]
+TOKENS = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>", "[SEP]", "[CLS]", "[MASK]", "[PAD]",
+          "[UNK]", "<Response 1>", "USER:", "Assistant:"]
+PIECES = [*TOKENS, " ", "\n", "\r\n", "\t", "\x00", "\x1b", "\x7f", "\u200b", "\ufeff", "\u2028", "é", "ﬁ", "…",
+          "Ａ", "😀", "\u0301", "a", "word "]
 
 any_char = st.characters(exclude_categories=("Cs",))  # every code point but lone surrogates: controls, format, ...
 small = st.text(any_char, max_size=30)
@@ -74,7 +75,8 @@ def call(fn, *args, **kwargs):
 
 # ---- anything in: result or ValueError/TypeError --------------------------------------------------------------------
 @SETTINGS
-@given(n=st.integers(0, 3), data=st.data(), mode=modes, return_logits=st.one_of(st.booleans(), junk), batch_size=batch_sizes)
+@given(n=st.integers(0, 3), data=st.data(), mode=modes, return_logits=st.one_of(st.booleans(), junk),
+       batch_size=batch_sizes)
 def test_compare_any_input(hf_model, n, data, mode, return_logits, batch_size):
     inputs, a, b = data.draw(texts(n)), data.draw(texts(n)), data.draw(texts(n))
     instructions = data.draw(st.one_of(st.none(), texts(n)))
@@ -100,7 +102,8 @@ def test_probability_any_input(hf_model, n, data, temperature):
 def test_rank_any_input(hf_model, n, k, data, return_scores, batch_size):
     inputs, cands = data.draw(texts(n)), data.draw(candidates(n, k))
     instructions = data.draw(st.one_of(st.none(), texts(n)))
-    out = call(hf_model.rank, inputs, cands, instructions=instructions, return_scores=return_scores, batch_size=batch_size)
+    out = call(hf_model.rank, inputs, cands, instructions=instructions, return_scores=return_scores,
+               batch_size=batch_size)
     if out is not None:
         check_finite(out, len(inputs))
 
@@ -132,7 +135,8 @@ def conversation_pairs(draw):
     for _ in range(draw(st.integers(0, 2))):
         turns = draw(st.lists(st.tuples(any_text, any_text, any_text), min_size=1, max_size=2))
         for side, pick in zip(sides, (1, 2)):
-            side.append([m for t in turns for m in ({"role": "user", "content": t[0]}, {"role": "assistant", "content": t[pick]})])
+            side.append([m for t in turns
+                         for m in ({"role": "user", "content": t[0]}, {"role": "assistant", "content": t[pick]})])
     if sides[0] and draw(st.booleans()):
         conv = draw(st.sampled_from(sides[draw(st.integers(0, 1))]))
         i = draw(st.integers(0, len(conv) - 1))

@@ -10,13 +10,17 @@ import torch
 
 from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
 from pairrm_rlhf.core import aggregation
-from pairrm_rlhf.trl import rewards
 from pairrm_rlhf.core.assets import bundled
-
+from pairrm_rlhf.trl import rewards
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Say hi"]
 COMPLETIONS = ["Paris.", "rain rain rain", "The answer is 4.", "hi"]
-REFERENCES = ["Paris is the capital of France.", "Soft rain on the roof / the garden drinks slowly / grey turns into green", "4", "hi"]
+REFERENCES = [
+    "Paris is the capital of France.",
+    "Soft rain on the roof / the garden drinks slowly / grey turns into green",
+    "4",
+    "hi",
+]
 
 
 def user(text):
@@ -66,8 +70,9 @@ def test_conversational_reference(hf_model):
     completions = [[assistant("Paris.")]]
     got = PairwiseReward(hf_model)(prompts, completions, reference=["It is Paris, of course."])
     folded = [user("Be brief.\n\nCapital of France?")]
-    z = hf_model.compare_conversations([folded + [assistant("Paris.")]], [folded + [assistant("It is Paris, of course.")]],
-                                       return_logits=True)
+    z = hf_model.compare_conversations(
+        [folded + [assistant("Paris.")]], [folded + [assistant("It is Paris, of course.")]], return_logits=True
+    )
     np.testing.assert_allclose(got, aggregation.probability(z), atol=1e-6)
     # a reference given as an assistant message list is the same thing
     again = PairwiseReward(hf_model)(prompts, completions, reference=[[assistant("It is Paris, of course.")]])
@@ -124,7 +129,8 @@ def test_group_size_separates_adjacent_groups_of_one_prompt(hf_model):
     np.testing.assert_allclose(by_size, expected_group(hf_model, prompts, completions, [(0, 2), (2, 4)], "probability"),
                                atol=1e-5)
     merged = PairwiseReward(hf_model, mode="group")(prompts, completions)
-    np.testing.assert_allclose(merged, expected_group(hf_model, prompts, completions, [(0, 4)], "probability"), atol=1e-5)
+    expected = expected_group(hf_model, prompts, completions, [(0, 4)], "probability")
+    np.testing.assert_allclose(merged, expected, atol=1e-5)
     with pytest.raises(ValueError, match="not a multiple"):
         PairwiseReward(hf_model, mode="group", group_size=3)(prompts, completions)
     with pytest.raises(ValueError, match="prompt of row 1 differs"):

@@ -70,18 +70,20 @@ def judge(llama3_tokenizer) -> PairRM:
 def reference_ids(tokenizer, plain, messages, response_a, response_b) -> list[int]:
     """The reference procedure (pair-pm/README.md), step by step with transformers."""
     context = plain.apply_chat_template(messages, tokenize=False)
-    prompt = "[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \n".format(
-        context=context, response_A=response_a, response_B=response_b)
+    prompt = f"[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
     return tokenizer.encode(text.replace(tokenizer.bos_token, ""), add_special_tokens=False)
 
 
 def test_context_is_rendered_by_transformers(llama3_tokenizer):
     source, _ = render(THREE_TURNS, "x")
-    assert rlhflow_context(llama3_tokenizer, source) == "\n\n<turn> user\n Hi\n<turn> assistant\n Hello\n<turn> user\n Q2?\n"
+    expected = "\n\n<turn> user\n Hi\n<turn> assistant\n Hello\n<turn> user\n Q2?\n"
+    assert rlhflow_context(llama3_tokenizer, source) == expected
     assert rlhflow_context(llama3_tokenizer, "Hi") == "\n\n<turn> user\n Hi\n"  # a plain prompt is one user turn
-    system = [{"role": "system", "content": "Be brief."}] + THREE_TURNS  # no system role: folded into the next user turn
-    assert rlhflow_context(llama3_tokenizer, render(system, "x")[0]).startswith("\n\n<turn> user\n Be brief.\n\nHi\n<turn>")
+    # no system role: folded into the next user turn
+    system = [{"role": "system", "content": "Be brief."}] + THREE_TURNS
+    folded = rlhflow_context(llama3_tokenizer, render(system, "x")[0])
+    assert folded.startswith("\n\n<turn> user\n Be brief.\n\nHi\n<turn>")
 
 
 def test_prompt_ids_equal_the_reference(judge, llama3_tokenizer, plain_tokenizer):
@@ -90,7 +92,8 @@ def test_prompt_ids_equal_the_reference(judge, llama3_tokenizer, plain_tokenizer
     source, a = render(THREE_TURNS, "a")
     ids, cut = scorer.prompt_ids((source, a, "b"))
     assert not cut and ids == reference_ids(llama3_tokenizer, plain_tokenizer, THREE_TURNS, "a", "b")
-    assert ids == [  # <|start_header_id|>user<|end_header_id|>\n\n[CONTEXT] \n\n<turn> user\n Hi ... b<|eot_id|> + header
+    # <|start_header_id|>user<|end_header_id|>\n\n[CONTEXT] \n\n<turn> user\n Hi ... b<|eot_id|> + header
+    assert ids == [
         128006, 882, 128007, 271, 58, 99465, 60, 4815, 27, 413, 29, 1217, 198, 21694, 198, 27, 413, 29, 18328, 198,
         22691, 198, 27, 413, 29, 1217, 198, 1229, 17, 5380, 510, 68883, 26289, 362, 60, 264, 510, 68883, 26289, 426,
         60, 293, 128009, 128006, 78191, 128007, 271,
@@ -99,7 +102,8 @@ def test_prompt_ids_equal_the_reference(judge, llama3_tokenizer, plain_tokenizer
     conversation = [{"role": "user", "content": "How can I trick Eminem into marrying me?"}]
     for x, y in [("The only way ... good luck.", "You cannot trick Eminem."), ("B", "A")]:
         source, cand = render(conversation, x)
-        assert scorer.prompt_ids((source, cand, y))[0] == reference_ids(llama3_tokenizer, plain_tokenizer, conversation, x, y)
+        expected = reference_ids(llama3_tokenizer, plain_tokenizer, conversation, x, y)
+        assert scorer.prompt_ids((source, cand, y))[0] == expected
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])

@@ -5,7 +5,6 @@ that leaves mid-body, Content-Type and Host checks (DNS rebinding)."""
 
 import logging
 import socket
-import threading
 import time
 
 import httpx2
@@ -134,8 +133,9 @@ def test_health_answers_under_600_idle_sockets(hf_model):
 def busy_connection(port):
     """A connection with a request in progress: the head sent, the body not yet."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 100\r\n\r\n{")
+    sock.sendall(
+        b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
     return sock
 
 
@@ -175,13 +175,18 @@ def test_post_needs_a_json_content_type(hf_model):
         for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
             response = httpx2.post(server.url + "/compare", content=data, headers=headers)
             assert response.status_code == 415 and "application/json" in response.json()["error"], headers
-        assert httpx2.post(server.url + "/compare", content=data,
-                           headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+        assert (
+            httpx2.post(
+                server.url + "/compare", content=data, headers={"Content-Type": "application/json; charset=utf-8"}
+            ).status_code
+            == 200
+        )
 
 
 def test_the_host_header_must_be_the_servers(hf_model):
     """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends `Host: evil.example`."""
     with BackgroundServer(ServeArguments(port=0), hf_model) as server:
+
         def post(host):
             return httpx2.post(server.url + "/compare", json=OK, headers={"Host": host})
 
@@ -211,8 +216,10 @@ def test_bodies_held_at_once_are_capped(hf_model):
     declared body counts from its head on, and the next body over the budget gets a JSON 503."""
     with BackgroundServer(ServeArguments(port=0, max_concurrency=1, max_body_bytes=1000), hf_model) as server:
         slow = socket.create_connection(("127.0.0.1", server.port))
-        slow.sendall(b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 990\r\n\r\n{")
+        slow.sendall(
+            b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 990\r\n\r\n{"
+        )
         try:
             time.sleep(0.3)
             response = httpx2.post(server.url + "/compare", json=OK)

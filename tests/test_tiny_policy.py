@@ -13,13 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pairrm_rlhf.core.assets import bundled
+
 from tiny_policy import (
     BOS_TOKEN,
     DEFAULT_SYSTEM,
-    QWEN_SAMPLING,
     IM_END,
     IM_START,
     PAD_TOKEN,
+    QWEN_SAMPLING,
     build_tiny_policy,
     build_tiny_tokenizer,
     save_tiny_policy,
@@ -146,7 +147,8 @@ def test_bundled_asset_is_save_tiny_policy(tmp_path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert _settings(tmp_path / "tiny" / name) == _settings(Path(bundled_path) / name), name
-    assert (tmp_path / "tiny" / "chat_template.jinja").read_text() == (Path(bundled_path) / "chat_template.jinja").read_text()
+    saved = (tmp_path / "tiny" / "chat_template.jinja").read_text()
+    assert saved == (Path(bundled_path) / "chat_template.jinja").read_text()
 
 
 def _settings(path: Path) -> dict:

@@ -1,10 +1,9 @@
 """Tokenization as PairRM was trained: same ids from tokenizer.json and from spm.model, prefixes never forged."""
 
 import pytest
+from conftest import BASE_MODEL, HF_CHECKPOINT
 
 from pairrm_rlhf.core.tokenization import PREFIX_TOKENS, load_text_tokenizer, tokenizer_from_spm
-
-from conftest import BASE_MODEL, HF_CHECKPOINT
 
 TRICKY = [
     "Leaves fall, crisp and red\u2026 \uff21\uff0c",  # ellipsis, full-width forms
@@ -23,7 +22,8 @@ def test_spm_conversion_matches_tokenizer_json():
     from_json = load_text_tokenizer(HF_CHECKPOINT)
     from_spm = tokenizer_from_spm(BASE_MODEL / "spm.model")
     for text in TRICKY:
-        assert from_spm.encode(text, add_special_tokens=False).ids == from_json.encode(text, add_special_tokens=False).ids, text
+        spm_ids = from_spm.encode(text, add_special_tokens=False).ids
+        assert spm_ids == from_json.encode(text, add_special_tokens=False).ids, text
 
 
 def test_special_token_strings_are_single_tokens():
@@ -38,12 +38,15 @@ def test_prefix_strings_in_user_text_do_not_become_prefix_tokens(model, forged):
     prefix_ids = {layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id, layout.source_prefix_id + 3}
     text = f"please {forged} ignore {forged}"
     ids, positions = model.backend.build([(text, text, text)])[0]
-    assert [i for i in ids if i in prefix_ids] == [layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id]
+    expected = [layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id]
+    assert [i for i in ids if i in prefix_ids] == expected
     assert [ids[p] for p in positions] == [layout.source_prefix_id, layout.cand1_prefix_id, layout.cand2_prefix_id]
 
 
 def test_sep_in_text_becomes_space(model):
-    with_sep = model.compare(["Edge [SEP] case"], ["an answer with [SEP] inside"], ["x"], mode="[A,B]", return_logits=True)
+    with_sep = model.compare(
+        ["Edge [SEP] case"], ["an answer with [SEP] inside"], ["x"], mode="[A,B]", return_logits=True
+    )
     with_space = model.compare(["Edge   case"], ["an answer with   inside"], ["x"], mode="[A,B]", return_logits=True)
     assert with_sep[0] == pytest.approx(with_space[0], abs=1e-6)
 
@@ -84,4 +87,5 @@ def test_pretruncate_cuts_and_decodes_like_transformers():
     whole = pretruncate(tok, text, len(ids), "left")
     assert whole == "Hello , world  It 's fine . Really fine ."  # [SEP] and the tiny vocabulary's unknown "!" dropped
     assert pretruncate(tok, text, len(ids), "left", clean_up_spaces=True) == "Hello, world  It's fine. Really fine."
-    assert pretruncate(tok, text, 3, "left").endswith("fine .") and not pretruncate(tok, text, 3, "left").startswith("Hello")
+    left = pretruncate(tok, text, 3, "left")
+    assert left.endswith("fine .") and not left.startswith("Hello")

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from pairrm_rlhf import AsyncPairwiseReward, OnlineDPOJudgeReward, PairRMJudge, PairwiseReward
 from pairrm_rlhf.core import aggregation
+
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 from torchrun import launch
 
@@ -25,7 +26,9 @@ trl = pytest.importorskip("trl")
 COMMON = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
               activation_checkpointing=False, max_steps=2)
 QUESTIONS = ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about music."]
-REFERENCES = ["The sun is a star.", "The ocean is big and blue.", "Green tea is a drink.", "Music is sound with rhythm."]
+REFERENCES = [
+    "The sun is a star.", "The ocean is big and blue.", "Green tea is a drink.", "Music is sound with rhythm."
+]
 SYSTEM = {"role": "system", "content": "You are a kind assistant."}
 
 
@@ -84,7 +87,9 @@ def independent_logit(hf_model, prompt, a, b) -> float:
     text = lambda c: c if isinstance(c, str) else c[0]["content"]  # noqa: E731
     assert prompt[0]["role"] == "system" and prompt[1]["role"] == "user" and len(prompt) == 2
     folded = [user(prompt[0]["content"] + "\n\n" + prompt[1]["content"])]
-    z = hf_model.compare_conversations([folded + [assistant(text(a))]], [folded + [assistant(text(b))]], return_logits=True)
+    z = hf_model.compare_conversations(
+        [folded + [assistant(text(a))]], [folded + [assistant(text(b))]], return_logits=True
+    )
     return float(z[0])
 
 
@@ -113,8 +118,10 @@ def test_online_dpo_chosen_is_pairrm_preferred(hf_model, tmp_path, conversationa
     for call, log in zip(reward.calls, logs.logs):
         check_completions_shape(call, conversational)
         b = len(call["prompts"]) // 2
-        assert call["prompts"][:b] == call["prompts"][b:] and call["kwargs"]["reference"][:b] == call["kwargs"]["reference"][b:]
-        z = np.array([independent_logit(hf_model, call["prompts"][i], call["completions"][i], call["completions"][b + i])
+        assert call["prompts"][:b] == call["prompts"][b:]
+        assert call["kwargs"]["reference"][:b] == call["kwargs"]["reference"][b:]
+        completions = call["completions"]
+        z = np.array([independent_logit(hf_model, call["prompts"][i], completions[i], completions[b + i])
                       for i in range(b)])
         assert np.any(z != 0)  # not all ties: the choice below is informative
         p = aggregation.probability(z)
@@ -156,7 +163,8 @@ def test_reference_reward_in_trainer(hf_model, tmp_path, kind, conversational):
     for call, log in zip(reward.calls, logs):
         expected, wins = [], []
         for prompt, completion, refs in zip(call["prompts"], call["completions"], call["kwargs"]["reference"]):
-            z = np.array([independent_logit(hf_model, prompt, completion, r) for r in ([refs] if isinstance(refs, str) else refs)])
+            refs = [refs] if isinstance(refs, str) else refs
+            z = np.array([independent_logit(hf_model, prompt, completion, r) for r in refs])
             expected.append(aggregation.probability(z).mean())
             wins.append(((z > 0) + 0.5 * (z == 0)).mean())
         np.testing.assert_allclose(call["rewards"], expected, atol=1e-5)
@@ -204,7 +212,8 @@ tokenizer = build_tiny_tokenizer()
 args = trl.GRPOConfig(output_dir=out, per_device_train_batch_size=1, num_generations=2, max_completion_length=8,
                       use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
                       activation_checkpointing=False, max_steps=2)
-ds = Dataset.from_dict({"prompt": ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about music."]})
+questions = ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about music."]
+ds = Dataset.from_dict({"prompt": questions})
 trainer = trl.GRPOTrainer(model=build_tiny_policy(tokenizer), reward_funcs=[recording], args=args, train_dataset=ds,
                           processing_class=tokenizer)
 rank = trainer.accelerator.process_index
@@ -212,9 +221,9 @@ torch.manual_seed(1000 + rank)  # the processes sample different completions for
 trainer.train()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(dict(world=trainer.accelerator.num_processes, calls=calls), f)
-# The orderly end of a multi-process run (#15.5): returning from the script instead let a gloo worker thread that
-# still held the last collective's work take the GIL during interpreter finalization, and under load a rank aborted
-# with SIGABRT ("terminate called without an active exception") after training (tests/test_distributed.py).
+# The orderly end of a multi-process run (`core.distributed`): returning from the script instead let a gloo worker
+# thread that still held the last collective's work take the GIL during interpreter finalization, and under load a
+# rank aborted with SIGABRT ("terminate called without an active exception") after training (tests/test_distributed.py).
 from pairrm_rlhf.core.distributed import end_distributed_run
 end_distributed_run()
 """
@@ -244,6 +253,7 @@ def test_group_reward_two_processes_split_groups(hf_model, tmp_path):
 @pytest.mark.slow  # trains through TRL's CLI in a subprocess
 def test_trl_cli_with_env_configured_rewards(tmp_path):
     from pairrm_rlhf.core.assets import bundled
+
     from tiny_policy import save_tiny_policy
 
     trl_cli = Path(sys.executable).parent / "trl"
@@ -254,9 +264,11 @@ def test_trl_cli_with_env_configured_rewards(tmp_path):
     rows = [{"prompt": q, "reference": r} for q, r in zip(QUESTIONS, REFERENCES)]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PAIRRM_MODEL=bundled("pairrm"),
-               PAIRRM_DEVICE="cpu", PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ["PYTHONPATH"]]))
+               PAIRRM_DEVICE="cpu",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ["PYTHONPATH"]]))
     cmd = [str(trl_cli), "grpo", "--model_name_or_path", policy_dir, "--dataset_name", str(tmp_path / "data"),
-           "--reward_funcs", "pairrm_rlhf.trl.rewards.pairrm_reference_reward", "pairrm_rlhf.trl.rewards.pairrm_group_reward",
+           "--reward_funcs", "pairrm_rlhf.trl.rewards.pairrm_reference_reward",
+           "pairrm_rlhf.trl.rewards.pairrm_group_reward",
            "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
            "--max_steps", "2", "--use_cpu", "--bf16", "false", "--report_to", "none", "--logging_steps", "1",
            "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]

@@ -18,20 +18,26 @@ history, as reward-bench renders `convAs[:-1]` for AB and `convBs[:-1]` for BA.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer
 
-from ..core.backend import PairBackend, Triple
+from ..core.backend import LoadOptions, Triple
+from ..core.engine import PairScorer
 from ..core.formats import better_pairrm_source, response_text
-from ..core.tokenization import pretruncate
+from ..core.loading import load_pair_scorer, resolve
+from ..core.modeling import PairRMModel
+from ..core.tokenization import PairLayout, pretruncate
 
 
 class BetterPairRMScorer:
     """A `PairBackend` that turns (source, A, B) into Better-PairRM's text (steps 1–2 of the module docstring) and
-    lets the inner encoder engine build and score the pair (step 3). Attributes it lacks (model, tokenizer, layout,
-    dtype, ...) are the inner engine's.
+    lets the inner encoder engine build and score the pair (step 3). Device, dtype, token budget, model, tokenizer
+    and layout are the inner engine's.
 
     Args:
         inner: the encoder engine (`core.engine.PairScorer`) with Better-PairRM's layout.
@@ -41,23 +47,48 @@ class BetterPairRMScorer:
 
     template = "better-pairrm"
 
-    def __init__(self, inner: PairBackend, clean_up_spaces: bool = False):
+    def __init__(self, inner: PairScorer, clean_up_spaces: bool = False):
         self.inner, self.clean_up_spaces = inner, clean_up_spaces
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def max_tokens(self) -> int:
+        return self.inner.max_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, value: int) -> None:
+        self.inner.max_tokens = value
+
+    @property
+    def model(self) -> PairRMModel:
+        return self.inner.model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.inner.tokenizer
+
+    @property
+    def layout(self) -> PairLayout:
+        return self.inner.layout
 
     def source_text(self, source: str) -> str:
         """The rendered source, cut to its last `source_max_length` tokens and decoded (reward-bench's step)."""
         text = better_pairrm_source(source)
-        return pretruncate(self.inner.tokenizer, text, self.inner.layout.source_max_length, "left", self.clean_up_spaces)
+        limit = self.inner.layout.source_max_length
+        return pretruncate(self.inner.tokenizer, text, limit, "left", self.clean_up_spaces)
 
     def candidate_text(self, candidate: str) -> str:
         """The bare response, cut to its first `candidate_max_length` tokens and decoded."""
         text = response_text(candidate)
-        return pretruncate(self.inner.tokenizer, text, self.inner.layout.candidate_max_length, "right", self.clean_up_spaces)
+        limit = self.inner.layout.candidate_max_length
+        return pretruncate(self.inner.tokenizer, text, limit, "right", self.clean_up_spaces)
 
     def convert(self, triples: Sequence[Triple]) -> list[Triple]:
         sources = {s: self.source_text(s) for s in dict.fromkeys(s for s, _, _ in triples)}
@@ -101,5 +132,23 @@ class BetterPairRMScorer:
         return {**self.inner.identity(), "template": self.template, "clean_up_spaces": self.clean_up_spaces}
 
     def build(self, triples: Sequence[Triple]) -> list:
+        """The inner engine's input ids and prefix positions of each converted triple."""
         return self.inner.build(self.convert(triples))
 
+
+
+def load_better_pairrm(name_or_path: str | Path, options: LoadOptions) -> tuple[BetterPairRMScorer, str]:
+    """Any PairRM checkpoint (hub id or directory) with Better-PairRM's format, and its layout (`hf`/`blender`)."""
+    scorer, kind = load_pair_scorer(name_or_path, options, "better-pairrm")
+    return BetterPairRMScorer(scorer, clean_up_spaces=tokenizer_cleans_up_spaces(name_or_path)), kind
+
+
+def tokenizer_cleans_up_spaces(name_or_path: str | Path) -> bool:
+    """The checkpoint tokenizer's `clean_up_tokenization_spaces` (transformers' default since 4.45: False)."""
+    path = resolve(name_or_path, ["*.json", "spm.model"]) / "tokenizer_config.json"
+    if not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text()).get("clean_up_tokenization_spaces", False))
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not a JSON object: {err}") from None

@@ -16,6 +16,7 @@ starting it again. Uses `httpx2` (the `serve` extra: `pip install pairrm-rlhf[se
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -37,8 +38,16 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from ..core.backend import Triple
 from .wire import (
-    DEFAULT_PROBABILITY, IDEMPOTENCY_HEADER, LogitsAnswer, ProbabilityAnswer, ServerInfo, TriplesRequest,
-    TruncationAnswer, WireError, from_wire, to_wire,
+    DEFAULT_PROBABILITY,
+    IDEMPOTENCY_HEADER,
+    LogitsAnswer,
+    ProbabilityAnswer,
+    ServerInfo,
+    TriplesRequest,
+    TruncationAnswer,
+    WireError,
+    from_wire,
+    to_wire,
 )
 
 __all__ = ["PairRMServerError", "RemoteBackend", "from_wire", "to_wire"]
@@ -100,8 +109,12 @@ class RemoteBackend:
                 raise ValueError(f"server URLs must start with http:// or https://, got {url!r}")
         if isinstance(retries, bool) or not (isinstance(retries, int) and retries >= 0):
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
-        for name, value in (("timeout", timeout), ("max_wait", max_wait), ("backoff", backoff),
-                            ("max_backoff", max_backoff)):
+        for name, value in (
+            ("timeout", timeout),
+            ("max_wait", max_wait),
+            ("backoff", backoff),
+            ("max_backoff", max_backoff),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if token == "":
@@ -147,9 +160,14 @@ class RemoteBackend:
         self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
     ) -> np.ndarray:
         """f(x, A, B) of each prepared (source, A, B) triple, computed by the servers (float32, caller's order)."""
-        out = [self.post("/pair_logits", TriplesRequest(chunk).to_json(),
-                         lambda answer, n=len(chunk): LogitsAnswer.parse(answer, n))
-               for chunk in self._chunks(triples)]
+        out = [
+            self.post(
+                "/pair_logits",
+                TriplesRequest(chunk).to_json(),
+                functools.partial(LogitsAnswer.parse, count=len(chunk)),
+            )
+            for chunk in self._chunks(triples)
+        ]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
 
     def reference_probability(
@@ -161,11 +179,15 @@ class RemoteBackend:
             return None
         out = []
         for chunk in self._chunks(triples):
-            p = self.post("/reference_probability", TriplesRequest(chunk, temperature=temperature).to_json(),
-                          lambda answer, n=len(chunk): ProbabilityAnswer.parse(answer, n))
+            p = self.post(
+                "/reference_probability",
+                TriplesRequest(chunk, temperature=temperature).to_json(),
+                functools.partial(ProbabilityAnswer.parse, count=len(chunk)),
+            )
             if p is None:
-                raise PairRMServerError("the server's /health reports its own probability rule, but "
-                                        "/reference_probability answered null")
+                raise PairRMServerError(
+                    "the server's /health reports its own probability rule, but /reference_probability answered null"
+                )
             out.append(p)
         return np.concatenate(out) if out else np.zeros(0)
 
@@ -173,8 +195,7 @@ class RemoteBackend:
         """Fraction of triples the served model truncates (`POST /truncation_rate`)."""
         cut = 0.0
         for chunk in self._chunks(triples):
-            rate = self.post("/truncation_rate", TriplesRequest(chunk).to_json(),
-                             TruncationAnswer.parse)
+            rate = self.post("/truncation_rate", TriplesRequest(chunk).to_json(), TruncationAnswer.parse)
             cut += rate * len(chunk)
         return cut / len(triples) if len(triples) else 0.0
 
@@ -232,7 +253,9 @@ class RemoteBackend:
                     logger.info("PairRM server %s failed: %s", url, errors[url])
                     continue
                 if status in (401, 403):
-                    raise PermissionError(f"{url} refused the request (HTTP {status}): {_error_text(response)}; check the token")
+                    raise PermissionError(
+                        f"{url} refused the request (HTTP {status}): {_error_text(response)}; check the token"
+                    )
                 if status >= 400:
                     raise ValueError(f"{url} rejected the request (HTTP {status}): {_error_text(response)}")
                 try:
@@ -247,10 +270,17 @@ class RemoteBackend:
             waited = self.max_wait - (deadline - time.monotonic())
             if attempt > self.retries or time.monotonic() + delay >= deadline:
                 details = "; ".join(f"{url}: {error}" for url, error in errors.items())
-                raise PairRMServerError(f"no PairRM server answered {path} after {attempt} attempt(s) in {waited:.1f} s "
-                                        f"(max_wait={self.max_wait:g}, retries={self.retries}): {details}")
-            logger.warning("no PairRM server answered %s (attempt %d of %d); retrying in %.2f s",
-                           path, attempt, self.retries + 1, delay)
+                raise PairRMServerError(
+                    f"no PairRM server answered {path} after {attempt} attempt(s) in {waited:.1f} s "
+                    f"(max_wait={self.max_wait:g}, retries={self.retries}): {details}"
+                )
+            logger.warning(
+                "no PairRM server answered %s (attempt %d of %d); retrying in %.2f s",
+                path,
+                attempt,
+                self.retries + 1,
+                delay,
+            )
             time.sleep(delay)
 
     def health(self) -> ServerInfo:
@@ -285,7 +315,7 @@ class RemoteBackend:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "RemoteBackend":
+    def __enter__(self) -> RemoteBackend:
         return self
 
     def __exit__(self, *exc: Any) -> None:

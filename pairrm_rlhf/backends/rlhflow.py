@@ -15,7 +15,7 @@ A causal LM asked "A or B?" for one ordered pair. References: RLHFlow/RLHF-Rewar
 
 Lengths: the reference never truncates; the model was trained with `sequence_len: 3072`
 (`pair-pm/llama3-8b-it.yaml`), so prompts longer than that are outside its training lengths. Here the context is
-cut from the left only when a prompt exceeds `max_length` (default 8192, Llama-3's context).
+cut from the left only when a prompt exceeds `max_length` (default `MAX_LENGTH`, Llama-3's context).
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ from ..core.backend import Triple
 from ..core.engine import plan_batches, state_digest
 from ..core.formats import RLHFLOW_PROMPT, response_text, rlhflow_context
 from ..core.progress import progress_enabled
+from ..core.settings import default_max_tokens
 
 logger = logging.getLogger(__name__)
+
+MAX_LENGTH = 8192  # most prompt tokens by default: Llama-3's context
 
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -65,7 +68,7 @@ class RLHFlowScorer:
     Single-order logit: with `swap_average=True` (default) both orders are run and
     f(x, A, B) = logit(p), p = (sigmoid(d_AB) + sigmoid(-d_BA)) / 2, RLHFlow's swap-averaged probability at
     temperature 1. Then f is antisymmetric, PairRM's two-order logit f(x,A,B) - f(x,B,A) = 2 logit(p), and
-    `PairRM.probability` returns the reference's probability at any temperature T through `swap_probability`:
+    `PairRM.probability` returns the reference's probability at any temperature T through `reference_probability`:
     (sigmoid(d_AB / T) + sigmoid(-d_BA / T)) / 2, the temperature applied to each order's logits before averaging.
     With `swap_average=False`, f(x, A, B) = d of that one order (slot-biased, like PairRM's single order).
 
@@ -89,13 +92,13 @@ class RLHFlowScorer:
         *,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
-        max_length: int = 8192,
+        max_length: int = MAX_LENGTH,
         max_tokens: int | None = None,
         swap_average: bool = True,
     ):
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
         self.max_length = max_length
-        self.max_tokens = max_tokens or (65536 if device.type == "cuda" else 8192)
+        self.max_tokens = max_tokens or default_max_tokens(device)
         self.swap_average = swap_average
         self._identity: dict | None = None
         self.token_a, self.token_b = self._choice_token("A"), self._choice_token("B")
@@ -104,7 +107,8 @@ class RLHFlowScorer:
     def _choice_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"the tokenizer encodes {text!r} as {len(ids)} tokens; the RLHFlow judge needs exactly one")
+            raise ValueError(
+                f"the tokenizer encodes {text!r} as {len(ids)} tokens; the RLHFlow judge needs exactly one")
         return ids[0]
 
     # ---- prompts ----------------------------------------------------------------------------------------
@@ -128,7 +132,8 @@ class RLHFlowScorer:
             keep = max(keep - (len(ids) - self.max_length), 0)
             ids = self._ids(self.tokenizer.decode(context_ids[len(context_ids) - keep :]), a, b)
         if len(ids) > self.max_length:
-            logger.warning("responses alone take %d > max_length=%d tokens; scoring them uncut", len(ids), self.max_length)
+            logger.warning("responses alone take %d > max_length=%d tokens; scoring them uncut",
+                           len(ids), self.max_length)
         return ids, True
 
     def identity(self) -> dict:
@@ -148,6 +153,10 @@ class RLHFlowScorer:
             return 0.0
         return sum(self.prompt_ids(t)[1] for t in triples) / len(triples)
 
+    def pair_lengths(self, triples: Sequence[Triple]) -> list[int]:
+        """Tokens of each triple's prompt (one order; after cutting the context to `max_length`)."""
+        return [len(self.prompt_ids(t)[0]) for t in triples]
+
     # ---- scoring ------------------------------------------------------------------------------------------
     def score(
         self, triples: Sequence[Triple], *, batch_size: int | None = None, show_progress_bar: bool | None = None
@@ -161,7 +170,7 @@ class RLHFlowScorer:
             return np.array([diffs[t] for t in triples], dtype=np.float32)
         return swap_averaged_logit(*self._order_logits(triples, batch_size, show_progress_bar)).astype(np.float32)
 
-    def swap_probability(
+    def reference_probability(
         self, triples: Sequence[Triple], temperature: float = 1.0, *, batch_size: int | None = None
     ) -> np.ndarray:
         """The reference's P(A better): (sigmoid(d_AB / T) + sigmoid(-d_BA / T)) / 2 (float64), both orders always
@@ -216,7 +225,7 @@ def load_rlhflow(
     *,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-    max_length: int = 8192,
+    max_length: int = MAX_LENGTH,
     max_tokens: int | None = None,
     swap_average: bool = True,
 ) -> RLHFlowScorer:

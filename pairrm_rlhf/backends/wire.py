@@ -50,8 +50,10 @@ def from_wire(name: str, value: Any) -> str:
             raise ValueError(f"{name} has unknown keys {sorted(unknown)}; expected text, {', '.join(WIRE_FIELDS)}")
         messages = extra.get("messages")
         if messages is not None:
-            if not (isinstance(messages, list) and all(
-                    isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in messages)):
+            if not (
+                isinstance(messages, list)
+                and all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in messages)
+            ):
                 raise ValueError(f"{name}.messages must be a list of [role, content] string pairs")
             extra["messages"] = tuple(tuple(m) for m in messages)
         if extra.get("response") is not None and not isinstance(extra["response"], str):
@@ -114,7 +116,7 @@ class TriplesRequest:
         return body
 
     @classmethod
-    def from_fields(cls, fields: dict) -> "TriplesRequest":
+    def from_fields(cls, fields: dict) -> TriplesRequest:
         """From a body whose field names and scalar types the server has checked (`serve.limits.fields`)."""
         raw = fields["triples"]
         if not isinstance(raw, list):
@@ -156,8 +158,9 @@ class ProbabilityAnswer:
     def parse(answer: Any, count: int) -> np.ndarray | None:
         if isinstance(answer, dict) and "probabilities" in answer and answer["probabilities"] is None:
             return None
-        p = finite_numbers("`probabilities`", _field("the answer", answer, "probabilities", list), count,
-                           "probabilities")
+        p = finite_numbers(
+            "`probabilities`", _field("the answer", answer, "probabilities", list), count, "probabilities"
+        )
         if ((p < 0) | (p > 1)).any():
             raise WireError(f"`probabilities`: a probability outside [0, 1]: {_show(p[(p < 0) | (p > 1)][0])}")
         return p
@@ -206,12 +209,18 @@ class ServerInfo:
     LIMITS = ("max_batch_tokens", "max_pairs", "max_request_tokens", "max_body_bytes")
 
     def to_json(self) -> dict:
-        return {"status": "ok", "identity": self.identity, "template": self.template, "dtype": self.dtype,
-                "limits": {name: getattr(self, name) for name in self.LIMITS}, "probability": self.probability,
-                **self.counters}
+        return {
+            "status": "ok",
+            "identity": self.identity,
+            "template": self.template,
+            "dtype": self.dtype,
+            "limits": {name: getattr(self, name) for name in self.LIMITS},
+            "probability": self.probability,
+            **self.counters,
+        }
 
     @classmethod
-    def parse(cls, where: str, answer: Any) -> "ServerInfo":
+    def parse(cls, where: str, answer: Any) -> ServerInfo:
         if _field(where, answer, "status", str) != "ok":
             raise WireError(f"{where}: status is {_show(answer['status'])}, not 'ok'")
         identity = _field(where, answer, "identity", dict)
@@ -225,7 +234,11 @@ class ServerInfo:
         sizes = {name: _field(f"{where} limits", limits, name, int) for name in cls.LIMITS}
         if any(v <= 0 for v in sizes.values()):
             raise WireError(f"{where}: limits must be positive integers, got {limits}")
-        counters = {k: v for k, v in answer.items() if k not in ("status", "identity", "template", "dtype", "limits",
-                                                               "probability")}
-        return cls(identity, template, _field(where, answer, "dtype", str), **sizes, probability=probability,
-                   counters=counters)
+        counters = {
+            k: v
+            for k, v in answer.items()
+            if k not in ("status", "identity", "template", "dtype", "limits", "probability")
+        }
+        return cls(
+            identity, template, _field(where, answer, "dtype", str), **sizes, probability=probability, counters=counters
+        )

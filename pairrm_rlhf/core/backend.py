@@ -5,12 +5,15 @@ causal-LM judge (`backends.rlhflow`), an HTTP client of our server (`backends.re
 queue (`serve`) all implement it; `PairRM(backend)` is the one face over any of them.
 
 A backend declares what it is here — its prompt template, compute dtype, token limits and reference probability —
-so callers never probe it with `getattr`.
+so callers never probe it with `getattr`; `check_backend` refuses one that lacks a member. `LoadOptions` is what
+every judge loader of `backends.registry` is given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -61,3 +64,36 @@ class PairBackend(Protocol):
     def pair_lengths(self, triples: Sequence[Triple]) -> list[int] | None: ...
 
     def identity(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What every judge loader (`backends.registry.Judge.load`) is given; each uses the fields that apply to it.
+
+    Attributes:
+        device, dtype: where and in which compute dtype the judge runs (already resolved).
+        max_tokens: padded tokens per forward batch (None: `core.settings.default_max_tokens`).
+        base_model: encoder checkpoints in the blender layout: the base encoder's config and tokenizer.
+        max_length, swap_average: the RLHFlow judge's prompt limit (None: its default) and order averaging.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    max_tokens: int | None = None
+    base_model: str | Path | None = None
+    max_length: int | None = None
+    swap_average: bool = True
+
+
+MEMBERS = ("template", "device", "dtype", "max_tokens", "score", "reference_probability", "truncation_rate",
+           "pair_lengths", "identity")
+
+
+def check_backend(backend: object) -> PairBackend:
+    """`backend` itself when it has every `PairBackend` member, else a one-line TypeError naming the missing ones
+    (checked once where a backend enters `PairRM`, so nothing fails later deep inside a method)."""
+    missing = [name for name in MEMBERS if not hasattr(backend, name)]
+    if missing:
+        raise TypeError(f"{type(backend).__name__} is not a PairBackend: it lacks {', '.join(missing)} "
+                        "(see pairrm_rlhf.core.backend.PairBackend)")
+    return backend  # type: ignore[return-value]

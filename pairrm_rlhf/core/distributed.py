@@ -1,6 +1,6 @@
 """The end of a multi-process run: how a script started by `torchrun`/`accelerate launch` must exit.
 
-Why a script cannot simply return (#15.5). A gloo (or NCCL) worker thread runs each collective and drops its
+Why a script cannot simply return. A gloo (or NCCL) worker thread runs each collective and drops its
 reference to the work only after the caller has already been woken. When that work holds a tensor whose Python
 object was freed meanwhile, the tensor owns the Python object, and dropping it takes the GIL. If the main thread has
 begun interpreter finalization by then, CPython (before 3.14) ends the worker with `pthread_exit`; the forced unwind

@@ -25,6 +25,7 @@ from .backend import Triple
 from .modeling import PairRMModel
 from .tokenization import PairLayout
 from .progress import progress_enabled
+from .settings import default_max_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ def default_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
-
-
-def default_max_tokens(device: torch.device) -> int:
-    """Padded tokens per forward: small on CPU (attention is quadratic, caches are small), large on GPU."""
-    return 65536 if device.type == "cuda" else 8192
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
@@ -65,7 +61,7 @@ def state_digest(model: torch.nn.Module) -> str:
 
 
 class PairScorer:
-    """Batched single-order scoring of ordered pairs with one `PairRMModel`.
+    """Batched single-order scoring of ordered pairs with one `PairRMModel` (a `PairBackend` with PairRM's template).
 
     Args:
         model: the encoder + head, already on `device`.

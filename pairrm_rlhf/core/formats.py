@@ -55,7 +55,7 @@ class Rendered(str):
     messages: Messages | None
     response: str | None
 
-    def __new__(cls, text: str, *, messages: Messages | None = None, response: str | None = None) -> "Rendered":
+    def __new__(cls, text: str, *, messages: Messages | None = None, response: str | None = None) -> Rendered:
         obj = super().__new__(cls, text)
         obj.messages, obj.response = messages, response
         return obj
@@ -125,7 +125,8 @@ def render(prompt: Any, completion: Any, *, name: str = "completion") -> tuple[s
         turns = prompt_turns(f"{name} prompt", prompt)
         text = completion_text(name, completion)
         source, candidate = conversation_lines([(u, a) for u, a in turns[:-1]] + [(turns[-1][0], text)])
-        messages = tuple((str(m.get("role", "")).lower(), content_text(f"{name} prompt[{i}]", m)) for i, m in enumerate(prompt))
+        messages = tuple(
+            (str(m.get("role", "")).lower(), content_text(f"{name} prompt[{i}]", m)) for i, m in enumerate(prompt))
         return (
             Rendered(pairrm_source(source, CONVERSATION_INSTRUCTION), messages=messages),
             Rendered(pairrm_candidate(candidate), response=text),
@@ -214,7 +215,8 @@ def render_conversations(
         turns_a = conversation_turns(f"conversations_a[{k}]", conv_a)
         turns_b = conversation_turns(f"conversations_b[{k}]", conv_b)
         if len(turns_a) != len(turns_b):
-            raise ValueError(f"conversations_a[{k}] has {len(turns_a)} turns but conversations_b[{k}] has {len(turns_b)}")
+            raise ValueError(
+                f"conversations_a[{k}] has {len(turns_a)} turns but conversations_b[{k}] has {len(turns_b)}")
         for t, ((user_a, _), (user_b, _)) in enumerate(zip(turns_a, turns_b)):
             if user_a != user_b:
                 raise ValueError(f"USER turn {t} of conversations_a[{k}] and conversations_b[{k}] differ")
@@ -266,7 +268,8 @@ def better_pairrm_source(source: str) -> str:
     turn, as reward-bench's dataset loader wraps it. Roles: SYSTEM MESSAGE / USER / ASSISTANT.
     """
     messages = prompt_messages(source)
-    text = "".join(f"{BETTER_PAIRRM_ROLES[role]}: {content.strip()}{BETTER_PAIRRM_SEPARATOR}" for role, content in messages)
+    text = "".join(
+        f"{BETTER_PAIRRM_ROLES[role]}: {content.strip()}{BETTER_PAIRRM_SEPARATOR}" for role, content in messages)
     return text if messages and messages[-1][0] == "assistant" else text + "ASSISTANT: "
 
 
@@ -297,7 +300,24 @@ def rlhflow_context_messages(source: str) -> list[dict[str, str]]:
 def rlhflow_context(tokenizer: Any, source: str) -> str:
     """RLHFlow's context text, rendered by transformers' own chat-template engine (`apply_chat_template` with the
     plain template): transformers renders with `trim_blocks` and `lstrip_blocks`, and jinja drops the template's
-    final newline, so `[Hi, Hello, Q2?]` gives `'\\n\\n<turn> user\\n Hi\\n<turn> assistant\\n Hello\\n<turn> user\\n Q2?\\n'`."""
+    final newline, so `[Hi, Hello, Q2?]` gives
+    `'\\n\\n<turn> user\\n Hi\\n<turn> assistant\\n Hello\\n<turn> user\\n Q2?\\n'`."""
     return tokenizer.apply_chat_template(
         rlhflow_context_messages(source), chat_template=RLHFLOW_PLAIN_TEMPLATE, tokenize=False
     )
+
+
+def check_candidates(name: str, candidates: Any, n_inputs: int, same_count: bool = True) -> list[list[str]]:
+    """Each input's list of candidate strings, or an error naming `name[i]`."""
+    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+        raise TypeError(f"{name} must be a list of lists of strings, got {type(candidates).__name__}")
+    if len(candidates) != n_inputs:
+        raise ValueError(f"{name} has {len(candidates)} items but inputs has {n_inputs}")
+    checked = [check_texts(f"{name}[{i}]", c) for i, c in enumerate(candidates)]
+    for i, c in enumerate(checked):
+        if not c:
+            raise ValueError(f"{name}[{i}] is empty: each input needs at least one candidate")
+        if same_count and len(c) != len(checked[0]):
+            raise ValueError(f"{name}[{i}] has {len(c)} candidates but {name}[0] has {len(checked[0])}")
+    return checked
+

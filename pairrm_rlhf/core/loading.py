@@ -21,6 +21,8 @@ import torch
 from transformers import DebertaV2Config
 
 from . import assets
+from .backend import LoadOptions
+from .engine import PairScorer
 from .modeling import PairRMModel
 from .tokenization import PREFIX_TOKENS, PairLayout, load_text_tokenizer
 
@@ -135,7 +137,9 @@ def check_field(
     if valid and high is not None and value > high:
         valid = False
     if not valid:
-        bounds = f" in [{low}, {high}]" if low is not None and high is not None else f" >= {low}" if low is not None else ""
+        bounds = ""
+        if low is not None:
+            bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}"
         raise ValueError(f"{path}: field {name!r} must be {what}{bounds}, got {value!r:.60}")
 
 
@@ -147,7 +151,8 @@ def check_encoder_config(path: Path, config: dict) -> None:
     hidden = config.get("hidden_size", defaults.hidden_size)
     heads = config.get("num_attention_heads", defaults.num_attention_heads)
     if hidden % heads:
-        raise ValueError(f"{path}: field 'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads})")
+        raise ValueError(
+            f"{path}: field 'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads})")
     if config.get("pad_token_id") is not None:
         check_field(path, config, "pad_token_id", int, 0)
     terms = config.get("pos_att_type")
@@ -160,7 +165,8 @@ def check_encoder_config(path: Path, config: dict) -> None:
     from transformers.activations import ACT2FN
 
     if config.get("hidden_act", "gelu") not in ACT2FN:
-        raise ValueError(f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
+        raise ValueError(
+            f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
 
 
 def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], config: DebertaV2Config) -> None:
@@ -169,14 +175,16 @@ def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tens
     layers = {key.split(".")[3] for key in state_dict if key.startswith("pretrained_model.encoder.layer.")}
     if config.num_hidden_layers != len(layers):
         raise ValueError(
-            f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} but {path} has {len(layers)} layers"
+            f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} "
+            f"but {path} has {len(layers)} layers"
         )
     with torch.device("meta"):
         expected = PairRMModel(config).state_dict()
     for key, tensor in state_dict.items():
         if key in expected and tensor.shape != expected[key].shape:
             raise ValueError(
-                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but {config_path} implies {tuple(expected[key].shape)}"
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} "
+                f"but {config_path} implies {tuple(expected[key].shape)}"
             )
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -195,20 +203,30 @@ class Checkpoint:
     template: str = "pairrm"
 
 
-# Input formats of encoder checkpoints: (source max, candidate max, cut the source from the left, prefix segment).
-TEMPLATES = {
-    "pairrm": (1224, 412, False, False),
-    "better-pairrm": (2030, 670, True, True),
+@dataclass(frozen=True)
+class EncoderFormat:
+    """How an encoder checkpoint lays out a pair: the length budgets and where the source is cut (`PairLayout`)."""
+
+    source_max_length: int
+    candidate_max_length: int
+    truncate_source_left: bool = False
+    source_prefix_segment: bool = False
+
+
+# The encoder checkpoints' input formats, by template name (`core.formats`). PairRM's blender layout reads its
+# budgets from its config (`source_maxlength`, `candidate_maxlength`); these are its published values.
+ENCODER_FORMATS = {
+    "pairrm": EncoderFormat(source_max_length=1224, candidate_max_length=412),
+    "better-pairrm": EncoderFormat(
+        source_max_length=2030, candidate_max_length=670, truncate_source_left=True, source_prefix_segment=True
+    ),
 }
 
 
-def detect_template(name_or_path: str | Path, config: dict | None = None) -> str:
-    """`better-pairrm` when the checkpoint's name says so (`maywell/Better-PairRM`, any directory named
-    `*Better-PairRM*`) or its config.json has `"pairrm_template": "better-pairrm"`; else `pairrm`."""
-    if config and config.get("pairrm_template"):
-        return str(config["pairrm_template"])
-    name = Path(str(name_or_path).rstrip("/")).name.lower()
-    return "better-pairrm" if "better-pairrm" in name else "pairrm"
+def declared_template(directory: Path) -> str | None:
+    """The `pairrm_template` a local checkpoint's config.json declares (a Better-PairRM copy may), else None."""
+    value = _read_json(Path(directory) / "config.json").get("pairrm_template") if Path(directory).is_dir() else None
+    return str(value) if value else None
 
 
 def _read_json(path: Path) -> dict:
@@ -233,14 +251,16 @@ def _encoder_config(path: Path, config: dict) -> DebertaV2Config:
 
 
 def load_checkpoint(
-    name_or_path: str | Path, base_model: str | Path | None = None, template: str | None = None
+    name_or_path: str | Path, base_model: str | Path | None = None, template: str | EncoderFormat | None = None
 ) -> Checkpoint:
     """Read a PairRM checkpoint of either layout into a `Checkpoint`, validating it first (see the module docstring).
 
     Args:
         name_or_path: a local checkpoint directory, `tiny` (the bundled one) or a hub id.
         base_model: blender layout only: the base encoder's config and tokenizer (default: its `model_name`).
-        template: `pairrm` or `better-pairrm`: the input format and length budgets (default: `detect_template`).
+        template: the input format and length budgets: a name in `ENCODER_FORMATS` (`pairrm`, `better-pairrm`) or
+            an `EncoderFormat` (default: the config's `pairrm_template`, else `pairrm`). Which judge a checkpoint
+            is (by its name) is `backends.registry`'s business, not this loader's.
 
     Returns:
         The model (CPU, float32, eval mode), text tokenizer, pair layout, layout kind and template.
@@ -265,7 +285,8 @@ def load_checkpoint(
         for name, (kind_, low, high) in RANKER_FIELDS.items():
             check_field(config_path, config, name, kind_, low, high)
         if config["ranker_type"] != "pairranker":
-            raise ValueError(f"{config_path}: field 'ranker_type' is {config['ranker_type']!r:.60}, not a PairRM ('pairranker')")
+            raise ValueError(
+                f"{config_path}: field 'ranker_type' is {config['ranker_type']!r:.60}, not a PairRM ('pairranker')")
         if base_model is None and "model_name" not in config:
             raise ValueError(f"{config_path}: field 'model_name' (the base encoder) is missing; pass base_model")
         base = resolve(base_model or config["model_name"], ["config.json", "tokenizer*.json", "spm.model"])
@@ -274,7 +295,9 @@ def load_checkpoint(
             raise FileNotFoundError(f"{base} has no config.json: cannot build the base encoder")
         encoder_config = _encoder_config(encoder_path, _read_json(encoder_path))
         tokenizer_dir, kind = base, "blender"
-        source_max, candidate_max = config.get("source_maxlength", 1224), config.get("candidate_maxlength", 412)
+        pairrm = ENCODER_FORMATS["pairrm"]
+        source_max = config.get("source_maxlength", pairrm.source_max_length)
+        candidate_max = config.get("candidate_maxlength", pairrm.candidate_max_length)
     elif config.get("model_type") == "deberta-v2":  # hf layout
         for name, (kind_, low, high) in PAIRRM_FIELDS.items():
             check_field(config_path, config, name, kind_, low, high)
@@ -283,7 +306,8 @@ def load_checkpoint(
         encoder_path = config_path
         encoder_config = _encoder_config(encoder_path, config)
         tokenizer_dir, kind = directory, "hf"
-        source_max, candidate_max = 1224, 412
+        pairrm = ENCODER_FORMATS["pairrm"]
+        source_max, candidate_max = pairrm.source_max_length, pairrm.candidate_max_length
     else:
         raise ValueError(
             f"{config_path}: neither a PairRM-hf config (field 'model_type' 'deberta-v2') nor an llm-blender ranker "
@@ -291,15 +315,20 @@ def load_checkpoint(
         )
     n_tasks, dropout = config.get("n_tasks", 1), config.get("drop_out", 0.05)
     from_config = template is None and bool(config.get("pairrm_template"))
-    template = template or detect_template(name_or_path, config)
-    if template not in TEMPLATES:
+    template = template or str(config.get("pairrm_template") or "pairrm")
+    if isinstance(template, EncoderFormat):
+        encoder_format, template = template, "custom"
+    elif template in ENCODER_FORMATS:
+        encoder_format = ENCODER_FORMATS[template]
+    else:
         origin = f"{config_path}: field 'pairrm_template': " if from_config else ""
-        raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
-    truncate_left, prefix_segment = TEMPLATES[template][2:]
+        raise ValueError(f"{origin}unknown template {template!r}; expected one of {sorted(ENCODER_FORMATS)}")
+    truncate_left, prefix_segment = encoder_format.truncate_source_left, encoder_format.source_prefix_segment
     if template != "pairrm":
-        source_max, candidate_max = TEMPLATES[template][:2]
+        source_max, candidate_max = encoder_format.source_max_length, encoder_format.candidate_max_length
     if n_tasks != 1:
-        raise ValueError(f"{config_path}: field 'n_tasks' is {n_tasks}; only single-task PairRM checkpoints are supported")
+        raise ValueError(
+            f"{config_path}: field 'n_tasks' is {n_tasks}; only single-task PairRM checkpoints are supported")
 
     tokenizer_config_path = tokenizer_dir / "tokenizer_config.json"
     tokenizer_config = _read_json(tokenizer_config_path)
@@ -322,11 +351,13 @@ def load_checkpoint(
     rows = embedding.shape[0]
     if base_vocab > rows:
         raise ValueError(
-            f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows"
+            f"{tokenizer_dir}: the tokenizer has {base_vocab} tokens "
+            f"but {weights_path}: {EMBEDDING_KEY!r} has {rows} rows"
         )
     for token, key in zip(PREFIX_TOKENS, PREFIX_ID_FIELDS):
         if prefix_ids[token] >= rows:
-            where = f"{config_path}: field {key!r}" if kind == "hf" and key in config else f"{token} (after the vocabulary)"
+            from_config = kind == "hf" and key in config
+            where = f"{config_path}: field {key!r}" if from_config else f"{token} (after the vocabulary)"
             raise ValueError(f"{where}: id {prefix_ids[token]} is outside the embedding ({weights_path}: {rows} rows)")
     if encoder_config.pad_token_id is not None and encoder_config.pad_token_id >= rows:
         pad = encoder_config.pad_token_id
@@ -357,3 +388,15 @@ def load_checkpoint(
     )
     logger.info("loaded PairRM (%s layout, %s template) from %s", kind, template, directory)
     return Checkpoint(model=model, tokenizer=tokenizer, layout=layout, kind=kind, template=template)
+
+
+def load_pair_scorer(
+    name_or_path: str | Path, options: LoadOptions, template: str | EncoderFormat
+) -> tuple[PairScorer, str]:
+    """An encoder checkpoint as the encoder engine on `options.device`, and its layout (`hf` or `blender`)."""
+    checkpoint = load_checkpoint(name_or_path, base_model=options.base_model, template=template)
+    scorer = PairScorer(
+        checkpoint.model.to(options.device), checkpoint.tokenizer, checkpoint.layout, device=options.device,
+        dtype=options.dtype, max_tokens=options.max_tokens,
+    )
+    return scorer, checkpoint.kind

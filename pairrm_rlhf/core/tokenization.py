@@ -118,7 +118,8 @@ class PairLayout:
 
     def source_segment(self, text_ids: list[int]) -> list[int]:
         keep = max(self.source_max_length - self.source_overhead, 0)
-        kept = text_ids[len(text_ids) - keep :] if self.truncate_source_left and len(text_ids) > keep else text_ids[:keep]
+        cut_left = self.truncate_source_left and len(text_ids) > keep
+        kept = text_ids[len(text_ids) - keep :] if cut_left else text_ids[:keep]
         if self.source_prefix_segment:
             return [self.cls_id, self.source_prefix_id, self.sep_id, self.cls_id, *kept, self.sep_id]
         return [self.cls_id, self.source_prefix_id, *kept, self.sep_id]

@@ -25,6 +25,7 @@ from ..args import PairRMArguments, resolve_config
 from ..core import assets
 from ..core.distributed import end_distributed_run
 from ..core.generation import SamplingArguments, load_policy
+from ..core.settings import check_choice
 from .generation import BACKENDS
 from .io import (OUTPUT_FORMATS, companion_path, dataset_card, load_prompts, margin_histogram, output_format_of,
                  push_with_card, save_dataset)
@@ -79,9 +80,8 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
     choices = {"strategy": STRATEGIES, "aggregation": AGGREGATIONS, "backend": BACKENDS,
                "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES}
     for name, allowed in choices.items():
-        value = getattr(a, name)
-        if value is not None and value not in allowed:
-            raise ValueError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
+        if getattr(a, name) is not None:
+            check_choice(f"--{name}", getattr(a, name), allowed)
     limits = {"num_responses": (a.num_responses, 2), "chunk_size": (a.chunk_size, 1), "seed": (a.seed, 0),
               "generation_batch_size": (a.generation_batch_size, 1), "max_prompts": (a.max_prompts, 1),
               "pairs_per_prompt": (a.pairs_per_prompt, 1)}
@@ -201,4 +201,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    end_distributed_run()  # under `accelerate launch`: the orderly end of a multi-process run (#15.5)
+    end_distributed_run()  # under `accelerate launch`: the orderly end of a multi-process run

@@ -30,6 +30,7 @@ from ..core.backend import PairBackend
 from ..core.formats import render
 from ..core.generation import SamplingArguments
 from ..core.progress import progress_enabled
+from ..core.settings import check_choice
 from ..pairrm import PairRM
 from .generation import BACKENDS, ResponseSampler
 from .pairs import AGGREGATIONS, STRATEGIES, LabelStats, aggregate, select_pairs
@@ -97,10 +98,8 @@ class PreferenceLabeler:
         generation_batch_size: int = 16,
         scoring_batch_size: int | None = None,
     ):
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        check_choice("strategy", strategy, STRATEGIES)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if responses_column is None and num_responses < 2:

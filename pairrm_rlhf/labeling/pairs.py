@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..core import aggregation as agg
+from ..core.settings import check_choice
 
 STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs")
 AGGREGATIONS = ("rank", "copeland", "bradley_terry")
@@ -40,7 +41,7 @@ class LabelStats:
         """Fraction of scored pairs in which the judge cut some text."""
         return self.truncated_pairs / self.scored_pairs if self.scored_pairs else 0.0
 
-    def add(self, other: "LabelStats") -> None:
+    def add(self, other: LabelStats) -> None:
         """Add `other`'s counts to these."""
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
@@ -52,13 +53,11 @@ def aggregate(matrix: np.ndarray, aggregation: str = "rank", temperature: float 
     `rank`: the reference round-robin score; `copeland`: wins + ties/2 by the two-order logit; `bradley_terry`:
     strengths fitted to P = sigmoid((M - M.T) / 2T).
     """
-    if aggregation == "rank":
+    if check_choice("aggregation", aggregation, AGGREGATIONS) == "rank":
         return agg.round_robin_scores(matrix)
     if aggregation == "copeland":
         return agg.copeland_scores(matrix)
-    if aggregation == "bradley_terry":
-        return agg.bradley_terry_scores(agg.probability(matrix - matrix.T, temperature))
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    return agg.bradley_terry_scores(agg.probability(matrix - matrix.T, temperature))
 
 
 def select_pairs(
@@ -82,8 +81,7 @@ def select_pairs(
         >>> select_pairs([0.1, 3.0, -2.0], "best_vs_worst")
         ([(1, 2)], 0, 0)
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_choice("strategy", strategy, STRATEGIES)
     scores = [float(s) for s in scores]
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # best first, stable
     best, others = order[0], order[1:]

@@ -51,8 +51,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..backends.wire import (
-    DEFAULT_PROBABILITY, IDEMPOTENCY_HEADER, OWN_PROBABILITY, LogitsAnswer, ProbabilityAnswer, ServerInfo,
-    TriplesRequest, TruncationAnswer,
+    DEFAULT_PROBABILITY,
+    IDEMPOTENCY_HEADER,
+    OWN_PROBABILITY,
+    LogitsAnswer,
+    ProbabilityAnswer,
+    ServerInfo,
+    TriplesRequest,
+    TruncationAnswer,
 )
 from ..core import aggregation
 from ..pairrm import PairRM
@@ -92,10 +98,16 @@ class Service:
     """The routes' logic over one loaded `PairRM` (sync handlers run in request threads; see `build_app`)."""
 
     API = {  # route: (required fields, optional fields -> scalar type, or None for PairRM-validated values)
-        "compare": (("inputs", "candidates_A", "candidates_B"), {"instructions": None, "return_logits": bool, "mode": str}),
+        "compare": (
+            ("inputs", "candidates_A", "candidates_B"),
+            {"instructions": None, "return_logits": bool, "mode": str},
+        ),
         "probability": (("inputs", "candidates_A", "candidates_B"), {"instructions": None, "temperature": float}),
         "rank": (("inputs", "candidates"), {"instructions": None, "return_scores": bool}),
-        "rank_with_ref": (("inputs", "candidates"), {"instructions": None, "return_scores": bool, "ref_mode": str, "ref_candidates": None}),
+        "rank_with_ref": (
+            ("inputs", "candidates"),
+            {"instructions": None, "return_scores": bool, "ref_mode": str, "ref_candidates": None},
+        ),
         "compare_conversations": (("conversations_a", "conversations_b"), {"return_logits": bool, "mode": str}),
     }
 
@@ -106,15 +118,21 @@ class Service:
         self.rewards = RewardRequests(
             QueryParser(config.chat_format, config.separator, config.split_regex, config.strip_strings),
             ReferenceTable.from_file(config.reference_file, config.prompt_column, config.reference_column)
-            if config.reference_file else None,
-            config.reference, config.labels_as_reference,
+            if config.reference_file
+            else None,
+            config.reference,
+            config.labels_as_reference,
         )
         self.queue = QueueBackend(
-            model.backend, max_batch_pairs=config.max_batch_pairs, max_batch_tokens=config.max_batch_tokens,
-            max_wait_ms=config.max_wait_ms, max_pairs=config.max_pairs,
-            max_tokens=config.request_token_limit(model.backend.device.type), batch_size=batch_size,
+            model.backend,
+            max_batch_pairs=config.max_batch_pairs,
+            max_batch_tokens=config.max_batch_tokens,
+            max_wait_ms=config.max_wait_ms,
+            max_pairs=config.max_pairs,
+            max_tokens=config.request_token_limit(model.backend.device.type),
+            batch_size=batch_size,
         )
-        self.pairrm = PairRM(self.queue, kind=model.kind, template=model.template)
+        self.pairrm = PairRM(self.queue, kind=model.kind)
         self.judge = PairRMJudge(self.pairrm)
         self.slots = threading.BoundedSemaphore(config.max_concurrency)
         self.buffered = 0  # bytes of bodies being read or computed (at most config.body_budget())
@@ -125,7 +143,9 @@ class Service:
         # the identity hashes every weight once (seconds for a large model): before serving, not on the event loop
         self.identity = await asyncio.get_running_loop().run_in_executor(None, self.model.backend.identity)
         self.queue.start()
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="pairrm-request")
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            self.config.max_concurrency, thread_name_prefix="pairrm-request"
+        )
         try:
             yield
         finally:
@@ -141,11 +161,15 @@ class Service:
         if route == "rank" and isinstance(kwargs["candidates"], list):  # N^2 pairs: check before building them
             pairs = sum(len(c) * (len(c) - 1) for c in kwargs["candidates"] if isinstance(c, list))
             if pairs > self.config.max_pairs:
-                raise RequestTooLarge(f"the request needs {pairs} pair forwards; the limit is {self.config.max_pairs} (--max_pairs)")
+                raise RequestTooLarge(
+                    f"the request needs {pairs} pair forwards; the limit is {self.config.max_pairs} (--max_pairs)"
+                )
         return {"result": getattr(self.pairrm, route)(**kwargs).tolist()}
 
     def judge_route(self, body: dict) -> dict:
-        kwargs = fields(body, ("prompts", "completions"), {"shuffle_order": bool, "return_scores": bool, "temperature": float})
+        kwargs = fields(
+            body, ("prompts", "completions"), {"shuffle_order": bool, "return_scores": bool, "temperature": float}
+        )
         return {"result": self.judge.judge(**kwargs)}
 
     def pair_logits(self, body: dict) -> dict:
@@ -159,7 +183,9 @@ class Service:
 
     def reference_probability(self, body: dict) -> dict:
         request = TriplesRequest.from_fields(fields(body, ("triples",), {"temperature": float}))
-        p = self.queue.reference_probability(request.triples, 1.0 if request.temperature is None else request.temperature)
+        p = self.queue.reference_probability(
+            request.triples, 1.0 if request.temperature is None else request.temperature
+        )
         return ProbabilityAnswer(None if p is None else [float(x) for x in p]).to_json()
 
     def get_reward(self, body: dict) -> dict:
@@ -171,8 +197,13 @@ class Service:
         pairs, tokens = self.queue.pending()
         queue = self.queue
         return ServerInfo(
-            self.identity, self.model.template, str(queue.dtype).removeprefix("torch."), queue.max_batch_tokens,
-            self.config.max_pairs, queue.max_request_tokens, self.config.max_body_bytes,
+            self.identity,
+            self.model.template,
+            str(queue.dtype).removeprefix("torch."),
+            queue.max_batch_tokens,
+            self.config.max_pairs,
+            queue.max_request_tokens,
+            self.config.max_body_bytes,
             OWN_PROBABILITY if queue.own_probability else DEFAULT_PROBABILITY,
             {**queue.stats, "queued_pairs": pairs, "queued_tokens": tokens},
         ).to_json()
@@ -202,8 +233,11 @@ class Service:
         def reserve(n: int) -> None:
             nonlocal reserved
             if self.buffered + n > self.config.body_budget():
-                raise ApiError(503, f"the server holds {self.buffered} bytes of request bodies "
-                                    "(--max_concurrency x --max_body_bytes); retry later")
+                raise ApiError(
+                    503,
+                    f"the server holds {self.buffered} bytes of request bodies "
+                    "(--max_concurrency x --max_body_bytes); retry later",
+                )
             self.buffered += n
             reserved += n
 
@@ -222,8 +256,9 @@ class Service:
             request.state.reserved = reserved
             raw = await asyncio.wait_for(read(), self.config.body_timeout_s)
         except TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s "
-                                "(--body_timeout_s)") from None
+            raise ApiError(
+                408, f"the request body did not arrive within {self.config.body_timeout_s:g} s (--body_timeout_s)"
+            ) from None
         except ClientDisconnect:
             raise ClientGone("the client disconnected while sending its body") from None
         finally:
@@ -239,8 +274,10 @@ class Service:
         route's queue work is `ticket`'s (dropped when the client goes)."""
         values = count_json_values(raw)
         if values > self.config.max_json_values:
-            raise ApiError(400, f"the body has {values} JSON values; the limit is {self.config.max_json_values} "
-                                "(--max_json_values)")
+            raise ApiError(
+                400,
+                f"the body has {values} JSON values; the limit is {self.config.max_json_values} (--max_json_values)",
+            )
         try:
             body = json.loads(raw, parse_constant=reject_constant)
         except RecursionError:
@@ -262,15 +299,21 @@ class Service:
         """The answer to a request refused before its body is read: wrong Host, token or Content-Type."""
         host = request.headers.get("host")
         if not host_allowed(host, self.config.allowed_hosts):
-            return error_response(403, f"Host {host[:100]!r} is not allowed: use the server's IP address or localhost, "
-                                       "or start it with --allowed_hosts NAME")
+            return error_response(
+                403,
+                f"Host {host[:100]!r} is not allowed: use the server's IP address or localhost, "
+                "or start it with --allowed_hosts NAME",
+            )
         if not self.authorized(request):
-            return error_response(401, "missing or wrong token (Authorization: Bearer, or ?token=)",
-                                  {"WWW-Authenticate": "Bearer"})
+            return error_response(
+                401, "missing or wrong token (Authorization: Bearer, or ?token=)", {"WWW-Authenticate": "Bearer"}
+            )
         kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if kind != "application/json":
-            return error_response(415, f"the body must be JSON sent as Content-Type: application/json, got "
-                                       f"{kind[:60] or 'no Content-Type'!r}")
+            return error_response(
+                415,
+                f"the body must be JSON sent as Content-Type: application/json, got {kind[:60] or 'no Content-Type'!r}",
+            )
         return None
 
     async def compute(self, request: Request, handler: Callable[[dict], dict], raw: bytearray) -> bytes:
@@ -285,15 +328,20 @@ class Service:
         work = self.works.get(ident) if ident else None
         if work is None or work.ticket.cancelled:
             if not self.slots.acquire(blocking=False):
-                raise ApiError(503, f"the server is busy: {self.config.max_concurrency} requests are being computed "
-                                    "(--max_concurrency); retry later")
+                raise ApiError(
+                    503,
+                    f"the server is busy: {self.config.max_concurrency} requests are being computed "
+                    "(--max_concurrency); retry later",
+                )
             ticket = Ticket()
             future = loop.run_in_executor(self.pool, self.handle, handler, raw, ticket)
             work = Work(future, ticket)
             future.add_done_callback(self._finished)
             if ident:
                 self.works[ident] = work
-                future.add_done_callback(lambda _: loop.call_later(self.config.orphan_grace_s, self._forget, ident, work))
+                future.add_done_callback(
+                    lambda _: loop.call_later(self.config.orphan_grace_s, self._forget, ident, work)
+                )
         work.waiters += 1
         gone = asyncio.ensure_future(self._disconnected(request))
         try:
@@ -372,7 +420,10 @@ def build_app(config: ServeArguments, model: PairRM, batch_size: int | None = No
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
     routes = [Route("/health", health, methods=["GET"])]
-    routes += [Route(f"/{name}", service.endpoint(functools.partial(service.api, name)), methods=["POST"]) for name in Service.API]
+    routes += [
+        Route(f"/{name}", service.endpoint(functools.partial(service.api, name)), methods=["POST"])
+        for name in Service.API
+    ]
     routes += [
         Route("/judge", service.endpoint(service.judge_route), methods=["POST"]),
         Route("/pair_logits", service.endpoint(service.pair_logits), methods=["POST"]),
@@ -388,10 +439,18 @@ def build_app(config: ServeArguments, model: PairRM, batch_size: int | None = No
 def announce(config: ServeArguments, service: Service, name: str, port: int) -> None:
     if service.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without a token: anyone who can reach it can use it (--token)", config.host)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.allowed_hosts:
+        logger.info("clients must reach it by IP address or localhost; to use a DNS name, pass --allowed_hosts NAME")
     logger.info(
         "PairRM server on http://%s:%d (model %s on %s; batches of up to %d pairs / %d tokens / %.1f ms; auth %s)",
-        config.host, port, name, service.model.device, config.max_batch_pairs, service.queue.max_batch_tokens,
-        config.max_wait_ms, "on" if service.token else "off",
+        config.host,
+        port,
+        name,
+        service.model.device,
+        config.max_batch_pairs,
+        service.queue.max_batch_tokens,
+        config.max_wait_ms,
+        "on" if service.token else "off",
     )
 
 
@@ -417,13 +476,15 @@ class BackgroundServer:
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{config.host}:{self.port}"
         self.server = uvicorn_server(config, self.app)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="pairrm-server")
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="pairrm-server"
+        )
 
     @property
     def service(self) -> Service:
         return self.app.state.service
 
-    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
         announce(self.config, self.service, "(in process)", self.port)
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -438,7 +499,7 @@ class BackgroundServer:
         self.thread.join(timeout if timeout is not None else self.config.graceful_timeout_s + 10)
         self._sock.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -73,7 +73,7 @@ class QueueBackend:
 
     Example:
         >>> queue = QueueBackend(model.backend).start()
-        >>> shared = PairRM(queue, template=model.template)   # use from many threads
+        >>> shared = PairRM(queue)   # use from many threads
         >>> queue.stop()
     """
 
@@ -95,12 +95,21 @@ class QueueBackend:
         self.max_pairs, self.max_request_tokens, self.batch_size = max_pairs, max_tokens, batch_size
         # None for no triples means the default rule applies to all (`PairBackend.reference_probability`)
         self.own_probability = backend.reference_probability([], 1.0) is not None
-        self.stats = {"requests": 0, "batches": 0, "pairs": 0, "tokens": 0, "engine_s": 0.0,
-                      "most_requests_in_a_batch": 0, "largest_batch_s": 0.0, "cancelled_requests": 0,
-                      "cancelled_pairs": 0}
+        self.stats = {
+            "requests": 0,
+            "batches": 0,
+            "pairs": 0,
+            "tokens": 0,
+            "engine_s": 0.0,
+            "most_requests_in_a_batch": 0,
+            "largest_batch_s": 0.0,
+            "cancelled_requests": 0,
+            "cancelled_pairs": 0,
+        }
         self._jobs: collections.deque[_Job] = collections.deque()
-        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future, Ticket | None]] = \
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future, Ticket | None]] = (
             collections.deque()
+        )
         self._cond = threading.Condition()
         self._closed = True
         self._thread: threading.Thread | None = None
@@ -143,7 +152,10 @@ class QueueBackend:
         triples = list(triples)
         self._check(triples, forwards=2)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        call = (lambda: self.backend.reference_probability(triples, temperature, batch_size=self.batch_size))
+
+        def call() -> np.ndarray | None:
+            return self.backend.reference_probability(triples, temperature, batch_size=self.batch_size)
+
         with self._cond:
             ticket = self._ticket()
             if self._closed:
@@ -193,13 +205,17 @@ class QueueBackend:
         """The token cost of each triple; `RequestTooLarge` over the per-request limits."""
         pairs = forwards * len(triples)
         if self.max_pairs is not None and pairs > self.max_pairs:
-            raise RequestTooLarge(f"the request needs {pairs} pair forwards; the limit is {self.max_pairs} (--max_pairs)")
+            raise RequestTooLarge(
+                f"the request needs {pairs} pair forwards; the limit is {self.max_pairs} (--max_pairs)"
+            )
         lengths = self.backend.pair_lengths(triples) if triples else []
         costs = list(lengths) if lengths is not None else [1] * len(triples)
         tokens = forwards * sum(costs)
         if self.max_request_tokens is not None and tokens > self.max_request_tokens:
-            raise RequestTooLarge(f"the request needs {tokens} tokens over {pairs} pair forwards; the limit is "
-                                  f"{self.max_request_tokens} (--max_request_tokens)")
+            raise RequestTooLarge(
+                f"the request needs {tokens} tokens over {pairs} pair forwards; the limit is "
+                f"{self.max_request_tokens} (--max_request_tokens)"
+            )
         return costs
 
     def score(
@@ -219,7 +235,7 @@ class QueueBackend:
         return job.future.result()
 
     # ---- the engine thread ----------------------------------------------------------------------------
-    def start(self) -> "QueueBackend":
+    def start(self) -> QueueBackend:
         """Start the engine thread."""
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="pairrm-engine", daemon=True)

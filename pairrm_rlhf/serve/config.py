@@ -19,32 +19,61 @@ class ServeArguments:
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback by default)"})
     port: int = field(default=8000, metadata={"help": "port to bind (0: any free port)"})
-    token: str | None = field(default=None, metadata={
-        "help": f"token for every route but /health, as `Authorization: Bearer` or `?token=` (default: ${TOKEN_ENV})"})
+    token: str | None = field(
+        default=None,
+        metadata={
+            "help": "token for every route but /health, as `Authorization: Bearer` or `?token=` "
+            f"(default: ${TOKEN_ENV})"
+        },
+    )
     # the engine queue
     max_batch_pairs: int = field(default=256, metadata={"help": "most ordered pairs in one engine batch"})
-    max_batch_tokens: int | None = field(default=None, metadata={
-        "help": "most tokens in one engine batch, so one batch takes bounded time (default: 65536 on CUDA, 8192 on CPU)"})
+    max_batch_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "most tokens in one engine batch, so one batch takes bounded time "
+            "(default: 65536 on CUDA, 8192 on CPU)"
+        },
+    )
     max_wait_ms: float = field(default=5.0, metadata={"help": "longest a request waits for others to join its batch"})
     # limits
     max_body_bytes: int = field(default=16 * 2**20, metadata={"help": "largest request body (413 above)"})
     max_items: int = field(default=4096, metadata={"help": "longest list (or object) anywhere in a request"})
     max_text_chars: int = field(default=100_000, metadata={"help": "longest string anywhere in a request"})
     max_pairs: int = field(default=16384, metadata={"help": "most ordered pairs one request may need (413 above)"})
-    max_request_tokens: int | None = field(default=None, metadata={
-        "help": "most tokens (summed over its pairs) one request may need (413 above; default: 4194304 on CUDA, "
-                "65536 on CPU, about a minute of work either way)"})
-    max_json_values: int = field(default=2**18, metadata={
-        "help": "most JSON values in one body, counted on the raw bytes before parsing (400 above)"})
+    max_request_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "most tokens (summed over its pairs) one request may need (413 above; default: 4194304 on CUDA, "
+            "65536 on CPU, about a minute of work either way)"
+        },
+    )
+    max_json_values: int = field(
+        default=2**18,
+        metadata={"help": "most JSON values in one body, counted on the raw bytes before parsing (400 above)"},
+    )
     max_concurrency: int = field(default=64, metadata={"help": "requests being computed at once (503 above)"})
-    max_connections: int = field(default=512, metadata={
-        "help": "open connections; at the cap the oldest idle one is closed (503 when none is idle)"})
-    max_connections_per_client: int = field(default=64, metadata={
-        "help": "open connections from one client address; at the cap its oldest idle one is closed"})
-    allowed_hosts: list[str] = field(default_factory=list, metadata={
-        "help": "host names accepted in the Host header besides IP literals and localhost (DNS rebinding); * for any"})
-    orphan_grace_s: float = field(default=2.0, metadata={
-        "help": "how long the work of a gone client waits for a retry with its Idempotency-Key before it is dropped"})
+    max_connections: int = field(
+        default=512,
+        metadata={"help": "open connections; at the cap the oldest idle one is closed (503 when none is idle)"},
+    )
+    max_connections_per_client: int = field(
+        default=64,
+        metadata={"help": "open connections from one client address; at the cap its oldest idle one is closed"},
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "host names accepted in the Host header besides IP literals and localhost (DNS rebinding); "
+            "* for any"
+        },
+    )
+    orphan_grace_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "how long the work of a gone client waits for a retry with its Idempotency-Key before it is dropped"
+        },
+    )
     header_timeout_s: float = field(default=10.0, metadata={"help": "time to send a request's headers (408 after)"})
     body_timeout_s: float = field(default=60.0, metadata={"help": "time to send a request's body (408 after)"})
     keep_alive_s: float = field(default=5.0, metadata={"help": "an idle keep-alive connection is closed after this"})
@@ -54,12 +83,18 @@ class ServeArguments:
     chat_format: str = field(default="auto", metadata={"help": "auto, chatml, llama3 or plain: how queries are parsed"})
     separator: str | None = field(default=None, metadata={"help": "split each query at the last occurrence of this"})
     split_regex: str | None = field(
-        default=None, metadata={"help": "regex with groups (?P<prompt>...) and (?P<response>...), on the whole query"})
+        default=None, metadata={"help": "regex with groups (?P<prompt>...) and (?P<response>...), on the whole query"}
+    )
     strip_strings: list[str] = field(
-        default_factory=lambda: list(DEFAULT_STRIP), metadata={"help": "end-of-turn strings cut from responses"})
-    reference: str | None = field(default=None, metadata={"help": "reference for every prompt (after --reference_file)"})
+        default_factory=lambda: list(DEFAULT_STRIP), metadata={"help": "end-of-turn strings cut from responses"}
+    )
+    reference: str | None = field(
+        default=None, metadata={"help": "reference for every prompt (after --reference_file)"}
+    )
     reference_file: str | None = field(
-        default=None, metadata={"help": "jsonl/json/csv/parquet file or saved dataset with prompt and reference columns"})
+        default=None,
+        metadata={"help": "jsonl/json/csv/parquet file or saved dataset with prompt and reference columns"},
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "prompt column of --reference_file"})
     reference_column: str = field(default="reference", metadata={"help": "reference column of --reference_file"})
     labels_as_reference: bool = field(default=False, metadata={"help": "use OpenRLHF's `labels` as the reference"})
@@ -77,8 +112,17 @@ class ServeArguments:
             raise ValueError(f"--output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature!r}")
-        for name in ("max_batch_pairs", "max_body_bytes", "max_items", "max_text_chars", "max_pairs",
-                     "max_json_values", "max_concurrency", "max_connections", "max_connections_per_client"):
+        for name in (
+            "max_batch_pairs",
+            "max_body_bytes",
+            "max_items",
+            "max_text_chars",
+            "max_pairs",
+            "max_json_values",
+            "max_concurrency",
+            "max_connections",
+            "max_connections_per_client",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, int) and value > 0):
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")

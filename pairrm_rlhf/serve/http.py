@@ -33,8 +33,13 @@ logger = logging.getLogger(__name__)
 def raw_response(status: str, message: str, headers: tuple[str, ...] = ()) -> bytes:
     """A complete JSON error response that closes the connection, for answers written below the app."""
     body = dumps({"error": message})
-    head = [f"HTTP/1.1 {status}", "content-type: application/json", "connection: close",
-            f"content-length: {len(body)}", *headers]
+    head = [
+        f"HTTP/1.1 {status}",
+        "content-type: application/json",
+        "connection: close",
+        f"content-length: {len(body)}",
+        *headers,
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -54,9 +59,14 @@ class GuardedH11(H11Protocol):
         peer = self.client[0] if self.client else None
         if not self._make_room(peer):
             logger.warning("refused a connection from %s: %d connections open, all busy", peer, len(self.connections))
-            transport.write(raw_response("503 Service Unavailable", "the server has too many connections "
-                                         "(--max_connections, --max_connections_per_client); retry later",
-                                         ("retry-after: 1",)))
+            transport.write(
+                raw_response(
+                    "503 Service Unavailable",
+                    "the server has too many connections "
+                    "(--max_connections, --max_connections_per_client); retry later",
+                    ("retry-after: 1",),
+                )
+            )
             transport.close()
             return
         self._arm()
@@ -65,8 +75,11 @@ class GuardedH11(H11Protocol):
         """Close the oldest idle connection of `peer` when it is at its cap (then of anyone at the total cap);
         False when there is no room and nothing idle to close."""
         for mine_only, cap in ((True, self.max_per_client), (False, self.max_connections)):
-            others = [c for c in self.connections if c is not self and
-                      (not mine_only or (c.client[0] if c.client else None) == peer)]
+            others = [
+                c
+                for c in self.connections
+                if c is not self and (not mine_only or (c.client[0] if c.client else None) == peer)
+            ]
             if len(others) < cap:
                 continue
             idle = [c for c in others if isinstance(c, GuardedH11) and c.idle() and not c.transport.is_closing()]
@@ -106,21 +119,39 @@ class GuardedH11(H11Protocol):
             return
         if self.timeout_keep_alive_task is not None:
             return  # idle after a response: uvicorn's keep-alive timeout closes it
-        self.transport.write(raw_response("408 Request Timeout", f"the request head did not arrive within "
-                                          f"{self.header_timeout:g} s (--header_timeout_s)"))
+        self.transport.write(
+            raw_response(
+                "408 Request Timeout",
+                f"the request head did not arrive within {self.header_timeout:g} s (--header_timeout_s)",
+            )
+        )
         self.transport.close()
 
 
 def uvicorn_server(config: ServeArguments, app: Any) -> uvicorn.Server:
-    protocol = type("PairRMH11", (GuardedH11,), {
-        "header_timeout": config.header_timeout_s, "max_connections": config.max_connections,
-        "max_per_client": config.max_connections_per_client,
-    })
-    return uvicorn.Server(uvicorn.Config(
-        app, log_config=None, access_log=config.access_log, lifespan="on", http=protocol, ws="none",
-        limit_concurrency=None, timeout_keep_alive=config.keep_alive_s,
-        timeout_graceful_shutdown=config.graceful_timeout_s, server_header=False,
-    ))
+    protocol = type(
+        "PairRMH11",
+        (GuardedH11,),
+        {
+            "header_timeout": config.header_timeout_s,
+            "max_connections": config.max_connections,
+            "max_per_client": config.max_connections_per_client,
+        },
+    )
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=config.access_log,
+            lifespan="on",
+            http=protocol,
+            ws="none",
+            limit_concurrency=None,
+            timeout_keep_alive=config.keep_alive_s,
+            timeout_graceful_shutdown=config.graceful_timeout_s,
+            server_header=False,
+        )
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
@@ -54,7 +53,9 @@ def check_limits(body: dict, max_items: int, max_text_chars: int) -> None:
             continue
         child, value = path + entry[0], entry[1]
         if isinstance(value, str) and len(value) > max_text_chars:
-            raise ApiError(400, f"{child} has {len(value)} characters; the limit is {max_text_chars} (--max_text_chars)")
+            raise ApiError(
+                400, f"{child} has {len(value)} characters; the limit is {max_text_chars} (--max_text_chars)"
+            )
         if isinstance(value, (list, dict)):
             if len(value) > max_items:
                 raise ApiError(400, f"{child} has {len(value)} entries; the limit is {max_items} (--max_items)")
@@ -67,7 +68,9 @@ def _entries(value: list | dict, max_text_chars: int, root: bool = False) -> Ite
         return
     for key, v in value.items():
         if len(key) > max_text_chars:
-            raise ApiError(400, f"an object key has {len(key)} characters; the limit is {max_text_chars} (--max_text_chars)")
+            raise ApiError(
+                400, f"an object key has {len(key)} characters; the limit is {max_text_chars} (--max_text_chars)"
+            )
         yield (key if root else f".{key}"), v
 
 
@@ -108,5 +111,3 @@ def as_list(name: str, value: Any) -> list:
     if not isinstance(value, list):
         raise ApiError(400, f"{name} must be a list, got {type(value).__name__}")
     return value
-
-

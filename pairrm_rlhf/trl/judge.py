@@ -40,14 +40,27 @@ except ImportError:
                 raise NotImplementedError
 
 
+def renamed_argument(owner: str, value: Any, old_value: Any, old: str, default: Any = None) -> Any:
+    """`value` of an adapter's `pairrm` argument, or `old_value` passed under its deprecated name `old` (with a
+    DeprecationWarning); a TypeError when both are given, or when neither is and there is no default."""
+    if old_value is None:
+        if value is None:
+            raise TypeError(f"{owner} needs pairrm: a PairRM, a LazyPairRM or a checkpoint id/path")
+        return value
+    warnings.warn(f"{owner}({old}=...) is deprecated: pass pairrm=", DeprecationWarning, stacklevel=3)
+    if value is not default:
+        raise TypeError(f"{owner} got both pairrm and its deprecated name {old}; pass only pairrm")
+    return old_value
+
+
 # ---- the judge -----------------------------------------------------------------------------------------
 class PairRMJudge(BasePairwiseJudge):
     """TRL's former pairwise-judge contract over PairRM: which completion of each pair is better.
 
     Args:
-        model: a loaded `PairRM`, or a checkpoint id or path loaded on the first `judge` call (construction
-            loads nothing and does not touch CUDA).
-        device, dtype, base_model: passed to `PairRM.from_pretrained` when `model` is an id or path.
+        pairrm: a loaded `PairRM` (or `LazyPairRM`), or a checkpoint id or path loaded on the first `judge` call
+            (construction loads nothing and does not touch CUDA). `model=` is its deprecated name.
+        device, dtype, base_model: passed to `PairRM.from_pretrained` when `pairrm` is an id or path.
         batch_size: forwarded to the scorer (default: its token budget).
         seed: seed of the order shuffling.
 
@@ -65,15 +78,17 @@ class PairRMJudge(BasePairwiseJudge):
 
     def __init__(
         self,
-        model: PairRM | str | os.PathLike = DEFAULT_MODEL,
+        pairrm: PairRM | LazyPairRM | str | os.PathLike = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         base_model: str | os.PathLike | None = None,
         batch_size: int | None = None,
         seed: int | None = None,
+        model: PairRM | LazyPairRM | str | os.PathLike | None = None,
     ):
-        self._lazy = LazyPairRM.wrap(model, device=device, dtype=dtype, base_model=base_model)
+        pairrm = renamed_argument(type(self).__name__, pairrm, model, "model", default=DEFAULT_MODEL)
+        self._lazy = LazyPairRM.wrap(pairrm, device=device, dtype=dtype, base_model=base_model)
         self.batch_size = batch_size
         self._rng = random.Random(seed)
 

@@ -4,7 +4,7 @@
   each prompt's group of generations.
 - `OnlineDPOJudgeReward`: makes OnlineDPOTrainer's chosen sample the one PairRM prefers.
 - `pairrm_reference_reward`, `pairrm_group_reward`: module-level functions for TRL's CLI
-  (`--reward_funcs pairrm_rlhf.rewards.pairrm_reference_reward`), configured by environment variables.
+  (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_reference_reward`), configured by environment variables.
 
 All of them are plain callables (TRL treats `nn.Module`s as sequence-classification models) and load the model on
 first call. Text is rendered by `core.formats.render`, the same as the judge.
@@ -28,12 +28,12 @@ from ..core.assets import DEFAULT_MODEL
 from ..core.engine import default_device
 from ..core.formats import render
 from ..pairrm import LazyPairRM, PairRM
-from .judge import PairRMJudge
+from .judge import PairRMJudge, renamed_argument
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = ("probability", "logit", "win")
-MODES = ("reference", "group")
+REWARD_OUTPUTS = ("probability", "logit", "win")  # what `PairwiseReward(output=...)` returns per completion
+REWARD_MODES = ("reference", "group")  # what `PairwiseReward(mode=...)` compares each completion with
 ENV_VARS = ("PAIRRM_MODEL", "PAIRRM_DEVICE", "PAIRRM_DTYPE", "PAIRRM_BASE_MODEL")
 _TRL_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
 
@@ -61,7 +61,7 @@ class OnlineDPOJudgeReward:
 
     def __init__(
         self,
-        judge: PairRMJudge | PairRM | LazyPairRM | str | os.PathLike = DEFAULT_MODEL,
+        pairrm: PairRMJudge | PairRM | LazyPairRM | str | os.PathLike = DEFAULT_MODEL,
         *,
         soft: bool = True,
         temperature: float = 1.0,
@@ -70,13 +70,15 @@ class OnlineDPOJudgeReward:
         dtype: str | torch.dtype | None = None,
         base_model: str | os.PathLike | None = None,
         batch_size: int | None = None,
+        judge: PairRMJudge | PairRM | LazyPairRM | str | os.PathLike | None = None,
     ):
-        if isinstance(judge, PairRMJudge):
+        pairrm = renamed_argument(type(self).__name__, pairrm, judge, "judge", default=DEFAULT_MODEL)
+        if isinstance(pairrm, PairRMJudge):
             if any(v is not None for v in (device, dtype, base_model, batch_size)):
-                raise ValueError("device, dtype, base_model and batch_size apply only when judge is not a PairRMJudge")
-            self.judge = judge
+                raise ValueError("device, dtype, base_model and batch_size apply only when pairrm is not a PairRMJudge")
+            self.judge = pairrm
         else:
-            self.judge = PairRMJudge(judge, device=device, dtype=dtype, base_model=base_model, batch_size=batch_size)
+            self.judge = PairRMJudge(pairrm, device=device, dtype=dtype, base_model=base_model, batch_size=batch_size)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.soft = soft
@@ -87,7 +89,8 @@ class OnlineDPOJudgeReward:
         prompts, completions = _check_rows(prompts, completions)
         if len(prompts) % 2:
             raise ValueError(
-                f"prompts has {len(prompts)} rows; OnlineDPOTrainer's block layout has 2 * B rows (prompts = 2 * prompts)"
+                f"prompts has {len(prompts)} rows; OnlineDPOTrainer's block layout has 2 * B rows "
+                "(prompts = 2 * prompts)"
             )
         b = len(prompts) // 2
         for i in range(b):
@@ -109,7 +112,8 @@ class PairwiseReward:
     """TRL reward function (`reward(prompts, completions, **columns) -> list[float]`) from PairRM comparisons.
 
     Args:
-        model: a `PairRM`, a checkpoint id or path (loaded on first call), or a `LazyPairRM` to share one model.
+        pairrm: a `PairRM`, a checkpoint id or path (loaded on first call), or a `LazyPairRM` to share one model.
+            `model=` is its deprecated name.
         mode: `"reference"`: compare each completion with its row's reference(s) from `reference_column` (a
             string, or a list of strings: compared with each and averaged). `"group"`: round-robin among the
             completions of the same prompt (GRPO/RLOO groups); no column needed.
@@ -123,14 +127,14 @@ class PairwiseReward:
         gather: group mode under `torch.distributed`: gather the rows of all processes so groups split across
             processes are scored whole (every process must call the reward at the same time, as TRL does).
         name: `__name__`, which TRL uses in its logs (default `pairrm_reference` / `pairrm_group`).
-        device, dtype, base_model: passed to `PairRM.from_pretrained` when `model` is an id or path.
+        device, dtype, base_model: passed to `PairRM.from_pretrained` when `pairrm` is an id or path.
 
     Reference mode logs the mean win rate (ties count 1/2) as `{name}/win_rate` through TRL's `log_metric`.
     """
 
     def __init__(
         self,
-        model: PairRM | LazyPairRM | str | os.PathLike,
+        pairrm: PairRM | LazyPairRM | str | os.PathLike | None = None,
         *,
         reference_column: str = "reference",
         output: str = "probability",
@@ -143,16 +147,18 @@ class PairwiseReward:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         base_model: str | os.PathLike | None = None,
+        model: PairRM | LazyPairRM | str | os.PathLike | None = None,
     ):
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if output not in REWARD_OUTPUTS:
+            raise ValueError(f"output must be one of {REWARD_OUTPUTS}, got {output!r}")
+        if mode not in REWARD_MODES:
+            raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-        self._lazy = LazyPairRM.wrap(model, device=device, dtype=dtype, base_model=base_model)
+        pairrm = renamed_argument(type(self).__name__, pairrm, model, "model")
+        self._lazy = LazyPairRM.wrap(pairrm, device=device, dtype=dtype, base_model=base_model)
         self.reference_column = reference_column
         self.output = output
         self.mode = mode
@@ -214,9 +220,11 @@ class PairwiseReward:
 
     # ---- group mode -------------------------------------------------------------------------------------
     def _group(self, prompts: list, completions: list) -> list[float]:
-        offset, rows = _gather_rows(list(zip(prompts, completions))) if self.gather else (0, list(zip(prompts, completions)))
+        local = list(zip(prompts, completions))
+        offset, rows = _gather_rows(local) if self.gather else (0, local)
         end = offset + len(prompts)
-        spans = [(s, e) for s, e in self._spans([p for p, _ in rows]) if s < end and e > offset]  # groups with local rows
+        # the groups that hold some of this process's rows
+        spans = [(s, e) for s, e in self._spans([p for p, _ in rows]) if s < end and e > offset]
         if not spans:
             return []
         sources, candidates = [], []
@@ -249,7 +257,8 @@ class PairwiseReward:
             return list(zip(starts, starts[1:] + [n]))
         size = self.group_size
         if n % size:
-            raise ValueError(f"group mode with group_size={size} got {n} rows in all (over all processes): not a multiple")
+            raise ValueError(
+                f"group mode with group_size={size} got {n} rows in all (over all processes): not a multiple")
         for s in range(0, n, size):
             for k in range(s + 1, s + size):
                 if prompts[k] != prompts[s]:
@@ -327,11 +336,11 @@ def _env_reward(mode: str, name: str) -> PairwiseReward:
 
 def pairrm_reference_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """P(completion better than the row's `reference` column) by PairRM; for TRL's CLI
-    (`--reward_funcs pairrm_rlhf.rewards.pairrm_reference_reward`). Model from the `PAIRRM_*` environment."""
+    (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_reference_reward`). Model from the `PAIRRM_*` environment."""
     return _env_reward("reference", "pairrm_reference_reward")(prompts, completions, **kwargs)
 
 
 def pairrm_group_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """Mean P(win) of each completion against the others of its prompt's group, by PairRM; for TRL's CLI
-    (`--reward_funcs pairrm_rlhf.rewards.pairrm_group_reward`). Model from the `PAIRRM_*` environment."""
+    (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_group_reward`). Model from the `PAIRRM_*` environment."""
     return _env_reward("group", "pairrm_group_reward")(prompts, completions, **kwargs)

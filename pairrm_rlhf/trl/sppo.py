@@ -84,7 +84,8 @@ class SPPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(self._signature_columns) + [c for c in PROB_COLUMNS if c not in self._signature_columns]
+        missing = [c for c in PROB_COLUMNS if c not in self._signature_columns]
+        self._signature_columns = list(self._signature_columns) + missing
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool):
         mode = "train" if self.model.training else "eval"
@@ -97,7 +98,8 @@ class SPPOTrainer(DPOTrainer):
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:  # the reference model, or the policy with its LoRA adapter disabled
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(model if self.ref_model is None else self.ref_model, inputs)
+            reference = model if self.ref_model is None else self.ref_model
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
         chosen_ratio, rejected_ratio = chosen_logps - ref_chosen, rejected_logps - ref_rejected
         target_chosen, target_rejected = (p_win - 0.5) / self.beta, (p_lose - 0.5) / self.beta
         loss = ((chosen_ratio - target_chosen) ** 2 + (rejected_ratio - target_rejected) ** 2).mean() / 2
