@@ -5,6 +5,7 @@ A fake judge (the longer text wins) makes every expected number computable by ha
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,93 @@ def test_eval_push_is_private_by_default(tmp_path, length_judge, monkeypatch):
           "--push_to_hub", "me/results"])
     assert calls[0] == ("create", "me/results", {"repo_type": "dataset", "private": True, "exist_ok": True})
     assert calls[1] == ("upload", "me/results", ["README.md", "predictions.jsonl", "results.json", "results.md"])
+
+
+# ---- what a reader of the outputs sees ---------------------------------------------------------------------------
+def test_data_without_subsets_is_one_overall_row(tmp_path, length_judge, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{k: v for k, v in pair("x", k % 2 == 0, k).items() if k != "subset"}
+                                               for k in range(3)])
+    main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(tmp_path / "out"), "--no_plots"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "Subset" not in line]
+    assert rows == ["| **overall** | 3 | 66.67% | 0 |"]  # not an "all" row repeating it
+    # a single RewardBench subset still gets its section
+    data = write_jsonl(tmp_path / "rb.jsonl", [pair("alpacaeval-easy", True, 0), pair("alpacaeval-easy", False, 1)])
+    main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(tmp_path / "rb"), "--no_plots"])
+    assert "| Chat | 50.00% |" in capsys.readouterr().out
+
+
+def test_predictions_carry_the_texts_the_label_and_the_call(tmp_path, length_judge):
+    rows = [pair("a", True, 0), pair("a", False, 1),
+            {"prompt": "q", "response_a": "same", "response_b": "same", "label": "tie", "subset": "a"}]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows[:2])
+    out = tmp_path / "out"
+    main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(out), "--no_plots"])
+    got = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for record, row in zip(got, rows):
+        assert (record["prompt"], record["chosen"], record["rejected"]) == (row["prompt"], row["chosen"], row["rejected"])
+        assert record["label"] == "chosen"
+    assert [r["prediction"] for r in got] == ["chosen", "rejected"] and [r["correct"] for r in got] == [1.0, 0.0]
+    ties = write_jsonl(tmp_path / "ties.jsonl", [rows[2]])
+    main(["eval", "--data", str(ties), "--bootstrap", "0", "--output_dir", str(out), "--no_plots", "--ties", "margin",
+          "--tie_margin", "0.5"])
+    record = json.loads((out / "predictions.jsonl").read_text())
+    assert (record["label"], record["prediction"], record["correct"]) == ("tie", "tie", 1.0)
+
+
+def test_subset_names_are_escaped_in_markdown(tmp_path, length_judge):
+    names = ["a|b", "<img src=x onerror=alert(1)>", "*bold* and [link](http://x)"]
+    data = write_jsonl(tmp_path / "odd.jsonl", [pair(name, True, k) for k, name in enumerate(names)])
+    out = tmp_path / "out"
+    main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(out), "--no_plots"])
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table]
+    assert {len(c) for c in cells} == {4}  # no name split a row
+    text = (out / "results.md").read_text() + (out / "README.md").read_text()
+    assert "<img" not in text and "[link](" not in text and "*bold*" not in text
+    assert r"a\|b" in text and r"\*bold\* and \[link\](http://x)" in text
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib figure saved while the test runs."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self) or original(self, *a, **k))
+    return saved
+
+
+def extents(fig, texts):
+    fig.canvas.draw()
+    return [t.get_window_extent() for t in texts if t.get_text()]
+
+
+def test_calibration_counts_stay_inside_and_apart(tmp_path, figures):
+    from pairrm_rlhf.evaluation.report import write_plots
+
+    # two bins whose means are close (0.099 | 0.101), and bins at the top edge (observed 1.0)
+    records = [{"p_chosen": p, "correct": c} for p, c in
+               [(0.099, 0.0), (0.101, 0.0), (0.95, 1.0), (0.999, 1.0), (0.85, 1.0), (0.55, 1.0)]]
+    write_plots(tmp_path, records, summarize([1.0], [Example("p", ["a"], ["b"])], bootstrap=0), "t")
+    fig = figures[0]
+    ax = fig.axes[0]
+    counts = extents(fig, ax.texts)
+    assert len(counts) == 5
+    inside = ax.get_window_extent()
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in counts)
+    assert not any(a.overlaps(b) for i, a in enumerate(counts) for b in counts[i + 1:])
+    legend = ax.get_legend().get_window_extent()
+    assert not any(legend.overlaps(b) for b in counts)
+
+
+def test_one_subset_plot_has_one_labelled_bar(tmp_path, length_judge, figures):
+    data = write_jsonl(tmp_path / "one.jsonl", [{k: v for k, v in pair("x", k != 2, k).items() if k != "subset"}
+                                                for k in range(3)])
+    main(["eval", "--data", str(data), "--bootstrap", "50", "--output_dir", str(tmp_path / "out")])
+    fig = figures[1]
+    ax = fig.axes[0]
+    assert len(ax.patches) == 1
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["overall (n=3): 66.7%"]
+    title, ticks = extents(fig, [ax.title]), extents(fig, ax.get_yticklabels() + ax.get_xticklabels())
+    assert not any(title[0].overlaps(b) for b in ticks)

@@ -74,9 +74,9 @@ BAD = [
     (BASE + ["--num_responses", "1"], "--num_responses: 1 is below 2"),
     (BASE + ["--chunk_size", "0"], "--chunk_size: 0 is below 1"),
     (BASE + ["--prompt_column", "question"],
-     "--prompt_column: dataset has no column 'question' (columns: prompt, reference)"),
+     "--prompt_column: no column 'question' in tiny (columns: prompt, reference)"),
     (BASE + ["--responses_column", "answers"],
-     "--responses_column: dataset has no column 'answers' (columns: prompt, reference)"),
+     "--responses_column: no column 'answers' in tiny (columns: prompt, reference)"),
     (["--dataset", "tiny", "--pairrm", "tiny"], "--policy is required unless --responses_column is given"),
     (BASE + ["--temperature", "-1"], "temperature=-1.0 is out of range"),
     (["--config", "nope.yaml"], "--config: file not found: nope.yaml"),
@@ -120,7 +120,7 @@ def test_outputs_card_histogram_and_paths(responses_file, tmp_path, capsys, hf_m
     argv = label_argv(responses_file, output, "--strategy", "all_pairs", "--seed", "3")
     main(argv)
     printed = capsys.readouterr().out
-    card_path, plot_path = tmp_path / "pairs.card.md", tmp_path / "pairs.margins.png"
+    card_path, plot_path = tmp_path / "pairs.jsonl.card.md", tmp_path / "pairs.jsonl.margins.png"
     assert f"Wrote {output} (jsonl)\nCard: {card_path}\nMargin histogram: {plot_path}" in printed
     assert not Path(f"{output}.tmp-999").exists()
     rows = [json.loads(line) for line in output.read_text().splitlines()]
@@ -155,7 +155,7 @@ def test_no_matplotlib_no_plot_and_it_says_so(responses_file, tmp_path, capsys, 
         main(label_argv(responses_file, tmp_path / "pairs.jsonl"))
     assert "Margin histogram: not written (matplotlib is not installed)" in capsys.readouterr().out
     assert any("pip install pairrm-rlhf[plots]" in r.getMessage() for r in caplog.records)
-    assert not (tmp_path / "pairs.margins.png").exists() and (tmp_path / "pairs.card.md").exists()
+    assert not (tmp_path / "pairs.jsonl.margins.png").exists() and (tmp_path / "pairs.jsonl.card.md").exists()
 
 
 @pytest.mark.parametrize("flag, private", [([], True), (["--no_hub_private"], False)])
@@ -175,7 +175,7 @@ def test_push_to_hub_with_card(flag, private, responses_file, tmp_path, capsys, 
     card = DatasetCard(pushed["card"])
     assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*"  # what `datasets` wrote stays
     assert card.data.tags == ["dpo", "preference", "pairrm-rlhf"]
-    assert card.text.strip() == DatasetCard((tmp_path / "pairs.card.md").read_text()).text.strip()
+    assert card.text.strip() == DatasetCard((tmp_path / "pairs.jsonl.card.md").read_text()).text.strip()
     assert f"Pushed to me/pairs ({'private' if private else 'public'})" in capsys.readouterr().out
 
 

@@ -148,4 +148,4 @@ def test_stale_temporary_files_are_removed(hf_model, work, expected):
     (work / "manifest.json.tmp-4242").write_text("{")
     out, labeled = resume(hf_model, work)
     assert labeled == [] and out.to_list() == expected
-    assert sorted(p.name for p in work.iterdir()) == [f"chunk-0000{i}.arrow" for i in range(3)] + ["manifest.json"]
+    assert sorted(p.name for p in work.iterdir()) == [f"chunk-0000{i}.arrow" for i in range(3)] + ["lock", "manifest.json"]

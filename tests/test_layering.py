@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).parents[1] / "pairrm_rlhf"
 # Lower number = lower layer. A module may import its own room and lower layers only.
 LAYERS = {
     "core": 0,
-    "backends": 1,
+    "backends": 1, "data": 1,
     "best_of_n": 2, "pairrm": 2, "args": 2,
     "trl": 3,
     "labeling": 4,

@@ -19,6 +19,7 @@ import torch
 
 from . import assets
 from .engine import default_device
+from .templates import render_chat
 
 # Sampling fields, their neutral values (what "not set" means unless the user opts in to the checkpoint's).
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -117,11 +118,9 @@ def load_policy(name: str, device: str | torch.device | None = None, dtype: str 
 
 
 def render_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:
-    """Prompt texts: strings as they are, message lists through the tokenizer's chat template (generation prompt)."""
-    return [
-        p if isinstance(p, str) else tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    """Prompt texts: strings as they are, message lists through the tokenizer's chat template (generation prompt;
+    bounded: `templates.render_chat`)."""
+    return [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
 
 
 def sample_responses(

@@ -15,21 +15,21 @@ best-of-4 (RewardBench 2: `chosen`/`rejected` lists), Auto-J pairwise (`response
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.assets import check_local
+from .. import data
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "pairs", "labelled", "best_of_n", "autoj", "hhh", "mtbench")
 TIE_LABELS = {"tie", "tie (bothbad)", "2", "tie_both_bad"}
+SUMMARY_ROWS = ("macro average", "overall")
 
 
 @dataclass
@@ -46,54 +46,24 @@ class Example:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 def read_rows(source: str, split: str = "test", config_name: str | None = None) -> list[dict]:
-    """Rows of a `save_to_disk` folder, a local .jsonl/.json/.parquet file, or a hub dataset split.
+    """Rows of a `save_to_disk` folder, a local .jsonl/.json/.parquet/.csv file, or a hub dataset split, read by the
+    package's one reader (`pairrm_rlhf.data`: its errors start with `--data` and name the file and line or row).
 
     A name that looks like a local path (`./`, `/`, `~`, a file extension) and does not exist is a
     FileNotFoundError, never a hub lookup.
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            raise ValueError(f"--data: {source} is a folder but not a `save_to_disk` dataset (no state.json)")
-        from datasets import DatasetDict, load_from_disk
-
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            if split not in data:
-                raise ValueError(f"--split: {source} has no split {split!r} (splits: {', '.join(data)})")
-            data = data[split]
-        return data.to_list()
-    if path.is_file():
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if path.suffix not in (".jsonl", ".json"):
-            raise ValueError(f"--data: {source}: unsupported file type (use a save_to_disk folder, .jsonl, .json or .parquet)")
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-    check_local(source, "--data")
-    from datasets import load_dataset
-
-    try:
-        return list(load_dataset(source, config_name, split=split))
-    except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline, no such dataset, no such split
-        raise ValueError(f"--data: cannot load the hub dataset {source!r}: {str(err).splitlines()[0]}") from err
+    return data.read_rows(source, split=split, config_name=config_name, what="--data")
 
 
 def map_columns(rows: list[dict], columns: dict[str, str], source: str = "data") -> list[dict]:
     """Rows with the columns named in `columns` (standard name -> column in the data) renamed to the standard
-    names (`prompt`, `chosen`, `rejected`); a ValueError names the flag when a column is missing."""
+    names (`prompt`, `chosen`, `rejected`); a ValueError names the flag and lists the data's columns when a column
+    is missing."""
     columns = {std: col for std, col in columns.items() if col and col != std}
     if not columns or not rows:
         return rows
-    for std, col in columns.items():
-        if col not in rows[0]:
-            raise ValueError(f"--{std}_column: no column {col!r} in {source} (columns: {', '.join(sorted(rows[0]))})")
-    return [{**{k: v for k, v in row.items() if k not in columns.values()}, **{std: row[col] for std, col in columns.items()}}
+    data.require_columns(data.columns_of(rows), {f"{std}_column": col for std, col in columns.items()}, source)
+    return [{**{k: v for k, v in row.items() if k not in columns.values()}, **{std: row.get(col) for std, col in columns.items()}}
             for row in rows]
 
 
@@ -274,7 +244,11 @@ class SubsetResult:
 
 
 def summarize(correct: list[float | None], examples: list[Example], bootstrap: int = 1000, seed: int = 0) -> list[SubsetResult]:
-    """Agreement per subset (sorted by name), then `macro average` (mean of subsets) and `overall` (all examples)."""
+    """Agreement per subset (sorted by name), then `macro average` (mean of subsets) and `overall` (all examples).
+
+    With a single subset (e.g. data without a `subset` column) there is one row, `overall`: a subset row would
+    repeat it (`subset_agreement` still gives that subset's number).
+    """
     groups: dict[str, list[float]] = defaultdict(list)
     skipped: dict[str, int] = defaultdict(int)
     for value, ex in zip(correct, examples):
@@ -283,7 +257,8 @@ def summarize(correct: list[float | None], examples: list[Example], bootstrap: i
         else:
             groups[ex.subset].append(value)
     results = []
-    for name in sorted(set(groups) | set(skipped)):
+    names = sorted(set(groups) | set(skipped))
+    for name in names if len(names) > 1 else []:
         values = np.asarray(groups[name])
         mean = float(values.mean()) if len(values) else float("nan")
         results.append(SubsetResult(name, len(values), mean, *bootstrap_ci(values, bootstrap, seed=seed), skipped[name]))
@@ -304,15 +279,31 @@ def summarize(correct: list[float | None], examples: list[Example], bootstrap: i
     return results
 
 
+def subset_agreement(results: list[SubsetResult], examples: list[Example]) -> dict[str, float]:
+    """Subset name -> agreement, for the subsets that have counted examples (a single subset: the overall row)."""
+    subsets = {ex.subset for ex in examples}
+    if len(subsets) == 1:
+        return {subsets.pop(): r.agreement for r in results if r.name == "overall" and r.n}
+    return {r.name: r.agreement for r in results if r.n and r.name not in SUMMARY_ROWS}
+
+
+def escape_markdown(text: Any) -> str:
+    """`text` safe inside a Markdown table cell or heading: one line, `|` and the characters that start emphasis,
+    code, links or HTML escaped (an underscore inside a word is left alone, as GitHub's Markdown reads it)."""
+    text = " ".join(str(text).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*|\[\]])|(?<!\w)_|_(?!\w)", lambda m: "\\" + m.group(0), text)
+
+
 def format_table(results: list[SubsetResult], title: str = "") -> str:
     """A markdown table like the PairRM model card's: subset, N, agreement, its 95% bootstrap interval (when
-    computed) and the examples not counted (ties, unscorable)."""
-    lines = [f"### {title}", ""] if title else []
+    computed) and the examples not counted (ties, unscorable). Names are escaped (`escape_markdown`)."""
+    lines = [f"### {escape_markdown(title)}", ""] if title else []
     with_ci = any(r.low is not None for r in results)
     lines += ["| Subset | N | Agreement |" + (" 95% CI |" if with_ci else "") + " Skipped |",
               "|:--|--:|--:|" + (":--:|" if with_ci else "") + "--:|"]
     for r in results:
-        name = f"**{r.name}**" if r.name in ("overall", "macro average") else r.name
+        name = f"**{r.name}**" if r.name in SUMMARY_ROWS else escape_markdown(r.name)
         ci = ""
         if with_ci:
             ci = f" [{r.low:.2%}, {r.high:.2%}] |" if r.low is not None else " – |"

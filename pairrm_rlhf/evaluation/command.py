@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..args import PairRMArguments
-from .agreement import FORMATS, SubsetResult, correctness, example_logits, format_table, load_examples, summarize
+from .agreement import (FORMATS, SubsetResult, correctness, example_logits, format_table, load_examples,
+                        subset_agreement, summarize)
 from .report import prediction_records, push_results, write_plots, write_results, dataset_card
 from .sections import SECTION_SCHEMES, autoj_groups, detect_scheme, format_sections, rewardbench_sections
 
@@ -116,7 +117,7 @@ def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[Sub
                "tie_margin": eval_args.tie_margin, "bootstrap": eval_args.bootstrap, "sections": scheme}
     plotted = results
     if scheme == "rewardbench":
-        sections = rewardbench_sections({r.name: r.agreement for r in results if r.n and r.name not in ("overall", "macro average")})
+        sections = rewardbench_sections(subset_agreement(results, examples))
         tables.append(format_sections(sections))
         summary["rewardbench_sections"] = sections
     elif scheme == "autoj":
@@ -126,7 +127,7 @@ def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[Sub
     tables_md = "\n\n".join(tables)
     print(tables_md)
 
-    records = prediction_records(examples, logits, correct, eval_args.orders)
+    records = prediction_records(examples, logits, correct, eval_args.orders, eval_args.ties, eval_args.tie_margin)
     paths = write_results(eval_args.output_dir, records, results, tables_md, summary)
     if eval_args.plots:
         paths.update(write_plots(eval_args.output_dir, records, plotted, f"{pairrm_args.pairrm} on {Path(eval_args.data).name}"))

@@ -27,11 +27,12 @@ from ..core.distributed import end_distributed_run
 from ..core.generation import SamplingArguments, load_policy
 from ..core.settings import check_choice
 from .generation import BACKENDS
-from .io import (OUTPUT_FORMATS, companion_path, dataset_card, load_prompts, margin_histogram, output_format_of,
-                 push_with_card, save_dataset)
+from ..data import check_prompts
+from .io import (OUTPUT_FORMATS, as_conversational, companion_path, dataset_card, load_prompts, margin_histogram,
+                 output_format_of, push_with_card, save_dataset)
 from .labeler import PreferenceLabeler, _process_state, check_columns
 from .pairs import AGGREGATIONS, STRATEGIES
-from .store import remove_store
+from .store import remove_store, writing
 
 POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -44,6 +45,8 @@ class LabelArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
     split: str = field(default="train", metadata={"help": "split to label"})
     prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})
+    conversational: bool = field(default=True, metadata={"help": "sample through the policy's chat template: string "
+                                                                  "prompts become one user message (as the recipes)"})
     responses_column: str | None = field(default=None, metadata={"help": "label these existing responses instead of sampling"})
     max_prompts: int | None = field(default=None, metadata={"help": "label only the first N prompts"})
     policy: str | None = field(default=None, metadata={"help": "causal LM to sample from (hub id or dir); 'tiny' = the bundled tiny policy"})
@@ -120,9 +123,12 @@ def run_label(
     state = _process_state()
     with state.main_process_first():
         dataset = load_prompts(a.dataset, a.dataset_config, a.split)
-    check_columns(dataset, prompt_column=a.prompt_column, responses_column=a.responses_column)
+    check_columns(dataset, a.dataset, prompt_column=a.prompt_column, responses_column=a.responses_column)
     if a.max_prompts is not None:
         dataset = dataset.select(range(min(a.max_prompts, len(dataset))))
+    check_prompts(dataset[a.prompt_column], a.dataset, a.prompt_column)
+    if a.conversational and a.responses_column is None:
+        dataset = as_conversational(dataset, a.prompt_column)
     # Everything is checked: now the slow part.
     pairrm = pairrm_args.load(device=pairrm_args.pairrm_device or str(state.device))
     policy, tokenizer = a.policy, None
@@ -136,6 +142,7 @@ def run_label(
         generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
     )
     labeler.policy_name = a.policy  # the name identifies the run, not the in-memory object
+    labeler.dataset_name = a.dataset
     work_dir = Path(a.work_dir or f"{a.output_path}.chunks")
     result = labeler.label(dataset, work_dir, chunk_size=a.chunk_size, overwrite=a.overwrite, show_progress=True)
     if state.is_main_process:
@@ -154,7 +161,8 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
                         judge_identity=labeler.pairrm.backend.identity(), strategy=a.strategy, settings=settings,
                         stats=s)
     card_path = companion_path(a.output_path, ".card.md")
-    card_path.write_text(card)
+    with writing(card_path):
+        card_path.write_text(card)
     plot = margin_histogram(result["margin"], companion_path(a.output_path, ".margins.png"),
                             title=f"{s.pairs} pairs from {s.prompts} prompts ({a.strategy})")
     if a.push_to_hub:

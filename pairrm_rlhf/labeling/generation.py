@@ -1,5 +1,11 @@
 """Sampling K responses per prompt for labeling, with transformers or vLLM, from the same `SamplingArguments`.
 
+Prompts the policy cannot take are refused before any generation (`ResponseSampler.check_lengths`): a prompt whose
+tokens (as the policy sees them: rendered with its chat template) plus `max_new_tokens` exceed the policy's context
+(the smaller of `max_position_embeddings` and the tokenizer's `model_max_length`) would not fit, and a long one makes
+the attention of `generate` grow with its square (one 20,000-word prompt took the tiny policy past 17 GB). vLLM
+refuses such prompts itself (`max_model_len`).
+
 Both backends get exactly the sampling that was asked (`core.generation`: `build_generation_config` for
 transformers, `vllm_sampling_params` for vLLM); the checkpoint's own sampling fields apply only with
 `use_checkpoint_sampling`. Sampling is seeded per call, so a chunk's responses do not depend on which process
@@ -9,11 +15,13 @@ labels it or on interruptions.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..core.generation import SamplingArguments, build_generation_config, load_policy, sample_responses
+from ..core.generation import (SamplingArguments, build_generation_config, load_policy, render_prompts,
+                               sample_responses)
 
 BACKENDS = ("transformers", "vllm")
 
@@ -73,6 +81,42 @@ class ResponseSampler:
             "sampling": dataclasses.asdict(self.sampling),
             "batch_size": self.batch_size if self.backend == "transformers" else None,
         }
+
+    def context(self) -> int | None:
+        """The most tokens the policy takes (prompt and response), or None when neither its config nor its
+        tokenizer says (transformers backend only)."""
+        if self.backend != "transformers":
+            return None
+        config = self.policy.config.get_text_config() if hasattr(self.policy, "config") else None
+        limits = [getattr(config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
+        limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**8]  # tokenizers say 1e30 for "none"
+        return min(limits) if limits else None
+
+    def check_lengths(self, prompts: Sequence[Any], source: str = "dataset", batch_size: int = 256) -> None:
+        """ValueError naming the first row whose prompt, rendered as the policy sees it, leaves fewer than
+        `max_new_tokens` tokens of the policy's context (see the module docstring); nothing to check for vLLM."""
+        context = self.context()
+        if context is None:
+            return
+        room = context - self.sampling.max_new_tokens
+        if room < 1:
+            raise ValueError(f"--max_new_tokens: {self.sampling.max_new_tokens} leaves no room for a prompt in the "
+                             f"policy's context of {context} tokens")
+        if prompts and not isinstance(prompts[0], str) and not self.tokenizer.chat_template:
+            raise ValueError("conversational prompts need a policy tokenizer with a chat template "
+                             "(--conversational false samples on the raw text)")
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            texts = render_prompts(self.tokenizer, batch)
+            lengths = [len(ids) for ids in self.tokenizer(
+                texts, add_special_tokens=isinstance(batch[0], str), return_attention_mask=False, verbose=False,
+            )["input_ids"]]
+            for k, n in enumerate(lengths):
+                if n > room:
+                    raise ValueError(
+                        f"{source} row {start + k}: the prompt is {n} tokens for the policy; with max_new_tokens "
+                        f"{self.sampling.max_new_tokens} its context of {context} tokens leaves room for {room}: "
+                        "shorten or drop that prompt (or lower --max_new_tokens)")
 
     def generate(self, prompts: list[Any], seed: int) -> list[list[str]]:
         """`num_responses` responses per prompt (strings or message lists), reproducible under `seed`."""

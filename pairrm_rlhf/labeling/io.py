@@ -1,5 +1,6 @@
-"""Datasets in and out of labeling: prompts from any usual source, atomic writes of the pairs, the dataset card
-and the margin histogram written next to them, and the push to the Hub (private by default) with that card."""
+"""Datasets in and out of labeling: prompts from any usual source (`pairrm_rlhf.data`), atomic writes of the pairs,
+the dataset card and the margin histogram written next to them (named after the whole output file), and the push to
+the Hub (private by default) with that card. A write that fails (disk full, read-only) is one line naming the path."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 from datasets import Dataset
 
-from ..core import assets
+from ..data import read_dataset
+from .store import writing
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +22,9 @@ OUTPUT_FORMATS = ("save_to_disk", "jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
-def load_prompts(source: str, config_name: str | None = None, split: str = "train") -> Dataset:
-    """A dataset from a `save_to_disk` directory, a json/jsonl/parquet/csv file, a data directory or a hub id.
+def load_prompts(source: str, config_name: str | None = None, split: str = "train", what: str = "--dataset") -> Dataset:
+    """A dataset from a `save_to_disk` directory, a json/jsonl/parquet/csv file, a data directory or a hub id, read
+    by the package's one reader (`pairrm_rlhf.data.read_dataset`; errors start with `what` and name the file).
 
     `"tiny"` (when no such path exists) is the 32 bundled smoke-test prompts with a `reference` column. A name that
     looks like a local path and does not exist is a `FileNotFoundError`, never a hub lookup.
@@ -30,23 +33,7 @@ def load_prompts(source: str, config_name: str | None = None, split: str = "trai
         >>> len(load_prompts("tiny"))
         32
     """
-    import datasets
-
-    source = assets.resolve(source, "prompts")
-    path = Path(source).expanduser()
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"dataset {source!r} has no split {split!r} (splits: {list(loaded)})")
-            loaded = loaded[split]
-        return loaded
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    if path.is_file():
-        if path.suffix not in builders:
-            raise ValueError(f"dataset file {source!r} must be .json, .jsonl, .parquet or .csv")
-        return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    return datasets.load_dataset(source, config_name, split=split)
+    return read_dataset(source, split=split, config_name=config_name, what=what)
 
 
 def output_format_of(path: str) -> str:
@@ -55,10 +42,23 @@ def output_format_of(path: str) -> str:
 
 
 def companion_path(output_path: str, suffix: str) -> Path:
-    """A file next to the output: `data/pairs.jsonl` + `.margins.png` -> `data/pairs.margins.png`."""
+    """A file next to the output, named after all of it: `data/pairs.jsonl` + `.margins.png` ->
+    `data/pairs.jsonl.margins.png` (so a `.jsonl` and a `.parquet` run in one folder keep their own)."""
     path = Path(output_path)
-    stem = path.with_suffix("") if path.suffix in _SUFFIXES else path
-    return stem.with_name(stem.name + suffix)
+    return path.with_name(path.name + suffix)
+
+
+def as_conversational(dataset: Dataset, column: str = "prompt") -> Dataset:
+    """`dataset` with every string prompt of `column` made one user message (message lists are kept), so a chat
+    policy samples through its chat template and the pairs are in TRL's conversational format."""
+    from datasets import List, Value
+
+    if len(dataset) == 0 or not isinstance(dataset[0][column], str):
+        return dataset
+    messages = [[{"role": "user", "content": p}] for p in dataset[column]]
+    feature = List({"role": Value("string"), "content": Value("string")})
+    converted = dataset.add_column(f"{column}.messages", messages, feature=feature).remove_columns(column)
+    return converted.rename_column(f"{column}.messages", column).select_columns(dataset.column_names)
 
 
 def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) -> str:
@@ -74,25 +74,26 @@ def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) 
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if output_format == "save_to_disk" and target.exists() and not (target / "dataset_info.json").exists():
         raise ValueError(f"output_path {path!r} exists and is not a saved dataset; refusing to replace it")
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        logger.info("Removing %s, left by an interrupted write", stale)
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    if output_format == "save_to_disk":
-        dataset.save_to_disk(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-    elif output_format == "jsonl":  # our own writer: `to_json` (pandas) rounds floats to 10 digits
-        with open(tmp, "w", encoding="utf-8") as f:
-            for batch in dataset.iter(batch_size=1000):
-                for values in zip(*batch.values()):
-                    f.write(json.dumps(dict(zip(batch, values)), ensure_ascii=False) + "\n")
-    else:
-        dataset.to_parquet(str(tmp))
-    os.replace(tmp, target)
+    with writing(target):  # disk full, read-only: one line naming the output
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f"{target.name}.tmp-*"):
+            logger.info("Removing %s, left by an interrupted write", stale)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        if output_format == "save_to_disk":
+            dataset.save_to_disk(str(tmp))
+            if target.exists():
+                shutil.rmtree(target)
+        elif output_format == "jsonl":  # our own writer: `to_json` (pandas) rounds floats to 10 digits
+            with open(tmp, "w", encoding="utf-8") as f:
+                for batch in dataset.iter(batch_size=1000):
+                    for values in zip(*batch.values()):
+                        f.write(json.dumps(dict(zip(batch, values)), ensure_ascii=False) + "\n")
+        else:
+            dataset.to_parquet(str(tmp))
+        os.replace(tmp, target)
     return output_format
 
 
@@ -163,5 +164,6 @@ def margin_histogram(margins: list[float], path: str | os.PathLike, title: str =
     ax.set_ylabel("pairs")
     ax.set_title(title or f"{len(margins)} pairs")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with writing(path):
+        fig.savefig(path, dpi=100)
     return str(path)

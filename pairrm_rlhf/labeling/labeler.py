@@ -31,6 +31,7 @@ from ..core.formats import render
 from ..core.generation import SamplingArguments
 from ..core.progress import progress_enabled
 from ..core.settings import check_choice
+from ..data import check_prompts, require_columns
 from ..pairrm import PairRM
 from .generation import BACKENDS, ResponseSampler
 from .pairs import AGGREGATIONS, STRATEGIES, LabelStats, aggregate, select_pairs
@@ -69,6 +70,7 @@ class PreferenceLabeler:
     Attributes:
         stats: `LabelStats` of the last `label` call (`stats.mean_margin` is `margin_sum / pairs`).
         policy_name: names the policy in the run identity (default: its path or `name_or_path`).
+        dataset_name: names the data in errors about its rows (default "dataset"; `label` sets the file's name).
 
     Example:
         >>> labeler = PreferenceLabeler(PairRM.from_pretrained("tiny"), "tiny", num_responses=4,
@@ -127,6 +129,7 @@ class PreferenceLabeler:
         self.seed = seed
         self.scoring_batch_size = scoring_batch_size
         self.stats = LabelStats()
+        self.dataset_name = "dataset"
         self.sampler: ResponseSampler | None = None
         if responses_column is None:
             if policy is None:
@@ -244,15 +247,25 @@ class PreferenceLabeler:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         conversational = self._check_dataset(dataset)
+        if self.sampler is not None:  # before any generation: a prompt longer than the policy's context is refused
+            self.sampler.check_lengths(dataset[self.prompt_column], self.dataset_name)
         features = self._features(dataset, conversational)
         state = _process_state()
         n_chunks = math.ceil(len(dataset) / chunk_size)
         store = ChunkStore(work_dir, self.identity(dataset, chunk_size)) if work_dir is not None else None
+        try:
+            return self._label_all(dataset, store, n_chunks, chunk_size, features, state, overwrite, show_progress)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _label_all(self, dataset: Dataset, store: ChunkStore | None, n_chunks: int, chunk_size: int,
+                   features: Features, state: Any, overwrite: bool, show_progress: bool | None) -> Dataset:
         done = store.open(state, overwrite) if store is not None else set()
         pending = [i for i in range(n_chunks) if i not in done]
         mine = [int(i) for i in np.array_split(np.array(pending, dtype=int), state.num_processes)[state.process_index]]
         if done:
-            logger.info("Resuming from %s: %d of %d chunks already done", work_dir, len(done), n_chunks)
+            logger.info("Resuming from %s: %d of %d chunks already done", store.directory, len(done), n_chunks)
         show_progress = progress_enabled(show_progress, len(mine), logger)
         results: list[tuple[int, pa.Table, LabelStats]] = []
         total = sum(min(chunk_size, len(dataset) - i * chunk_size) for i in mine)
@@ -324,12 +337,8 @@ class PreferenceLabeler:
         check_columns(dataset, prompt_column=self.prompt_column, responses_column=self.responses_column)
         if len(dataset) == 0:
             return False
-        first = dataset[0][self.prompt_column]
-        if not isinstance(first, (str, list)):
-            raise TypeError(
-                f"{self.prompt_column}[0] must be a string or a list of messages, got {type(first).__name__}"
-            )
-        return isinstance(first, list)
+        check_prompts(dataset[self.prompt_column], self.dataset_name, self.prompt_column)
+        return isinstance(dataset[0][self.prompt_column], list)
 
     def _features(self, dataset: Dataset, conversational: bool) -> Features:
         completion = List(_MESSAGE) if conversational else Value("string")
@@ -344,11 +353,10 @@ class PreferenceLabeler:
         })
 
 
-def check_columns(dataset: Dataset, **columns: str | None) -> None:
-    """ValueError naming the flag (`--prompt_column`) and the value when a named column is not in `dataset`."""
-    for flag, column in columns.items():
-        if column is not None and column not in dataset.column_names:
-            raise ValueError(f"--{flag}: dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+def check_columns(dataset: Dataset, source: str = "dataset", **columns: str | None) -> None:
+    """ValueError naming the flag (`--prompt_column`), the value, `source` and the dataset's columns when a named
+    column is not in `dataset` (`pairrm_rlhf.data.require_columns`)."""
+    require_columns(dataset.column_names, columns, source)
 
 
 def best_of_n_responses(

@@ -11,8 +11,12 @@ resume (`ChunkStore.open`):
   value) is reported by file name, deleted and labeled again;
 - leftover temporary files of interrupted writes (`*.tmp-<pid>`) are deleted.
 
-Every chunk is written atomically (temporary file, fsync, rename). Under several processes every process
-checks the store (read-only, same answer everywhere) and only the main process changes files.
+One run at a time: `open` takes the directory's lock (`lock`, a `filelock.FileLock`, released by `close` or when
+the process dies) and records its holder in `lock.json`; a second labeler on the same directory stops at once
+with the holder's pid, host and start time. Every chunk is written atomically (temporary file, fsync, rename).
+Under several processes every process checks the store (read-only, same answer everywhere) and only the main
+process takes the lock and changes files. A file that cannot be written (disk full, read-only) is a `WriteError`:
+one line naming the path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import json
 import logging
 import os
 import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,11 +42,25 @@ logger = logging.getLogger(__name__)
 
 WORK_FORMAT = 2  # bump when the chunk files change meaning
 MANIFEST = "manifest.json"
+LOCK, LOCK_OWNER = "lock", "lock.json"
 _STATS, _IDENTITY, _CHECKSUM = b"pairrm_rlhf.stats", b"pairrm_rlhf.identity", b"pairrm_rlhf.sha256"
 
 
 class ChunkError(ValueError):
     """A chunk file that cannot be trusted (unreadable, no metadata, or a checksum that does not match)."""
+
+
+class WriteError(ValueError):
+    """An output that cannot be written (disk full, read-only file system, no permission), naming the path."""
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError raised inside the block into a one-line `WriteError`: `cannot write <path>: <reason>`."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -63,11 +85,12 @@ def checksum(table: pa.Table, stats: LabelStats, identity_json: str) -> str:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, fsync and rename: readers see all of it or nothing."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 class ChunkStore:
@@ -89,6 +112,7 @@ class ChunkStore:
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=repr))
         self.identity_json = json.dumps(self.identity, sort_keys=True)
         self.fingerprint = fingerprint(self.identity)
+        self._lock: Any = None
 
     @property
     def manifest(self) -> Path:
@@ -139,8 +163,10 @@ class ChunkStore:
         """Check the store against this run and clean it; return the indices of the chunks to reuse.
 
         `state` is accelerate's process state (barriers, main process). Raises ValueError (with the changed
-        settings and the file) for a manifest or chunk of another run unless `overwrite`.
+        settings and the file) for a manifest or chunk of another run unless `overwrite`, and when another labeler
+        holds the directory (see the module docstring); `close` releases it.
         """
+        self._take_lock(state)
         if self.manifest.exists() and not overwrite:
             try:
                 saved = json.loads(self.manifest.read_text()).get("identity")
@@ -167,7 +193,6 @@ class ChunkStore:
             raise ValueError(self._refusal(path, identity, more=len(foreign) - 1))
         state.wait_for_everyone()  # everyone has checked before the main process changes anything
         if state.is_main_process:
-            self.directory.mkdir(parents=True, exist_ok=True)
             for path, reason in damaged:
                 logger.warning("Labeling %s again: %s", path.name, reason)
                 path.unlink(missing_ok=True)
@@ -183,6 +208,59 @@ class ChunkStore:
         state.wait_for_everyone()  # everyone sees the cleaned store before new chunks appear
         return valid
 
+    def close(self) -> None:
+        """Release the directory's lock (taken by `open`; a no-op when this process holds none)."""
+        if self._lock is not None:
+            (self.directory / LOCK_OWNER).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    def _take_lock(self, state: Any) -> None:
+        """Main process: take the lock without waiting, or fail naming its holder; every process gets the answer."""
+        refusal: tuple[bool, str] | None = None  # (a write failed, the message)
+        if state.is_main_process and self._lock is None:
+            try:
+                refusal = self._lock_or_holder()
+            except WriteError as error:
+                refusal = (True, str(error))
+        if state.num_processes > 1:  # the other processes must not wait at a barrier the main one never reaches
+            from accelerate.utils import broadcast_object_list
+
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise (WriteError if refusal[0] else ValueError)(refusal[1])
+
+    def _lock_or_holder(self) -> tuple[bool, str] | None:
+        from filelock import FileLock, Timeout
+
+        with writing(self.directory):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.directory / LOCK, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # (an OSError itself: caught first)
+            return False, self._busy()
+        except OSError as error:
+            raise WriteError(f"cannot write {self.directory / LOCK}: {error.strerror or error}") from error
+        self._lock = lock
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            atomic_write(self.directory / LOCK_OWNER, json.dumps(owner).encode())
+        except WriteError:
+            self.close()
+            raise
+        return None
+
+    def _busy(self) -> str:
+        try:
+            owner = json.loads((self.directory / LOCK_OWNER).read_text())
+            holder = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = "a process that has not recorded itself yet"
+        return (f"work_dir {str(self.directory)!r} is in use by another labeler ({holder}); wait for it to end "
+                "or use another work_dir")
+
     def _refusal(self, path: Path, old: Any, more: int = 0) -> str:
         others = f" (and {more} more chunk(s))" if more else ""
         return (
@@ -196,7 +274,8 @@ def remove_store(directory: str | os.PathLike) -> None:
     directory = Path(directory)
     for path in directory.glob("chunk-*.arrow"):
         path.unlink()
-    (directory / MANIFEST).unlink(missing_ok=True)
+    for name in (MANIFEST, LOCK, LOCK_OWNER):
+        (directory / name).unlink(missing_ok=True)
     try:
         directory.rmdir()
     except OSError:

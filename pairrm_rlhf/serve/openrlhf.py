@@ -12,7 +12,6 @@ All parsing here is linear in the query's length (no backtracking regex over the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.formats import render
+from ..data import columns_of, read_rows, require_columns
 from .config import DEFAULT_STRIP
 from .limits import ApiError, as_list, fields
 
@@ -206,22 +206,14 @@ class ReferenceTable:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, prompt_column: str = "prompt", reference_column: str = "reference") -> "ReferenceTable":
-        """Read a .jsonl/.json (JSON lines or an array of objects), .csv or .parquet file, or a saved dataset."""
+        """Read a .jsonl/.json/.csv/.parquet file or a saved dataset with the package's one reader
+        (`pairrm_rlhf.data`: errors name the file and the line or row)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"--reference_file: file not found: {path}")
-        if path.suffix in (".jsonl", ".json"):
-            text = path.read_text(encoding="utf-8")
-            rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            import datasets
-
-            if path.is_dir():
-                rows = datasets.load_from_disk(str(path))
-            elif path.suffix in (".csv", ".parquet"):
-                rows = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
-            else:
-                raise ValueError(f"--reference_file must be .jsonl, .json, .csv, .parquet or a saved dataset: {path}")
+        rows = read_rows(str(path), what="--reference_file")
+        require_columns(columns_of(rows), {"prompt_column": prompt_column, "reference_column": reference_column},
+                        str(path))
         pairs = []
         for i, row in enumerate(rows):
             if prompt_column not in row or reference_column not in row:
