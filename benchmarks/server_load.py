@@ -61,9 +61,21 @@ def rss_mib(pid: int | None) -> float | None:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "pairrm_rlhf.serve.command", "--pairrm", args.pairrm, "--port", "0",
-               "--max_batch_pairs", str(args.max_batch_pairs), "--max_wait_ms", str(args.max_wait_ms),
-               "--max_concurrency", str(max(64, args.clients))]
+    command = [
+        sys.executable,
+        "-m",
+        "pairrm_rlhf.serve.command",
+        "--pairrm",
+        args.pairrm,
+        "--port",
+        "0",
+        "--max_batch_pairs",
+        str(args.max_batch_pairs),
+        "--max_wait_ms",
+        str(args.max_wait_ms),
+        "--max_concurrency",
+        str(max(64, args.clients)),
+    ]
     if args.pairrm_device:
         command += ["--pairrm_device", args.pairrm_device]
     if args.token:
@@ -132,22 +144,37 @@ def run(args: argparse.Namespace) -> dict:
     for route in ROUTES:
         times = np.array([r[2] for r in results if r[0] == route])
         if len(times):
-            per_route[route] = {"n": len(times), "p50_ms": 1000 * float(np.percentile(times, 50)),
-                                "p99_ms": 1000 * float(np.percentile(times, 99))}
+            per_route[route] = {
+                "n": len(times),
+                "p50_ms": 1000 * float(np.percentile(times, 50)),
+                "p99_ms": 1000 * float(np.percentile(times, 99)),
+            }
     pairs = stats_after["pairs"] - stats_before["pairs"]
     batches = stats_after["batches"] - stats_before["batches"]
     return {
-        "clients": args.clients, "requests": len(results), "seconds": seconds,
-        "requests_per_s": len(results) / seconds, "pairs_per_s": pairs / seconds, "pairs": pairs, "batches": batches,
-        "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-        "max_ms": 1000 * float(latencies.max()), "errors": dict(errors), "rss_before_mib": before,
-        "rss_after_mib": after, "per_route": per_route,
+        "clients": args.clients,
+        "requests": len(results),
+        "seconds": seconds,
+        "requests_per_s": len(results) / seconds,
+        "pairs_per_s": pairs / seconds,
+        "pairs": pairs,
+        "batches": batches,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+        "max_ms": 1000 * float(latencies.max()),
+        "errors": dict(errors),
+        "rss_before_mib": before,
+        "rss_after_mib": after,
+        "per_route": per_route,
     }
 
 
 def report(result: dict) -> str:
-    rss = ("n/a" if result["rss_before_mib"] is None else
-           f"{result['rss_before_mib']:.0f} -> {result['rss_after_mib']:.0f} MiB")
+    rss = (
+        "n/a"
+        if result["rss_before_mib"] is None
+        else f"{result['rss_before_mib']:.0f} -> {result['rss_after_mib']:.0f} MiB"
+    )
     lines = [
         "| clients | requests | s | req/s | pairs/s | p50 ms | p99 ms | max ms | errors | server RSS |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -158,7 +185,9 @@ def report(result: dict) -> str:
         "| route | n | p50 ms | p99 ms |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {route} | {r['n']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |" for route, r in result["per_route"].items()]
+    lines += [
+        f"| {route} | {r['n']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |" for route, r in result["per_route"].items()
+    ]
     if result["errors"]:
         lines.append(f"\nerrors by status: {result['errors']}")
     return "\n".join(lines)

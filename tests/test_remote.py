@@ -14,17 +14,25 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import numpy as np
 import pytest
+import torch
 
 from pairrm_rlhf import OnlineDPOJudgeReward, PairBackend, PairRM, PairRMJudge, PairwiseReward, PreferenceLabeler
 from pairrm_rlhf.backends.remote import PairRMServerError, RemoteBackend, from_wire, to_wire
+from pairrm_rlhf.backends.wire import ServerInfo
 from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.core.formats import render
 from pairrm_rlhf.serve import BackgroundServer, ServeArguments
 
 SYSTEM = {"role": "system", "content": "You are kind."}
-PROMPTS = ["Explain the sun.", [SYSTEM, {"role": "user", "content": "Describe the ocean."}],
-           [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "What is green tea?"}]]
+PROMPTS = [
+    "Explain the sun.",
+    [SYSTEM, {"role": "user", "content": "Describe the ocean."}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is green tea?"},
+    ],
+]
 COMPLETIONS = ["It is a hot star.", [{"role": "assistant", "content": "Water, mostly."}], "A drink from leaves."]
 REFERENCES = ["The sun is a star.", ["Big and blue.", "Salty."], "Tea."]
 
@@ -62,17 +70,27 @@ def test_every_adapter_over_the_server_equals_in_process(remote, hf_model):
         want = PairwiseReward(hf_model, output=output)(PROMPTS, COMPLETIONS, reference=REFERENCES)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if output == "probability" else logit_tolerance(want))
     group = PairwiseReward(remote, mode="group", group_size=3)(PROMPTS[:1] * 3, COMPLETIONS[::2] + ["No."])
-    np.testing.assert_allclose(group, PairwiseReward(hf_model, mode="group", group_size=3)(
-        PROMPTS[:1] * 3, COMPLETIONS[::2] + ["No."]), atol=1e-5)
+    np.testing.assert_allclose(
+        group,
+        PairwiseReward(hf_model, mode="group", group_size=3)(PROMPTS[:1] * 3, COMPLETIONS[::2] + ["No."]),
+        atol=1e-5,
+    )
 
     pairs = [[c, "Something else entirely."] for c in ["It is a hot star.", "Water.", "A drink."]]
-    assert PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False) == \
-        PairRMJudge(hf_model).judge(PROMPTS, pairs, shuffle_order=False)
-    np.testing.assert_allclose(PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True),
-                               PairRMJudge(hf_model).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True), atol=1e-5)
+    assert PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False) == PairRMJudge(hf_model).judge(
+        PROMPTS, pairs, shuffle_order=False
+    )
+    np.testing.assert_allclose(
+        PairRMJudge(remote).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True),
+        PairRMJudge(hf_model).judge(PROMPTS, pairs, shuffle_order=False, return_scores=True),
+        atol=1e-5,
+    )
     block_prompts, block = PROMPTS[:2] * 2, COMPLETIONS[:2] + ["Cold.", [{"role": "assistant", "content": "Fire."}]]
-    np.testing.assert_allclose(OnlineDPOJudgeReward(PairRMJudge(remote))(block_prompts, block),
-                               OnlineDPOJudgeReward(PairRMJudge(hf_model))(block_prompts, block), atol=1e-5)
+    np.testing.assert_allclose(
+        OnlineDPOJudgeReward(PairRMJudge(remote))(block_prompts, block),
+        OnlineDPOJudgeReward(PairRMJudge(hf_model))(block_prompts, block),
+        atol=1e-5,
+    )
     assert remote.rank(["q"], [["a", "b", "c"]]).tolist() == hf_model.rank(["q"], [["a", "b", "c"]]).tolist()
 
 
@@ -85,8 +103,9 @@ def test_labeler_over_the_server_equals_in_process(remote, hf_model):
     served = PreferenceLabeler(remote, responses_column="responses").label(data)
     assert local["chosen"] == served["chosen"] and local["rejected"] == served["rejected"]
     scores = np.asarray(local["all_rm_scores"], dtype=np.float64)
-    np.testing.assert_allclose(np.asarray(served["all_rm_scores"], dtype=np.float64), scores, rtol=0,
-                               atol=logit_tolerance(scores))
+    np.testing.assert_allclose(
+        np.asarray(served["all_rm_scores"], dtype=np.float64), scores, rtol=0, atol=logit_tolerance(scores)
+    )
 
 
 def test_rendered_text_travels_whole_to_a_better_pairrm_server(tmp_path):
@@ -99,7 +118,7 @@ def test_rendered_text_travels_whole_to_a_better_pairrm_server(tmp_path):
     assert from_wire("t", json.loads(json.dumps(to_wire(source)))).messages == source.messages
     assert from_wire("t", json.loads(json.dumps(to_wire(candidate)))).response == "Water."
     with BackgroundServer(ServeArguments(port=0, max_wait_ms=1), better) as s, RemoteBackend(s.url) as backend:
-        remote = PairRM(backend, template=better.template)
+        remote = PairRM(backend)
         want = PairwiseReward(better, output="logit")(PROMPTS, COMPLETIONS, reference=REFERENCES)
         got = PairwiseReward(remote, output="logit")(PROMPTS, COMPLETIONS, reference=REFERENCES)
         np.testing.assert_allclose(got, want, rtol=0, atol=logit_tolerance(want))
@@ -134,20 +153,44 @@ def dead_url():
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-class Stub:
-    """A scripted HTTP server: answers every POST with the next (status, body, delay) of `script`, then the last."""
+def health_answer(**changes):
+    """A valid /health answer of a PairRM server, with `changes`."""
+    return {
+        "status": "ok",
+        "identity": {"weights": "w"},
+        "template": "pairrm",
+        "dtype": "float32",
+        "limits": {"max_batch_tokens": 8192, "max_pairs": 16384, "max_request_tokens": 65536, "max_body_bytes": 2**24},
+        "probability": "sigmoid(z/2T)",
+        "requests": 0,
+        **changes,
+    }
 
-    def __init__(self, script):
-        self.script, self.calls = list(script), 0
+
+class Stub:
+    """A scripted HTTP server: answers every POST with the next (status, body, delay) of `script`, then the last (a
+    `bytes` body is sent as is); GET /health answers `health`."""
+
+    def __init__(self, script, health=None, port=0):
+        self.script, self.calls, self.keys = list(script), 0, []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                data = json.dumps(health if health is not None else health_answer()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
+                stub.keys.append(self.headers.get("Idempotency-Key"))
                 status, body, delay = stub.script[min(stub.calls, len(stub.script) - 1)]
                 stub.calls += 1
                 time.sleep(delay)
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -160,7 +203,8 @@ class Stub:
             def log_message(self, *args):
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.http.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
@@ -173,9 +217,12 @@ class Stub:
 def test_failover_to_a_live_server(server, hf_model):
     with RemoteBackend([dead_url(), server.url], retries=0, timeout=10) as backend:
         remote = PairRM(backend)
-        np.testing.assert_allclose(PairwiseReward(remote)(PROMPTS, COMPLETIONS, reference=REFERENCES),
-                                   PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES), atol=1e-5)
-        assert backend.health()["status"] == "ok"
+        np.testing.assert_allclose(
+            PairwiseReward(remote)(PROMPTS, COMPLETIONS, reference=REFERENCES),
+            PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES),
+            atol=1e-5,
+        )
+        assert backend.health().template == "pairrm" and backend.health().counters["requests"] > 0
 
 
 def test_retries_with_backoff_then_succeeds():
@@ -199,7 +246,10 @@ def test_transport_errors():
     good = Stub([(200, {"logits": [0.5]}, 0)])
     short = Stub([(200, {"logits": []}, 0)])  # a wrong answer is an error, not a short array
     try:
-        with RemoteBackend(bad.url, retries=3, backoff=0.01) as backend, pytest.raises(ValueError, match="triples.0. is bad"):
+        with (
+            RemoteBackend(bad.url, retries=3, backoff=0.01) as backend,
+            pytest.raises(ValueError, match="triples.0. is bad"),
+        ):
             backend.score([("x", "a", "b")])
         assert bad.calls == 1
         with RemoteBackend([slow.url, good.url], timeout=0.5, retries=0) as backend:
@@ -213,12 +263,221 @@ def test_transport_errors():
             stub.close()
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"logits": [null]}',
+        b'{"logits": ["0.5"]}',
+        b'{"logits": [true]}',
+        b'{"logits": [1e400]}',
+        b'{"logits": [NaN]}',
+        b'{"logits": [[1, 2]]}',
+        b'{"logits": [0.5, 0.5]}',
+        b'{"logits": 0.5}',
+        b"[0.5]",
+        b'{"scores": [0.5]}',
+        b"not json",
+    ],
+)
+def test_an_invalid_answer_is_an_error_naming_the_server_and_route(answer):
+    """Validated as the engine validates logits: a flat list of exactly n finite numbers. Was: null -> NaN,
+    "0.5" -> 0.5, true -> 1.0, 1e400 -> inf, [[1,2]] -> a 2-D array. Not retried: the server answered."""
+    stub = Stub([(200, answer, 0)])
+    try:
+        with RemoteBackend(stub.url, retries=3, backoff=0.01) as backend, pytest.raises(PairRMServerError) as error:
+            backend.score([("x", "a", "b")])
+        assert f"{stub.url}/pair_logits answered an invalid value" in str(error.value), error.value
+        assert stub.calls == 1
+    finally:
+        stub.close()
+
+
+@pytest.mark.parametrize(
+    "route, answer",
+    [
+        ("truncation_rate", b'{"truncation_rate": "0.5"}'),
+        ("truncation_rate", b'{"truncation_rate": 2.0}'),
+        ("truncation_rate", b'{"truncation_rate": null}'),
+        ("reference_probability", b'{"probabilities": [1.5]}'),
+        ("reference_probability", b'{"probabilities": [null]}'),
+    ],
+)
+def test_other_routes_validate_their_answers(route, answer):
+    stub = Stub([(200, answer, 0)], health=health_answer(probability="server"))
+    try:
+        with RemoteBackend(stub.url) as backend, pytest.raises(PairRMServerError, match=f"{stub.url}/{route} answered"):
+            if route == "truncation_rate":
+                backend.truncation_rate([("x", "a", "b")])
+            else:
+                backend.reference_probability([("x", "a", "b")], 1.0)
+    finally:
+        stub.close()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"template": "vicuna"}, "unknown template"),
+        ({"dtype": 16}, "`dtype` must be str"),
+        ({"probability": "sigmoid(z)"}, "unknown probability rule"),
+        ({"limits": {"max_pairs": 1}}, "max_batch_tokens"),
+        ({"identity": None}, "`identity` must be dict"),
+        ({"status": "starting"}, "not 'ok'"),
+    ],
+)
+def test_an_invalid_health_is_an_error(change, message):
+    stub = Stub([(200, {"logits": [0.0]}, 0)], health=health_answer(**change))
+    try:
+        with RemoteBackend(stub.url) as backend:
+            with pytest.raises(PairRMServerError, match=message):
+                _ = backend.template
+            with pytest.raises(PairRMServerError, match=message):
+                backend.identity()
+    finally:
+        stub.close()
+
+
+def test_a_stopped_server_fails_within_the_bounded_wait():
+    """A server that accepts connections but never answers (SIGSTOP: the kernel still queues connections) made
+    `score()` block 484 s and `identity()` 120 s. Now every call ends within `max_wait` with one clear error."""
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(64)
+        url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        backend = RemoteBackend(url, timeout=0.5, max_wait=2.0, backoff=0.1)
+        for call in (lambda: backend.score([("x", "a", "b")]), backend.identity):
+            started = time.monotonic()
+            with pytest.raises(PairRMServerError) as error:
+                call()
+            assert time.monotonic() - started < 3.0
+            assert url in str(error.value)
+    defaults = RemoteBackend("http://127.0.0.1:1")
+    assert (defaults.timeout, defaults.max_wait) == (30.0, 60.0)
+
+
+def test_the_default_retry_window_outlasts_a_server_restart():
+    """A server down for 7 s (a restart) is waited for with the default settings; was ~3.5 s, then an error."""
+    url = dead_url()
+    port = int(url.rsplit(":", 1)[1])
+    started: list = []
+    timer = threading.Timer(7.0, lambda: started.append(Stub([(200, {"logits": [0.25]}, 0)], port=port)))
+    timer.start()
+    try:
+        with RemoteBackend(url) as backend:
+            backend._info = ServerInfo.parse("test", health_answer())  # noqa: SLF001 - /health is down too
+            t0 = time.monotonic()
+            assert backend.score([("x", "a", "b")]).tolist() == [0.25]
+            assert time.monotonic() - t0 >= 6.5
+    finally:
+        timer.join()
+        for stub in started:
+            stub.close()
+
+
+def test_retries_send_one_idempotency_key():
+    stub = Stub([(503, {"error": "busy"}, 0), (200, {"logits": [0.5]}, 0)])
+    try:
+        with RemoteBackend(stub.url, backoff=0.01) as backend:
+            backend.score([("x", "a", "b")])
+            backend.score([("x", "a", "b")])
+        first, retry, other = stub.keys
+        assert first and first == retry != other  # a retry joins; a new call is new work
+    finally:
+        stub.close()
+
+
+# ---- what the backend is, from /health ---------------------------------------------------------------------------
+def test_remote_backend_learns_what_the_served_judge_is(remote, hf_model):
+    backend = remote.backend
+    assert (backend.template, backend.dtype, backend.max_tokens) == ("pairrm", torch.float32, 8192)
+    assert backend.pair_lengths([("x", "a", "b")]) is None
+    assert backend.reference_probability([("x", "a", "b")], 1.0) is None  # PairRM's default rule
+
+
+def test_compare_conversations_over_a_better_pairrm_server_equals_in_process(tmp_path):
+    """`PairRM(RemoteBackend(url))`, told nothing, renders conversations in Better-PairRM's format (each side's own
+    history) because the server's /health says so. Was: PairRM's format, other numbers, no error."""
+    directory = tmp_path / "tiny-Better-PairRM"  # detected by name, like maywell/Better-PairRM
+    shutil.copytree(bundled("pairrm"), directory)
+    better = PairRM.from_pretrained(directory, device="cpu")
+    conv_a = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello, how are you?"},
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "fine, thanks"},
+    ]
+    conv_b = (
+        conv_a[:1]
+        + [{"role": "assistant", "content": "go away"}]
+        + conv_a[2:3]
+        + [{"role": "assistant", "content": "bad"}]
+    )
+    with BackgroundServer(ServeArguments(port=0, max_wait_ms=1), better) as s, RemoteBackend(s.url) as backend:
+        remote = PairRM(backend)
+        assert remote.template == "better-pairrm"
+        want = better.compare_conversations([conv_a, conv_b], [conv_b, conv_a], return_logits=True)
+        got = remote.compare_conversations([conv_a, conv_b], [conv_b, conv_a], return_logits=True)
+        np.testing.assert_allclose(got, want, rtol=0, atol=logit_tolerance(want))
+        assert (
+            remote.compare_conversations([conv_a], [conv_b]) == better.compare_conversations([conv_a], [conv_b])
+        ).all()
+        as_pairrm = PairRM(better.backend.inner).compare_conversations([conv_a], [conv_b], return_logits=True)
+        assert abs(as_pairrm[0] - want[0]) > 100 * logit_tolerance(want)  # the test can tell the formats apart
+
+
+class OwnRule:
+    """A judge with its own probability rule, like RLHFlow's: (sigmoid(f(x,A,B)/T) + sigmoid(-f(x,B,A)/T)) / 2."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.template, self.device, self.dtype, self.max_tokens = "pairrm", inner.device, inner.dtype, inner.max_tokens
+
+    def score(self, triples, *, batch_size=None, show_progress_bar=None):
+        return self.inner.score(triples, batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+    def reference_probability(self, triples, temperature, *, batch_size=None):
+        if not triples:
+            return np.zeros(0)
+        f = self.inner.score([*triples, *((s, b, a) for s, a, b in triples)]).astype(np.float64)
+        ab, ba = f[: len(triples)], f[len(triples) :]
+        return (1 / (1 + np.exp(-ab / temperature)) + 1 / (1 + np.exp(ba / temperature))) / 2
+
+    def truncation_rate(self, triples):
+        return self.inner.truncation_rate(triples)
+
+    def pair_lengths(self, triples):
+        return self.inner.pair_lengths(triples)
+
+    def identity(self):
+        return {**self.inner.identity(), "rule": "own"}
+
+
+def test_an_own_probability_rule_is_computed_by_the_server(hf_model):
+    """An RLHFlow-style judge's P(A > B) is not a function of f alone (the temperature applies per order): the
+    server reports `probability: server` and answers POST /reference_probability with the in-process numbers."""
+    judge = OwnRule(hf_model.backend)
+    triples = [("What is the sun?", "A star.", "A planet."), ("Hi", "Hello!", "Go away."), ("q", "same", "same")]
+    with BackgroundServer(ServeArguments(port=0, max_wait_ms=1), PairRM(judge)) as s, RemoteBackend(s.url) as backend:
+        assert backend.info().probability == "server"
+        for temperature in (1.0, 0.3):
+            np.testing.assert_allclose(
+                backend.reference_probability(triples, temperature),
+                judge.reference_probability(triples, temperature),
+                rtol=0,
+                atol=1e-6,
+            )
+        z = PairRM(backend).two_order_logits(triples)  # the default rule would give sigmoid(z / 2T): other numbers
+        assert np.abs(1 / (1 + np.exp(-z / 0.6)) - judge.reference_probability(triples, 0.3)).max() > 1e-3
+
+
 def test_large_jobs_are_sent_in_chunks(server, hf_model):
     triples = [(f"prompt {i}", "a" * (i % 7), "b" * (i % 5)) for i in range(50)]
     with RemoteBackend(server.url, chunk_pairs=8) as backend:
-        before = backend.health()["batches"]
-        np.testing.assert_allclose(PairRM(backend).two_order_logits(triples), hf_model.two_order_logits(triples), atol=1e-5)
-        assert backend.health()["batches"] - before >= 100 // 8  # at least one batch per request of 8 pairs
+        before = backend.health().counters["batches"]
+        np.testing.assert_allclose(
+            PairRM(backend).two_order_logits(triples), hf_model.two_order_logits(triples), atol=1e-5
+        )
+        assert backend.health().counters["batches"] - before >= 100 // 8  # at least one batch per request of 8 pairs
 
 
 # ---- GRPO through the server ------------------------------------------------------------------------------------
@@ -240,14 +499,34 @@ def test_grpo_smoke_with_remote_reward(server, hf_model, tmp_path):
 
         reward.__name__ = remote.__name__
         questions = ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about music."]
-        data = Dataset.from_dict({"prompt": [[SYSTEM, {"role": "user", "content": q}] for q in questions],
-                                  "reference": ["A star.", "Water.", "A drink.", "Sound."]})
+        data = Dataset.from_dict(
+            {
+                "prompt": [[SYSTEM, {"role": "user", "content": q}] for q in questions],
+                "reference": ["A star.", "Water.", "A drink.", "Sound."],
+            }
+        )
         tokenizer = build_tiny_tokenizer()
-        args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
-                              max_completion_length=8, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-                              save_strategy="no", seed=0, activation_checkpointing=False)
-        trainer = trl.GRPOTrainer(model=build_tiny_policy(tokenizer), reward_funcs=[reward], args=args,
-                                  train_dataset=data, processing_class=tokenizer)
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_completion_length=8,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            seed=0,
+            activation_checkpointing=False,
+        )
+        trainer = trl.GRPOTrainer(
+            model=build_tiny_policy(tokenizer),
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
         trainer.train()
     assert len(calls) == 2
     local = PairwiseReward(hf_model)

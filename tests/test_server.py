@@ -24,10 +24,25 @@ from pairrm_rlhf.backends.remote import RemoteBackend
 from pairrm_rlhf.serve import BackgroundServer, ServeArguments, make_parser
 from pairrm_rlhf.serve.openrlhf import QueryParser
 
-
 REFERENCE = "A fixed reference answer."
 TOKEN = "s3cret-token"
-WORDS = ["the", "sun", "is", "a", "star", "ocean", "blue", "tea", "green", "music", "😀", "ünïcode", "[SEP]", "\n", "<|source|>"]
+WORDS = [
+    "the",
+    "sun",
+    "is",
+    "a",
+    "star",
+    "ocean",
+    "blue",
+    "tea",
+    "green",
+    "music",
+    "😀",
+    "ünïcode",
+    "[SEP]",
+    "\n",
+    "<|source|>",
+]
 SYSTEM = {"role": "system", "content": "You are kind."}
 
 
@@ -44,24 +59,44 @@ def chatml(messages, response=None):
 @pytest.fixture(scope="module")
 def reference_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("refs") / "refs.jsonl"
-    rows = [{"prompt": "Explain the sun.", "reference": "The sun is a star."},
-            {"prompt": [SYSTEM, {"role": "user", "content": "Describe the ocean."}], "reference": "The ocean is big."}]
+    rows = [
+        {"prompt": "Explain the sun.", "reference": "The sun is a star."},
+        {"prompt": [SYSTEM, {"role": "user", "content": "Describe the ocean."}], "reference": "The ocean is big."},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
 
 @pytest.fixture(scope="module")
 def server(hf_model, reference_file):
-    cfg = config("--reference", REFERENCE, "--reference_file", str(reference_file), "--max_wait_ms", "20",
-                 "--max_batch_pairs", "64")
+    cfg = config(
+        "--reference",
+        REFERENCE,
+        "--reference_file",
+        str(reference_file),
+        "--max_wait_ms",
+        "20",
+        "--max_batch_pairs",
+        "64",
+    )
     with BackgroundServer(cfg, hf_model) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def strict(hf_model):
-    cfg = config("--token", TOKEN, "--max_body_bytes", "65536", "--max_items", "8", "--max_text_chars", "1000",
-                 "--max_pairs", "20")
+    cfg = config(
+        "--token",
+        TOKEN,
+        "--max_body_bytes",
+        "65536",
+        "--max_items",
+        "8",
+        "--max_text_chars",
+        "1000",
+        "--max_pairs",
+        "20",
+    )
     with BackgroundServer(cfg, hf_model) as s:
         yield s
 
@@ -75,38 +110,60 @@ def random_request(rng):
     """(path, body, expected(hf_model) -> value comparable with the answer)."""
     n = rng.randint(1, 3)
     xs, a, b = [text(rng) for _ in range(n)], [text(rng) for _ in range(n)], [text(rng) for _ in range(n)]
-    kind = rng.choice(["compare", "probability", "rank", "rank_with_ref", "conversations", "judge", "pair_logits", "get_reward"])
+    kind = rng.choice(
+        ["compare", "probability", "rank", "rank_with_ref", "conversations", "judge", "pair_logits", "get_reward"]
+    )
     if kind == "compare":
-        return "/compare", {"inputs": xs, "candidates_A": a, "candidates_B": b, "return_logits": True}, \
-            lambda m: m.compare(xs, a, b, return_logits=True)
+        return (
+            "/compare",
+            {"inputs": xs, "candidates_A": a, "candidates_B": b, "return_logits": True},
+            lambda m: m.compare(xs, a, b, return_logits=True),
+        )
     if kind == "probability":
-        return "/probability", {"inputs": xs, "candidates_A": a, "candidates_B": b, "temperature": 0.7}, \
-            lambda m: m.probability(xs, a, b, temperature=0.7)
+        return (
+            "/probability",
+            {"inputs": xs, "candidates_A": a, "candidates_B": b, "temperature": 0.7},
+            lambda m: m.probability(xs, a, b, temperature=0.7),
+        )
     cands = [[text(rng) for _ in range(3)] for _ in range(n)]
     if kind == "rank":
-        return "/rank", {"inputs": xs, "candidates": cands, "return_scores": True}, \
-            lambda m: m.rank(xs, cands, return_scores=True)
+        return (
+            "/rank",
+            {"inputs": xs, "candidates": cands, "return_scores": True},
+            lambda m: m.rank(xs, cands, return_scores=True),
+        )
     if kind == "rank_with_ref":
-        return "/rank_with_ref", {"inputs": xs, "candidates": cands, "return_scores": True, "ref_candidates": a}, \
-            lambda m: m.rank_with_ref(xs, cands, return_scores=True, ref_candidates=a)
+        return (
+            "/rank_with_ref",
+            {"inputs": xs, "candidates": cands, "return_scores": True, "ref_candidates": a},
+            lambda m: m.rank_with_ref(xs, cands, return_scores=True, ref_candidates=a),
+        )
     if kind == "conversations":
         conv_a = [[{"role": "user", "content": x}, {"role": "assistant", "content": y}] for x, y in zip(xs, a)]
         conv_b = [[{"role": "user", "content": x}, {"role": "assistant", "content": y}] for x, y in zip(xs, b)]
-        return "/compare_conversations", {"conversations_a": conv_a, "conversations_b": conv_b, "return_logits": True}, \
-            lambda m: m.compare_conversations(conv_a, conv_b, return_logits=True)
+        return (
+            "/compare_conversations",
+            {"conversations_a": conv_a, "conversations_b": conv_b, "return_logits": True},
+            lambda m: m.compare_conversations(conv_a, conv_b, return_logits=True),
+        )
     if kind == "judge":
         pairs = [[p, q] for p, q in zip(a, b)]
-        return "/judge", {"prompts": xs, "completions": pairs, "return_scores": True, "shuffle_order": False}, \
-            lambda m: PairRMJudge(m).judge(xs, pairs, return_scores=True, shuffle_order=False)
+        return (
+            "/judge",
+            {"prompts": xs, "completions": pairs, "return_scores": True, "shuffle_order": False},
+            lambda m: PairRMJudge(m).judge(xs, pairs, return_scores=True, shuffle_order=False),
+        )
     if kind == "pair_logits":
         triples = [[x, p, q] for x, p, q in zip(xs, a, b)]
         two = rng.random() < 0.5
-        return "/pair_logits", {"triples": triples, "two_order": two}, \
-            lambda m: (m.two_order_logits if two else m.pair_logits)([tuple(t) for t in triples])
+        return (
+            "/pair_logits",
+            {"triples": triples, "two_order": two},
+            lambda m: (m.two_order_logits if two else m.pair_logits)([tuple(t) for t in triples]),
+        )
     prompts = [[SYSTEM, {"role": "user", "content": x}] for x in xs]
     queries = [chatml(p, r) for p, r in zip(prompts, a)]
-    return "/get_reward", {"query": queries}, \
-        lambda m: PairwiseReward(m)(prompts, a, reference=[REFERENCE] * n)
+    return "/get_reward", {"query": queries}, lambda m: PairwiseReward(m)(prompts, a, reference=[REFERENCE] * n)
 
 
 def answer_of(path, response):
@@ -154,7 +211,9 @@ def test_concurrent_mixed_requests_equal_in_process(server, hf_model):
             got = answer_of(path, response)
             want, scale = in_process(hf_model, expected)
             tolerance = 1e-5 if path in PROBABILITY_ROUTES else 1e-5 * scale
-            np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=0, atol=tolerance, err_msg=f"{path} {body}")
+            np.testing.assert_allclose(
+                np.asarray(got, dtype=np.float64), want, rtol=0, atol=tolerance, err_msg=f"{path} {body}"
+            )
     stats = httpx2.get(server.url + "/health").json()
     assert stats["status"] == "ok"
     assert stats["most_requests_in_a_batch"] > 1  # concurrent requests were coalesced
@@ -164,14 +223,18 @@ def test_sequential_requests_are_exact(server, hf_model):
     rng = random.Random(1)
     for _ in range(16):
         path, body, expected = random_request(rng)
-        assert answer_of(path, httpx2.post(server.url + path, json=body)) == np.asarray(expected(hf_model)).tolist(), path
+        assert answer_of(path, httpx2.post(server.url + path, json=body)) == np.asarray(expected(hf_model)).tolist(), (
+            path
+        )
 
 
 def test_empty_requests(server):
-    for path, body, key in [("/rank", {"inputs": [], "candidates": []}, "result"),
-                            ("/rank_with_ref", {"inputs": [], "candidates": []}, "result"),
-                            ("/compare", {"inputs": [], "candidates_A": [], "candidates_B": []}, "result"),
-                            ("/pair_logits", {"triples": []}, "logits")]:
+    for path, body, key in [
+        ("/rank", {"inputs": [], "candidates": []}, "result"),
+        ("/rank_with_ref", {"inputs": [], "candidates": []}, "result"),
+        ("/compare", {"inputs": [], "candidates_A": [], "candidates_B": []}, "result"),
+        ("/pair_logits", {"triples": []}, "logits"),
+    ]:
         response = httpx2.post(server.url + path, json=body)
         assert response.status_code == 200 and response.json() == {key: []}, (path, response.text)
     response = httpx2.post(server.url + "/get_reward", json={"query": []})
@@ -180,7 +243,10 @@ def test_empty_requests(server):
 
 def test_ranks_and_booleans(server, hf_model):
     body = {"inputs": ["q", "r"], "candidates": [["a", "bb", "ccc"], ["x", "y y", "z"]]}
-    assert httpx2.post(server.url + "/rank", json=body).json()["result"] == hf_model.rank(body["inputs"], body["candidates"]).tolist()
+    assert (
+        httpx2.post(server.url + "/rank", json=body).json()["result"]
+        == hf_model.rank(body["inputs"], body["candidates"]).tolist()
+    )
     body = {"inputs": ["q", "q"], "candidates_A": ["a", "same"], "candidates_B": ["b b", "same"]}
     expected = hf_model.compare(body["inputs"], body["candidates_A"], body["candidates_B"]).tolist()
     assert httpx2.post(server.url + "/compare", json=body).json()["result"] == expected
@@ -191,8 +257,10 @@ def test_get_reward_openrlhf_shapes(server, hf_model):
     sun = [SYSTEM, {"role": "user", "content": "Explain the sun."}]  # file row is plain text: matched by last user turn
     ocean = [SYSTEM, {"role": "user", "content": "Describe the ocean."}]  # file row is the same conversation
     other = [{"role": "user", "content": "Unknown prompt."}]  # not in the file: --reference
-    llama3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nExplain the sun.<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\nIt is hot.<|eot_id|>")
+    llama3 = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nExplain the sun.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is hot.<|eot_id|>"
+    )
     queries = [chatml(sun, "It is hot."), chatml(ocean, "Wet.") + "<|endoftext|>", chatml(other, "Hm."), llama3]
     answer = httpx2.post(server.url + "/get_reward", json={"query": queries, "labels": ["", "", "", ""]}).json()
     prompts = [sun, ocean, other, [{"role": "user", "content": "Explain the sun."}]]
@@ -205,7 +273,11 @@ def test_get_reward_openrlhf_shapes(server, hf_model):
     np.testing.assert_allclose(answer["extra_logs"]["pairrm_logit"], logits, atol=1e-5 * max(1.0, np.abs(logits).max()))
 
     # newer OpenRLHF sends the prompts too: the split is at the prompt, plain text is fine; per-request references
-    body = {"query": ["Q: Explain the sun.\nA: It is hot."], "prompts": ["Q: Explain the sun.\nA:"], "references": ["Hot."]}
+    body = {
+        "query": ["Q: Explain the sun.\nA: It is hot."],
+        "prompts": ["Q: Explain the sun.\nA:"],
+        "references": ["Hot."],
+    }
     answer = httpx2.post(server.url + "/get_reward", json=body).json()
     expected = PairwiseReward(hf_model)(["Q: Explain the sun.\nA:"], ["It is hot."], reference=["Hot."])
     np.testing.assert_allclose(answer["rewards"], expected, atol=1e-5)
@@ -230,8 +302,16 @@ def test_parse_config(tmp_path):
     assert cfg.token == "t" and cfg.strip_strings == ["</s>", "<end>"] and cfg.labels_as_reference and cfg.port == 0
     yaml = tmp_path / "serve.yaml"
     yaml.write_text("max_wait_ms: 2.5\nmax_batch_pairs: 32\nreference: ok\n")
-    cfg, judge = make_parser().parse_args_and_config(["--config", str(yaml), "--max_batch_pairs", "8", "--pairrm", "tiny"])
-    assert (cfg.max_wait_ms, cfg.max_batch_pairs, cfg.reference, cfg.host, judge.pairrm) == (2.5, 8, "ok", "127.0.0.1", "tiny")
+    cfg, judge = make_parser().parse_args_and_config(
+        ["--config", str(yaml), "--max_batch_pairs", "8", "--pairrm", "tiny"]
+    )
+    assert (cfg.max_wait_ms, cfg.max_batch_pairs, cfg.reference, cfg.host, judge.pairrm) == (
+        2.5,
+        8,
+        "ok",
+        "127.0.0.1",
+        "tiny",
+    )
     with pytest.raises(ValueError, match="chat_format"):
         ServeArguments(chat_format="vicuna")
     with pytest.raises(ValueError, match="split_regex"):
@@ -261,8 +341,15 @@ BAD = [
     ("/rank", {"inputs": ["x"], "candidates": [["a", "b"], ["c"]]}, 400, "candidates has 2 items"),
     ("/rank", {"inputs": ["x", "y"], "candidates": [["a", "b"], ["c"]]}, 400, "candidates[1] has 1 candidates"),
     ("/rank_with_ref", {"inputs": ["x"], "candidates": [["a"]], "ref_mode": "tallest"}, 400, "ref_mode must be"),
-    ("/compare_conversations", {"conversations_a": [[{"role": "user", "content": "q"}]],
-                                "conversations_b": [[{"role": "user", "content": "q"}]]}, 400, "conversations_a[0]"),
+    (
+        "/compare_conversations",
+        {
+            "conversations_a": [[{"role": "user", "content": "q"}]],
+            "conversations_b": [[{"role": "user", "content": "q"}]],
+        },
+        400,
+        "conversations_a[0]",
+    ),
     ("/judge", {"prompts": ["x"], "completions": [["a"]]}, 400, "completions[0] must be a pair"),
     ("/pair_logits", {"triples": [["a", "b"]]}, 400, "triples[0] must be a list of 3 texts"),
     ("/pair_logits", {"triples": [["a", "b", 3]]}, 400, "triples[0][2] must be a string or an object"),
@@ -292,7 +379,9 @@ def test_bad_requests_get_clear_4xx(server, path, body, status, message):
 def test_server_keeps_serving_after_bad_requests(server, hf_model):
     assert httpx2.get(server.url + "/compare").status_code == 405
     response = httpx2.post(server.url + "/compare", json={**OK, "return_logits": True})
-    np.testing.assert_allclose(response.json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5)
+    np.testing.assert_allclose(
+        response.json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5
+    )
 
 
 # ---- auth and limits -----------------------------------------------------------------------------------------
@@ -316,12 +405,21 @@ def test_token(strict):
         assert remote.score([("x", "a", "b")]).shape == (1,)
 
 
-@pytest.mark.parametrize("body, message", [
-    ({**OK, "inputs": ["y" * 1001]}, "inputs[0] has 1001 characters; the limit is 1000"),
-    ({"inputs": ["x"] * 9, "candidates_A": ["a"] * 9, "candidates_B": ["b"] * 9}, "inputs has 9 entries; the limit is 8"),
-    ({"inputs": ["x"], "candidates": [["a", "b", "c", "d", "e", "f"]]}, "needs 30 pair forwards; the limit is 20"),
-    ({"inputs": ["x"] * 8, "candidates": [["a", "b", "c"]] * 8, "ref_candidates": ["r"] * 8}, "needs 48 pair forwards"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({**OK, "inputs": ["y" * 1001]}, "inputs[0] has 1001 characters; the limit is 1000"),
+        (
+            {"inputs": ["x"] * 9, "candidates_A": ["a"] * 9, "candidates_B": ["b"] * 9},
+            "inputs has 9 entries; the limit is 8",
+        ),
+        ({"inputs": ["x"], "candidates": [["a", "b", "c", "d", "e", "f"]]}, "needs 30 pair forwards; the limit is 20"),
+        (
+            {"inputs": ["x"] * 8, "candidates": [["a", "b", "c"]] * 8, "ref_candidates": ["r"] * 8},
+            "needs 48 pair forwards",
+        ),
+    ],
+)
 def test_limits(strict, body, message):
     path = "/rank_with_ref" if "ref_candidates" in body else "/rank" if "candidates" in body else "/compare"
     response = httpx2.post(strict.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -333,7 +431,8 @@ def raw_response(sock, timeout=10.0):
     sock.settimeout(timeout)
     data = b""
     while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
-            data.split(b"content-length: ")[1].split(b"\r\n")[0]):
+        data.split(b"content-length: ")[1].split(b"\r\n")[0]
+    ):
         chunk = sock.recv(65536)
         if not chunk:
             break
@@ -347,14 +446,19 @@ def test_oversize_body_refused_before_reading(strict):
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
     # a declared 10 GiB body: refused from the headers alone, nothing of it needs to be sent
     with socket.create_connection((host, port)) as sock:
-        sock.sendall(b"POST /compare HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: application/json\r\n"
-                     b"Content-Length: 10737418240\r\n\r\n" + b"[" * 1000)
+        sock.sendall(
+            b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Type: application/json\r\n"
+            b"Content-Length: 10737418240\r\n\r\n" + b"[" * 1000
+        )
         status, body = raw_response(sock)
     assert status == 413 and "10737418240 bytes; the limit is 65536" in body["error"]
     # a chunked body without length: refused once the stream passes the limit; the rest is never read
     sent = 0
     with socket.create_connection((host, port)) as sock:
-        sock.sendall(b"POST /compare HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
         while sent < 64 * 2**20 and not select.select([sock], [], [], 0)[0]:
             try:
@@ -365,7 +469,9 @@ def test_oversize_body_refused_before_reading(strict):
         status, body = raw_response(sock)
     assert status == 413 and "exceeds 65536 bytes" in body["error"]
     assert sent < 16 * 2**20  # the server answered long before the client could send it all
-    assert httpx2.post(strict.url + "/compare", json=OK, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert (
+        httpx2.post(strict.url + "/compare", json=OK, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    )
 
 
 # ---- graceful shutdown -----------------------------------------------------------------------------------------
@@ -384,19 +490,34 @@ def test_graceful_shutdown_answers_in_flight(hf_model):
     thread.join(30)
     assert time.monotonic() - started > 0.5  # the shutdown waited for it
     assert result["response"].status_code == 200
-    np.testing.assert_allclose(result["response"].json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5)
+    np.testing.assert_allclose(
+        result["response"].json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5
+    )
     with pytest.raises(httpx2.TransportError):
         httpx2.get(background.url + "/health", timeout=2)
-
-
 
 
 @pytest.mark.multiprocess
 def test_sigterm_answers_in_flight_then_exits(hf_model):
     """`run_serve` in its own process (as `pairrm-rlhf serve` runs): SIGTERM while a request waits in the batcher."""
-    process = subprocess.Popen([sys.executable, "-m", "pairrm_rlhf.serve.command", "--pairrm", "tiny", "--pairrm_device",
-                                "cpu", "--port", "0", "--max_wait_ms", "1500"], stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pairrm_rlhf.serve.command",
+            "--pairrm",
+            "tiny",
+            "--pairrm_device",
+            "cpu",
+            "--port",
+            "0",
+            "--max_wait_ms",
+            "1500",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         url, log = None, []
         while url is None:
@@ -412,18 +533,21 @@ def test_sigterm_answers_in_flight_then_exits(hf_model):
             except httpx2.TransportError:
                 time.sleep(0.1)
         result = {}
-        thread = threading.Thread(target=lambda: result.update(
-            response=httpx2.post(url + "/compare", json={**OK, "return_logits": True}, timeout=30)))
+        thread = threading.Thread(
+            target=lambda: result.update(
+                response=httpx2.post(url + "/compare", json={**OK, "return_logits": True}, timeout=30)
+            )
+        )
         thread.start()
         time.sleep(0.4)
         process.send_signal(signal.SIGTERM)
         thread.join(30)
         assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
         assert result["response"].status_code == 200
-        np.testing.assert_allclose(result["response"].json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5)
+        np.testing.assert_allclose(
+            result["response"].json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5
+        )
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-

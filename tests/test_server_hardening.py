@@ -23,8 +23,9 @@ def test_a_megabyte_query_without_end_markers_parses_in_linear_time():
     """The former `(.*?)<|im_end|>` findall rescanned the rest of the text from every `<|im_start|>`: quadratic
     (2.0 s for 98.6k characters). Each input below is 1 MB."""
     headers = ("<|im_start|>user\nhello there " * 40_000)[: 2**20] + "<|im_start|>assistant\nThe answer."
-    llama = ("<|start_header_id|>user<|end_header_id|>\n\nhi " * 30_000)[: 2**20] + \
-        "<|start_header_id|>assistant<|end_header_id|>\n\nThe answer."
+    llama = ("<|start_header_id|>user<|end_header_id|>\n\nhi " * 30_000)[
+        : 2**20
+    ] + "<|start_header_id|>assistant<|end_header_id|>\n\nThe answer."
     stops = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nThe answer." + "</s>" * 2**18
     bare = "<|im_start|>" * (2**20 // 12) + "\n" + "<|im_start|>assistant\nThe answer."
     parser = QueryParser()
@@ -38,7 +39,7 @@ def test_a_megabyte_query_without_end_markers_parses_in_linear_time():
     # a left-truncated 1 MB prompt is found by its overlap with the query, also in linear time
     prompt = "word " * (2**20 // 5) + "<|im_start|>assistant\n"
     started = time.perf_counter()
-    assert parser.split("query[0]", prompt[2**19:] + "Yes.", prompt)[1] == "Yes."
+    assert parser.split("query[0]", prompt[2**19 :] + "Yes.", prompt)[1] == "Yes."
     assert time.perf_counter() - started < 1.0
 
 
@@ -60,7 +61,9 @@ def test_a_request_over_the_work_limit_gets_413_before_any_forward(hf_model):
         response = httpx2.post(server.url + "/rank", json=body)
         assert response.status_code == 413
         assert "tokens over 6 pair forwards; the limit is 2000 (--max_request_tokens)" in response.json()["error"]
-        response = httpx2.post(server.url + "/rank", json={"inputs": ["q"], "candidates": [[str(i) for i in range(11)]]})
+        response = httpx2.post(
+            server.url + "/rank", json={"inputs": ["q"], "candidates": [[str(i) for i in range(11)]]}
+        )
         assert response.status_code == 413 and "110 pair forwards; the limit is 100" in response.json()["error"]
         assert httpx2.get(server.url + "/health").json()["batches"] == 0  # nothing was computed
         assert httpx2.post(server.url + "/compare", json=OK).status_code == 200
@@ -73,8 +76,10 @@ def test_a_small_request_is_answered_within_a_few_batch_times_while_a_large_one_
     words = "the sun is a star ocean blue tea green music".split()
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     body = {"inputs": [text(60)], "candidates": [[text(40) for _ in range(14)]], "return_scores": True}
-    with BackgroundServer(ServeArguments(port=0, max_batch_pairs=8, max_wait_ms=0), hf_model) as server, \
-            httpx2.Client(base_url=server.url, timeout=120) as http:
+    with (
+        BackgroundServer(ServeArguments(port=0, max_batch_pairs=8, max_wait_ms=0), hf_model) as server,
+        httpx2.Client(base_url=server.url, timeout=120) as http,
+    ):
         small = {**OK, "inputs": [text(60)]}
         started = time.perf_counter()
         assert http.post("/compare", json=small).status_code == 200
@@ -97,8 +102,11 @@ def test_a_small_request_is_answered_within_a_few_batch_times_while_a_large_one_
         thread.join(300)
         stats = http.get("/health").json()
     assert result["response"].status_code == 200
-    np.testing.assert_allclose(result["response"].json()["result"], hf_model.rank(
-        body["inputs"], body["candidates"], return_scores=True), atol=1e-5)
+    np.testing.assert_allclose(
+        result["response"].json()["result"],
+        hf_model.rank(body["inputs"], body["candidates"], return_scores=True),
+        atol=1e-5,
+    )
     batch = stats["largest_batch_s"]
     assert stats["batches"] - batches >= 23 and result["seconds"] > 10 * stats["engine_s"] / stats["batches"]  # long
     assert waited < 3 * batch + 2 * idle, (waited, batch, idle, result["seconds"])
@@ -157,8 +165,10 @@ def test_trickled_or_missing_headers_get_408_and_are_closed(guarded):
 
 def test_trickled_body_gets_408_and_is_closed(guarded):
     body = json.dumps(OK).encode()
-    head = (b"POST /compare HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    head = (
+        b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
     started = time.perf_counter()
     sock = trickle(guarded.port, head, body, threading.Event(), interval=0.1)  # needs ~6 s; the limit is 0.6 s
     with sock:
@@ -171,8 +181,12 @@ def test_trickled_body_gets_408_and_is_closed(guarded):
 def test_idle_keep_alive_connections_are_closed(guarded):
     with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         body = json.dumps(OK).encode()
-        sock.sendall(b"POST /compare HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(
+            b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         sock.settimeout(10)
         first = b""
         while b"\r\n\r\n" not in first or not first.endswith(b"]}"):  # the whole answer (a JSON object)
@@ -186,11 +200,15 @@ def test_idle_keep_alive_connections_are_closed(guarded):
 def test_slow_senders_do_not_take_compute_slots(guarded, hf_model):
     """With --max_concurrency 2, eight clients trickling their bodies used to make every other request a 503."""
     body = json.dumps(OK).encode()
-    head = (b"POST /compare HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    head = (
+        b"POST /compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
     stop = threading.Event()
     socks = []
-    threads = [threading.Thread(target=lambda: socks.append(trickle(guarded.port, head, body, stop, 0.2))) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: socks.append(trickle(guarded.port, head, body, stop, 0.2))) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -198,7 +216,9 @@ def test_slow_senders_do_not_take_compute_slots(guarded, hf_model):
         for _ in range(3):
             response = httpx2.post(guarded.url + "/compare", json=OK, timeout=30)
             assert response.status_code == 200, response.text
-            np.testing.assert_allclose(response.json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5)
+            np.testing.assert_allclose(
+                response.json()["result"], hf_model.compare(["x"], ["a"], ["b"], return_logits=True), atol=1e-5
+            )
     finally:
         stop.set()
         for thread in threads:

@@ -127,9 +127,20 @@ class PairScorer:
         ids = self.tokenize([text for triple in triples for text in triple])
         return sum(self.layout.is_truncated(ids[s], ids[a], ids[b]) for s, a, b in triples) / len(triples)
 
+    def token_counts(self, texts: Sequence[str], chunk: int = 256) -> dict[str, int]:
+        """Tokens (no special tokens) of each distinct text, counted in chunks without keeping any token list."""
+        distinct = list(dict.fromkeys(texts))
+        counts: dict[str, int] = {}
+        for start in range(0, len(distinct), chunk):
+            part = distinct[start : start + chunk]
+            counts.update(zip(part, map(len, self.tokenizer.encode_batch(part, add_special_tokens=False))))
+        return counts
+
     def pair_lengths(self, triples: Sequence[Triple]) -> list[int]:
-        """Tokens of each triple's forward input (after truncation; no padding)."""
-        return [len(ids) for ids, _ in self.build(triples)]
+        """Tokens of each triple's forward input after truncation: each distinct text is counted once and no pair's
+        token list is built, so checking a request's work costs memory in its distinct texts only."""
+        counts = self.token_counts([text for triple in triples for text in triple])
+        return [self.layout.pair_length(counts[s], counts[a], counts[b]) for s, a, b in triples]
 
     def reference_probability(
         self, triples: Sequence[Triple], temperature: float, *, batch_size: int | None = None

@@ -135,6 +135,12 @@ class PairLayout:
         b = [self.cls_id, self.cand2_prefix_id, *b_ids[:keep], self.sep_id]
         return source + a + b, (1, len(source) + 1, len(source) + len(a) + 1)
 
+    def pair_length(self, source_length: int, a_length: int, b_length: int) -> int:
+        """`len(self.pair(...)[0])` from the three texts' token counts alone (no token list is built)."""
+        source = min(source_length, max(self.source_max_length - self.source_overhead, 0)) + self.source_overhead
+        keep = max(self.candidate_budget(source) - 3, 0)
+        return source + 6 + min(a_length, keep) + min(b_length, keep)
+
     def is_truncated(self, source_ids: list[int], a_ids: list[int], b_ids: list[int]) -> bool:
         """Whether any of the three texts loses tokens in this pair."""
         if len(source_ids) > self.source_max_length - self.source_overhead:

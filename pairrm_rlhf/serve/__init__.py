@@ -1,8 +1,9 @@
 """`pairrm-rlhf serve`: PairRM over HTTP (OpenRLHF's /get_reward and the PairRM API). Needs the `serve` extra.
 
 Rooms: `config` (ServeArguments), `batcher` (the fair engine queue, a `PairBackend`), `openrlhf` (query parsing,
-references, the /get_reward answer), `limits` (sizes, fields, work), `app` (routes, auth, timeouts, uvicorn),
-`command` (`make_parser`, `run_serve`).
+references, the /get_reward answer), `limits` (sizes, fields, work), `app` (routes, auth, timeouts, cancellation),
+`http` (uvicorn's protocol with deadlines and connection caps, Host checks), `command` (`make_parser`, `run_serve`).
+The wire format shared with the client is `backends.wire`.
 """
 
 try:
