@@ -51,14 +51,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import torch
 from _common import (TINY, Evaluator, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
-                     load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision, zero3_enabled)
+                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, split_eval,
+                     warn_half_precision, zero3_enabled)
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
-from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
 from pairrm_rlhf.labeling.store import remove_store
@@ -152,8 +152,8 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
     copy_reference = peft is None and not zero3_enabled()
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if copy_reference else None
     trainer_class = SPPOTrainer if config.sppo else DPOTrainer
-    trainer = trainer_class(model=policy, ref_model=ref_model, args=args, train_dataset=pairs.select_columns(columns),
-                            processing_class=tokenizer, peft_config=peft)
+    trainer = quiet_log_dicts(trainer_class(model=policy, ref_model=ref_model, args=args, processing_class=tokenizer,
+                                            train_dataset=pairs.select_columns(columns), peft_config=peft))
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last:
         logger.info("iteration %d: resuming training from %s", iteration, last)
@@ -358,6 +358,4 @@ def format_summary(config: IterativeDPOConfig, script_args: RecipeArguments, sum
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run (#15.5); nothing in one process
+    run_recipe(make_parser, main, interrupted="rerun the same command to resume")

@@ -24,9 +24,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, load_policy, load_prompt_dataset,
-                     make_recipe_parser, parse, split_eval)
+                     make_recipe_parser, run_recipe, split_eval)
 
-from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
@@ -110,6 +109,4 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run (#15.5); nothing in one process
+    run_recipe(make_parser, main)
