@@ -27,7 +27,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
-from pairrm_rlhf.trl.rewards import AsyncPairwiseReward, PairwiseReward
+from pairrm_rlhf.trl.rewards import OUTPUTS, AsyncPairwiseReward, PairwiseReward
 
 MODES = ("reference", "group")
 
@@ -41,8 +41,9 @@ class GRPORecipeConfig(GRPOConfig):
     async_reward: bool = field(default=False, metadata={"help": "score in a worker thread (AsyncPairwiseReward)"})
 
     def __post_init__(self):
-        if self.reward_mode not in MODES:
-            raise ValueError(f"--reward_mode must be one of {', '.join(MODES)}, got {self.reward_mode!r}")
+        for name, allowed in (("reward_mode", MODES), ("reward_output", OUTPUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         super().__post_init__()
 
 

@@ -103,6 +103,12 @@ class IterativeDPOConfig(DPOConfig):
     dataset_hub_id: str | None = field(default=None, metadata={"help": "push each iteration's pairs to this hub dataset as split iteration_<i>"})
     dataset_hub_private: bool = field(default=True, metadata={"help": "push the pairs as a private dataset"})
 
+    def __post_init__(self):
+        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        super().__post_init__()
+
     def sampling(self, use_checkpoint_sampling: bool = False) -> SamplingArguments:
         return SamplingArguments(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                  top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -179,8 +185,6 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 def prompt_slices(config: IterativeDPOConfig, prompts: Dataset) -> list[Dataset]:
-    if config.prompt_schedule not in SCHEDULES:
-        raise ValueError(f"--prompt_schedule must be one of {SCHEDULES}, got {config.prompt_schedule!r}")
     if config.prompt_schedule == "same":
         return [prompts] * config.num_iterations
     bounds = np.linspace(0, len(prompts), config.num_iterations + 1).astype(int)
@@ -197,8 +201,6 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
 
     `judge` / `eval_judge`: loaded PairRMs to use instead of `script_args.pairrm` / `eval_pairrm`."""
     config = training_args
-    if config.sppo_probabilities not in SPPO_PROBABILITIES:
-        raise ValueError(f"--sppo_probabilities must be one of {SPPO_PROBABILITIES}, got {config.sppo_probabilities!r}")
     state = PartialState(cpu=config.use_cpu or not torch.cuda.is_available())
     out = Path(config.output_dir)
     sampling = config.sampling(script_args.use_checkpoint_sampling)

@@ -29,7 +29,7 @@ from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, loa
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
-from pairrm_rlhf.trl.rewards import PairwiseReward
+from pairrm_rlhf.trl.rewards import OUTPUTS, PairwiseReward
 
 logger = logging.getLogger("ppo")
 
@@ -40,6 +40,10 @@ class PPORecipeConfig(PPOConfig):
 
     reward_output: str = field(default="logit", metadata={"help": "PairwiseReward output: logit (two-order log-odds), probability or win"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
+
+    def __post_init__(self):
+        if self.reward_output not in OUTPUTS:
+            raise ValueError(f"--reward_output must be one of {', '.join(OUTPUTS)}, got {self.reward_output!r}")
 
 
 class EvaluatingPPOTrainer(PPOTrainer):

@@ -13,8 +13,19 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         f"pairrm_rlhf.serve needs the serve extra ({error.name} is missing): pip install 'pairrm-rlhf[serve]'"
     ) from error
 
+from typing import Any
+
 from .app import BackgroundServer, build_app
-from .command import make_parser, run_serve
 from .config import ServeArguments
+
+
+def __getattr__(name: str) -> Any:
+    """`make_parser` and `run_serve` come from `command` on first use, so `python -m pairrm_rlhf.serve.command` does
+    not find its own module already imported (runpy's RuntimeWarning)."""
+    if name in ("make_parser", "run_serve"):
+        from . import command
+
+        return getattr(command, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BackgroundServer", "ServeArguments", "build_app", "make_parser", "run_serve"]

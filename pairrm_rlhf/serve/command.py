@@ -44,9 +44,8 @@ def run_serve(serve_args: ServeArguments, pairrm_args: PairRMArguments) -> None:
     """Bind the port, load the judge and serve it until SIGINT/SIGTERM; in-flight requests are answered first."""
     from .app import announce, build_app, uvicorn_server
 
-    pairrm_args.check_environment()
     sock = bind_port(serve_args.host, serve_args.port)
-    model = pairrm_args.load()
+    model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
     app = build_app(serve_args, model, pairrm_args.pairrm_batch_size)
     announce(serve_args, app.state.service, pairrm_args.pairrm, sock.getsockname()[1])
     uvicorn_server(serve_args, app).run(sockets=[sock])
