@@ -59,6 +59,7 @@ from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
+from pairrm_rlhf.core.entry import check_hub_id
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
 from pairrm_rlhf.labeling.store import remove_store
@@ -75,6 +76,10 @@ class IterativeDPOScriptArguments(RecipeArguments):
 
     eval_pairrm: str | None = field(default=None, metadata={
         "help": "judge of the held-out evaluation (default: the training judge); a different one exposes reward hacking"})
+
+    def check_environment(self, device: str | None = None) -> None:
+        super().check_environment(device)
+        check_hub_id(self.eval_pairrm, "--eval_pairrm")
 
 
 @dataclass

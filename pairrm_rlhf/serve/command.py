@@ -45,10 +45,13 @@ def run_serve(serve_args: ServeArguments, pairrm_args: PairRMArguments) -> None:
     from .app import announce, build_app, uvicorn_server
 
     sock = bind_port(serve_args.host, serve_args.port)
-    model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
-    app = build_app(serve_args, model, pairrm_args.pairrm_batch_size)
-    announce(serve_args, app.state.service, pairrm_args.pairrm, sock.getsockname()[1])
-    uvicorn_server(serve_args, app).run(sockets=[sock])
+    try:
+        model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
+        app = build_app(serve_args, model, pairrm_args.pairrm_batch_size)
+        announce(serve_args, app.state.service, pairrm_args.pairrm, sock.getsockname()[1])
+        uvicorn_server(serve_args, app).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def main(argv: list[str] | None = None) -> None:
