@@ -87,23 +87,31 @@ def make_recipe_parser(training_class: type, script_class: type = RecipeArgument
 
 def parse(parser: TrlParser, argv: list[str] | None = None) -> tuple[Any, ...]:
     """(script_args, training_args, model_args) from `argv` (default sys.argv); `--config NAME` may be bundled.
-
-    Every problem found here is a one-line error (`pairrm_rlhf.core.entry.parse`), and so are the checks that need
-    this machine (the judge's device; with HF_HUB_OFFLINE, that hub ids are cached), before anything loads."""
+    Every problem found here is a one-line error (`pairrm_rlhf.core.entry.parse`)."""
     script_args, training_args, model_args = entry.parse(parser, argv, os.path.basename(sys.argv[0]))
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a hub id, a directory, or 'tiny')")
+    return script_args, training_args, model_args
+
+
+def check_environment(script_args: RecipeArguments, model_args: ModelConfig) -> None:
+    """The checks that need this machine, before anything loads: the judge's device, and with HF_HUB_OFFLINE that
+    the judge's and the policy's hub ids are cached (one line each, naming the flag)."""
     script_args.check_environment()
     entry.check_hub_id(model_args.model_name_or_path, "--model_name_or_path")
-    return script_args, training_args, model_args
 
 
 def run_recipe(make_parser: Any, main: Any, interrupted: str | None = None) -> None:
     """A recipe's `__main__`: parse, run `main`, and end as every command of the package does
     (`pairrm_rlhf.core.entry.run_command`: one log handler, a user error in one line with exit code 2, Ctrl-C with
     130, the orderly end of a multi-process run). Known third-party noise is silenced first (`quiet_known_output`)."""
+    def command() -> None:
+        script_args, training_args, model_args = parse(make_parser())
+        check_environment(script_args, model_args)
+        main(script_args, training_args, model_args)
+
     quiet_known_output()
-    entry.run_command(os.path.basename(sys.argv[0]), lambda: main(*parse(make_parser())), interrupted)
+    entry.run_command(os.path.basename(sys.argv[0]), command, interrupted)
 
 
 # ---- output: what a run prints --------------------------------------------------------------------------------

@@ -221,3 +221,35 @@ def test_a_recipe_run_ends_with_its_summary_and_no_known_noise(name, tmp_path):
     start = max(i for i, line in enumerate(lines) if line.startswith(SUMMARY_START[name]))
     assert any(line.startswith("Saved to ") for line in lines[start:]), lines[start:]
     assert all("%|" not in line and not line.startswith(("INFO", "WARNING")) for line in lines[start:]), lines[start:]
+
+
+# ---- what counts as a user error --------------------------------------------------------------------------------
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    import json as third_party  # a module outside this package raises the error
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from pairrm_rlhf.core.entry import run_command, user_error
+
+    try:
+        third_party.loads("{")
+    except ValueError as error:
+        assert user_error(error) == ("Expecting property name enclosed in double quotes: line 1 column 2 (char 1) "
+                                     "(raised in json.decoder; PAIRRM_RLHF_LOG_LEVEL=DEBUG shows the traceback)")
+    assert user_error(OfflineModeIsEnabled("Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled)\nmore")) == (
+        "Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled) (offline? use 'tiny', a local directory, or a copy "
+        "in the hub cache with HF_HUB_OFFLINE=1)")
+    assert user_error(RuntimeError("shape mismatch")) is None and user_error(TypeError("x")) is None
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # not swallowed: its traceback is printed as usual
+        run_command("prog", bug)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_command("prog", interrupted, interrupted="rerun to resume")
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "prog: interrupted; rerun to resume\n"

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 EXIT_USAGE = 2  # argparse's code for a bad command line; used for every user error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 LOG_LEVEL_ENV = "PAIRRM_RLHF_LOG_LEVEL"
+OWN_CHECKS = ("pairrm_rlhf", "__main__", "_common")  # this package and the recipe scripts: messages name the flag
+PARSING = ("argparse", "trl.scripts", "yaml")  # TrlParser, argparse and YAML report the command line or config
 NETWORK_HINT = "offline? use 'tiny', a local directory, or a copy in the hub cache with HF_HUB_OFFLINE=1"
 
 
@@ -221,9 +223,24 @@ def user_error(error: BaseException) -> str | None:
         return None
     lines = [line for line in str(error).splitlines() if line.strip()]
     message = lines[0].strip() if lines else type(error).__name__
-    if isinstance(error, OSError) and _is_network(error) and "HF_HUB_OFFLINE" not in message:
-        message += f" ({NETWORK_HINT})"
+    if isinstance(error, OSError) and _is_network(error):
+        if "HF_HUB_OFFLINE" not in message:
+            message += f" ({NETWORK_HINT})"
+    elif (origin := _raised_in(error)) is not None:  # not one of our checks: say where, and how to see more
+        message += f" (raised in {origin}; {LOG_LEVEL_ENV}=DEBUG shows the traceback)"
     return message
+
+
+def _raised_in(error: BaseException) -> str | None:
+    """The third-party module that raised `error` (e.g. `transformers.trainer`), or None when this package, a recipe
+    script or the standard library's argument parsing did."""
+    tb = error.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return None if module.split(".")[0] in OWN_CHECKS or module.startswith(PARSING) else module
 
 
 def _is_network(error: OSError) -> bool:
