@@ -121,15 +121,18 @@ def quiet_known_output() -> None:
     - DeepSpeed's "Setting accelerator to CPU ... we were unable to detect it" on a machine without an accelerator:
       fixed at the source by naming the accelerator its detection would pick (`DS_ACCELERATOR=cpu`; a value the
       user set wins). Only when torch sees no accelerator, so GPU runs are untouched.
-    - transformers 5's FutureWarning "`is_gradient_checkpointing` is deprecated": TRL 1.16 reads that property
-      (`trl/models/utils.py`) at every generation; the recipes set no such flag. Drop this with a TRL that reads
-      `is_activation_checkpointing`.
+    - transformers 5's FutureWarnings "`is_gradient_checkpointing` / `gradient_checkpointing_disable` /
+      `gradient_checkpointing_enable` is deprecated": TRL 1.16 calls them around every generation
+      (`trl/models/utils.py`, `_unwrap_model_for_generation`), and `pairrm_rlhf.trl.ppo` calls the last one while
+      `transformers>=5.0` is the floor; the recipes set no deprecated flag. Drop this with a TRL that calls the
+      `activation_checkpointing` names.
     - accelerate's "Removed shared tensor {'...lm_head.weight'}" at each PPO checkpoint of a policy with tied
       embeddings: safetensors stores a shared tensor once and loading re-ties it (PPO's resume test reloads one).
     """
     if not torch.accelerator.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`(is_gradient_checkpointing|gradient_checkpointing_(en|dis)able)` is deprecated",
+                            category=FutureWarning)
     shared = logging.getLogger("accelerate.utils.other")
     if _not_removed_shared_tensor not in shared.filters:
         shared.addFilter(_not_removed_shared_tensor)
