@@ -237,9 +237,17 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         assert user_error(error) == ("Expecting property name enclosed in double quotes: line 1 column 2 (char 1) "
                                      "(raised in json.decoder; PAIRRM_RLHF_LOG_LEVEL=DEBUG shows the traceback)")
     assert user_error(OfflineModeIsEnabled("Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled)\nmore")) == (
-        "Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled) (offline? use 'tiny', a local directory, or a copy "
+        "Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled) ... (offline? use 'tiny', a local directory, or a copy "
         "in the hub cache with HF_HUB_OFFLINE=1)")
     assert user_error(RuntimeError("shape mismatch")) is None and user_error(TypeError("x")) is None
+    try:  # a loader that names the model and chains the download's failure
+        try:
+            raise OfflineModeIsEnabled("no network")
+        except OSError as cause:
+            raise OSError("cannot load 'a/b': the hub download failed") from cause
+    except OSError as error:
+        assert user_error(error).endswith("failed (offline? use 'tiny', a local directory, or a copy in the hub cache "
+                                          "with HF_HUB_OFFLINE=1)")
 
     def bug():
         raise RuntimeError("a bug")

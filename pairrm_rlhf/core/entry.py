@@ -221,9 +221,9 @@ def user_error(error: BaseException) -> str | None:
     user_types: tuple[type, ...] = (ValueError, OSError, ImportError) + ((yaml.YAMLError,) if yaml else ())
     if not isinstance(error, user_types):
         return None
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    message = lines[0].strip() if lines else type(error).__name__
-    if isinstance(error, OSError) and _is_network(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = (lines[0] + (" ..." if len(lines) > 1 else "")) if lines else type(error).__name__
+    if _is_network(error):
         if "HF_HUB_OFFLINE" not in message:
             message += f" ({NETWORK_HINT})"
     elif (origin := _raised_in(error)) is not None:  # not one of our checks: say where, and how to see more
@@ -243,13 +243,17 @@ def _raised_in(error: BaseException) -> str | None:
     return None if module.split(".")[0] in OWN_CHECKS or module.startswith(PARSING) else module
 
 
-def _is_network(error: OSError) -> bool:
-    """A hub or network failure (the hub client's errors, a connection error, transformers' 'couldn't connect')."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
+def _is_network(error: BaseException | None) -> bool:
+    """A hub or network failure (the hub client's errors, a connection error, transformers' 'couldn't connect'),
+    or an OSError caused by one (a loader that names the model and chains the download's error)."""
+    if not isinstance(error, OSError):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ == "LocalEntryNotFoundError":
         return True
     module = type(error).__module__.split(".")[0]
-    return module in ("huggingface_hub", "httpx", "httpx2", "requests", "urllib3") or bool(
-        re.search(r"couldn't connect|couldn't reach|offline mode", str(error), re.IGNORECASE))
+    return module in ("httpx", "httpx2", "requests", "urllib3") or bool(
+        re.search(r"couldn't connect|couldn't reach|offline mode", str(error), re.IGNORECASE)) or (
+        error.__cause__ is not error and _is_network(error.__cause__))
 
 
 def run_command(prog: str, command: Callable[[], Any], interrupted: str | None = None) -> None:
