@@ -29,10 +29,9 @@ def make_parser(prog: str | None = None) -> Any:
 
 def bind_port(host: str, port: int) -> socket.socket:
     """The server's socket, bound now; a port out of range or taken is a one-line error naming `--port`."""
-    from .app import bind
-
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: must be 0..65535 (0: any free port)")
+    from .app import bind
     try:
         return bind(host, port)
     except OSError as error:
@@ -42,10 +41,10 @@ def bind_port(host: str, port: int) -> socket.socket:
 
 def run_serve(serve_args: ServeArguments, pairrm_args: PairRMArguments) -> None:
     """Bind the port, load the judge and serve it until SIGINT/SIGTERM; in-flight requests are answered first."""
-    from .app import announce, build_app, uvicorn_server
-
     sock = bind_port(serve_args.host, serve_args.port)
     try:
+        from .app import announce, build_app, uvicorn_server
+
         model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
         app = build_app(serve_args, model, pairrm_args.pairrm_batch_size)
         announce(serve_args, app.state.service, pairrm_args.pairrm, sock.getsockname()[1])
