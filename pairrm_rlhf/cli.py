@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .args import PairRMArguments
+from .core.distributed import end_distributed_run
 from .core.entry import HelpFormatter, parse, run_command, setup_logging  # noqa: F401 (setup_logging: API)
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         run(*parse(parser, rest, f"pairrm-rlhf {name}"))
 
     run_command(f"pairrm-rlhf {name}", command, interrupted=INTERRUPTED.get(name))
+    end_distributed_run()  # under `accelerate launch` / `torchrun` (label): the orderly end; else nothing
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.core import entry
 from pairrm_rlhf.core.assets import TINY, resolve
+from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, render_prompts
 from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
@@ -102,9 +103,10 @@ def check_environment(script_args: RecipeArguments, model_args: ModelConfig) -> 
 
 
 def run_recipe(make_parser: Any, main: Any, interrupted: str | None = None) -> None:
-    """A recipe's `__main__`: parse, run `main`, and end as every command of the package does
+    """A recipe's `__main__`: parse, check, run `main`, and end as every command of the package does
     (`pairrm_rlhf.core.entry.run_command`: one log handler, a user error in one line with exit code 2, Ctrl-C with
-    130, the orderly end of a multi-process run). Known third-party noise is silenced first (`quiet_known_output`)."""
+    130; then `end_distributed_run`, the orderly end of a multi-process run). Known third-party noise is silenced
+    first (`quiet_known_output`)."""
     def command() -> None:
         script_args, training_args, model_args = parse(make_parser())
         check_environment(script_args, model_args)
@@ -112,6 +114,7 @@ def run_recipe(make_parser: Any, main: Any, interrupted: str | None = None) -> N
 
     quiet_known_output()
     entry.run_command(os.path.basename(sys.argv[0]), command, interrupted)
+    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process
 
 
 # ---- output: what a run prints --------------------------------------------------------------------------------

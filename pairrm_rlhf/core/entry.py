@@ -15,8 +15,11 @@ runs, then its run function):
   `<prog>: error: <what and where>`, and exits 2, before any model loads when the command checks first (they do);
   `PAIRRM_RLHF_LOG_LEVEL=DEBUG` also logs the traceback;
 - Ctrl-C prints `<prog>: interrupted` (with the command's hint) and exits 130, the shell's code for SIGINT;
-- anything else is a bug and keeps its traceback;
-- under `torchrun` / `accelerate launch` a finished command ends through `core.distributed.end_distributed_run`.
+- anything else is a bug and keeps its traceback.
+
+A process's last statement (`pairrm-rlhf`, a module's or recipe's `__main__`) is then
+`core.distributed.end_distributed_run()`: the orderly end under `torchrun` / `accelerate launch`, nothing otherwise;
+`run_command` itself returns, so a script may call a command's `main` and go on.
 
 Parsing (`parse`): `--config NAME` also finds the configs shipped in the package (`resolve_config`), an argparse
 error is the same one line (not a usage block), unknown flags are an error. Checks that need the environment
@@ -36,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from .assets import TINY, looks_local
-from .distributed import end_distributed_run
 
 logger = logging.getLogger(__name__)
 
@@ -265,8 +267,7 @@ def run_command(prog: str, command: Callable[[], Any], interrupted: str | None =
         interrupted: what to tell the user after Ctrl-C (e.g. how to resume).
 
     Returns:
-        None after a finished single-process run; otherwise exits (2: user error, 130: interrupted; in a process
-        group, 0 through `end_distributed_run`).
+        None when the command finished; otherwise exits (2: user error, 130: interrupted).
     """
     setup_logging()
     try:
@@ -281,4 +282,3 @@ def run_command(prog: str, command: Callable[[], Any], interrupted: str | None =
         logger.debug("%s: user error", prog, exc_info=True)  # PAIRRM_RLHF_LOG_LEVEL=DEBUG shows the traceback
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
-    end_distributed_run()  # under `accelerate launch` / `torchrun`: the orderly end; nothing in one process

@@ -27,6 +27,7 @@ from datasets import Dataset
 
 from ..args import PairRMArguments
 from ..core import assets
+from ..core.distributed import end_distributed_run
 from ..core.entry import check_device, check_hub_id, check_hub_push, parse, run_command
 from ..core.generation import SamplingArguments, load_policy
 from .generation import BACKENDS
@@ -221,3 +222,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # under `accelerate launch`: the orderly end of a multi-process run
