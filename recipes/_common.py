@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -79,8 +79,15 @@ class RecipeArguments(PairRMArguments):
 
 
 def make_recipe_parser(training_class: type, script_class: type = RecipeArguments) -> TrlParser:
-    """`TrlParser((script_class, training_class, ModelConfig))`; without CUDA it defaults to CPU and no bf16."""
+    """`TrlParser((script_class, training_class, ModelConfig))`; without CUDA it defaults to CPU and no bf16.
+
+    `ddp_find_unused_parameters` defaults to False (a config may set it): every trainable parameter of a causal LM
+    (or its LoRA adapters) gets a gradient at every step, so DDP's search is wasted work, and torch warns on every
+    process that it found nothing ("find_unused_parameters=True was specified ..."); transformers turns it on whenever
+    gradient checkpointing is off."""
     parser = TrlParser((script_class, training_class, ModelConfig))
+    if issubclass(training_class, TrainingArguments):  # TRL's trainers (our PPO has no DDP flags)
+        parser.set_defaults(ddp_find_unused_parameters=False)
     if not torch.cuda.is_available():
         parser.set_defaults(use_cpu=True, bf16=False)
     return parser
