@@ -1,6 +1,7 @@
 """The `label` command: its whole configuration is checked before any model loads (one-line errors naming the flag),
 it writes the dataset (three formats), a dataset card and a margin histogram and prints their paths, pushes with the
-card (mocked hub), parses TRL-style (standalone and as a subcommand), and two processes give what one gives."""
+card (mocked hub) after checking the hub first, reports a failed push in one line after the summary, parses
+TRL-style, and two processes give what one gives."""
 
 from __future__ import annotations
 
