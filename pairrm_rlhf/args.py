@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from .backends.registry import JUDGES, find_judge
 from .core.assets import DEFAULT_MODEL, TINY, check_local
+from .core.entry import bundled_configs, check_device, check_hub_id, resolve_config  # noqa: F401 (the configs: API)
 from .core.settings import check_choice, dtype_name
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the scorer (torch, transformers) loads only when a judge does: `--help` stays fast
     from .pairrm import LazyPairRM, PairRM
 
 
@@ -67,55 +68,30 @@ class PairRMArguments:
         if self.pairrm_template is not None:
             return check_choice("--pairrm_template", self.pairrm_template, JUDGES)
         return "better-pairrm" if find_judge(self.pairrm).name == "better-pairrm" else "pairrm"
+    def check_environment(self, device: str | None = None) -> None:
+        """The checks that need this machine, before anything loads: the device exists, and with HF_HUB_OFFLINE a
+        hub id is in the cache (one line each, naming the flag)."""
+        check_device(device or self.pairrm_device, "--pairrm_device")
+        check_hub_id(self.pairrm, "--pairrm")
+        check_hub_id(self.pairrm_base_model, "--pairrm_base_model")
 
     def load(self, device: str | None = None) -> PairRM:
         """The judge, loaded now (`device` overrides `pairrm_device`)."""
         from .pairrm import PairRM
 
+        self.check_environment(device)
         return PairRM.from_pretrained(
             self.pairrm, judge=self.pairrm_judge, base_model=self.pairrm_base_model,
             device=device or self.pairrm_device, dtype=self.pairrm_dtype, max_tokens=self.pairrm_max_tokens,
         )
 
     def lazy(self) -> LazyPairRM:
-        """The judge, loaded on first use (for TRL reward functions: nothing loads before the trainer calls it)."""
+        """The judge, loaded on first use (for TRL reward functions: nothing loads before the trainer calls it); the
+        environment is checked now."""
         from .pairrm import LazyPairRM
 
+        self.check_environment()
         return LazyPairRM(
             self.pairrm, device=self.pairrm_device, dtype=self.pairrm_dtype, base_model=self.pairrm_base_model,
             judge=self.pairrm_judge, max_tokens=self.pairrm_max_tokens,
         )
-
-
-def bundled_configs() -> dict[str, str]:
-    """Config files shipped with the package (`pairrm_rlhf/configs/*.yaml`), by name without the extension."""
-    from importlib import resources
-
-    folder = resources.files("pairrm_rlhf") / "configs"
-    if not folder.is_dir():
-        return {}
-    return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def resolve_config(argv: list[str]) -> list[str]:
-    """`argv` with `--config NAME` replaced by the bundled config of that name when NAME is not a file.
-
-    A missing file is a one-line `FileNotFoundError` naming the flag and the known names.
-    """
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-            if value is None:
-                raise ValueError("--config needs a YAML file or a bundled config name")
-            from pathlib import Path
-
-            if not Path(value).expanduser().is_file():
-                known = bundled_configs()
-                if value not in known:
-                    raise FileNotFoundError(
-                        f"--config: file not found: {value} (bundled configs: {', '.join(sorted(known)) or 'none'})")
-                value = known[value]
-            argv[i : i + (1 if "=" in arg else 2)] = ["--config", value]
-            break
-    return argv

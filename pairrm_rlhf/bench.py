@@ -8,7 +8,6 @@ their outputs must agree (to 1e-4 in fp32). Speed is reported as ratios measured
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
@@ -84,12 +83,10 @@ class BenchArguments:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+def make_parser(prog: str | None = None):
     """The `bench` parser in TRL's script style: (BenchArguments,)."""
     from trl import TrlParser
 
-    if subparsers is not None:
-        return subparsers.add_parser("bench", help=BenchArguments.__doc__.splitlines()[0], dataclass_types=(BenchArguments,))
     return TrlParser((BenchArguments,), prog=prog)
 
 
@@ -317,5 +314,12 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pairrm_rlhf.bench [--flags]`: the same as `pairrm-rlhf bench` (`core.entry.run_command`)."""
+    from .core.entry import parse, run_command
+
+    run_command("pairrm-rlhf bench", lambda: run_bench(*parse(make_parser(), argv, "pairrm-rlhf bench")))
+
+
 if __name__ == "__main__":
-    run_bench(*make_parser().parse_args_and_config())
+    main()

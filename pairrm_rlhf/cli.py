@@ -2,15 +2,15 @@
 
     pairrm-rlhf demo | bench | label | serve | eval  [--config file.yaml or a bundled name] [--flags]
 
-Each subcommand's module has `make_parser(subparsers=None)` (a `trl.TrlParser` over its dataclasses, the judge's
-being `args.PairRMArguments`) and a run function taking those dataclasses in order; `python -m <module>` runs it
-alone. Modules are imported only for the subcommand that runs (`demo` loads no datasets, TRL trainers or web stack).
-Flags override `--config` values; `env:` in the YAML sets environment variables (TrlParser).
+Each subcommand's module has `make_parser()` (a `trl.TrlParser` over its dataclasses, the judge's being
+`args.PairRMArguments`), a run function taking those dataclasses in order and a `main(argv)`, so
+`python -m <module>` runs it alone with the same behaviour. Like TRL's `trl/cli` commands, a subcommand's module is
+imported only when that subcommand runs: `pairrm-rlhf --help` imports no torch, and `demo` loads no datasets, TRL
+trainers or web stack. Flags override `--config` values; `env:` in the YAML sets environment variables (TrlParser).
 
-Errors in the configuration (a missing file, a bad value, an unknown column) are found before any model loads and
-end the command with one line, `pairrm-rlhf <cmd>: error: ...`, and exit code 2. Logging: the library only has a
-NullHandler; this CLI installs one handler on the root logger and leaves out records that a library's own handler
-(datasets, transformers) already prints, so nothing is printed twice.
+Starting and ending follow `core.entry` (shared with the recipes): one log handler, and a user error (a bad value, a
+missing file, an unreachable hub id, a busy port) is found before any model loads and ends the command with one
+line, `pairrm-rlhf <cmd>: error: ...`, and exit code 2; Ctrl-C ends with exit code 130.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .args import PairRMArguments, resolve_config
+from .args import PairRMArguments
 from .core.distributed import end_distributed_run
+from .core.entry import HelpFormatter, parse, run_command, setup_logging  # noqa: F401 (setup_logging: API)
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +36,8 @@ COMMANDS = {
     "serve": ("pairrm_rlhf.serve.command", "run_serve", "serve a judge over HTTP (also OpenRLHF's remote reward model)"),
     "eval": ("pairrm_rlhf.evaluation.command", "run_eval", "agreement of a judge with preference labels, per subset"),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default once: not after a help text that already states its default; a stray `%` is not a crash;
-    a `--no_X` flag says what it does instead of repeating `--X`'s help."""
-
-    def _get_help_string(self, action):
-        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
-            return f"set {action.dest} to False (the same as --{action.dest} false)"
-        help_text = action.help or ""
-        return help_text if "default:" in help_text.lower() else super()._get_help_string(action)
-
-    def _expand_help(self, action):
-        try:
-            return super()._expand_help(action)
-        except (TypeError, ValueError, KeyError):
-            return self._get_help_string(action)
+# what to tell the user after Ctrl-C, by subcommand
+INTERRUPTED = {"label": "rerun the same command to resume"}
 
 
 # ---- demo ----------------------------------------------------------------------------------------------------
@@ -78,13 +63,11 @@ EXAMPLES = [
 ]
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+def make_parser(prog: str | None = None):
     """The `demo` parser: (DemoArguments, PairRMArguments); the judge defaults to the bundled `tiny` PairRM."""
     from trl import TrlParser
 
-    dataclass_types = (DemoArguments, PairRMArguments)
-    parser = (subparsers.add_parser("demo", help=DemoArguments.__doc__.splitlines()[0], dataclass_types=dataclass_types)
-              if subparsers is not None else TrlParser(dataclass_types, prog=prog))
+    parser = TrlParser((DemoArguments, PairRMArguments), prog=prog)
     parser.set_defaults(pairrm="tiny")
     return parser
 
@@ -132,43 +115,6 @@ def load_command(name: str) -> tuple[argparse.ArgumentParser, Callable]:
     return parser, run
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """One handler on the root logger (idempotent), skipping records a library's own handler already prints."""
-    root = logging.getLogger()
-    if any(getattr(h, "_pairrm_rlhf", False) for h in root.handlers):
-        return
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_not_printed_elsewhere)
-    handler._pairrm_rlhf = True
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time (tests and notebooks replace it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def _not_printed_elsewhere(record: logging.LogRecord) -> bool:
-    """False when a logger between the record's and the root has a real handler (it printed the record already)."""
-    current = logging.getLogger(record.name)
-    while current is not None and current is not logging.getLogger():
-        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
-            return False
-        if not current.propagate:
-            break
-        current = current.parent
-    return True
-
-
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairrm-rlhf", description="PairRM for RLHF: a judge, its adapters and tools.",
                                      epilog="`pairrm-rlhf <command> --help` lists a command's flags.")
@@ -185,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         argv: the arguments after the program name (default: `sys.argv[1:]`).
 
     Returns:
-        None; exits with code 2 and one line on stderr on a configuration error. In a process group (`label` under
-        `accelerate launch`) it ends the process with `core.distributed.end_distributed_run` instead of returning.
+        None; on a user error exits with code 2 and one line on stderr (`core.entry.run_command`), on Ctrl-C with
+        130. In a process group (`label` under `accelerate launch`) it ends the process with
+        `core.distributed.end_distributed_run` instead of returning.
 
     Example:
         >>> main(["demo", "--pairrm_device", "cpu"])  # doctest: +SKIP
@@ -197,26 +144,17 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in ("-h", "--help"):
             parser.print_help()
             sys.exit(0)
-        parser.print_usage(sys.stderr)
         problem = f"unknown command {argv[0]!r}" if argv else "a command is required"
-        print(f"pairrm-rlhf: error: {problem} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        print(f"pairrm-rlhf: error: {problem} (choose from {', '.join(COMMANDS)}; see pairrm-rlhf --help)",
+              file=sys.stderr)
         sys.exit(2)
     name, rest = argv[0], argv[1:]
-    setup_logging(logging.getLevelName(os.environ.get("PAIRRM_RLHF_LOG_LEVEL", "INFO").upper()))
-    try:
+
+    def command() -> None:
         parser, run = load_command(name)
-        *values, unknown = parser.parse_args_and_config(resolve_config(rest), return_remaining_strings=True)
-        if unknown:
-            raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see pairrm-rlhf {name} --help)")
-        run(*values)
-    except (ValueError, FileNotFoundError) as err:
-        logger.debug("configuration error", exc_info=True)  # PAIRRM_RLHF_LOG_LEVEL=DEBUG shows the traceback
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"pairrm-rlhf {name}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except ImportError as err:  # an optional extra that is not installed (serve, plots)
-        print(f"pairrm-rlhf {name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        run(*parse(parser, rest, f"pairrm-rlhf {name}"))
+
+    run_command(f"pairrm-rlhf {name}", command, interrupted=INTERRUPTED.get(name))
     end_distributed_run()  # under `accelerate launch` / `torchrun` (label): the orderly end; else nothing
 
 

@@ -31,27 +31,32 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from pairrm_rlhf.args import PairRMArguments, resolve_config
+from pairrm_rlhf.args import PairRMArguments
+from pairrm_rlhf.core import entry
 from pairrm_rlhf.core.assets import TINY, resolve
+from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, render_prompts
 from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 
-__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "load_prompt_dataset", "split_eval",
+__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "run_recipe", "quiet_log_dicts", "load_prompt_dataset", "split_eval",
            "load_policy", "get_peft_config", "sampling_kwargs", "generate", "win_rate", "Evaluator", "judge_for",
            "lazy_judge"]
 
 logger = logging.getLogger("recipes")
+metrics_logger = logging.getLogger("recipes.metrics")
 
 
 @dataclass
@@ -74,20 +79,97 @@ class RecipeArguments(PairRMArguments):
 
 
 def make_recipe_parser(training_class: type, script_class: type = RecipeArguments) -> TrlParser:
-    """`TrlParser((script_class, training_class, ModelConfig))`; without CUDA it defaults to CPU and no bf16."""
+    """`TrlParser((script_class, training_class, ModelConfig))`; without CUDA it defaults to CPU and no bf16.
+
+    `ddp_find_unused_parameters` defaults to False (a config may set it): every trainable parameter of a causal LM
+    (or its LoRA adapters) gets a gradient at every step, so DDP's search is wasted work, and torch warns on every
+    process that it found nothing ("find_unused_parameters=True was specified ..."); transformers turns it on whenever
+    gradient checkpointing is off."""
     parser = TrlParser((script_class, training_class, ModelConfig))
+    if issubclass(training_class, TrainingArguments):  # TRL's trainers (our PPO has no DDP flags)
+        parser.set_defaults(ddp_find_unused_parameters=False)
     if not torch.cuda.is_available():
         parser.set_defaults(use_cpu=True, bf16=False)
     return parser
 
 
 def parse(parser: TrlParser, argv: list[str] | None = None) -> tuple[Any, ...]:
-    """(script_args, training_args, model_args) from `argv` (default sys.argv); `--config NAME` may be bundled."""
-    script_args, training_args, model_args = parser.parse_args_and_config(
-        resolve_config(list(sys.argv[1:] if argv is None else argv)))
+    """(script_args, training_args, model_args) from `argv` (default sys.argv); `--config NAME` may be bundled.
+    Every problem found here is a one-line error (`pairrm_rlhf.core.entry.parse`)."""
+    script_args, training_args, model_args = entry.parse(parser, argv, os.path.basename(sys.argv[0]))
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a hub id, a directory, or 'tiny')")
     return script_args, training_args, model_args
+
+
+def check_environment(script_args: RecipeArguments, model_args: ModelConfig) -> None:
+    """The checks that need this machine, before anything loads: the judge's device, and with HF_HUB_OFFLINE that
+    the judge's and the policy's hub ids are cached (one line each, naming the flag)."""
+    script_args.check_environment()
+    entry.check_hub_id(model_args.model_name_or_path, "--model_name_or_path")
+
+
+def run_recipe(make_parser: Any, main: Any, interrupted: str | None = None) -> None:
+    """A recipe's `__main__`: parse, check, run `main`, and end as every command of the package does
+    (`pairrm_rlhf.core.entry.run_command`: one log handler, a user error in one line with exit code 2, Ctrl-C with
+    130; then `end_distributed_run`, the orderly end of a multi-process run). Known third-party noise is silenced
+    first (`quiet_known_output`)."""
+    def command() -> None:
+        script_args, training_args, model_args = parse(make_parser())
+        check_environment(script_args, model_args)
+        main(script_args, training_args, model_args)
+
+    quiet_known_output()
+    entry.run_command(os.path.basename(sys.argv[0]), command, interrupted)
+    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process
+
+
+# ---- output: what a run prints --------------------------------------------------------------------------------
+def quiet_known_output() -> None:
+    """The known third-party noise of a recipe run, each silenced on purpose, here and nowhere else:
+
+    - DeepSpeed's "Setting accelerator to CPU ... we were unable to detect it" on a machine without an accelerator:
+      fixed at the source by naming the accelerator its detection would pick (`DS_ACCELERATOR=cpu`; a value the
+      user set wins). Only when torch sees no accelerator, so GPU runs are untouched.
+    - transformers 5's FutureWarnings "`is_gradient_checkpointing` / `gradient_checkpointing_disable` /
+      `gradient_checkpointing_enable` is deprecated": TRL 1.16 calls them around every generation
+      (`trl/models/utils.py`, `_unwrap_model_for_generation`), and `pairrm_rlhf.trl.ppo` calls the last one while
+      `transformers>=5.0` is the floor; the recipes set no deprecated flag. Drop this with a TRL that calls the
+      `activation_checkpointing` names.
+    - accelerate's "Removed shared tensor {'...lm_head.weight'}" at each PPO checkpoint of a policy with tied
+      embeddings: safetensors stores a shared tensor once and loading re-ties it (PPO's resume test reloads one).
+    """
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r"`(is_gradient_checkpointing|gradient_checkpointing_(en|dis)able)` is deprecated",
+                            category=FutureWarning)
+    shared = logging.getLogger("accelerate.utils.other")
+    if _not_removed_shared_tensor not in shared.filters:
+        shared.addFilter(_not_removed_shared_tensor)
+
+
+def _not_removed_shared_tensor(record: logging.LogRecord) -> bool:
+    return "Removed shared tensor" not in record.getMessage()
+
+
+class MetricsProgressCallback(ProgressCallback):
+    """transformers' progress bar without its per-step `print(dict)`, so the recipe's summary is what a run ends
+    with: each log dict goes to the `recipes.metrics` logger at DEBUG (`PAIRRM_RLHF_LOG_LEVEL=DEBUG` prints it;
+    `trainer.state.log_history` and the `report_to` trackers keep every value) and the bar shows the latest loss."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not (state.is_world_process_zero and logs):
+            return
+        metrics_logger.debug("step %d: %s", state.global_step, logs)
+        if self.training_bar is not None and isinstance(logs.get("loss"), (int, float)):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
+def quiet_log_dicts(trainer: Any) -> Any:
+    """`trainer` with `MetricsProgressCallback` in place of transformers' `ProgressCallback` (if it had one)."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(MetricsProgressCallback())
+    return trainer
 
 
 # ---- data -----------------------------------------------------------------------------------------------------

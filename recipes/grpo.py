@@ -13,7 +13,6 @@ With `eval_prompts: N` the last N prompts are held out and evaluated before and 
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,15 +21,14 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, lazy_judge, load_policy,
-                     load_prompt_dataset, make_recipe_parser, parse, sampling_kwargs, split_eval)
+                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, sampling_kwargs,
+                     split_eval)
 from trl import GRPOConfig, GRPOTrainer
 
-from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
-from pairrm_rlhf.trl.rewards import AsyncPairwiseReward, PairwiseReward
+from pairrm_rlhf.trl.rewards import REWARD_MODES, REWARD_OUTPUTS, AsyncPairwiseReward, PairwiseReward
 
-MODES = ("reference", "group")
 
 
 @dataclass
@@ -41,6 +39,12 @@ class GRPORecipeConfig(GRPOConfig):
     reward_output: str = field(default="probability", metadata={"help": "PairwiseReward output: probability, logit or win"})
     async_reward: bool = field(default=False, metadata={"help": "score in a worker thread (AsyncPairwiseReward)"})
 
+    def __post_init__(self):
+        for name, allowed in (("reward_mode", REWARD_MODES), ("reward_output", REWARD_OUTPUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        super().__post_init__()
+
 
 def make_parser():
     return make_recipe_parser(GRPORecipeConfig)
@@ -49,8 +53,6 @@ def make_parser():
 def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_args: Any,
          judge: PairRM | None = None) -> GRPOTrainer:
     """Train and save to `output_dir`; returns the trainer. `judge`: a loaded PairRM instead of `script_args.pairrm`."""
-    if training_args.reward_mode not in MODES:
-        raise ValueError(f"--reward_mode must be one of {MODES}, got {training_args.reward_mode!r}")
     data = load_prompt_dataset(script_args, need_reference=training_args.reward_mode == "reference")
     train_set, eval_set = split_eval(script_args, data)
     policy, tokenizer = load_policy(model_args)
@@ -69,8 +71,8 @@ def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_ar
                               sampling, training_args.seed, training_args.output_dir)
         evaluator(policy, tokenizer, 0)
         policy.train()
-    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,
-                          processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    trainer = quiet_log_dicts(GRPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,
+                                          processing_class=tokenizer, peft_config=get_peft_config(model_args)))
     trainer.train()
     trainer.save_model(training_args.output_dir)
     if evaluator is not None and trainer.is_world_process_zero():
@@ -85,6 +87,4 @@ def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_ar
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process
+    run_recipe(make_parser, main)

@@ -51,14 +51,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import torch
 from _common import (TINY, Evaluator, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
-                     load_prompt_dataset, make_recipe_parser, parse, split_eval, warn_half_precision, zero3_enabled)
+                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, split_eval,
+                     warn_half_precision, zero3_enabled)
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
-from pairrm_rlhf.core.distributed import end_distributed_run
+from pairrm_rlhf.core.entry import check_hub_id
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
 from pairrm_rlhf.labeling.store import remove_store
@@ -75,6 +76,10 @@ class IterativeDPOScriptArguments(RecipeArguments):
 
     eval_pairrm: str | None = field(default=None, metadata={
         "help": "judge of the held-out evaluation (default: the training judge); a different one exposes reward hacking"})
+
+    def check_environment(self, device: str | None = None) -> None:
+        super().check_environment(device)
+        check_hub_id(self.eval_pairrm, "--eval_pairrm")
 
 
 @dataclass
@@ -102,6 +107,12 @@ class IterativeDPOConfig(DPOConfig):
                 "compute_prob, for which beta 0.001 was tuned) or calibrated (the labeler's mean calibrated P(i > j))"})
     dataset_hub_id: str | None = field(default=None, metadata={"help": "push each iteration's pairs to this hub dataset as split iteration_<i>"})
     dataset_hub_private: bool = field(default=True, metadata={"help": "push the pairs as a private dataset"})
+
+    def __post_init__(self):
+        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        super().__post_init__()
 
     def sampling(self, use_checkpoint_sampling: bool = False) -> SamplingArguments:
         return SamplingArguments(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -152,8 +163,8 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
     copy_reference = peft is None and not zero3_enabled()
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if copy_reference else None
     trainer_class = SPPOTrainer if config.sppo else DPOTrainer
-    trainer = trainer_class(model=policy, ref_model=ref_model, args=args, train_dataset=pairs.select_columns(columns),
-                            processing_class=tokenizer, peft_config=peft)
+    trainer = quiet_log_dicts(trainer_class(model=policy, ref_model=ref_model, args=args, processing_class=tokenizer,
+                                            train_dataset=pairs.select_columns(columns), peft_config=peft))
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last:
         logger.info("iteration %d: resuming training from %s", iteration, last)
@@ -179,8 +190,6 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 def prompt_slices(config: IterativeDPOConfig, prompts: Dataset) -> list[Dataset]:
-    if config.prompt_schedule not in SCHEDULES:
-        raise ValueError(f"--prompt_schedule must be one of {SCHEDULES}, got {config.prompt_schedule!r}")
     if config.prompt_schedule == "same":
         return [prompts] * config.num_iterations
     bounds = np.linspace(0, len(prompts), config.num_iterations + 1).astype(int)
@@ -197,8 +206,6 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
 
     `judge` / `eval_judge`: loaded PairRMs to use instead of `script_args.pairrm` / `eval_pairrm`."""
     config = training_args
-    if config.sppo_probabilities not in SPPO_PROBABILITIES:
-        raise ValueError(f"--sppo_probabilities must be one of {SPPO_PROBABILITIES}, got {config.sppo_probabilities!r}")
     state = PartialState(cpu=config.use_cpu or not torch.cuda.is_available())
     out = Path(config.output_dir)
     sampling = config.sampling(script_args.use_checkpoint_sampling)
@@ -358,6 +365,4 @@ def format_summary(config: IterativeDPOConfig, script_args: RecipeArguments, sum
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process
+    run_recipe(make_parser, main, interrupted="rerun the same command to resume")

@@ -13,7 +13,6 @@ the last N prompts are held out and evaluated before and after training (`eval_m
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, lazy_judge, load_policy,
-                     load_prompt_dataset, make_recipe_parser, parse, sampling_kwargs, split_eval)
+                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, sampling_kwargs,
+                     split_eval)
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
@@ -41,6 +40,11 @@ class OnlineDPORecipeConfig(OnlineDPOConfig):
     reward: str = field(default="judge", metadata={"help": "judge: PairRM compares the two samples; reference: each vs the reference column"})
     judge_soft: bool = field(default=True, metadata={"help": "judge: rewards (P, 1-P) instead of (1, 0)"})
 
+    def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        super().__post_init__()
+
 
 def make_parser():
     return make_recipe_parser(OnlineDPORecipeConfig)
@@ -49,8 +53,6 @@ def make_parser():
 def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, model_args: Any,
          judge: PairRM | None = None) -> OnlineDPOTrainer:
     """Train and save to `output_dir`; returns the trainer. `judge`: a loaded PairRM instead of `script_args.pairrm`."""
-    if training_args.reward not in REWARDS:
-        raise ValueError(f"--reward must be one of {REWARDS}, got {training_args.reward!r}")
     data = load_prompt_dataset(script_args, need_reference=training_args.reward == "reference")
     train_set, eval_set = split_eval(script_args, data)
     policy, tokenizer = load_policy(model_args)
@@ -69,8 +71,9 @@ def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, mod
                               sampling, training_args.seed, training_args.output_dir)
         evaluator(policy, tokenizer, 0)
         policy.train()
-    trainer = OnlineDPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,
-                               processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    trainer = quiet_log_dicts(OnlineDPOTrainer(model=policy, reward_funcs=[reward], args=training_args,
+                                               train_dataset=train_set, processing_class=tokenizer,
+                                               peft_config=get_peft_config(model_args)))
     trainer.train()
     trainer.save_model(training_args.output_dir)
     if evaluator is not None and trainer.is_world_process_zero():
@@ -86,6 +89,4 @@ def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, mod
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process
+    run_recipe(make_parser, main)

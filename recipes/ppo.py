@@ -24,13 +24,12 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, load_policy, load_prompt_dataset,
-                     make_recipe_parser, parse, split_eval)
+                     make_recipe_parser, run_recipe, split_eval)
 
-from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
-from pairrm_rlhf.trl.rewards import PairwiseReward
+from pairrm_rlhf.trl.rewards import REWARD_OUTPUTS, PairwiseReward
 
 logger = logging.getLogger("ppo")
 
@@ -41,6 +40,10 @@ class PPORecipeConfig(PPOConfig):
 
     reward_output: str = field(default="logit", metadata={"help": "PairwiseReward output: logit (two-order log-odds), probability or win"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
+
+    def __post_init__(self):
+        if self.reward_output not in REWARD_OUTPUTS:
+            raise ValueError(f"--reward_output must be one of {', '.join(REWARD_OUTPUTS)}, got {self.reward_output!r}")
 
 
 class EvaluatingPPOTrainer(PPOTrainer):
@@ -110,6 +113,4 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse(make_parser()))
-    end_distributed_run()  # the orderly end of a multi-process run; nothing in one process
+    run_recipe(make_parser, main)

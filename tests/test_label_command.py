@@ -1,10 +1,10 @@
 """The `label` command: its whole configuration is checked before any model loads (one-line errors naming the flag),
 it writes the dataset (three formats), a dataset card and a margin histogram and prints their paths, pushes with the
-card (mocked hub), parses TRL-style (standalone and as a subcommand), and two processes give what one gives."""
+card (mocked hub) after checking the hub first, reports a failed push in one line after the summary, parses
+TRL-style, and two processes give what one gives."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -158,6 +158,58 @@ def test_no_matplotlib_no_plot_and_it_says_so(responses_file, tmp_path, capsys, 
     assert not (tmp_path / "pairs.jsonl.margins.png").exists() and (tmp_path / "pairs.jsonl.card.md").exists()
 
 
+def hub_online(monkeypatch, record: dict, role: str = "write") -> None:
+    """A hub that answers (no network): logged in with a token of `role`; `create_repo` records its arguments."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "me", "auth": {"accessToken": {"role": role}}})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, repo_type=None, private=None, exist_ok=False, **k:
+                        record.update(created=(repo_id, repo_type, private)))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("offline", "--push_to_hub me/pairs: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it or drop --push_to_hub"),
+    ("read", "--push_to_hub me/pairs: cannot push there: the hub token is read-only (log in with `hf auth login` or "
+             "set HF_TOKEN to a token that can write)"),
+    ("no token", "--push_to_hub me/pairs: cannot push there: no hub token found (log in with `hf auth login` or set "
+                 "HF_TOKEN to a token that can write)"),
+])
+def test_push_to_hub_is_checked_before_any_model(setting, message, responses_file, tmp_path, capsys, monkeypatch,
+                                                 no_models):
+    from huggingface_hub import HfApi, constants
+
+    if setting == "read":
+        hub_online(monkeypatch, {}, role="read")
+    elif setting == "no token":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no saved token either
+        monkeypatch.setattr("huggingface_hub.utils._auth.get_token", lambda: None)
+        monkeypatch.setattr("huggingface_hub.hf_api.get_token", lambda: None)
+    argv = label_argv(responses_file, tmp_path / "pairs.jsonl", "--push_to_hub", "me/pairs")
+    assert one_line_error(argv, capsys) == message
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+def test_a_failed_push_after_saving_prints_the_summary_and_one_line(responses_file, tmp_path, capsys, monkeypatch):
+    hub_online(monkeypatch, {})
+
+    def refuse(self, repo, **kwargs):
+        raise OSError("403 Forbidden: you cannot write to me/pairs\n(request id: 42)")
+
+    monkeypatch.setattr(Dataset, "push_to_hub", refuse)
+    output = tmp_path / "pairs.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main(label_argv(responses_file, output, "--push_to_hub", "me/pairs"))
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"pairrm-rlhf label: error: saved to {output}; push to me/pairs failed: "
+                                            "403 Forbidden: you cannot write to me/pairs")
+    assert "Labeled 3 prompts -> " in out and f"Wrote {output} (jsonl)" in out and "Pushed to" not in out
+    assert len(output.read_text().splitlines()) == 3 and (tmp_path / "pairs.card.md").exists()
+
+
 @pytest.mark.parametrize("flag, private", [([], True), (["--no_hub_private"], False)])
 def test_push_to_hub_with_card(flag, private, responses_file, tmp_path, capsys, monkeypatch):
     from huggingface_hub import DatasetCard
@@ -169,6 +221,7 @@ def test_push_to_hub_with_card(flag, private, responses_file, tmp_path, capsys, 
     monkeypatch.setattr(DatasetCard, "load", classmethod(lambda cls, repo, repo_type=None, **kw: cls(existing)))
     monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo, repo_type=None, **kw: pushed.update(
         card=self.content, card_repo=repo, card_type=repo_type))
+    hub_online(monkeypatch, pushed)
     main(label_argv(responses_file, tmp_path / "pairs.jsonl", "--push_to_hub", "me/pairs", *flag))
     assert (pushed["repo"], pushed["private"], pushed["rows"]) == ("me/pairs", private, 3)
     assert (pushed["card_repo"], pushed["card_type"]) == ("me/pairs", "dataset")
@@ -177,21 +230,17 @@ def test_push_to_hub_with_card(flag, private, responses_file, tmp_path, capsys, 
     assert card.data.tags == ["dpo", "preference", "pairrm-rlhf"]
     assert card.text.strip() == DatasetCard((tmp_path / "pairs.jsonl.card.md").read_text()).text.strip()
     assert f"Pushed to me/pairs ({'private' if private else 'public'})" in capsys.readouterr().out
+    assert pushed["created"] == ("me/pairs", "dataset", private)  # checked (and created) before anything ran
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
-def test_parser_standalone_subcommand_and_help(capsys):
-    from trl import TrlParser
-
+def test_parser_and_help(capsys):
     label_args, pairrm_args, sampling_args = make_parser().parse_args_and_config(["--config", SMOKE])
     assert (label_args.dataset, label_args.policy, pairrm_args.pairrm) == ("tiny", "tiny", "tiny")
     assert isinstance(sampling_args, SamplingArguments) and sampling_args.temperature == 0.7
     assert len(load_prompts(label_args.dataset)) == 32
 
-    top = argparse.ArgumentParser(prog="pairrm-rlhf")
-    subparsers = top.add_subparsers(dest="command", parser_class=TrlParser)
-    sub = make_parser(subparsers)
-    parsed = sub.parse_args_and_config(["--config", SMOKE, "--top_k", "5", "--no_hub_private"])
+    parsed = make_parser().parse_args_and_config(["--config", SMOKE, "--top_k", "5", "--no_hub_private"])
     assert isinstance(parsed[1], PairRMArguments) and parsed[2].top_k == 5 and parsed[0].hub_private is False
     with pytest.raises(SystemExit):
         main(["--help"])

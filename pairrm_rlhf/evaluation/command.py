@@ -3,18 +3,20 @@
     pairrm-rlhf eval --data labels.jsonl --pairrm tiny --output_dir eval_results
     python -m pairrm_rlhf.evaluation.command --config my_eval.yaml
 
-The whole configuration (flags, the data's columns and format) is checked before the judge is loaded. The data is
-read first; the judge comes from `PairRMArguments` (`--pairrm`, `--pairrm_dtype`, ...).
+The whole configuration (flags, the judge's device and hub id, `--push_to_hub`'s access, the data's columns and
+format) is checked before the judge is loaded; errors are one line and exit code 2 (`core.entry.run_command`). The
+judge comes from `PairRMArguments` (`--pairrm`, `--pairrm_dtype`, ...).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..args import PairRMArguments
+from ..core.entry import check_hub_push, parse, run_command
 from .agreement import (FORMATS, SubsetResult, correctness, example_logits, format_table, load_examples,
                         subset_agreement, summarize)
 from .report import prediction_records, push_results, write_plots, write_results, dataset_card
@@ -74,14 +76,11 @@ class EvalArguments:
                                   ("rejected", self.rejected_column)) if v}
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    """The `eval` parser in TRL's script style: (EvalArguments, PairRMArguments)."""
+def make_parser(prog: str | None = None) -> Any:
+    """The `eval` parser in TRL's script style: a `TrlParser` of (EvalArguments, PairRMArguments)."""
     from trl import TrlParser
 
-    dataclass_types = (EvalArguments, PairRMArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("eval", help=EvalArguments.__doc__.splitlines()[0], dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types, prog=prog)
+    return TrlParser((EvalArguments, PairRMArguments), prog=prog)
 
 
 def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[SubsetResult]:
@@ -105,7 +104,9 @@ def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[Sub
     if scheme == "autoj":
         autoj_groups([None] * len(examples), examples, bootstrap=0)  # unknown scenarios fail here, before loading
 
-    model = pairrm_args.load()
+    if eval_args.push_to_hub:
+        check_hub_push(eval_args.push_to_hub, "--push_to_hub", private=eval_args.hub_private)
+    model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
     logits = example_logits(model, examples, batch_size=pairrm_args.pairrm_batch_size, orders=eval_args.orders)
     correct = correctness(logits, examples, eval_args.ties, eval_args.tie_margin)
     results = summarize(correct, examples, eval_args.bootstrap, eval_args.seed)
@@ -139,5 +140,11 @@ def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[Sub
     return results
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pairrm_rlhf.evaluation.command [--flags]`: the same as `pairrm-rlhf eval`."""
+    prog = "pairrm-rlhf eval"
+    run_command(prog, lambda: run_eval(*parse(make_parser(), argv, prog)))
+
+
 if __name__ == "__main__":
-    run_eval(*make_parser().parse_args_and_config())
+    main()

@@ -6,7 +6,12 @@ prompts are loaded and the column names checked), then loads the judge and the p
 under `accelerate launch`), writes the dataset, a dataset card (`<output>.card.md`, also pushed with
 `--push_to_hub`) and a margin histogram (`<output>.margins.png`, needs the `plots` extra), and prints a summary
 with the paths. `make_parser` follows TRL's scripts; `python -m pairrm_rlhf.labeling.command --config X` runs it
-alone (X: a YAML file or a bundled config name).
+alone (X: a YAML file or a bundled config name), with `pairrm-rlhf label`'s behaviour (`core.entry.run_command`).
+
+Failing early and short: with `--push_to_hub` the hub is checked (a token that can write, the repo created or
+writable) before any model loads; a push that fails after the dataset is saved ends with one line, `saved to X; push
+failed: why`, after the summary. Ctrl-C ends with "interrupted; rerun the same command to resume": finished chunks
+are kept, and the rerun gives the same dataset as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,16 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 
-from ..args import PairRMArguments, resolve_config
+from ..args import PairRMArguments
 from ..core import assets
 from ..core.distributed import end_distributed_run
+from ..core.entry import check_device, check_hub_id, check_hub_push, parse, run_command
 from ..core.generation import SamplingArguments, load_policy
 from ..core.settings import check_choice
 from .generation import BACKENDS
@@ -34,6 +39,7 @@ from .labeler import PreferenceLabeler, _process_state, check_columns
 from .pairs import AGGREGATIONS, STRATEGIES
 from .store import remove_store, writing
 
+logger = logging.getLogger(__name__)
 POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -107,6 +113,18 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         raise TypeError(f"sampling_args must be a SamplingArguments, got {type(sampling_args).__name__}")
 
 
+def check_environment(label_args: LabelArguments, pairrm_args: PairRMArguments) -> None:
+    """The checks that need this machine or the hub, before any model loads: devices exist, hub ids are cached when
+    offline, and `--push_to_hub` can write (a token, the repo created or writable)."""
+    a = label_args
+    pairrm_args.check_environment()
+    check_device(a.policy_device, "--policy_device")
+    if a.responses_column is None:
+        check_hub_id(a.policy, "--policy")
+    if a.push_to_hub:
+        check_hub_push(a.push_to_hub, "--push_to_hub", private=a.hub_private)
+
+
 def run_label(
     label_args: LabelArguments, pairrm_args: PairRMArguments | None = None, sampling_args: SamplingArguments | None = None
 ) -> Dataset:
@@ -119,6 +137,7 @@ def run_label(
     pairrm_args = pairrm_args or PairRMArguments()
     sampling_args = sampling_args or SamplingArguments()
     validate(label_args, pairrm_args, sampling_args)
+    check_environment(label_args, pairrm_args)
     a = label_args
     state = _process_state()
     with state.main_process_first():
@@ -153,7 +172,10 @@ def run_label(
 
 def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArguments, pairrm_args: PairRMArguments,
                    sampling_args: SamplingArguments, work_dir: Path) -> None:
-    """Main process: the dataset, its card, the histogram, the optional push, the summary (with the paths)."""
+    """Main process: the dataset, its card, the histogram, the optional push, the summary (with the paths).
+
+    A push that fails after the dataset is saved is an OSError, `saved to X; push failed: why`, raised after the
+    summary is printed."""
     s = labeler.stats
     output_format = save_dataset(result, a.output_path, a.output_format)
     settings = {**dataclasses.asdict(a), **dataclasses.asdict(pairrm_args), **dataclasses.asdict(sampling_args)}
@@ -165,11 +187,17 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
         card_path.write_text(card)
     plot = margin_histogram(result["margin"], companion_path(a.output_path, ".margins.png"),
                             title=f"{s.pairs} pairs from {s.prompts} prompts ({a.strategy})")
+    push_error = None
     if a.push_to_hub:
-        push_with_card(result, a.push_to_hub, card, private=a.hub_private)
+        try:
+            push_with_card(result, a.push_to_hub, card, private=a.hub_private)
+        except Exception as error:  # the dataset is saved: say so, and why the push failed, in one line
+            logger.debug("push to %s failed", a.push_to_hub, exc_info=True)
+            push_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if not a.keep_chunks:
         remove_store(work_dir)
-    pushed = f"\nPushed to {a.push_to_hub} ({'private' if a.hub_private else 'public'})" if a.push_to_hub else ""
+    pushed = (f"\nPushed to {a.push_to_hub} ({'private' if a.hub_private else 'public'})"
+              if a.push_to_hub and push_error is None else "")
     print(
         f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
         f"{s.below_margin} below margin {a.margin_threshold}); mean margin {s.mean_margin:.4f}; "
@@ -178,17 +206,15 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
         + (f"Margin histogram: {plot}" if plot else "Margin histogram: not written (matplotlib is not installed)")
         + pushed
     )
+    if push_error is not None:
+        raise OSError(f"saved to {a.output_path}; push to {a.push_to_hub} failed: {push_error}")
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> Any:
-    """The `label` parser (TRL script style): a `label` subcommand of `subparsers`, else a standalone `TrlParser`."""
+def make_parser(prog: str | None = None) -> Any:
+    """The `label` parser (TRL script style): a `TrlParser` of (LabelArguments, PairRMArguments, SamplingArguments)."""
     from trl import TrlParser
 
-    dataclass_types = (LabelArguments, PairRMArguments, SamplingArguments)
-    if subparsers is not None:
-        parser = subparsers.add_parser("label", help=LabelArguments.__doc__, dataclass_types=dataclass_types)
-    else:
-        parser = TrlParser(dataclass_types, prog=prog)
+    parser = TrlParser((LabelArguments, PairRMArguments, SamplingArguments), prog=prog)
     for action in parser._actions:  # HfArgumentParser gives `--no_X` the help of `--X`; say what it does
         if "--no_hub_private" in action.option_strings:
             action.help, action.default = "push the dataset public instead of private", argparse.SUPPRESS
@@ -196,15 +222,10 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pairrm_rlhf.labeling.command [--config X] [--flags]`; bad settings end in one line, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        label_args, pairrm_args, sampling_args = make_parser(prog="label").parse_args_and_config(resolve_config(argv))
-        run_label(label_args, pairrm_args, sampling_args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pairrm-rlhf label: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """`python -m pairrm_rlhf.labeling.command [--config X] [--flags]`: the same as `pairrm-rlhf label`."""
+    prog = "pairrm-rlhf label"
+    run_command(prog, lambda: run_label(*parse(make_parser(), argv, prog)),
+                interrupted="rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,20 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         f"pairrm_rlhf.serve needs the serve extra ({error.name} is missing): pip install 'pairrm-rlhf[serve]'"
     ) from error
 
-from .app import BackgroundServer, build_app
-from .command import make_parser, run_serve
+import importlib
+from typing import Any
+
 from .config import ServeArguments
+
+# The rest loads on first use: `pairrm-rlhf serve --help` and a bad flag need no torch, and
+# `python -m pairrm_rlhf.serve.command` does not find its own module already imported (runpy's RuntimeWarning).
+_LAZY = {"BackgroundServer": "app", "build_app": "app", "make_parser": "command", "run_serve": "command"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BackgroundServer", "ServeArguments", "build_app", "make_parser", "run_serve"]

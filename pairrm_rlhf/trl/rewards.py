@@ -4,7 +4,8 @@
   each prompt's group of generations.
 - `OnlineDPOJudgeReward`: makes OnlineDPOTrainer's chosen sample the one PairRM prefers.
 - `pairrm_reference_reward`, `pairrm_group_reward`: module-level functions for TRL's CLI
-  (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_reference_reward`), configured by environment variables.
+  (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_reference_reward`), configured by environment variables, which
+  are checked when TRL looks the function up (`check_reward_environment`).
 
 All of them are plain callables (TRL treats `nn.Module`s as sequence-classification models) and load the model on
 first call. Text is rendered by `core.formats.render`, the same as the judge.
@@ -334,13 +335,44 @@ def _env_reward(mode: str, name: str) -> PairwiseReward:
         return _env_rewards[env, mode]
 
 
-def pairrm_reference_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+def _reference_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """P(completion better than the row's `reference` column) by PairRM; for TRL's CLI
     (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_reference_reward`). Model from the `PAIRRM_*` environment."""
     return _env_reward("reference", "pairrm_reference_reward")(prompts, completions, **kwargs)
 
 
-def pairrm_group_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+def _group_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """Mean P(win) of each completion against the others of its prompt's group, by PairRM; for TRL's CLI
     (`--reward_funcs pairrm_rlhf.trl.rewards.pairrm_group_reward`). Model from the `PAIRRM_*` environment."""
     return _env_reward("group", "pairrm_group_reward")(prompts, completions, **kwargs)
+
+
+# TRL names a reward's metrics by `__name__`; the public names are looked up through `__getattr__` below.
+_reference_reward.__name__ = _reference_reward.__qualname__ = "pairrm_reference_reward"
+_group_reward.__name__ = _group_reward.__qualname__ = "pairrm_group_reward"
+CLI_REWARDS = {"pairrm_reference_reward": _reference_reward, "pairrm_group_reward": _group_reward}
+
+
+def check_reward_environment() -> None:
+    """A one-line error naming the variable when the `PAIRRM_*` environment cannot give a judge: a missing local
+    path, a hub id that is not cached under HF_HUB_OFFLINE (also the default when PAIRRM_MODEL is unset), a device
+    this machine lacks. Nothing is loaded."""
+    from ..core.assets import TINY, check_local
+    from ..core.entry import check_device, check_hub_id
+
+    model = os.environ.get("PAIRRM_MODEL") or None
+    if model is not None and model != TINY:
+        check_local(model, "PAIRRM_MODEL")
+    check_hub_id(model or DEFAULT_MODEL, "PAIRRM_MODEL" if model else "PAIRRM_MODEL is not set and its default")
+    check_hub_id(os.environ.get("PAIRRM_BASE_MODEL") or None, "PAIRRM_BASE_MODEL")
+    check_device(os.environ.get("PAIRRM_DEVICE") or None, "PAIRRM_DEVICE")
+
+
+def __getattr__(name: str) -> Any:
+    """`pairrm_reference_reward` and `pairrm_group_reward`, checked when they are looked up: TRL's CLI does
+    `getattr(module, name)` while it builds the trainer, so an unusable `PAIRRM_*` environment fails there, with what
+    to set, instead of at the first training step when the judge would load."""
+    if name in CLI_REWARDS:
+        check_reward_environment()
+        return CLI_REWARDS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
