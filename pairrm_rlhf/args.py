@@ -76,21 +76,18 @@ class PairRMArguments:
         check_hub_id(self.pairrm_base_model, "--pairrm_base_model")
 
     def load(self, device: str | None = None) -> PairRM:
-        """The judge, loaded now (`device` overrides `pairrm_device`)."""
+        """The judge, loaded now (`device` overrides `pairrm_device`). Commands call `check_environment` first."""
         from .pairrm import PairRM
 
-        self.check_environment(device)
         return PairRM.from_pretrained(
             self.pairrm, judge=self.pairrm_judge, base_model=self.pairrm_base_model,
             device=device or self.pairrm_device, dtype=self.pairrm_dtype, max_tokens=self.pairrm_max_tokens,
         )
 
     def lazy(self) -> LazyPairRM:
-        """The judge, loaded on first use (for TRL reward functions: nothing loads before the trainer calls it); the
-        environment is checked now."""
+        """The judge, loaded on first use (for TRL reward functions: nothing loads before the trainer calls it)."""
         from .pairrm import LazyPairRM
 
-        self.check_environment()
         return LazyPairRM(
             self.pairrm, device=self.pairrm_device, dtype=self.pairrm_dtype, base_model=self.pairrm_base_model,
             judge=self.pairrm_judge, max_tokens=self.pairrm_max_tokens,

@@ -74,6 +74,7 @@ def make_parser(prog: str | None = None):
 
 def run_demo(demo_args: DemoArguments, pairrm_args: PairRMArguments) -> None:
     """Print `compare` and `rank` tables for the built-in examples."""
+    pairrm_args.check_environment()  # the device and, offline, that a hub id is cached
     model = pairrm_args.load()
     print(f"PairRM ({model.kind} layout) from {pairrm_args.pairrm} on {model.device}, {model.backend.dtype}\n")
     examples = EXAMPLES[: demo_args.examples]

@@ -27,8 +27,10 @@ DATA = Path(__file__).parent / "fixtures" / "eval"
 
 @pytest.fixture
 def length_judge(monkeypatch):
-    """`PairRMArguments.load` returns the fake judge (the command path runs unchanged around it)."""
+    """`PairRMArguments.load` returns the fake judge (the command path runs unchanged around it; the default hub id
+    it stands in for need not be in the hub cache)."""
     monkeypatch.setattr(PairRMArguments, "load", lambda self, device=None: PairRM(LengthBackend()))
+    monkeypatch.setattr(PairRMArguments, "check_environment", lambda self, device=None: None)
 
 
 def table(results):
@@ -214,6 +216,9 @@ def test_eval_push_is_private_by_default(tmp_path, length_judge, monkeypatch):
         def __init__(self, token=None):
             pass
 
+        def whoami(self):  # the hub is checked before any model loads (core.entry.check_hub_push)
+            return {"auth": {"accessToken": {"role": "write"}}}
+
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create", repo_id, kwargs))
 
@@ -223,11 +228,14 @@ def test_eval_push_is_private_by_default(tmp_path, length_judge, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     data = write_jsonl(tmp_path / "rb.jsonl", [pair("alpacaeval-easy", True)])
     main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(tmp_path / "o"), "--no_plots",
           "--push_to_hub", "me/results"])
-    assert calls[0] == ("create", "me/results", {"repo_type": "dataset", "private": True, "exist_ok": True})
-    assert calls[1] == ("upload", "me/results", ["README.md", "predictions.jsonl", "results.json", "results.md"])
+    creates = [c for c in calls if c[0] == "create"]
+    assert creates and all(c == ("create", "me/results", {"repo_type": "dataset", "private": True, "exist_ok": True})
+                           for c in creates)
+    assert calls[-1] == ("upload", "me/results", ["README.md", "predictions.jsonl", "results.json", "results.md"])
 
 
 # ---- what a reader of the outputs sees ---------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_a_failed_push_after_saving_prints_the_summary_and_one_line(responses_fi
     assert err.strip().splitlines()[-1] == (f"pairrm-rlhf label: error: saved to {output}; push to me/pairs failed: "
                                             "403 Forbidden: you cannot write to me/pairs")
     assert "Labeled 3 prompts -> " in out and f"Wrote {output} (jsonl)" in out and "Pushed to" not in out
-    assert len(output.read_text().splitlines()) == 3 and (tmp_path / "pairs.card.md").exists()
+    assert len(output.read_text().splitlines()) == 3 and (tmp_path / "pairs.jsonl.card.md").exists()
 
 
 @pytest.mark.parametrize("flag, private", [([], True), (["--no_hub_private"], False)])

@@ -98,7 +98,7 @@ def test_json_errors_name_the_file_and_line(name, text, message, tmp_path):
 
 def test_column_errors_list_the_files_columns(tmp_path, capsys, no_models):
     path = jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
-    error = one_line_error(["--dataset", str(path), "--policy", "tiny", "--output_path", str(tmp_path / "o")], capsys)
+    error = one_line_error(["--dataset", str(path), "--policy", "tiny", "--pairrm", "tiny", "--output_path", str(tmp_path / "o")], capsys)
     assert error == f"--prompt_column: no column 'prompt' in {path} (columns: answer, question)"
     with pytest.raises(ValueError, match=rf"^--reference_column: no column 'reference' in {path} \(columns: answer, question\)$"):
         ReferenceTable.from_file(path, prompt_column="question")
@@ -118,7 +118,7 @@ BAD_PROMPTS = [
 @pytest.mark.parametrize("rows, message", BAD_PROMPTS, ids=["null", "number", "role", "mixed", "content"])
 def test_bad_prompts_are_one_line_naming_file_and_row(rows, message, tmp_path, capsys, no_models):
     path = jsonl(tmp_path / "prompts.jsonl", rows)
-    error = one_line_error(["--dataset", str(path), "--policy", "tiny", "--output_path", str(tmp_path / "o")], capsys)
+    error = one_line_error(["--dataset", str(path), "--policy", "tiny", "--pairrm", "tiny", "--output_path", str(tmp_path / "o")], capsys)
     assert path.name in error and error.endswith(message), error
 
 

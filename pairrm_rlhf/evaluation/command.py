@@ -106,7 +106,8 @@ def run_eval(eval_args: EvalArguments, pairrm_args: PairRMArguments) -> list[Sub
 
     if eval_args.push_to_hub:
         check_hub_push(eval_args.push_to_hub, "--push_to_hub", private=eval_args.hub_private)
-    model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
+    pairrm_args.check_environment()  # the device and, offline, that a hub id is cached
+    model = pairrm_args.load()
     logits = example_logits(model, examples, batch_size=pairrm_args.pairrm_batch_size, orders=eval_args.orders)
     correct = correctness(logits, examples, eval_args.ties, eval_args.tie_margin)
     results = summarize(correct, examples, eval_args.bootstrap, eval_args.seed)

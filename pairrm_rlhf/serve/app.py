@@ -441,17 +441,9 @@ def announce(config: ServeArguments, service: Service, name: str, port: int) -> 
         logger.warning("serving on %s without a token: anyone who can reach it can use it (--token)", config.host)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.allowed_hosts:
         logger.info("clients must reach it by IP address or localhost; to use a DNS name, pass --allowed_hosts NAME")
-    logger.info(
-        "PairRM server on http://%s:%d (model %s on %s; batches of up to %d pairs / %d tokens / %.1f ms; auth %s)",
-        config.host,
-        port,
-        name,
-        service.model.device,
-        config.max_batch_pairs,
-        service.queue.max_batch_tokens,
-        config.max_wait_ms,
-        "on" if service.token else "off",
-    )
+    logger.info("PairRM server on http://%s:%d (model %s on %s; batches of up to %d pairs / %d tokens / %.1f ms; "
+                "auth %s)", config.host, port, name, service.model.device, config.max_batch_pairs,
+                service.queue.max_batch_tokens, config.max_wait_ms, "on" if service.token else "off")
 
 
 class BackgroundServer:

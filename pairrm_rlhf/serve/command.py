@@ -45,7 +45,8 @@ def run_serve(serve_args: ServeArguments, pairrm_args: PairRMArguments) -> None:
     try:
         from .app import announce, build_app, uvicorn_server
 
-        model = pairrm_args.load()  # checks the device and, offline, that a hub id is cached, before loading
+        pairrm_args.check_environment()  # the device and, offline, that a hub id is cached
+        model = pairrm_args.load()
         app = build_app(serve_args, model, pairrm_args.pairrm_batch_size)
         announce(serve_args, app.state.service, pairrm_args.pairrm, sock.getsockname()[1])
         uvicorn_server(serve_args, app).run(sockets=[sock])
