@@ -13,8 +13,17 @@ from torch.nn import functional as F
 from transformers import DebertaV2Config, DebertaV2Model
 
 
+ATTENTION_KERNELS = ("sdpa", "flashdeberta")
+
+
 class PairRMModel(nn.Module):
-    """Encoder + pair head. `forward` returns one single-order logit f(x, A, B) per row."""
+    """Encoder + pair head. `forward` returns one single-order logit f(x, A, B) per row.
+
+    `attention_kernel` (inference only): "sdpa" (ours, any device) or "flashdeberta" (the `flashdeberta` package's
+    Triton kernel, CUDA only, opt-in: `pip install flashdeberta`; see docs/BENCHMARKS.md).
+    """
+
+    attention_kernel: str = "sdpa"
 
     def __init__(self, config: DebertaV2Config, n_tasks: int = 1, dropout: float = 0.05):
         super().__init__()
@@ -38,7 +47,7 @@ class PairRMModel(nn.Module):
         encoder = self.pretrained_model
         embeddings = encoder.embeddings(input_ids=input_ids, mask=attention_mask)
         if not self.training and supports_fast_encoder(self.config):
-            return fast_encoder(encoder.encoder, embeddings, attention_mask.bool())
+            return fast_encoder(encoder.encoder, embeddings, attention_mask.bool(), self.attention_kernel)
         return encoder.encoder(embeddings, attention_mask, output_hidden_states=False).last_hidden_state
 
     def forward(
@@ -147,7 +156,7 @@ def skew(scores: torch.Tensor) -> torch.Tensor:
     return scores.as_strided((*lead, length, length), (*stride[:-2], width - 1, 1), scores.storage_offset() + length - 1)
 
 
-def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
     """Run a DeBERTa-v2 encoder's layers on embeddings `hidden` [B, L, H] with key padding `mask` [B, L].
 
     The relative-position terms take the cheaper of two exact routes (measured in docs/BENCHMARKS.md): up to
@@ -155,6 +164,8 @@ def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -
     view; beyond, one GEMM per term against the 2*span buckets (a third of the work at L = 683), gathered into
     [L, L] by the bucket index.
     """
+    if kernel != "sdpa":
+        return _flashdeberta_encoder(encoder, hidden, mask, kernel)
     length = hidden.shape[1]
     span, max_position = encoder.position_buckets, encoder.max_relative_positions
     if 2 * length - 1 <= 2 * span:
@@ -241,3 +252,36 @@ def _disentangled_attention(
     bias = positions.bias(query, key, pos_query, pos_key, scale)
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0 / scale)
     return context.transpose(1, 2).flatten(2)
+
+
+def _flashdeberta_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The same layers with attention by `flashdeberta.ops.flash_attention.flash_attention_with_disentangled`
+    (q, k, v [B, H, L, d], right-padding lengths, the [1, H, 2*span, d] position projections, our float32 scale)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    if hidden.device.type != "cuda":
+        raise ValueError(f"attention_kernel 'flashdeberta' needs a CUDA device, got {hidden.device}")
+    try:
+        from flashdeberta.ops.flash_attention import flash_attention_with_disentangled
+    except ImportError as error:
+        raise ImportError(f"attention_kernel 'flashdeberta' needs the flashdeberta package (pip install flashdeberta): {error}") from error
+    rel_embeddings = encoder.get_rel_embedding()
+    lengths = mask.sum(-1).to(torch.int32)
+    for layer in encoder.layer:
+        attn = layer.attention.self
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [..., L, H*d] -> [..., H, L, d]
+            return x.unflatten(-1, (attn.num_attention_heads, -1)).transpose(-3, -2).contiguous()
+
+        query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
+        scale = attention_scale(query.shape[-1], 1 + len(attn.pos_att_type))
+        shared = attn.share_att_key
+        pos_key = split(attn.key_proj(rel_embeddings) if shared else attn.pos_key_proj(rel_embeddings))[None]
+        pos_query = split(attn.query_proj(rel_embeddings) if shared else attn.pos_query_proj(rel_embeddings))[None]
+        context = flash_attention_with_disentangled(
+            query, key, value, lengths, pos_key if "c2p" in attn.pos_att_type else None, pos_query, False,
+            1.0 / scale, encoder.position_buckets, encoder.max_relative_positions,
+        )
+        attended = layer.attention.output(context.transpose(1, 2).flatten(2), hidden)
+        hidden = layer.output(layer.intermediate(attended), attended)
+    return hidden
