@@ -153,3 +153,21 @@ def test_flashdeberta_kernel_refuses_cpu_in_one_line():
         fast_encoder(model.pretrained_model.encoder, embeddings, torch.ones(1, 4, dtype=torch.bool), "flashdeberta")
     with pytest.raises(ValueError, match=r"^attention_kernel must be one of sdpa, flashdeberta, got 'triton'$"):
         fast_encoder(model.pretrained_model.encoder, embeddings, torch.ones(1, 4, dtype=torch.bool), "triton")
+
+
+def test_long_route_depends_on_precision(monkeypatch):
+    """float32/64 past 2L-1 > 2*span gathers from the buckets; bfloat16 autocast keeps the skewed route (faster there)."""
+    from pairrm_rlhf.core import modeling
+
+    routes = []
+    for name in ("_SkewedPositions", "_BucketedPositions"):
+        cls = getattr(modeling, name)
+        monkeypatch.setattr(modeling, name, lambda *a, cls=cls, name=name: routes.append(name) or cls(*a))
+    model = PairRMModel(v3_config(hidden=32, layers=1, heads=2, init=0.02)).eval()
+    hidden, mask = torch.randn(1, 300, 32), torch.ones(1, 300, dtype=torch.bool)
+    with torch.no_grad():
+        fast_encoder(model.pretrained_model.encoder, hidden, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_encoder(model.pretrained_model.encoder, hidden, mask)
+        fast_encoder(model.pretrained_model.encoder, hidden[:, :256], mask[:, :256])
+    assert routes == ["_BucketedPositions", "_SkewedPositions", "_SkewedPositions"]
