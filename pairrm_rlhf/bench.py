@@ -274,12 +274,11 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def run_bench(config: BenchArguments, show_progress_bar: bool | None = None) -> dict:
+def run_bench(config: BenchArguments) -> dict:
     """Run the benchmark, printing a line as each configuration starts and ends, then the table.
 
     Args:
         config: shape, device, engine dtypes, workloads and the reference batch sizes to try.
-        show_progress_bar: unused (each configuration prints its own start and end lines); kept for the CLI.
 
     Returns:
         {"peak": {dtype: GFLOP per CPU-s}, "rows": one dict per workload and configuration}.
