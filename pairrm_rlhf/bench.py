@@ -1,9 +1,14 @@
-"""`pairrm-rlhf bench`: the engine against a baseline that follows the reference's schedule, in one process.
+"""`pairrm-rlhf bench`: the engine against the reference's schedule at its best batch size, in one process.
 
-The baseline is what llm-blender does: for each fixed group of prompts and each ordered candidate pair
-(i, j), one forward over the group, padded to its longest sequence, in input order, with `.half()` weights
-on GPU and fp32 on CPU. Both sides use the same randomly initialised model and the same token layout, so
-their outputs must agree (to 1e-4 in fp32). Speed is reported as ratios measured in the same run.
+The reference is llm-blender's `Blender.rank` (yuchenlin/LLM-Blender `llm_blender/blender/blender.py`, default
+`batch_size=8`; `compare` defaults to 4): a DataLoader of fixed groups of prompts in input order;
+`CrossCompareCollator` (`llm_blender/pair_ranker/collator.py`) pads every source of a group to the group's longest
+source and every candidate to the longest candidate of the whole group; `CrossCompareReranker._full_predict`
+(`llm_blender/pair_ranker/ranker.py`) runs one forward per ordered pair (i, j), i != j, over the group, with the
+padding moved to the end (`cat_ids`), through transformers' DeBERTa keeping every hidden state; fp32 on CPU,
+`.half()` on CUDA. The baseline here does exactly that with our tokens and the same random weights, so both sides
+must agree (1e-4 in fp32). Speed is reported in CPU-seconds (robust to other jobs on the machine) and wall time,
+as ratios measured in the same run.
 """
 
 from __future__ import annotations
@@ -13,74 +18,99 @@ import logging
 import math
 import random
 import re
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import DebertaV2Config
 
-from .core.aggregation import round_robin_scores
 from .core.assets import bundled
-from .core.engine import PairScorer
+from .core.engine import PairScorer, cpu_supports_bf16
 from .core.modeling import PairRMModel, select
-from .core.progress import progress_enabled
+from .core.aggregation import round_robin_scores
 from .core.tokenization import PairLayout, load_text_tokenizer
-from .pairrm import PairRM, resolve_dtype
+from .core.settings import resolve_dtype
+from .pairrm import PairRM
 
 logger = logging.getLogger(__name__)
 
 SHAPES = {  # layers, hidden, heads
+    "tiny": (2, 64, 2),
     "xsmall": (12, 384, 6),
     "base": (12, 768, 12),
-    "large": (24, 1024, 16),  # PairRM (DeBERTa-v3-large)
+    "real": (24, 1024, 16),  # PairRM: DeBERTa-v3-large
 }
+SHAPE_HELP = "tiny, xsmall, base, real (PairRM: 24 layers, hidden 1024, 16 heads) or real:N (the real width, N layers)"
 
-
-TASKS = {"rank4": 4, "rank8": 8, "rank_with_ref": 4}  # task -> candidates per prompt
+# workload -> (prompts, candidates per prompt, prompt tokens (low, high), candidate tokens (low, high)), log-uniform
+WORKLOADS = {
+    "short": (1, 16, (10, 40), (5, 60)),
+    "typical": (4, 4, (50, 400), (50, 400)),
+    "long": (1, 3, (900, 1100), (450, 600)),  # ~2k-token pairs
+}
+REFERENCE_BATCH_SIZE = 8  # Blender.rank's default
 
 
 @dataclass
 class BenchArguments:
-    """Benchmark the pair-scoring engine against the reference schedule (pairs/s, speed-up, MFU).
+    """Benchmark the pair-scoring engine against the reference's schedule (CPU-seconds, speed-up, % of matmul peak).
 
     Args: one per field (each field's `help` says what it holds); every field is checked when the object is built.
 
     Example:
-        >>> BenchArguments(shape="xsmall", prompts=2, tasks="rank4", device="cpu").task_list()
-        ['rank4']
+        >>> BenchArguments(shape="real:4", workloads="typical", device="cpu").layers_hidden_heads()
+        (4, 1024, 16)
     """
 
-    shape: str = field(default="xsmall", metadata={"help": "xsmall (12L/384H), base (12L/768H) or large (24L/1024H)"})
+    shape: str = field(default="real", metadata={"help": SHAPE_HELP})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (None: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "engine dtype: float32, bfloat16, float16 (None: by device)"})
-    prompts: int | None = field(default=None, metadata={"help": "prompts in the workload (None: 8 on CPU, 256 on GPU)"})
-    tasks: str = field(default="rank4,rank8,rank_with_ref", metadata={"help": "comma list of rank4, rank8, rank_with_ref"})
-    baseline_batch_size: int = field(default=4, metadata={"help": "prompts per baseline batch (llm-blender's default)"})
-    max_tokens: int | None = field(default=None, metadata={"help": "engine token budget per batch (None: by device)"})
+    dtypes: str | None = field(default=None, metadata={
+        "help": "engine dtypes, comma list of float32, bfloat16, float16 (None: float32 and bfloat16 where the CPU has "
+                "bf16 instructions; bfloat16 and float16 on CUDA)"})
+    workloads: str = field(default="short,typical,long", metadata={"help": "comma list of " + ", ".join(WORKLOADS)})
+    prompts: int | None = field(default=None, metadata={"help": "prompts per workload (None: the workload's own)"})
+    baseline_batch_sizes: str = field(default="1,2,4,8", metadata={
+        "help": "reference batch sizes (prompts per group) to try; the best and the reference's default (8) are reported"})
     seed: int = field(default=0, metadata={"help": "workload and weight seed"})
 
     def __post_init__(self):
-        if self.shape not in SHAPES:
-            raise ValueError(f"--shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}")
-        unknown = [t for t in self.task_list() if t not in TASKS]
-        if unknown or not self.task_list():
-            raise ValueError(f"--tasks: must be a comma list of {', '.join(TASKS)}, got {self.tasks!r}")
+        self.layers_hidden_heads()
+        unknown = [w for w in self.workload_list() if w not in WORKLOADS]
+        if unknown or not self.workload_list():
+            raise ValueError(f"--workloads: must be a comma list of {', '.join(WORKLOADS)}, got {self.workloads!r}")
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device: must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device: {self.device} asked for but no CUDA device is available")
-        if self.dtype is not None:
-            resolve_dtype(self.dtype, torch.device("cpu"))  # ValueError naming the accepted names
-        for name in ("prompts", "baseline_batch_size", "max_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        for name in (self.dtypes or "").split(","):
+            if name.strip():
+                resolve_dtype(name.strip(), torch.device("cpu"), "--dtypes")  # ValueError naming the accepted names
+        sizes = self.baseline_batch_sizes.split(",")
+        if not all(s.strip().isdigit() and int(s) >= 1 for s in sizes):
+            raise ValueError(f"--baseline_batch_sizes: must be a comma list of integers >= 1, got {self.baseline_batch_sizes!r}")
+        if self.prompts is not None and self.prompts < 1:
+            raise ValueError(f"--prompts: must be >= 1, got {self.prompts}")
 
-    def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+    def layers_hidden_heads(self) -> tuple[int, int, int]:
+        name, _, layers = self.shape.partition(":")
+        if name not in SHAPES or (layers and not (name == "real" and layers.isdigit() and int(layers) >= 1)):
+            raise ValueError(f"--shape: must be one of {SHAPE_HELP}, got {self.shape!r}")
+        default_layers, hidden, heads = SHAPES[name]
+        return (int(layers) if layers else default_layers), hidden, heads
+
+    def workload_list(self) -> list[str]:
+        return [w.strip() for w in self.workloads.split(",") if w.strip()]
+
+    def batch_sizes(self) -> list[int]:
+        return sorted({int(s) for s in self.baseline_batch_sizes.split(",")})
+
+    def dtype_list(self, device: torch.device) -> list[torch.dtype]:
+        if self.dtypes:
+            return [resolve_dtype(n.strip(), device) for n in self.dtypes.split(",") if n.strip()]
+        if device.type == "cuda":
+            return [torch.bfloat16, torch.float16]
+        return [torch.float32, torch.bfloat16] if cpu_supports_bf16() else [torch.float32]
 
 
 def make_parser(prog: str | None = None):
@@ -90,54 +120,54 @@ def make_parser(prog: str | None = None):
     return TrlParser((BenchArguments,), prog=prog)
 
 
-# ---- workload ------------------------------------------------------------------------------------
-def make_workload(tokenizer, n_prompts: int, n_candidates: int, seed: int) -> tuple[list[str], list[list[str]]]:
-    """Deterministic prompts (10-600 tokens) and responses (5-900 tokens), log-uniform lengths.
+# ---- workload and model ------------------------------------------------------------------------------
+def make_workload(tokenizer, workload: str, seed: int, prompts: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """Deterministic prompts and candidates of the workload's token lengths (log-uniform in its ranges).
 
-    Words are single vocabulary pieces, so a text of n words is close to n tokens. Long prompts with long
-    responses exceed PairRM's budgets and get truncated, as real data does.
+    Words are single vocabulary pieces, so a text of n words is close to n tokens.
     """
+    n_prompts, n_candidates, prompt_range, candidate_range = WORKLOADS[workload]
     words = sorted(
         piece[1:] for piece in tokenizer.get_vocab() if piece.startswith("▁") and piece[1:].isalpha() and len(piece) > 2
     )
-    rng = random.Random(seed)
+    rng = random.Random(f"{workload}:{seed}")
 
     def text(low: int, high: int) -> str:
         n = int(math.exp(rng.uniform(math.log(low), math.log(high))))
         return " ".join(rng.choice(words) for _ in range(n))
 
-    prompts = [text(10, 600) for _ in range(n_prompts)]
-    candidates = [[text(5, 900) for _ in range(n_candidates)] for _ in range(n_prompts)]
-    return prompts, candidates
+    sources = [text(*prompt_range) for _ in range(prompts or n_prompts)]
+    return sources, [[text(*candidate_range) for _ in range(n_candidates)] for _ in sources]
 
 
-def build_random_pairrm(shape: str, device: torch.device, dtype: torch.dtype, max_tokens: int | None, seed: int) -> PairRM:
-    """A PairRM of the given shape with random weights and the bundled tokenizer."""
-    if shape not in SHAPES:
-        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
-    layers, hidden, heads = SHAPES[shape]
-    tokenizer = load_text_tokenizer(bundled("pairrm"))
-    base_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    config = DebertaV2Config(
-        vocab_size=base_vocab + 4, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+def encoder_config(layers: int, hidden: int, heads: int, vocab_size: int) -> DebertaV2Config:
+    """DeBERTa-v3's settings at the given size: relative attention (c2p, p2c), 256 log buckets, 512 positions."""
+    return DebertaV2Config(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=4 * hidden, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0,
         relative_attention=True, max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm",
         share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, layer_norm_eps=1e-7,
-        pad_token_id=0,
+        pad_token_id=0, initializer_range=0.02,
     )
+
+
+def build_random_pairrm(layers_hidden_heads: tuple[int, int, int], device: torch.device, dtype: torch.dtype, seed: int) -> PairRM:
+    """A PairRM of the given size with random weights (std 0.02) and the bundled tokenizer."""
+    tokenizer = load_text_tokenizer(bundled("pairrm"))
+    base_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     torch.manual_seed(seed)
-    model = PairRMModel(config).eval().to(device)
+    model = PairRMModel(encoder_config(*layers_hidden_heads, vocab_size=base_vocab + 4)).eval().to(device)
     layout = PairLayout(
         cls_id=tokenizer.token_to_id("[CLS]"), sep_id=tokenizer.token_to_id("[SEP]"), pad_id=0,
         source_prefix_id=base_vocab, cand1_prefix_id=base_vocab + 1, cand2_prefix_id=base_vocab + 2,
     )
-    return PairRM(PairScorer(model, tokenizer, layout, device=device, dtype=dtype, max_tokens=max_tokens))
+    return PairRM(PairScorer(model, tokenizer, layout, device=device, dtype=dtype))
 
 
 # ---- the reference schedule ----------------------------------------------------------------------
 class Baseline:
-    """One forward per ordered pair over fixed groups of prompts, padded to the group's longest, unsorted,
-    through transformers' own DeBERTa-v2 model (eager attention, all hidden states kept), as llm-blender runs."""
+    """llm-blender's `rank` schedule (module docstring): per group of `batch_size` prompts, one forward per ordered
+    pair (i, j), every row padded to the group's longest source + 2 x its longest candidate."""
 
     def __init__(self, pairrm: PairRM, batch_size: int):
         scorer = pairrm.backend
@@ -145,10 +175,17 @@ class Baseline:
         self.batch_size = batch_size
         self.model = copy.deepcopy(scorer.model).half() if scorer.device.type == "cuda" else scorer.model
 
-    def forward(self, triples: list[tuple[str, str, str]]) -> np.ndarray:
+    def groups(self, prompts: list[str], candidates: list[list[str]]) -> list[range]:
+        return [range(s, min(s + self.batch_size, len(prompts))) for s in range(0, len(prompts), self.batch_size)]
+
+    def padded_length(self, prompts: list[str], candidates: list[list[str]], group: range) -> int:
+        """The group's longest source segment + 2 x its longest candidate segment (the collator's padding)."""
+        pairs = self.backend.build([(prompts[k], c, c) for k in group for c in candidates[k]])
+        return max(p[1] - 1 for _, p in pairs) + 2 * max(p[2] - p[1] for _, p in pairs)
+
+    def forward(self, triples: list[tuple[str, str, str]], length: int) -> np.ndarray:
         pairs = self.backend.build(triples)
-        longest = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(pairs), longest), self.backend.layout.pad_id, dtype=torch.long)
+        input_ids = torch.full((len(pairs), length), self.backend.layout.pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, (ids, _) in enumerate(pairs):
             input_ids[row, : len(ids)] = torch.tensor(ids)
@@ -160,56 +197,70 @@ class Baseline:
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
             ).hidden_states
             out = self.model.head(select(states[-1], positions.to(device)))
-        return out.cpu().numpy()
+        return out.float().cpu().numpy()
 
     def rank_scores(self, prompts: list[str], candidates: list[list[str]]) -> np.ndarray:
         n = len(candidates[0])
         scores = []
-        for start in range(0, len(prompts), self.batch_size):
-            group = range(start, min(start + self.batch_size, len(prompts)))
+        for group in self.groups(prompts, candidates):
+            length = self.padded_length(prompts, candidates, group)
             matrix = np.zeros((len(group), n, n), dtype=np.float32)
             for i in range(n):
                 for j in range(n):
                     if i != j:
-                        matrix[:, i, j] = self.forward([(prompts[k], candidates[k][i], candidates[k][j]) for k in group])
+                        matrix[:, i, j] = self.forward([(prompts[k], candidates[k][i], candidates[k][j]) for k in group], length)
             scores.extend(round_robin_scores(m) for m in matrix)
         return np.stack(scores)
 
-    def rank_with_ref_scores(self, prompts: list[str], candidates: list[list[str]]) -> np.ndarray:
-        refs = [max(c, key=len) for c in candidates]
-        scores = np.zeros((len(prompts), len(candidates[0])), dtype=np.float32)
-        for j in range(len(candidates[0])):
-            for start in range(0, len(prompts), self.batch_size):
-                group = range(start, min(start + self.batch_size, len(prompts)))
-                ref_first = self.forward([(prompts[k], refs[k], candidates[k][j]) for k in group])
-                cand_first = self.forward([(prompts[k], candidates[k][j], refs[k]) for k in group])
-                scores[list(group), j] = cand_first - ref_first
-        return scores
+    def padded_lengths(self, prompts: list[str], candidates: list[list[str]]) -> list[int]:
+        """The padded length of every row the schedule runs (for its FLOP count)."""
+        n = len(candidates[0])
+        return [self.padded_length(prompts, candidates, g) for g in self.groups(prompts, candidates)
+                for _ in range(n * (n - 1) * len(g))]
 
 
 # ---- measurement -----------------------------------------------------------------------------------
 def pair_flops(length: int, config: DebertaV2Config) -> float:
-    """Forward FLOPs of one pair of `length` tokens: projections, FFN, attention and DeBERTa's c2p/p2c terms."""
+    """Forward FLOPs of one sequence of `length` tokens (multiply-adds x 2), per layer summed over the layers:
+
+    linear layers 2L(4h^2 + 2h*I) (Q, K, V, output; FFN in and out) + attention 4L^2 h (QK^T and AV) + the
+    c2p/p2c position terms 2 x 2 L R h, with R = min(2L - 1, 2 * position_buckets) relative rows (the fewer of
+    the distinct distances and the buckets); the position tables' own projections (2 x 2R h^2) are ignored.
+    """
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    span = 2 * config.position_buckets
-    per_layer = 2 * length * (4 * h * h + 2 * h * inter) + 4 * length * length * h + 4 * length * span * h
+    rows = min(2 * length - 1, 2 * config.position_buckets)
+    per_layer = 2 * length * (4 * h * h + 2 * h * inter) + 4 * length * length * h + 4 * length * rows * h
     return float(layers * per_layer)
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Best dense-matmul TFLOP/s of this device in `dtype`, measured now (the MFU denominator)."""
+@dataclass
+class Clock:
+    """CPU-seconds of this process (all threads) and wall seconds of one measured call."""
+
+    cpu: float = 0.0
+    wall: float = 0.0
+
+
+def timed(fn, device: torch.device):
+    _sync(device)
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, Clock(time.process_time() - cpu, time.perf_counter() - wall)
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Best dense-matmul GFLOP per CPU-second and per wall second in `dtype`, measured now (the % of peak denominators)."""
     n, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5 if device.type == "cuda" else 3):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 2 * n**3 / best / 1e12
+    a @ b
+    best_cpu = best_wall = float("inf")
+    for _ in range(3):
+        _, clock = timed(lambda: [a @ b for _ in range(repeats)], device)
+        best_cpu, best_wall = min(best_cpu, clock.cpu / repeats), min(best_wall, clock.wall / repeats)
+    flops = 2 * n**3
+    return flops / max(best_cpu, 1e-9) / 1e9, flops / best_wall / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -217,101 +268,116 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out, elapsed, peak
-
-
-def run_bench(config: BenchArguments, show_progress_bar: bool | None = None) -> dict:
-    """Run the benchmark, print a table and return the measured rows.
-
-    Args:
-        config: the workload, model shape and device.
-        show_progress_bar: a bar over the tasks (None: `core.progress.progress_enabled`).
-
-    Returns:
-        {"peak_tflops": measured matmul peak, "rows": one dict per task and implementation}.
-
-    Example:
-        >>> run_bench(BenchArguments(prompts=1, tasks="rank4", device="cpu"))["rows"][0]["impl"]  # doctest: +SKIP
-        'baseline'
-    """
-    with torch.no_grad():
-        return _run_bench(config, show_progress_bar)
-
-
-def _run_bench(config: BenchArguments, show_progress_bar: bool | None = None) -> dict:
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(config.dtype, device)
-    pairrm = build_random_pairrm(config.shape, device, dtype, config.max_tokens, config.seed)
-    baseline = Baseline(pairrm, config.baseline_batch_size)
-    baseline_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    n_prompts = config.prompts or (256 if device.type == "cuda" else 8)
-    peak = measure_peak_tflops(device, dtype)
-    encoder_config = pairrm.backend.model.config
-
-    print(f"pairrm-rlhf bench: shape={config.shape} ({encoder_config.num_hidden_layers}L/{encoder_config.hidden_size}H) "
-          f"device={device} ({_device_name(device)}, {torch.get_num_threads()} threads) engine dtype={_name(dtype)} "
-          f"baseline dtype={_name(baseline_dtype)} prompts={n_prompts} token budget={pairrm.backend.max_tokens}")
-    print(f"measured matmul peak in {_name(dtype)}: {peak:.2f} TFLOP/s\n")
-    header = f"{'task':14} {'impl':9} {'pairs':>6} {'time s':>8} {'pairs/s':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'speed-up':>9} {'max|diff|':>10}"
-    print(header)
-    print("-" * len(header))
-    rows = []
-    tasks = config.task_list()
-    bar = tqdm(total=len(tasks), unit="task", desc="bench", disable=not progress_enabled(show_progress_bar, len(tasks), logger))
-    for task in tasks:
-        bar.set_postfix_str(task)
-        n_candidates = TASKS[task]
-        prompts, candidates = make_workload(pairrm.backend.tokenizer, n_prompts, n_candidates, config.seed)
-        if task == "rank_with_ref":
-            refs = [max(c, key=len) for c in candidates]
-            triples = [t for k, p in enumerate(prompts) for c in candidates[k] for t in ((p, c, refs[k]), (p, refs[k], c))]
-            run_engine = lambda: pairrm.rank_with_ref(prompts, candidates, return_scores=True, show_progress_bar=False)
-            run_base = lambda: baseline.rank_with_ref_scores(prompts, candidates)
-        else:
-            triples = [(p, a, b) for k, p in enumerate(prompts) for a in candidates[k] for b in candidates[k] if a is not b]
-            run_engine = lambda: pairrm.rank(prompts, candidates, return_scores=True, show_progress_bar=False)
-            run_base = lambda: baseline.rank_scores(prompts, candidates)
-        lengths = [len(ids) for ids, _ in pairrm.backend.build(triples)]
-        tokens, flops = sum(lengths), sum(pair_flops(n, encoder_config) for n in lengths)
-        # warm up both paths on one prompt (kernels, allocator), then time the whole workload
-        pairrm.rank(prompts[:1], candidates[:1], show_progress_bar=False)
-        baseline.rank_scores(prompts[:1], candidates[:1])
-        base_out, base_time, base_peak = _timed(run_base, device)
-        eng_out, eng_time, eng_peak = _timed(run_engine, device)
-        diff = float(np.abs(eng_out - base_out).max())
-        for impl, seconds, mem in (("baseline", base_time, base_peak), ("engine", eng_time, eng_peak)):
-            row = {
-                "task": task, "impl": impl, "pairs": len(triples), "seconds": seconds,
-                "pairs_per_s": len(triples) / seconds, "tokens_per_s": tokens / seconds,
-                "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak, "peak_mib": mem / 2**20,
-                "speedup": base_time / seconds, "max_abs_diff": diff,
-            }
-            rows.append(row)
-            bar.write(f"{task:14} {impl:9} {row['pairs']:6d} {seconds:8.2f} {row['pairs_per_s']:9.1f} {row['tokens_per_s']:10.0f} "
-                      f"{row['tflops']:8.3f} {row['mfu']:6.1%} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x {diff:10.2e}",
-                      file=sys.stdout)
-        bar.update(1)
-    bar.close()
-    print("\npairs = ordered pairs the task needs; tokens = their unpadded tokens; speed-up = baseline time / time; "
-          "MFU = achieved / measured matmul peak; peak MiB = CUDA peak allocated (GPU) or process max RSS (CPU).")
-    return {"peak_tflops": peak, "rows": rows}
-
-
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+def run_bench(config: BenchArguments) -> dict:
+    """Run the benchmark, printing a line as each configuration starts and ends, then the table.
+
+    Args:
+        config: shape, device, engine dtypes, workloads and the reference batch sizes to try.
+
+    Returns:
+        {"peak": {dtype: GFLOP per CPU-s}, "rows": one dict per workload and configuration}.
+
+    Example:
+        >>> run_bench(BenchArguments(shape="tiny", workloads="short", baseline_batch_sizes="1"))["rows"][0]["impl"]  # doctest: +SKIP
+        'reference bs=1'
+    """
+    with torch.no_grad():
+        return _run_bench(config)
+
+
+def _run_bench(config: BenchArguments) -> dict:
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = config.dtype_list(device)
+    base_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pairrm = build_random_pairrm(config.layers_hidden_heads(), device, base_dtype, config.seed)
+    scorer, model_config = pairrm.backend, pairrm.backend.model.config
+    peaks = {dtype: measure_peak(device, dtype) for dtype in {base_dtype, *dtypes}}
+    threads = torch.get_num_threads()
+    layers, hidden, heads = config.layers_hidden_heads()
+    print(f"pairrm-rlhf bench: shape {config.shape} ({layers} layers, hidden {hidden}, {heads} heads), device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {threads} threads'}), "
+          f"reference {_name(base_dtype)}, engine {', '.join(_name(d) for d in dtypes)}", flush=True)
+    for dtype, (per_cpu, per_wall) in peaks.items():
+        print(f"measured matmul peak, {_name(dtype)}: {per_cpu:.0f} GFLOP per CPU-second, {per_wall:.0f} GFLOP/s wall", flush=True)
+
+    # the plan: every configuration and its FLOPs, for the length estimate
+    plan = []
+    for workload in config.workload_list():
+        prompts, candidates = make_workload(scorer.tokenizer, workload, config.seed, config.prompts)
+        triples = [(p, a, b) for k, p in enumerate(prompts) for a in candidates[k] for b in candidates[k] if a is not b]
+        lengths = [len(ids) for ids, _ in scorer.build(triples)]
+        useful = sum(pair_flops(n, model_config) for n in lengths)
+        # batch sizes >= the number of prompts all run one group: the same schedule, run once under all their names
+        sizes = {}
+        for size in config.batch_sizes():
+            sizes.setdefault(min(size, len(prompts)), []).append(size)
+        for size, names in sizes.items():
+            padded = sum(pair_flops(n, model_config) for n in Baseline(pairrm, size).padded_lengths(prompts, candidates))
+            impl = f"reference bs={'='.join(map(str, names))}"
+            plan.append((workload, prompts, candidates, lengths, useful, impl, size, base_dtype, padded))
+        for dtype in dtypes:
+            plan.append((workload, prompts, candidates, lengths, useful, f"engine {_name(dtype)}", None, dtype, useful))
+    # the estimate assumes half of the measured peak (the engine) and a third (the reference's padded, stock path)
+    estimate = sum(f / (peaks[d][0] * 1e9) * (3 if size else 2) for *_, size, d, f in plan)
+    print(f"{len(plan)} configurations, {sum(f for *_, f in plan) / 1e12:.1f} TFLOP in all: estimated {estimate:.0f} CPU-s "
+          f"(~{estimate / threads / 60:.1f} min on {threads} idle cores)\n", flush=True)
+
+    rows, outputs = [], {}
+    for number, (workload, prompts, candidates, lengths, useful, impl, size, dtype, flops) in enumerate(plan, 1):
+        tag = f"[{number}/{len(plan)}] {workload:8} {impl:17}"
+        print(f"{tag} started: {len(lengths)} pairs, {sum(lengths)} tokens, {flops / 1e12:.2f} TFLOP", flush=True)
+        if size:
+            baseline = Baseline(pairrm, size)
+            baseline.rank_scores(prompts[:1], [c[:2] for c in candidates[:1]])  # warm-up
+            out, clock = timed(lambda: baseline.rank_scores(prompts, candidates), device)
+        else:
+            scorer.dtype = dtype
+            pairrm.rank(prompts[:1], [c[:2] for c in candidates[:1]], show_progress_bar=False)  # warm-up
+            out, clock = timed(lambda: pairrm.rank(prompts, candidates, return_scores=True, show_progress_bar=False), device)
+        reference = outputs.setdefault(workload, out)
+        row = {
+            "workload": workload, "impl": impl, "dtype": _name(dtype), "batch_size": size, "prompts": len(prompts), "pairs": len(lengths),
+            "tokens": sum(lengths), "flops": useful, "executed_flops": flops, "cpu_s": clock.cpu, "wall_s": clock.wall,
+            "tokens_per_s": sum(lengths) / clock.wall,
+            "peak_fraction": useful / max(clock.cpu, 1e-9) / 1e9 / peaks[dtype][0] if device.type == "cpu"
+            else useful / clock.wall / 1e9 / peaks[dtype][1],
+            "max_abs_diff": float(np.abs(out - reference).max()),
+        }
+        rows.append(row)
+        print(f"{tag} done: {clock.cpu:8.1f} CPU-s {clock.wall:8.1f} s wall, {row['peak_fraction']:6.1%} of peak, "
+              f"max|diff| {row['max_abs_diff']:.1e}", flush=True)
+    _print_table(rows, device)
+    return {"peak": {_name(d): p for d, p in peaks.items()}, "rows": rows}
+
+
+def _print_table(rows: list[dict], device: torch.device) -> None:
+    """Per workload: each configuration's cost, and its speed-up over the best and the default reference batch size."""
+    key = "cpu_s" if device.type == "cpu" else "wall_s"
+    header = (f"\n{'workload':9} {'configuration':24} {'pairs':>5} {'CPU-s':>8} {'wall s':>8} {'tokens/s':>9} "
+              f"{'% peak':>7} {'vs best ref':>11} {'vs ref bs=8':>11} {'max|diff|':>9}")
+    print(header)
+    print("-" * len(header))
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        group = [r for r in rows if r["workload"] == workload]
+        references = [r for r in group if r["batch_size"]]
+        best = min(references, key=lambda r: r[key]) if references else None
+        default = next((r for r in references if r["batch_size"] == min(REFERENCE_BATCH_SIZE, r["prompts"])), None)
+        for r in group:
+            r["speedup_vs_best"] = best[key] / r[key] if best else None
+            r["speedup_vs_default"] = default[key] / r[key] if default else None
+            mark = " (best)" if r is best else ""
+            vs = lambda x: f"{x:10.2f}x" if x else f"{'-':>11}"
+            print(f"{workload:9} {r['impl'] + mark:24} {r['pairs']:5d} {r['cpu_s']:8.1f} {r['wall_s']:8.1f} "
+                  f"{r['tokens_per_s']:9.0f} {r['peak_fraction']:7.1%} {vs(r['speedup_vs_best'])} "
+                  f"{vs(r['speedup_vs_default'])} {r['max_abs_diff']:9.1e}")
+    print(f"\nspeed-ups are ratios of {'CPU-seconds' if key == 'cpu_s' else 'wall seconds'} measured in this run; % peak = "
+          "useful FLOPs (pair_flops of the unpadded pairs) per CPU-second / the measured matmul peak per CPU-second of "
+          "the configuration's dtype (on CUDA: per wall second, i.e. MFU); max|diff| = largest rank-score difference "
+          "to the first configuration of the workload.")
 
 
 def main(argv: list[str] | None = None) -> None:

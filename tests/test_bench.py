@@ -1,39 +1,72 @@
-"""The benchmark command runs end to end and its engine agrees with the reference-schedule baseline.
+"""The benchmark command: real shape by default, the reference's padding and batch sizes, progress lines, FLOPs.
 
 (Speed itself is reported by `pairrm-rlhf bench`, never asserted here.)
 """
 
 import pytest
+import torch
 
-from pairrm_rlhf.bench import BenchArguments, make_workload, pair_flops, run_bench
+from pairrm_rlhf.bench import BenchArguments, Baseline, build_random_pairrm, make_workload, pair_flops, run_bench
 from pairrm_rlhf.core.tokenization import load_text_tokenizer
 from conftest import HF_CHECKPOINT
 
 
-@pytest.mark.slow
 def test_bench_runs_and_matches_baseline(capsys):
-    result = run_bench(BenchArguments(shape="xsmall", prompts=1, tasks="rank_with_ref", device="cpu"), show_progress_bar=True)
-    rows = result["rows"]
-    assert [r["impl"] for r in rows] == ["baseline", "engine"]
+    """tiny shape, 1 prompt: batch sizes 1 and 8 are one schedule (one group), run once under both names."""
+    config = BenchArguments(shape="tiny", workloads="typical", prompts=1, baseline_batch_sizes="1,8", dtypes="float32")
+    rows = run_bench(config)["rows"]
+    assert [r["impl"] for r in rows] == ["reference bs=1=8", "engine float32"]
     assert all(r["max_abs_diff"] <= 1e-4 for r in rows)  # fp32: same numbers
-    assert all(r["pairs_per_s"] > 0 and r["tflops"] > 0 for r in rows)
-    out, err = capsys.readouterr()
-    assert "speed-up" in out and "rank_with_ref" in out and "MFU" in out
-    assert "bench: 100%" in err and "1/1" in err  # the per-task bar
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and 0 < r["peak_fraction"] for r in rows)
+    assert rows[1]["speedup_vs_best"] > 0 and rows[0]["speedup_vs_default"] == rows[0]["speedup_vs_best"] == 1.0
+    assert rows[0]["executed_flops"] > rows[0]["flops"]  # the reference pads
+    out = capsys.readouterr().out
+    assert "estimated" in out and "CPU-s" in out and "GFLOP per CPU-second" in out
+    assert "[1/2] typical  reference bs=1=8  started" in out and "[2/2] typical  engine float32    done" in out
+    assert "vs best ref" in out and "% peak" in out
 
 
-def test_workload_is_deterministic_and_varied():
+def test_baseline_pads_like_the_reference_collator():
+    """Every row of a group: the group's longest source segment + 2 x its longest candidate segment (llm-blender's
+    CrossCompareCollator pads sources and candidates separately; `cat_ids` moves the padding to the end)."""
+    pairrm = build_random_pairrm((1, 32, 2), torch.device("cpu"), torch.float32, 0)
+    prompts = ["one two three four five six", "x"]
+    candidates = [["a", "b c"], ["d e f g h i j k l m", "n"]]
+    scorer = pairrm.backend
+    src = max(len(scorer.layout.source_segment(scorer.tokenize([p])[p])) for p in prompts)
+    cand = max(len(scorer.tokenize([c])[c]) + 3 for cs in candidates for c in cs)
+    assert Baseline(pairrm, 2).padded_length(prompts, candidates, range(2)) == src + 2 * cand
+    assert Baseline(pairrm, 2).padded_lengths(prompts, candidates) == [src + 2 * cand] * 4
+    alone = Baseline(pairrm, 1).padded_lengths(prompts, candidates)
+    assert len(alone) == 4 and max(alone) <= src + 2 * cand and alone[0] != alone[2]
+
+
+def test_workloads_are_deterministic_with_their_lengths():
     tokenizer = load_text_tokenizer(HF_CHECKPOINT)
-    a = make_workload(tokenizer, 16, 4, seed=3)
-    assert a == make_workload(tokenizer, 16, 4, seed=3)
-    lengths = [len(tokenizer.encode(p, add_special_tokens=False).ids) for p in a[0]]
-    assert min(lengths) < 60 and max(lengths) > 150  # log-uniform 10..600 tokens
+    a = make_workload(tokenizer, "typical", seed=3)
+    assert a == make_workload(tokenizer, "typical", seed=3) and len(a[0]) == 4 and len(a[1][0]) == 4
+    lengths = [len(tokenizer.encode(c, add_special_tokens=False).ids) for cs in a[1] for c in cs]
+    assert 40 <= min(lengths) and max(lengths) <= 500
+    prompts, candidates = make_workload(tokenizer, "long", seed=0)
+    long_pair = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in (prompts[0], *candidates[0][:2]))
+    assert 1800 <= long_pair
+
+
+def test_pair_flops_counts_linear_attention_and_position_terms():
     config = type("C", (), {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "position_buckets": 256})()
-    # 2 layers * (2*L*(4h^2 + 2h*inter) + 4 L^2 h + 4 L * 512 * h) at L=200, h=64, inter=256
-    assert pair_flops(200, config) == 2 * (2 * 200 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 200 * 200 * 64 + 4 * 200 * 512 * 64)
+    # 2 layers * (2L(4h^2 + 2h*I) + 4L^2 h + 4 L R h), R = min(2L - 1, 512) relative rows
+    assert pair_flops(200, config) == 2 * (2 * 200 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 200 * 200 * 64 + 4 * 200 * 399 * 64)
+    assert pair_flops(683, config) == 2 * (2 * 683 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 683 * 683 * 64 + 4 * 683 * 512 * 64)
 
 
 def test_arguments_are_checked_when_built():
+    assert BenchArguments().layers_hidden_heads() == (24, 1024, 16)  # the real PairRM shape by default
+    assert BenchArguments(shape="real:4").layers_hidden_heads() == (4, 1024, 16)
+    with pytest.raises(ValueError, match=r"^--shape: must be one of tiny, .*, got 'real:0'$"):
+        BenchArguments(shape="real:0")
     with pytest.raises(ValueError, match=r"^--prompts: must be >= 1, got 0$"):
         BenchArguments(prompts=0)
-    assert BenchArguments(tasks=" rank4, rank8 ").task_list() == ["rank4", "rank8"]
+    with pytest.raises(ValueError, match=r"^--baseline_batch_sizes: must be a comma list of integers >= 1, got '1,x'$"):
+        BenchArguments(baseline_batch_sizes="1,x")
+    assert BenchArguments(workloads=" short, long ").workload_list() == ["short", "long"]
+    assert BenchArguments(baseline_batch_sizes="8,1,4").batch_sizes() == [1, 4, 8]

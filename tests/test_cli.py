@@ -78,9 +78,9 @@ def test_help_shows_each_default_once(capsys):
     (["eval", "--config", "nope.yaml"], "--config: file not found: nope.yaml"),
     (["demo", "--pairrm", "./nodir"], "--pairrm: file not found: ./nodir"),
     (["demo", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see pairrm-rlhf demo --help)"),
-    (["bench", "--shape", "huge"], "--shape: must be one of xsmall, base, large, got 'huge'"),
-    (["bench", "--tasks", "rank4,rank5"], "--tasks: must be a comma list of rank4, rank8, rank_with_ref, got 'rank4,rank5'"),
-    (["bench", "--dtype", "int8"], "dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'"),
+    (["bench", "--shape", "huge"], "--shape: must be one of tiny, xsmall, base, real (PairRM: 24 layers, hidden 1024, 16 heads) or real:N (the real width, N layers), got 'huge'"),
+    (["bench", "--workloads", "typical,huge"], "--workloads: must be a comma list of short, typical, long, got 'typical,huge'"),
+    (["bench", "--dtypes", "int8"], "--dtypes: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'"),
 ])
 def test_bad_configuration_is_one_line_before_any_model_loads(capsys, tmp_path, no_model_loads, argv, message):
     data = tmp_path / "rb.jsonl"

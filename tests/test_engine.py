@@ -149,3 +149,16 @@ def test_identity_changes_with_only_encoder_weights_or_only_dtype(hf_model):
     half = PairScorer(scorer.model, scorer.tokenizer, scorer.layout, device=scorer.device, dtype=torch.bfloat16).identity()
     assert half["dtype"] == "bfloat16" and base["dtype"] == "float32"
     assert {k: v for k, v in half.items() if k != "dtype"} == {k: v for k, v in base.items() if k != "dtype"}
+
+
+def test_cpu_supports_bf16_reads_the_cpu_flags(monkeypatch):
+    from pairrm_rlhf.core.engine import cpu_supports_bf16, speed_first_dtype
+
+    assert cpu_supports_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile")
+    assert cpu_supports_bf16("flags\t\t: fpu amx_bf16 amx_tile")
+    assert not cpu_supports_bf16("flags\t\t: fpu avx2 avx512f avx512_vnni")  # AVX-512 alone has no bf16 GEMM
+    assert speed_first_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr("pairrm_rlhf.core.engine.cpu_supports_bf16", lambda flags=None: False)
+    assert speed_first_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr("pairrm_rlhf.core.engine.cpu_supports_bf16", lambda flags=None: True)
+    assert speed_first_dtype(torch.device("cpu")) == torch.bfloat16

@@ -47,7 +47,8 @@ CASES = {
     ("pairrm-rlhf demo", "bad value"): (CLI + ["demo", "--examples", "9"], "--examples: must be 1..3, got 9"),
     ("pairrm-rlhf demo", "hub id"): (CLI + ["demo", "--pairrm", "nobody/nothing"], f"--pairrm: {HUB_MISSING}"),
     ("pairrm-rlhf bench", "bad value"): (CLI + ["bench", "--shape", "huge"],
-                                         "--shape: must be one of xsmall, base, large, got 'huge'"),
+                                         "--shape: must be one of tiny, xsmall, base, real (PairRM: 24 layers, hidden 1024, 16 heads) or real:N (the real "
+                                         "width, N layers), got 'huge'"),
     ("pairrm-rlhf label", "bad value"): (CLI + ["label", *LABEL, "--num_responses", "1"], "--num_responses: 1 is below 2"),
     ("pairrm-rlhf label", "hub id"): (CLI + ["label", *LABEL, "--policy", "nobody/nothing"], f"--policy: {HUB_MISSING}"),
     ("pairrm-rlhf label", "push"): (CLI + ["label", *LABEL, "--push_to_hub", "me/x"],
@@ -76,7 +77,8 @@ CASES = {
         [sys.executable, "-m", "pairrm_rlhf.serve.command", "--pairrm", "tiny", "--port", "-1"],
         "--port -1: must be 0..65535 (0: any free port)"),
     ("python -m pairrm_rlhf.bench", "bad value"): ([sys.executable, "-m", "pairrm_rlhf.bench", "--shape", "huge"],
-                                                   "--shape: must be one of xsmall, base, large, got 'huge'"),
+                                                   "--shape: must be one of tiny, xsmall, base, real (PairRM: 24 layers, hidden 1024, 16 heads) or "
+                                                   "real:N (the real width, N layers), got 'huge'"),
     ("recipes/online_dpo.py", "bad value"): (recipe("online_dpo") + ["--reward", "vote"],
                                              "--reward must be one of judge, reference, got 'vote'"),
     ("recipes/online_dpo.py", "hub id"): (recipe("online_dpo") + ["--model_name_or_path", "nobody/nothing"],

@@ -107,3 +107,67 @@ def test_fast_encoder_float32_error_within_stock_float32_error():
     fast_error = (fast.double() - oracle)[real].abs().max().item()
     assert 0 < stock_error < 1e-1
     assert fast_error <= 2 * stock_error, (fast_error, stock_error)
+
+
+def test_bucket_index_is_transformers_relative_position():
+    """The [L, L] bucket rows the long route gathers: transformers' `build_relative_position` (log buckets) + span,
+    clamped to the 2*span table, as `DisentangledSelfAttention.disentangled_attention_bias` indexes c2p."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+    from pairrm_rlhf.core.modeling import bucket_index
+
+    for length in (257, 700):
+        rel = build_relative_position(torch.zeros(1, length, 1), torch.zeros(1, length, 1), bucket_size=256, max_position=512)
+        assert torch.equal(bucket_index(length, 256, 512, torch.device("cpu")), (rel[0] + 256).clamp(0, 511))
+
+
+@pytest.mark.parametrize("lengths", [[256], [257], [300, 257]], ids=["skewed-256", "bucketed-257", "bucketed-padded"])
+def test_both_position_routes_equal_float64_oracle(lengths):
+    """2L-1 <= 2*span (L <= 256) takes the skewed route, longer sequences the bucketed one: both are exact."""
+    torch.manual_seed(1)
+    stock, fast, real = encode_both(PairRMModel(v3_config(hidden=32, layers=2, heads=2, init=0.2)), lengths, torch.float64)
+    assert (fast - stock)[real].abs().max().item() < 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flashdeberta Triton kernel needs a CUDA device; none here")
+@pytest.mark.parametrize("lengths", [[200], [700, 513, 129]], ids=["200", "padded"])
+def test_flashdeberta_kernel_equals_sdpa_route(lengths):
+    """`attention_kernel="flashdeberta"`: the same hidden states as our route in float32 (TF32 off) on CUDA."""
+    pytest.importorskip("flashdeberta", reason="flashdeberta is not installed (pip install flashdeberta)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = PairRMModel(v3_config(hidden=128, layers=2, heads=2, init=0.02)).cuda().eval()
+    ids = torch.randint(5, 1000, (len(lengths), max(lengths)), device="cuda")
+    mask = (torch.arange(max(lengths), device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]).long()
+    with torch.no_grad():
+        embeddings = model.pretrained_model.embeddings(input_ids=ids, mask=mask)
+        ours = fast_encoder(model.pretrained_model.encoder, embeddings, mask.bool())
+        theirs = fast_encoder(model.pretrained_model.encoder, embeddings, mask.bool(), "flashdeberta")
+    assert (ours - theirs)[mask.bool()].abs().max().item() < 1e-4
+
+
+def test_flashdeberta_kernel_refuses_cpu_in_one_line():
+    model = PairRMModel(v3_config(hidden=32, layers=1, heads=2, init=0.02)).eval()
+    embeddings = torch.zeros(1, 4, 32)
+    with pytest.raises(ValueError, match=r"^attention_kernel 'flashdeberta' needs a CUDA device, got cpu$"):
+        fast_encoder(model.pretrained_model.encoder, embeddings, torch.ones(1, 4, dtype=torch.bool), "flashdeberta")
+    with pytest.raises(ValueError, match=r"^attention_kernel must be one of sdpa, flashdeberta, got 'triton'$"):
+        fast_encoder(model.pretrained_model.encoder, embeddings, torch.ones(1, 4, dtype=torch.bool), "triton")
+
+
+def test_long_route_depends_on_precision(monkeypatch):
+    """float32/64 past 2L-1 > 2*span gathers from the buckets; bfloat16 autocast keeps the skewed route (faster there)."""
+    from pairrm_rlhf.core import modeling
+
+    routes = []
+    for name in ("_SkewedPositions", "_BucketedPositions"):
+        cls = getattr(modeling, name)
+        monkeypatch.setattr(modeling, name, lambda *a, cls=cls, name=name: routes.append(name) or cls(*a))
+    model = PairRMModel(v3_config(hidden=32, layers=1, heads=2, init=0.02)).eval()
+    hidden, mask = torch.randn(1, 300, 32), torch.ones(1, 300, dtype=torch.bool)
+    with torch.no_grad():
+        fast_encoder(model.pretrained_model.encoder, hidden, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_encoder(model.pretrained_model.encoder, hidden, mask)
+        fast_encoder(model.pretrained_model.encoder, hidden[:, :256], mask[:, :256])
+    assert routes == ["_BucketedPositions", "_SkewedPositions", "_SkewedPositions"]

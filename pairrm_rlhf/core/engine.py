@@ -37,6 +37,33 @@ def default_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
 
 
+def cpu_supports_bf16(flags: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), so bf16 autocast is ~2x float32.
+
+    `flags`: the `flags` line of /proc/cpuinfo (read when None; where it cannot be read, PyTorch's own
+    `get_cpu_capability()` decides: "AMX" only, since its "AVX512" does not imply the BF16 extension).
+    """
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+        if not flags:
+            return "AMX" in torch.backends.cpu.get_cpu_capability()
+    present = set(flags.split(":")[-1].split())
+    return bool(present & {"avx512_bf16", "amx_bf16"})
+
+
+def speed_first_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype for speed-first uses (labeling, serving): bfloat16 on CUDA and on CPUs with bf16
+    instructions (max |logit diff| vs float32 ~1e-2, see docs/BENCHMARKS.md), float32 elsewhere. Parity-first uses
+    (the reference-compatible methods, eval) keep float32 on CPU."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def plan_batches(lengths: Sequence[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
     """Indices grouped into length-sorted batches, longest first, each within `max_tokens` padded tokens
     (rows x longest) and at most `batch_size` rows; a sequence longer than the budget gets a batch of its own."""

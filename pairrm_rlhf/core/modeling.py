@@ -13,8 +13,17 @@ from torch.nn import functional as F
 from transformers import DebertaV2Config, DebertaV2Model
 
 
+ATTENTION_KERNELS = ("sdpa", "flashdeberta")
+
+
 class PairRMModel(nn.Module):
-    """Encoder + pair head. `forward` returns one single-order logit f(x, A, B) per row."""
+    """Encoder + pair head. `forward` returns one single-order logit f(x, A, B) per row.
+
+    `attention_kernel` (inference only): "sdpa" (ours, any device) or "flashdeberta" (the `flashdeberta` package's
+    Triton kernel, CUDA only, opt-in: `pip install flashdeberta`; see docs/BENCHMARKS.md).
+    """
+
+    attention_kernel: str = "sdpa"
 
     def __init__(self, config: DebertaV2Config, n_tasks: int = 1, dropout: float = 0.05):
         super().__init__()
@@ -38,7 +47,7 @@ class PairRMModel(nn.Module):
         encoder = self.pretrained_model
         embeddings = encoder.embeddings(input_ids=input_ids, mask=attention_mask)
         if not self.training and supports_fast_encoder(self.config):
-            return fast_encoder(encoder.encoder, embeddings, attention_mask.bool())
+            return fast_encoder(encoder.encoder, embeddings, attention_mask.bool(), self.attention_kernel)
         return encoder.encoder(embeddings, attention_mask, output_hidden_states=False).last_hidden_state
 
     def forward(
@@ -115,12 +124,24 @@ _POSITION_CACHE: dict[tuple, torch.Tensor] = {}
 
 def relative_rows(length: int, span: int, max_position: int, device: torch.device) -> torch.Tensor:
     """Rows of the 2*span relative embeddings for relative positions i - j = L-1 ... -(L-1), in that order."""
-    key = (length, span, max_position, str(device))
+    key = ("rows", length, span, max_position, str(device))
     if key not in _POSITION_CACHE:
         if len(_POSITION_CACHE) > 64:
             _POSITION_CACHE.clear()
         buckets = log_buckets(torch.arange(-(length - 1), length, device=device), span, max_position)
         _POSITION_CACHE[key] = (span + buckets.flip(0)).clamp(0, 2 * span - 1)
+    return _POSITION_CACHE[key]
+
+
+def bucket_index(length: int, span: int, max_position: int, device: torch.device) -> torch.Tensor:
+    """[L, L] row of the 2*span relative embeddings for each (i, j): span + bucket(i - j), as transformers gathers."""
+    key = ("index", length, span, max_position, str(device))
+    if key not in _POSITION_CACHE:
+        if len(_POSITION_CACHE) > 64:
+            _POSITION_CACHE.clear()
+        position = torch.arange(length, device=device)
+        buckets = log_buckets(position[:, None] - position[None, :], span, max_position)
+        _POSITION_CACHE[key] = (span + buckets).clamp(0, 2 * span - 1)
     return _POSITION_CACHE[key]
 
 
@@ -135,57 +156,134 @@ def skew(scores: torch.Tensor) -> torch.Tensor:
     return scores.as_strided((*lead, length, length), (*stride[:-2], width - 1, 1), scores.storage_offset() + length - 1)
 
 
-def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Run a DeBERTa-v2 encoder's layers on embeddings `hidden` [B, L, H] with key padding `mask` [B, L]."""
+def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """Run a DeBERTa-v2 encoder's layers on embeddings `hidden` [B, L, H] with key padding `mask` [B, L].
+
+    The relative-position terms take the cheaper of two exact routes (measured in docs/BENCHMARKS.md): up to
+    2L-1 <= 2*span relative distances, or in half precision, one GEMM per term against every distance, skewed into
+    [L, L] by a strided view; beyond, in float32/64, one GEMM per term against the 2*span buckets (a third of the
+    work at L = 683), gathered into [L, L] by the bucket index.
+    """
+    if kernel != "sdpa":
+        return _flashdeberta_encoder(encoder, hidden, mask, kernel)
     length = hidden.shape[1]
-    span = encoder.position_buckets
-    rows = relative_rows(length, span, encoder.max_relative_positions, hidden.device)
-    rel_embeddings = encoder.get_rel_embedding()[rows]
-    padding = (~mask).reshape(-1).nonzero().squeeze(1)  # flat [B*L] indices of padding tokens
+    span, max_position = encoder.position_buckets, encoder.max_relative_positions
+    # In bfloat16 autocast the gather is the slower part (measured: 2.8 vs 2.3 CPU-s, 2 layers, 4 x 683 tokens).
+    half_precision = torch.is_autocast_enabled(hidden.device.type) or hidden.dtype in (torch.bfloat16, torch.float16)
+    if 2 * length - 1 <= 2 * span or half_precision:
+        positions = _SkewedPositions(relative_rows(length, span, max_position, hidden.device), mask)
+        rel_embeddings = encoder.get_rel_embedding()[positions.rows]
+    else:
+        positions = _BucketedPositions(bucket_index(length, span, max_position, hidden.device), mask)
+        rel_embeddings = encoder.get_rel_embedding()
     for layer in encoder.layer:
         attention = layer.attention
-        context = _disentangled_attention(attention.self, hidden, rel_embeddings, padding)
+        context = _disentangled_attention(attention.self, hidden, rel_embeddings, positions)
         attended = attention.output(context, hidden)
         hidden = layer.output(layer.intermediate(attended), attended)
     return hidden
 
 
-def _disentangled_attention(
-    attn: nn.Module, hidden: torch.Tensor, rel_embeddings: torch.Tensor, padding: torch.Tensor
-) -> torch.Tensor:
-    """Disentangled self-attention. `rel_embeddings` [2L-1, H] holds relative positions i - j = L-1 ... -(L-1);
-    `padding` holds the flat [B*L] indices of padding tokens, which no query may attend to.
+class _SkewedPositions:
+    """c2p/p2c against every relative distance i - j = L-1 ... -(L-1) ([H, B*L, 2L-1], one GEMM per head), made
+    [B, H, L, L] by `skew`. Padding keys are masked by filling their p2c rows (row j of p2c's [j, i] scores is key j)."""
 
-    The attention bias c2p[i, j] + p2c[i, j] (query content . key position, key content . query position,
-    both at bucket(i - j)) is computed against every relative position with one matmul per term and turned
-    into [L, L] by `skew`, a strided view; softmax(QK^T / s + bias) V is `scaled_dot_product_attention`.
-    """
-    batch, length, _ = hidden.shape
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor):
+        self.rows = rows
+        self.padding = (~mask).reshape(-1).nonzero().squeeze(1)  # flat [B*L] indices of padding tokens
+
+    def bias(self, query, key, pos_query, pos_key, scale: float) -> torch.Tensor:
+        batch, heads, length, _ = query.shape
+
+        def per_head(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [H, B*L, d]: one GEMM per head
+            return x.transpose(0, 1).flatten(1, 2)
+
+        def unskew(x: torch.Tensor) -> torch.Tensor:  # [H, B*L, 2L-1] -> [B, H, L, L] (a view)
+            return skew(x.unflatten(1, (batch, length))).transpose(0, 1)
+
+        # Skewed column m of row a stands for b - a = m - (L-1). For c2p (a=i, b=j) that is -(i - j): the order of
+        # the rows. p2c is computed as [j, i] (a=j, b=i, +(i - j): the reversed rows), then transposed.
+        p2c = torch.matmul(per_head(key), pos_query.flip(-2).transpose(-1, -2) / scale)
+        p2c.index_fill_(1, self.padding, torch.finfo(p2c.dtype).min)
+        bias = unskew(p2c).transpose(-1, -2)
+        if pos_key is None:
+            return bias
+        return unskew(torch.matmul(per_head(query), pos_key.transpose(-1, -2) / scale)) + bias
+
+
+class _BucketedPositions:
+    """c2p/p2c against the 2*span position buckets ([B, H, L, 2*span]), gathered into [B, H, L, L] by the bucket
+    index: c2p[i, j] = q_i . k_pos[index[i, j]] and p2c[i, j] = k_j . q_pos[index[i, j]] (transformers' two gathers,
+    without its per-batch copies of the position projections). Padding keys are masked by filling their p2c rows."""
+
+    def __init__(self, index: torch.Tensor, mask: torch.Tensor):
+        self.index, self.index_t = index, index.t().contiguous()
+        self.key_padding = None if bool(mask.all()) else ~mask[:, None, :, None]
+
+    def bias(self, query, key, pos_query, pos_key, scale: float) -> torch.Tensor:
+        shape = (*query.shape[:2], query.shape[2], query.shape[2])
+        p2c = torch.matmul(key, pos_query.transpose(-1, -2) / scale)
+        if self.key_padding is not None:
+            p2c.masked_fill_(self.key_padding, torch.finfo(p2c.dtype).min)
+        bias = torch.gather(p2c, -1, self.index_t.expand(shape)).transpose(-1, -2)
+        if pos_key is None:
+            return bias
+        c2p = torch.matmul(query, pos_key.transpose(-1, -2) / scale)
+        return torch.gather(c2p, -1, self.index.expand(shape)).add_(bias)
+
+
+def _disentangled_attention(
+    attn: nn.Module, hidden: torch.Tensor, rel_embeddings: torch.Tensor, positions: _SkewedPositions | _BucketedPositions
+) -> torch.Tensor:
+    """Disentangled self-attention: softmax(QK^T / s + c2p + p2c) V by `scaled_dot_product_attention`, with the
+    position bias c2p[i, j] + p2c[i, j] (query content . key position, key content . query position, both at
+    bucket(i - j)) built by `positions` from `rel_embeddings` (its rows: see `fast_encoder`)."""
     heads = attn.num_attention_heads
 
     def split(x: torch.Tensor) -> torch.Tensor:  # [..., L, H*d] -> [..., H, L, d]
         return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
-    def per_head(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [H, B*L, d]: one GEMM per head
-        return x.transpose(0, 1).flatten(1, 2)
-
-    def unskew(x: torch.Tensor) -> torch.Tensor:  # [H, B*L, 2L-1] -> [B, H, L, L] (a view)
-        return skew(x.unflatten(1, (batch, length))).transpose(0, 1)
-
-    query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
-    scale = attention_scale(query.shape[-1], 1 + len(attn.pos_att_type))
-    # Skewed column m of row a stands for b - a = m - (L-1). For c2p (a=i, b=j) that is -(i - j): the order
-    # of `rel_embeddings`. p2c is computed as [j, i] (a=j, b=i, +(i - j): the reversed rows), then transposed.
-    # Padding keys are masked through p2c: row j of its [j, i] scores is key j, so filling the padding rows
-    # with a large negative number masks those keys for every query, and costs nothing without padding.
     if "p2c" not in attn.pos_att_type:
         raise ValueError("the fast encoder needs DeBERTa's p2c attention term")
+    query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
+    scale = attention_scale(query.shape[-1], 1 + len(attn.pos_att_type))
     pos_query = split(attn.query_proj(rel_embeddings) if attn.share_att_key else attn.pos_query_proj(rel_embeddings))
-    p2c = torch.matmul(per_head(key), pos_query.flip(-2).transpose(-1, -2) / scale)
-    p2c.index_fill_(1, padding, torch.finfo(p2c.dtype).min)
-    bias = unskew(p2c).transpose(-1, -2)
+    pos_key = None
     if "c2p" in attn.pos_att_type:
         pos_key = split(attn.key_proj(rel_embeddings) if attn.share_att_key else attn.pos_key_proj(rel_embeddings))
-        bias = unskew(torch.matmul(per_head(query), pos_key.transpose(-1, -2) / scale)) + bias
+    bias = positions.bias(query, key, pos_query, pos_key, scale)
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0 / scale)
     return context.transpose(1, 2).flatten(2)
+
+
+def _flashdeberta_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The same layers with attention by `flashdeberta.ops.flash_attention.flash_attention_with_disentangled`
+    (q, k, v [B, H, L, d], right-padding lengths, the [1, H, 2*span, d] position projections, our float32 scale)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    if hidden.device.type != "cuda":
+        raise ValueError(f"attention_kernel 'flashdeberta' needs a CUDA device, got {hidden.device}")
+    try:
+        from flashdeberta.ops.flash_attention import flash_attention_with_disentangled
+    except ImportError as error:
+        raise ImportError(f"attention_kernel 'flashdeberta' needs the flashdeberta package (pip install flashdeberta): {error}") from error
+    rel_embeddings = encoder.get_rel_embedding()
+    lengths = mask.sum(-1).to(torch.int32)
+    for layer in encoder.layer:
+        attn = layer.attention.self
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [..., L, H*d] -> [..., H, L, d]
+            return x.unflatten(-1, (attn.num_attention_heads, -1)).transpose(-3, -2).contiguous()
+
+        query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
+        scale = attention_scale(query.shape[-1], 1 + len(attn.pos_att_type))
+        shared = attn.share_att_key
+        pos_key = split(attn.key_proj(rel_embeddings) if shared else attn.pos_key_proj(rel_embeddings))[None]
+        pos_query = split(attn.query_proj(rel_embeddings) if shared else attn.pos_query_proj(rel_embeddings))[None]
+        context = flash_attention_with_disentangled(
+            query, key, value, lengths, pos_key if "c2p" in attn.pos_att_type else None, pos_query, False,
+            1.0 / scale, encoder.position_buckets, encoder.max_relative_positions,
+        )
+        attended = layer.attention.output(context.transpose(1, 2).flatten(2), hidden)
+        hidden = layer.output(layer.intermediate(attended), attended)
+    return hidden
