@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from transformers import DebertaV2Config
 
+from .core.aggregation import round_robin_scores
 from .core.assets import bundled
 from .core.engine import PairScorer, cpu_supports_bf16
 from .core.modeling import PairRMModel, select
-from .core.aggregation import round_robin_scores
-from .core.tokenization import PairLayout, load_text_tokenizer
 from .core.settings import resolve_dtype
+from .core.tokenization import PairLayout, load_text_tokenizer
 from .pairrm import PairRM
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,22 @@ class BenchArguments:
 
     shape: str = field(default="real", metadata={"help": SHAPE_HELP})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (None: cuda if available)"})
-    dtypes: str | None = field(default=None, metadata={
-        "help": "engine dtypes, comma list of float32, bfloat16, float16 (None: float32 and bfloat16 where the CPU has "
-                "bf16 instructions; bfloat16 and float16 on CUDA)"})
+    dtypes: str | None = field(
+        default=None,
+        metadata={
+            "help": "engine dtypes, comma list of float32, bfloat16, float16 (None: float32 and bfloat16 where the "
+            "CPU has bf16 instructions; bfloat16 and float16 on CUDA)"
+        },
+    )
     workloads: str = field(default="short,typical,long", metadata={"help": "comma list of " + ", ".join(WORKLOADS)})
     prompts: int | None = field(default=None, metadata={"help": "prompts per workload (None: the workload's own)"})
-    baseline_batch_sizes: str = field(default="1,2,4,8", metadata={
-        "help": "reference batch sizes (prompts per group) to try; the best and the reference's default (8) are reported"})
+    baseline_batch_sizes: str = field(
+        default="1,2,4,8",
+        metadata={
+            "help": "reference batch sizes (prompts per group) to try; the best and the reference's default (8) "
+            "are reported"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "workload and weight seed"})
 
     def __post_init__(self):
@@ -88,7 +97,9 @@ class BenchArguments:
                 resolve_dtype(name.strip(), torch.device("cpu"), "--dtypes")  # ValueError naming the accepted names
         sizes = self.baseline_batch_sizes.split(",")
         if not all(s.strip().isdigit() and int(s) >= 1 for s in sizes):
-            raise ValueError(f"--baseline_batch_sizes: must be a comma list of integers >= 1, got {self.baseline_batch_sizes!r}")
+            raise ValueError(
+                f"--baseline_batch_sizes: must be a comma list of integers >= 1, got {self.baseline_batch_sizes!r}"
+            )
         if self.prompts is not None and self.prompts < 1:
             raise ValueError(f"--prompts: must be >= 1, got {self.prompts}")
 
@@ -143,23 +154,42 @@ def make_workload(tokenizer, workload: str, seed: int, prompts: int | None = Non
 def encoder_config(layers: int, hidden: int, heads: int, vocab_size: int) -> DebertaV2Config:
     """DeBERTa-v3's settings at the given size: relative attention (c2p, p2c), 256 log buckets, 512 positions."""
     return DebertaV2Config(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=4 * hidden, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0,
-        relative_attention=True, max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm",
-        share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, layer_norm_eps=1e-7,
-        pad_token_id=0, initializer_range=0.02,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        hidden_act="gelu",
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        relative_attention=True,
+        max_relative_positions=-1,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        layer_norm_eps=1e-7,
+        pad_token_id=0,
+        initializer_range=0.02,
     )
 
 
-def build_random_pairrm(layers_hidden_heads: tuple[int, int, int], device: torch.device, dtype: torch.dtype, seed: int) -> PairRM:
+def build_random_pairrm(
+    layers_hidden_heads: tuple[int, int, int], device: torch.device, dtype: torch.dtype, seed: int
+) -> PairRM:
     """A PairRM of the given size with random weights (std 0.02) and the bundled tokenizer."""
     tokenizer = load_text_tokenizer(bundled("pairrm"))
     base_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     torch.manual_seed(seed)
     model = PairRMModel(encoder_config(*layers_hidden_heads, vocab_size=base_vocab + 4)).eval().to(device)
     layout = PairLayout(
-        cls_id=tokenizer.token_to_id("[CLS]"), sep_id=tokenizer.token_to_id("[SEP]"), pad_id=0,
-        source_prefix_id=base_vocab, cand1_prefix_id=base_vocab + 1, cand2_prefix_id=base_vocab + 2,
+        cls_id=tokenizer.token_to_id("[CLS]"),
+        sep_id=tokenizer.token_to_id("[SEP]"),
+        pad_id=0,
+        source_prefix_id=base_vocab,
+        cand1_prefix_id=base_vocab + 1,
+        cand2_prefix_id=base_vocab + 2,
     )
     return PairRM(PairScorer(model, tokenizer, layout, device=device, dtype=dtype))
 
@@ -208,15 +238,20 @@ class Baseline:
             for i in range(n):
                 for j in range(n):
                     if i != j:
-                        matrix[:, i, j] = self.forward([(prompts[k], candidates[k][i], candidates[k][j]) for k in group], length)
+                        matrix[:, i, j] = self.forward(
+                            [(prompts[k], candidates[k][i], candidates[k][j]) for k in group], length
+                        )
             scores.extend(round_robin_scores(m) for m in matrix)
         return np.stack(scores)
 
     def padded_lengths(self, prompts: list[str], candidates: list[list[str]]) -> list[int]:
         """The padded length of every row the schedule runs (for its FLOP count)."""
         n = len(candidates[0])
-        return [self.padded_length(prompts, candidates, g) for g in self.groups(prompts, candidates)
-                for _ in range(n * (n - 1) * len(g))]
+        return [
+            self.padded_length(prompts, candidates, g)
+            for g in self.groups(prompts, candidates)
+            for _ in range(n * (n - 1) * len(g))
+        ]
 
 
 # ---- measurement -----------------------------------------------------------------------------------
@@ -250,7 +285,8 @@ def timed(fn, device: torch.device):
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """Best dense-matmul GFLOP per CPU-second and per wall second in `dtype`, measured now (the % of peak denominators)."""
+    """Best dense-matmul GFLOP per CPU-second and per wall second in `dtype`, measured now (the % of peak
+    denominators)."""
     n, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -282,7 +318,8 @@ def run_bench(config: BenchArguments) -> dict:
         {"peak": {dtype: GFLOP per CPU-s}, "rows": one dict per workload and configuration}.
 
     Example:
-        >>> run_bench(BenchArguments(shape="tiny", workloads="short", baseline_batch_sizes="1"))["rows"][0]["impl"]  # doctest: +SKIP
+        >>> args = BenchArguments(shape="tiny", workloads="short", baseline_batch_sizes="1")
+        >>> run_bench(args)["rows"][0]["impl"]  # doctest: +SKIP
         'reference bs=1'
     """
     with torch.no_grad():
@@ -298,11 +335,17 @@ def _run_bench(config: BenchArguments) -> dict:
     peaks = {dtype: measure_peak(device, dtype) for dtype in {base_dtype, *dtypes}}
     threads = torch.get_num_threads()
     layers, hidden, heads = config.layers_hidden_heads()
-    print(f"pairrm-rlhf bench: shape {config.shape} ({layers} layers, hidden {hidden}, {heads} heads), device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {threads} threads'}), "
-          f"reference {_name(base_dtype)}, engine {', '.join(_name(d) for d in dtypes)}", flush=True)
+    print(
+        f"pairrm-rlhf bench: shape {config.shape} ({layers} layers, hidden {hidden}, {heads} heads), device {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {threads} threads'}), "
+        f"reference {_name(base_dtype)}, engine {', '.join(_name(d) for d in dtypes)}",
+        flush=True,
+    )
     for dtype, (per_cpu, per_wall) in peaks.items():
-        print(f"measured matmul peak, {_name(dtype)}: {per_cpu:.0f} GFLOP per CPU-second, {per_wall:.0f} GFLOP/s wall", flush=True)
+        print(
+            f"measured matmul peak, {_name(dtype)}: {per_cpu:.0f} GFLOP per CPU-second, {per_wall:.0f} GFLOP/s wall",
+            flush=True,
+        )
 
     # the plan: every configuration and its FLOPs, for the length estimate
     plan = []
@@ -316,15 +359,21 @@ def _run_bench(config: BenchArguments) -> dict:
         for size in config.batch_sizes():
             sizes.setdefault(min(size, len(prompts)), []).append(size)
         for size, names in sizes.items():
-            padded = sum(pair_flops(n, model_config) for n in Baseline(pairrm, size).padded_lengths(prompts, candidates))
+            padded = sum(
+                pair_flops(n, model_config) for n in Baseline(pairrm, size).padded_lengths(prompts, candidates)
+            )
             impl = f"reference bs={'='.join(map(str, names))}"
             plan.append((workload, prompts, candidates, lengths, useful, impl, size, base_dtype, padded))
         for dtype in dtypes:
             plan.append((workload, prompts, candidates, lengths, useful, f"engine {_name(dtype)}", None, dtype, useful))
     # the estimate assumes half of the measured peak (the engine) and a third (the reference's padded, stock path)
     estimate = sum(f / (peaks[d][0] * 1e9) * (3 if size else 2) for *_, size, d, f in plan)
-    print(f"{len(plan)} configurations, {sum(f for *_, f in plan) / 1e12:.1f} TFLOP in all: estimated {estimate:.0f} CPU-s "
-          f"(~{estimate / threads / 60:.1f} min on {threads} idle cores)\n", flush=True)
+    print(
+        f"{len(plan)} configurations, {sum(f for *_, f in plan) / 1e12:.1f} TFLOP in all: "
+        f"estimated {estimate:.0f} CPU-s "
+        f"(~{estimate / threads / 60:.1f} min on {threads} idle cores)\n",
+        flush=True,
+    )
 
     rows, outputs = [], {}
     for number, (workload, prompts, candidates, lengths, useful, impl, size, dtype, flops) in enumerate(plan, 1):
@@ -333,23 +382,38 @@ def _run_bench(config: BenchArguments) -> dict:
         if size:
             baseline = Baseline(pairrm, size)
             baseline.rank_scores(prompts[:1], [c[:2] for c in candidates[:1]])  # warm-up
-            out, clock = timed(lambda: baseline.rank_scores(prompts, candidates), device)
+            out, clock = timed(lambda b=baseline, p=prompts, c=candidates: b.rank_scores(p, c), device)
         else:
             scorer.dtype = dtype
             pairrm.rank(prompts[:1], [c[:2] for c in candidates[:1]], show_progress_bar=False)  # warm-up
-            out, clock = timed(lambda: pairrm.rank(prompts, candidates, return_scores=True, show_progress_bar=False), device)
+            out, clock = timed(
+                lambda p=prompts, c=candidates: pairrm.rank(p, c, return_scores=True, show_progress_bar=False), device
+            )
         reference = outputs.setdefault(workload, out)
         row = {
-            "workload": workload, "impl": impl, "dtype": _name(dtype), "batch_size": size, "prompts": len(prompts), "pairs": len(lengths),
-            "tokens": sum(lengths), "flops": useful, "executed_flops": flops, "cpu_s": clock.cpu, "wall_s": clock.wall,
+            "workload": workload,
+            "impl": impl,
+            "dtype": _name(dtype),
+            "batch_size": size,
+            "prompts": len(prompts),
+            "pairs": len(lengths),
+            "tokens": sum(lengths),
+            "flops": useful,
+            "executed_flops": flops,
+            "cpu_s": clock.cpu,
+            "wall_s": clock.wall,
             "tokens_per_s": sum(lengths) / clock.wall,
-            "peak_fraction": useful / max(clock.cpu, 1e-9) / 1e9 / peaks[dtype][0] if device.type == "cpu"
+            "peak_fraction": useful / max(clock.cpu, 1e-9) / 1e9 / peaks[dtype][0]
+            if device.type == "cpu"
             else useful / clock.wall / 1e9 / peaks[dtype][1],
             "max_abs_diff": float(np.abs(out - reference).max()),
         }
         rows.append(row)
-        print(f"{tag} done: {clock.cpu:8.1f} CPU-s {clock.wall:8.1f} s wall, {row['peak_fraction']:6.1%} of peak, "
-              f"max|diff| {row['max_abs_diff']:.1e}", flush=True)
+        print(
+            f"{tag} done: {clock.cpu:8.1f} CPU-s {clock.wall:8.1f} s wall, {row['peak_fraction']:6.1%} of peak, "
+            f"max|diff| {row['max_abs_diff']:.1e}",
+            flush=True,
+        )
     _print_table(rows, device)
     return {"peak": {_name(d): p for d, p in peaks.items()}, "rows": rows}
 
@@ -357,8 +421,10 @@ def _run_bench(config: BenchArguments) -> dict:
 def _print_table(rows: list[dict], device: torch.device) -> None:
     """Per workload: each configuration's cost, and its speed-up over the best and the default reference batch size."""
     key = "cpu_s" if device.type == "cpu" else "wall_s"
-    header = (f"\n{'workload':9} {'configuration':24} {'pairs':>5} {'CPU-s':>8} {'wall s':>8} {'tokens/s':>9} "
-              f"{'% peak':>7} {'vs best ref':>11} {'vs ref bs=8':>11} {'max|diff|':>9}")
+    header = (
+        f"\n{'workload':9} {'configuration':24} {'pairs':>5} {'CPU-s':>8} {'wall s':>8} {'tokens/s':>9} "
+        f"{'% peak':>7} {'vs best ref':>11} {'vs ref bs=8':>11} {'max|diff|':>9}"
+    )
     print(header)
     print("-" * len(header))
     for workload in dict.fromkeys(r["workload"] for r in rows):
@@ -370,14 +436,21 @@ def _print_table(rows: list[dict], device: torch.device) -> None:
             r["speedup_vs_best"] = best[key] / r[key] if best else None
             r["speedup_vs_default"] = default[key] / r[key] if default else None
             mark = " (best)" if r is best else ""
-            vs = lambda x: f"{x:10.2f}x" if x else f"{'-':>11}"
-            print(f"{workload:9} {r['impl'] + mark:24} {r['pairs']:5d} {r['cpu_s']:8.1f} {r['wall_s']:8.1f} "
-                  f"{r['tokens_per_s']:9.0f} {r['peak_fraction']:7.1%} {vs(r['speedup_vs_best'])} "
-                  f"{vs(r['speedup_vs_default'])} {r['max_abs_diff']:9.1e}")
-    print(f"\nspeed-ups are ratios of {'CPU-seconds' if key == 'cpu_s' else 'wall seconds'} measured in this run; % peak = "
-          "useful FLOPs (pair_flops of the unpadded pairs) per CPU-second / the measured matmul peak per CPU-second of "
-          "the configuration's dtype (on CUDA: per wall second, i.e. MFU); max|diff| = largest rank-score difference "
-          "to the first configuration of the workload.")
+            def vs(x: float | None) -> str:
+                return f"{x:10.2f}x" if x else f"{'-':>11}"
+
+            print(
+                f"{workload:9} {r['impl'] + mark:24} {r['pairs']:5d} {r['cpu_s']:8.1f} {r['wall_s']:8.1f} "
+                f"{r['tokens_per_s']:9.0f} {r['peak_fraction']:7.1%} {vs(r['speedup_vs_best'])} "
+                f"{vs(r['speedup_vs_default'])} {r['max_abs_diff']:9.1e}"
+            )
+    print(
+        f"\nspeed-ups are ratios of {'CPU-seconds' if key == 'cpu_s' else 'wall seconds'} measured in this run; "
+        "% peak = "
+        "useful FLOPs (pair_flops of the unpadded pairs) per CPU-second / the measured matmul peak per CPU-second of "
+        "the configuration's dtype (on CUDA: per wall second, i.e. MFU); max|diff| = largest rank-score difference "
+        "to the first configuration of the workload."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

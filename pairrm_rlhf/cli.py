@@ -32,8 +32,16 @@ logger = logging.getLogger(__name__)
 COMMANDS = {
     "demo": ("pairrm_rlhf.cli", "run_demo", "compare and rank a few example responses and print tables"),
     "bench": ("pairrm_rlhf.bench", "run_bench", "benchmark the pair-scoring engine against the reference schedule"),
-    "label": ("pairrm_rlhf.labeling.command", "run_label", "generate responses and label preference pairs with a judge"),
-    "serve": ("pairrm_rlhf.serve.command", "run_serve", "serve a judge over HTTP (also OpenRLHF's remote reward model)"),
+    "label": (
+        "pairrm_rlhf.labeling.command",
+        "run_label",
+        "generate responses and label preference pairs with a judge",
+    ),
+    "serve": (
+        "pairrm_rlhf.serve.command",
+        "run_serve",
+        "serve a judge over HTTP (also OpenRLHF's remote reward model)",
+    ),
     "eval": ("pairrm_rlhf.evaluation.command", "run_eval", "agreement of a judge with preference labels, per subset"),
 }
 # what to tell the user after Ctrl-C, by subcommand
@@ -57,8 +65,19 @@ class DemoArguments:
 
 
 EXAMPLES = [
-    ("What is the capital of France?", ["Paris is the capital of France.", "I think it is Lyon.", "Paris.", "France has no capital."]),
-    ("Write a haiku about autumn.", ["Leaves fall, crisp and red; the cold wind hums an old song; the year breathes out slow.", "Autumn is a season.", "haiku haiku haiku", "Red leaves drift and fall."]),
+    (
+        "What is the capital of France?",
+        ["Paris is the capital of France.", "I think it is Lyon.", "Paris.", "France has no capital."],
+    ),
+    (
+        "Write a haiku about autumn.",
+        [
+            "Leaves fall, crisp and red; the cold wind hums an old song; the year breathes out slow.",
+            "Autumn is a season.",
+            "haiku haiku haiku",
+            "Red leaves drift and fall.",
+        ],
+    ),
     ("hello!", ["hi!", "Hello! How can I help you today?", "go away", ""]),
 ]
 
@@ -96,8 +115,10 @@ def run_demo(demo_args: DemoArguments, pairrm_args: PairRMArguments) -> None:
         for cand, s, r in sorted(zip(cands, row_scores, row_ranks), key=lambda t: t[2]):
             print(f"    #{r}  {s:8.3f}  {_cut(cand or '(empty)', 60)}")
     if pairrm_args.pairrm == "tiny":
-        print("\n(The bundled checkpoint has random weights: its preferences are arbitrary. Pass --pairrm "
-              "llm-blender/PairRM-hf for the real model.)")
+        print(
+            "\n(The bundled checkpoint has random weights: its preferences are arbitrary. Pass --pairrm "
+            "llm-blender/PairRM-hf for the real model.)"
+        )
 
 
 def _cut(text: str, width: int) -> str:
@@ -117,8 +138,11 @@ def load_command(name: str) -> tuple[argparse.ArgumentParser, Callable]:
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pairrm-rlhf", description="PairRM for RLHF: a judge, its adapters and tools.",
-                                     epilog="`pairrm-rlhf <command> --help` lists a command's flags.")
+    parser = argparse.ArgumentParser(
+        prog="pairrm-rlhf",
+        description="PairRM for RLHF: a judge, its adapters and tools.",
+        epilog="`pairrm-rlhf <command> --help` lists a command's flags.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (_, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -146,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_help()
             sys.exit(0)
         problem = f"unknown command {argv[0]!r}" if argv else "a command is required"
-        print(f"pairrm-rlhf: error: {problem} (choose from {', '.join(COMMANDS)}; see pairrm-rlhf --help)",
-              file=sys.stderr)
+        print(
+            f"pairrm-rlhf: error: {problem} (choose from {', '.join(COMMANDS)}; see pairrm-rlhf --help)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     name, rest = argv[0], argv[1:]
 

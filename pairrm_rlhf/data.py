@@ -37,8 +37,9 @@ FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 _DISK_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
-def read_dataset(source: str, *, split: str = "train", config_name: str | None = None,
-                 what: str = "--dataset") -> Dataset:
+def read_dataset(
+    source: str, *, split: str = "train", config_name: str | None = None, what: str = "--dataset"
+) -> Dataset:
     """A `datasets.Dataset` from any source (see the module docstring); errors are ValueError/FileNotFoundError
     whose message starts with `what` (the flag that named the source).
 
@@ -59,13 +60,18 @@ def read_dataset(source: str, *, split: str = "train", config_name: str | None =
         check_kinds(rows, f"{what}: {path}")
         try:
             return datasets.Dataset.from_list(rows)
-        except (TypeError, ValueError, ArithmeticError) as error:  # pyarrow's errors are ValueError/TypeError subclasses
+        except (
+            TypeError,
+            ValueError,
+            ArithmeticError,
+        ) as error:  # pyarrow's errors are ValueError/TypeError subclasses
             raise ValueError(f"{what}: {path}: its rows do not make one table ({_first_line(error)})") from None
     return datasets.Dataset(_arrow_table(path, suffix, what))
 
 
-def read_rows(source: str, *, split: str = "train", config_name: str | None = None,
-              what: str = "--dataset") -> list[dict]:
+def read_rows(
+    source: str, *, split: str = "train", config_name: str | None = None, what: str = "--dataset"
+) -> list[dict]:
     """The rows of any source as dicts. JSON files are read as they are (rows may differ in kind: no table is built);
     other sources through `read_dataset`."""
     path = _local(source, what)
@@ -110,8 +116,10 @@ def check_prompts(prompts: Iterable[Any], source: str, column: str = "prompt") -
         if first is None:
             first = (kind, i)
         elif kind != first[0]:
-            raise ValueError(f"{where} is a {kind} but row {first[1]} is a {first[0]}; "
-                             "prompts must be all strings or all message lists")
+            raise ValueError(
+                f"{where} is a {kind} but row {first[1]} is a {first[0]}; "
+                "prompts must be all strings or all message lists"
+            )
 
 
 def check_kinds(rows: Sequence[Mapping], where: str) -> None:
@@ -125,8 +133,10 @@ def check_kinds(rows: Sequence[Mapping], where: str) -> None:
             kind = _kind(value)
             seen = first.setdefault(column, (kind, i))
             if seen[0] != kind:
-                raise ValueError(f"{where}: row {i}: column {column!r} holds {kind} but row {seen[1]} holds "
-                                 f"{seen[0]}; a column must hold one kind")
+                raise ValueError(
+                    f"{where}: row {i}: column {column!r} holds {kind} but row {seen[1]} holds "
+                    f"{seen[0]}; a column must hold one kind"
+                )
 
 
 # ---- the pieces --------------------------------------------------------------------------------------------------
@@ -160,8 +170,10 @@ def _folder(path: Path, split: str, what: str) -> Dataset:
             loaded = loaded[split]
         return loaded
     if not any(p.suffix.lower() in FILE_TYPES for p in path.rglob("*") if p.is_file()):
-        raise ValueError(f"{what}: {path} is a folder but not a `save_to_disk` dataset (no state.json or "
-                         f"dataset_dict.json) and holds no {', '.join(FILE_TYPES)} files")
+        raise ValueError(
+            f"{what}: {path} is a folder but not a `save_to_disk` dataset (no state.json or "
+            f"dataset_dict.json) and holds no {', '.join(FILE_TYPES)} files"
+        )
     try:
         loaded = datasets.load_dataset(str(path))
     except (OSError, ValueError) as error:
@@ -177,8 +189,10 @@ def _arrow_table(path: Path, suffix: str, what: str) -> Any:
     import pyarrow as pa
 
     if suffix not in FILE_TYPES:
-        raise ValueError(f"{what}: {path}: unsupported file type {suffix or '(none)'!r} (use a save_to_disk folder, "
-                         f"or a {', '.join(FILE_TYPES)} file)")
+        raise ValueError(
+            f"{what}: {path}: unsupported file type {suffix or '(none)'!r} (use a save_to_disk folder, "
+            f"or a {', '.join(FILE_TYPES)} file)"
+        )
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -207,7 +221,9 @@ def _json_rows(path: Path, what: str) -> list[dict]:
             return _document_rows(json.loads(text), where)
         except json.JSONDecodeError as error:
             if head == "[":
-                raise ValueError(f"{where}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
+                raise ValueError(
+                    f"{where}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})"
+                ) from None
             document_error = error  # an object that is not one document: JSON Lines in a .json file, or a bad document
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
@@ -215,10 +231,10 @@ def _json_rows(path: Path, what: str) -> list[dict]:
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as error:
+        except json.JSONDecodeError as line_error:
+            error = line_error
             if document_error is not None and not rows:  # not JSON Lines either: the document's own error
-                error = document_error
-                number = error.lineno
+                error, number = document_error, document_error.lineno
             raise ValueError(f"{where}: line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
         if not isinstance(value, dict):
             raise ValueError(f"{where}: line {number}: a row must be a JSON object, got {_kind(value)} {_short(value)}")

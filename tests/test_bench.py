@@ -5,10 +5,10 @@
 
 import pytest
 import torch
-
-from pairrm_rlhf.bench import BenchArguments, Baseline, build_random_pairrm, make_workload, pair_flops, run_bench
-from pairrm_rlhf.core.tokenization import load_text_tokenizer
 from conftest import HF_CHECKPOINT
+
+from pairrm_rlhf.bench import Baseline, BenchArguments, build_random_pairrm, make_workload, pair_flops, run_bench
+from pairrm_rlhf.core.tokenization import load_text_tokenizer
 
 
 def test_bench_runs_and_matches_baseline(capsys):
@@ -53,10 +53,16 @@ def test_workloads_are_deterministic_with_their_lengths():
 
 
 def test_pair_flops_counts_linear_attention_and_position_terms():
-    config = type("C", (), {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "position_buckets": 256})()
+    config = type(
+        "C", (), {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "position_buckets": 256}
+    )()
     # 2 layers * (2L(4h^2 + 2h*I) + 4L^2 h + 4 L R h), R = min(2L - 1, 512) relative rows
-    assert pair_flops(200, config) == 2 * (2 * 200 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 200 * 200 * 64 + 4 * 200 * 399 * 64)
-    assert pair_flops(683, config) == 2 * (2 * 683 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 683 * 683 * 64 + 4 * 683 * 512 * 64)
+    assert pair_flops(200, config) == 2 * (
+        2 * 200 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 200 * 200 * 64 + 4 * 200 * 399 * 64
+    )
+    assert pair_flops(683, config) == 2 * (
+        2 * 683 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 683 * 683 * 64 + 4 * 683 * 512 * 64
+    )
 
 
 def test_arguments_are_checked_when_built():

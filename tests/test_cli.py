@@ -15,7 +15,6 @@ from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.cli import COMMANDS, main
 from pairrm_rlhf.core.progress import progress_enabled
 
-
 DOUBLED = re.compile(r"\(default: [^)]*\)\s*\(default:")
 
 
@@ -33,8 +32,10 @@ def run_cli(capsys, *argv):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if a judge is loaded: validation must come first."""
+
     def refuse(self, device=None):
         raise AssertionError("a model was loaded before the configuration was checked")
+
     monkeypatch.setattr(PairRMArguments, "load", refuse)
 
 
@@ -63,25 +64,54 @@ def test_help_shows_each_default_once(capsys):
     assert "95 percent" in flat  # the help that used to crash argparse on a bare percent sign
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["eval", "--data", "missing.jsonl"], "--data: file not found: missing.jsonl"),
-    (["eval", "--data", "./nope"], "--data: file not found: ./nope"),
-    (["eval", "--data", "nobody/nothing"], "--data: cannot load the hub dataset 'nobody/nothing': Couldn't reach 'nobody/nothing' on the Hub (OfflineModeIsEnabled)"),
-    (["eval", "--data", "DATA", "--pairrm", "./nodir"], "--pairrm: file not found: ./nodir"),
-    (["eval", "--data", "DATA", "--format", "csv"], "--format: must be one of auto, pairs, labelled, best_of_n, autoj, hhh, mtbench, got 'csv'"),
-    (["eval", "--data", "DATA", "--prompt_column", "question"], "--prompt_column: no column 'question' in DATA (columns: chosen, prompt, rejected, subset)"),
-    (["eval", "--data", "DATA", "--bootstrap", "-1"], "--bootstrap: must be >= 0 (0: no intervals), got -1"),
-    (["eval", "--data", "DATA", "--ties", "maybe"], "--ties: must be one of skip, margin, got 'maybe'"),
-    (["eval", "--data", "DATA", "--sections", "autoj"], "--sections autoj: not Auto-J scenarios: alpacaeval-easy"),
-    (["eval", "--data", "DATA", "--pairrm_dtype", "float64"], "--pairrm_dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'float64'"),
-    (["eval", "--data", "DATA", "--pairrm_device", "gpu"], "--pairrm_device: must be cpu, cuda, cuda:N or mps, got 'gpu'"),
-    (["eval", "--config", "nope.yaml"], "--config: file not found: nope.yaml"),
-    (["demo", "--pairrm", "./nodir"], "--pairrm: file not found: ./nodir"),
-    (["demo", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see pairrm-rlhf demo --help)"),
-    (["bench", "--shape", "huge"], "--shape: must be one of tiny, xsmall, base, real (PairRM: 24 layers, hidden 1024, 16 heads) or real:N (the real width, N layers), got 'huge'"),
-    (["bench", "--workloads", "typical,huge"], "--workloads: must be a comma list of short, typical, long, got 'typical,huge'"),
-    (["bench", "--dtypes", "int8"], "--dtypes: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--data", "missing.jsonl"], "--data: file not found: missing.jsonl"),
+        (["eval", "--data", "./nope"], "--data: file not found: ./nope"),
+        (
+            ["eval", "--data", "nobody/nothing"],
+            "--data: cannot load the hub dataset 'nobody/nothing': Couldn't reach 'nobody/nothing' on the Hub "
+            "(OfflineModeIsEnabled)",
+        ),
+        (["eval", "--data", "DATA", "--pairrm", "./nodir"], "--pairrm: file not found: ./nodir"),
+        (
+            ["eval", "--data", "DATA", "--format", "csv"],
+            "--format: must be one of auto, pairs, labelled, best_of_n, autoj, hhh, mtbench, got 'csv'",
+        ),
+        (
+            ["eval", "--data", "DATA", "--prompt_column", "question"],
+            "--prompt_column: no column 'question' in DATA (columns: chosen, prompt, rejected, subset)",
+        ),
+        (["eval", "--data", "DATA", "--bootstrap", "-1"], "--bootstrap: must be >= 0 (0: no intervals), got -1"),
+        (["eval", "--data", "DATA", "--ties", "maybe"], "--ties: must be one of skip, margin, got 'maybe'"),
+        (["eval", "--data", "DATA", "--sections", "autoj"], "--sections autoj: not Auto-J scenarios: alpacaeval-easy"),
+        (
+            ["eval", "--data", "DATA", "--pairrm_dtype", "float64"],
+            "--pairrm_dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'float64'",
+        ),
+        (
+            ["eval", "--data", "DATA", "--pairrm_device", "gpu"],
+            "--pairrm_device: must be cpu, cuda, cuda:N or mps, got 'gpu'",
+        ),
+        (["eval", "--config", "nope.yaml"], "--config: file not found: nope.yaml"),
+        (["demo", "--pairrm", "./nodir"], "--pairrm: file not found: ./nodir"),
+        (["demo", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see pairrm-rlhf demo --help)"),
+        (
+            ["bench", "--shape", "huge"],
+            "--shape: must be one of tiny, xsmall, base, real (PairRM: 24 layers, hidden 1024, 16 heads) or real:N "
+            "(the real width, N layers), got 'huge'",
+        ),
+        (
+            ["bench", "--workloads", "typical,huge"],
+            "--workloads: must be a comma list of short, typical, long, got 'typical,huge'",
+        ),
+        (
+            ["bench", "--dtypes", "int8"],
+            "--dtypes: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'",
+        ),
+    ],
+)
 def test_bad_configuration_is_one_line_before_any_model_loads(capsys, tmp_path, no_model_loads, argv, message):
     data = tmp_path / "rb.jsonl"
     data.write_text(json.dumps({"subset": "alpacaeval-easy", "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
@@ -91,7 +121,8 @@ def test_bad_configuration_is_one_line_before_any_model_loads(capsys, tmp_path, 
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1
     assert lines[0] == f"pairrm-rlhf {argv[0]}: error: {message}" or (
-        argv[1] == "--config" and lines[0].startswith(f"pairrm-rlhf {argv[0]}: error: {message} (bundled configs: "))
+        argv[1] == "--config" and lines[0].startswith(f"pairrm-rlhf {argv[0]}: error: {message} (bundled configs: ")
+    )
 
 
 def test_config_file_values_and_flags(capsys, tmp_path, no_model_loads):
@@ -140,13 +171,34 @@ def test_each_log_record_is_printed_once():
 @pytest.mark.slow
 def test_a_warning_from_a_real_command_is_printed_once(tmp_path):
     """End to end: `eval` skips an unrenderable example with one warning line."""
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}]
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = subprocess.run(
-        [sys.executable, "-m", "pairrm_rlhf.cli", "eval", "--data", str(data), "--pairrm", "tiny", "--pairrm_device", "cpu",
-         "--bootstrap", "0", "--no_plots", "--output_dir", str(tmp_path / "o")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "pairrm_rlhf.cli",
+            "eval",
+            "--data",
+            str(data),
+            "--pairrm",
+            "tiny",
+            "--pairrm_device",
+            "cpu",
+            "--bootstrap",
+            "0",
+            "--no_plots",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("skipping example 1") == 1
 

@@ -25,8 +25,10 @@ def test_engine_equals_one_pair_at_a_time(hf_model, golden):
     rng = np.random.default_rng(0)
     prompts = _texts(rng, 6, 1, 400) + golden["inputs"][5:6]  # includes a prompt past the source budget
     answers = _texts(rng, 8, 0, 700)
-    triples = [(prompts[int(rng.integers(len(prompts)))], answers[int(rng.integers(8))], answers[int(rng.integers(8))])
-               for _ in range(16)]
+    triples = [
+        (prompts[int(rng.integers(len(prompts)))], answers[int(rng.integers(8))], answers[int(rng.integers(8))])
+        for _ in range(16)
+    ]
     triples += triples[:5]  # duplicates
     order = rng.permutation(len(triples))
     triples = [triples[i] for i in order]
@@ -146,7 +148,9 @@ def test_identity_changes_with_only_encoder_weights_or_only_dtype(hf_model):
     changed = other.identity()
     assert changed["weights"] != base["weights"]
     assert {k: v for k, v in changed.items() if k != "weights"} == {k: v for k, v in base.items() if k != "weights"}
-    half = PairScorer(scorer.model, scorer.tokenizer, scorer.layout, device=scorer.device, dtype=torch.bfloat16).identity()
+    half = PairScorer(
+        scorer.model, scorer.tokenizer, scorer.layout, device=scorer.device, dtype=torch.bfloat16
+    ).identity()
     assert half["dtype"] == "bfloat16" and base["dtype"] == "float32"
     assert {k: v for k, v in half.items() if k != "dtype"} == {k: v for k, v in base.items() if k != "dtype"}
 

@@ -20,10 +20,22 @@ from pairrm_rlhf.core.modeling import PairRMModel, attention_scale, fast_encoder
 def v3_config(hidden: int, layers: int, heads: int, init: float) -> DebertaV2Config:
     """A small encoder with DeBERTa-v3-large's position settings."""
     return DebertaV2Config(
-        vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=4 * hidden, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
-        max_relative_positions=-1, position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
-        pos_att_type=["p2c", "c2p"], position_biased_input=False, pad_token_id=0, initializer_range=init,
+        vocab_size=1000,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        relative_attention=True,
+        max_relative_positions=-1,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        pad_token_id=0,
+        initializer_range=init,
     )
 
 
@@ -87,8 +99,9 @@ def test_padding_does_not_change_real_tokens():
     ids = torch.randint(5, 1000, (1, 300), generator=generator)
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        single = fast_encoder(model.pretrained_model.encoder,
-                              model.pretrained_model.embeddings(input_ids=ids, mask=mask), mask.bool())
+        single = fast_encoder(
+            model.pretrained_model.encoder, model.pretrained_model.embeddings(input_ids=ids, mask=mask), mask.bool()
+        )
     assert (batched[1, :300] - single[0]).abs().max().item() < 1e-9
 
 
@@ -117,7 +130,9 @@ def test_bucket_index_is_transformers_relative_position():
     from pairrm_rlhf.core.modeling import bucket_index
 
     for length in (257, 700):
-        rel = build_relative_position(torch.zeros(1, length, 1), torch.zeros(1, length, 1), bucket_size=256, max_position=512)
+        rel = build_relative_position(
+            torch.zeros(1, length, 1), torch.zeros(1, length, 1), bucket_size=256, max_position=512
+        )
         assert torch.equal(bucket_index(length, 256, 512, torch.device("cpu")), (rel[0] + 256).clamp(0, 511))
 
 
@@ -125,11 +140,15 @@ def test_bucket_index_is_transformers_relative_position():
 def test_both_position_routes_equal_float64_oracle(lengths):
     """2L-1 <= 2*span (L <= 256) takes the skewed route, longer sequences the bucketed one: both are exact."""
     torch.manual_seed(1)
-    stock, fast, real = encode_both(PairRMModel(v3_config(hidden=32, layers=2, heads=2, init=0.2)), lengths, torch.float64)
+    stock, fast, real = encode_both(
+        PairRMModel(v3_config(hidden=32, layers=2, heads=2, init=0.2)), lengths, torch.float64
+    )
     assert (fast - stock)[real].abs().max().item() < 1e-9
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flashdeberta Triton kernel needs a CUDA device; none here")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the flashdeberta Triton kernel needs a CUDA device; none here"
+)
 @pytest.mark.parametrize("lengths", [[200], [700, 513, 129]], ids=["200", "padded"])
 def test_flashdeberta_kernel_equals_sdpa_route(lengths):
     """`attention_kernel="flashdeberta"`: the same hidden states as our route in float32 (TF32 off) on CUDA."""
@@ -156,7 +175,8 @@ def test_flashdeberta_kernel_refuses_cpu_in_one_line():
 
 
 def test_long_route_depends_on_precision(monkeypatch):
-    """float32/64 past 2L-1 > 2*span gathers from the buckets; bfloat16 autocast keeps the skewed route (faster there)."""
+    """float32/64 past 2L-1 > 2*span gathers from the buckets; bfloat16 autocast keeps the skewed route (faster
+    there)."""
     from pairrm_rlhf.core import modeling
 
     routes = []

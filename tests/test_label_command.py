@@ -27,13 +27,17 @@ from pairrm_rlhf.labeling.command import LabelArguments, main, make_parser, run_
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = bundled_configs().get("label_smoke") or str(REPO / "recipes" / "configs" / "label_smoke.yaml")
 PROMPTS = ["Explain the sun.", "Describe the ocean.", "What is green tea?"]
-RESPONSES = [["Hot.", "It is a star at the centre of the solar system.", "no"], ["Blue", "Wet and big.", ""],
-             ["A drink.", "Tea made from unoxidised leaves.", "tea"]]
+RESPONSES = [
+    ["Hot.", "It is a star at the centre of the solar system.", "no"],
+    ["Blue", "Wet and big.", ""],
+    ["A drink.", "Tea made from unoxidised leaves.", "tea"],
+]
 
 
 @pytest.fixture
 def no_models(monkeypatch):
     """Any attempt to load the judge or the policy fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
 
@@ -65,18 +69,27 @@ BAD = [
     (["--dataset", "data/prompts.parquet", "--policy", "tiny"], "--dataset: file not found: data/prompts.parquet"),
     (BASE + ["--policy", "./nodir"], "--policy: file not found: ./nodir"),
     (BASE + ["--pairrm", "~/no/such/pairrm"], "--pairrm: file not found: ~/no/such/pairrm"),
-    (BASE + ["--strategy", "best"],
-     "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, got 'best'"),
+    (
+        BASE + ["--strategy", "best"],
+        "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, got 'best'",
+    ),
     (BASE + ["--aggregation", "mean"], "--aggregation: must be one of rank, copeland, bradley_terry, got 'mean'"),
     (BASE + ["--backend", "tgi"], "--backend: must be one of transformers, vllm, got 'tgi'"),
     (BASE + ["--output_format", "csv"], "--output_format: must be one of save_to_disk, jsonl, parquet, got 'csv'"),
-    (BASE + ["--pairrm_dtype", "fp8"], "--pairrm_dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'fp8'"),
+    (
+        BASE + ["--pairrm_dtype", "fp8"],
+        "--pairrm_dtype: must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, got 'fp8'",
+    ),
     (BASE + ["--num_responses", "1"], "--num_responses: 1 is below 2"),
     (BASE + ["--chunk_size", "0"], "--chunk_size: 0 is below 1"),
-    (BASE + ["--prompt_column", "question"],
-     "--prompt_column: no column 'question' in tiny (columns: prompt, reference)"),
-    (BASE + ["--responses_column", "answers"],
-     "--responses_column: no column 'answers' in tiny (columns: prompt, reference)"),
+    (
+        BASE + ["--prompt_column", "question"],
+        "--prompt_column: no column 'question' in tiny (columns: prompt, reference)",
+    ),
+    (
+        BASE + ["--responses_column", "answers"],
+        "--responses_column: no column 'answers' in tiny (columns: prompt, reference)",
+    ),
     (["--dataset", "tiny", "--pairrm", "tiny"], "--policy is required unless --responses_column is given"),
     (BASE + ["--temperature", "-1"], "temperature=-1.0 is out of range"),
     (["--config", "nope.yaml"], "--config: file not found: nope.yaml"),
@@ -100,14 +113,27 @@ def test_missing_output_path_and_an_unsafe_one(tmp_path, capsys, no_models):
     with pytest.raises(ValueError, match="--strategy: must be one of"):  # the API raises the same, before loading
         run_label(LabelArguments(dataset="tiny", policy="tiny", strategy="best", output_path=str(tmp_path / "o")))
     with pytest.raises(AssertionError, match="a model was loaded"):  # a good configuration does reach the loading
-        run_label(LabelArguments(dataset="tiny", policy="tiny", output_path=str(tmp_path / "o")),
-                  PairRMArguments(pairrm="tiny"))
+        run_label(
+            LabelArguments(dataset="tiny", policy="tiny", output_path=str(tmp_path / "o")),
+            PairRMArguments(pairrm="tiny"),
+        )
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------
 def label_argv(responses_file, output, *extra):
-    return ["--dataset", str(responses_file), "--prompt_column", "question", "--responses_column", "answers",
-            "--pairrm", "tiny", "--output_path", str(output), *extra]
+    return [
+        "--dataset",
+        str(responses_file),
+        "--prompt_column",
+        "question",
+        "--responses_column",
+        "answers",
+        "--pairrm",
+        "tiny",
+        "--output_path",
+        str(output),
+        *extra,
+    ]
 
 
 def settings_block(card: str, title: str) -> dict:
@@ -164,20 +190,38 @@ def hub_online(monkeypatch, record: dict, role: str = "write") -> None:
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "me", "auth": {"accessToken": {"role": role}}})
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, repo_type=None, private=None, exist_ok=False, **k:
-                        record.update(created=(repo_id, repo_type, private)))
+    monkeypatch.setattr(
+        HfApi,
+        "create_repo",
+        lambda self, repo_id, repo_type=None, private=None, exist_ok=False, **k: record.update(
+            created=(repo_id, repo_type, private)
+        ),
+    )
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("offline", "--push_to_hub me/pairs: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it or drop --push_to_hub"),
-    ("read", "--push_to_hub me/pairs: cannot push there: the hub token is read-only (log in with `hf auth login` or "
-             "set HF_TOKEN to a token that can write)"),
-    ("no token", "--push_to_hub me/pairs: cannot push there: no hub token found (log in with `hf auth login` or set "
-                 "HF_TOKEN to a token that can write)"),
-])
-def test_push_to_hub_is_checked_before_any_model(setting, message, responses_file, tmp_path, capsys, monkeypatch,
-                                                 no_models):
-    from huggingface_hub import HfApi, constants
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "offline",
+            "--push_to_hub me/pairs: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it or drop --push_to_hub",
+        ),
+        (
+            "read",
+            "--push_to_hub me/pairs: cannot push there: the hub token is read-only (log in with `hf auth login` or "
+            "set HF_TOKEN to a token that can write)",
+        ),
+        (
+            "no token",
+            "--push_to_hub me/pairs: cannot push there: no hub token found (log in with `hf auth login` or set "
+            "HF_TOKEN to a token that can write)",
+        ),
+    ],
+)
+def test_push_to_hub_is_checked_before_any_model(
+    setting, message, responses_file, tmp_path, capsys, monkeypatch, no_models
+):
+    from huggingface_hub import constants
 
     if setting == "read":
         hub_online(monkeypatch, {}, role="read")
@@ -204,8 +248,10 @@ def test_a_failed_push_after_saving_prints_the_summary_and_one_line(responses_fi
         main(label_argv(responses_file, output, "--push_to_hub", "me/pairs"))
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"pairrm-rlhf label: error: saved to {output}; push to me/pairs failed: "
-                                            "403 Forbidden: you cannot write to me/pairs")
+    assert err.strip().splitlines()[-1] == (
+        f"pairrm-rlhf label: error: saved to {output}; push to me/pairs failed: "
+        "403 Forbidden: you cannot write to me/pairs"
+    )
     assert "Labeled 3 prompts -> " in out and f"Wrote {output} (jsonl)" in out and "Pushed to" not in out
     assert len(output.read_text().splitlines()) == 3 and (tmp_path / "pairs.jsonl.card.md").exists()
 
@@ -215,12 +261,18 @@ def test_push_to_hub_with_card(flag, private, responses_file, tmp_path, capsys, 
     from huggingface_hub import DatasetCard
 
     pushed = {}
-    monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo, private=None, **kw: pushed.update(
-        repo=repo, private=private, rows=len(self)))
+    monkeypatch.setattr(
+        Dataset,
+        "push_to_hub",
+        lambda self, repo, private=None, **kw: pushed.update(repo=repo, private=private, rows=len(self)),
+    )
     existing = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n"
     monkeypatch.setattr(DatasetCard, "load", classmethod(lambda cls, repo, repo_type=None, **kw: cls(existing)))
-    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo, repo_type=None, **kw: pushed.update(
-        card=self.content, card_repo=repo, card_type=repo_type))
+    monkeypatch.setattr(
+        DatasetCard,
+        "push_to_hub",
+        lambda self, repo, repo_type=None, **kw: pushed.update(card=self.content, card_repo=repo, card_type=repo_type),
+    )
     hub_online(monkeypatch, pushed)
     main(label_argv(responses_file, tmp_path / "pairs.jsonl", "--push_to_hub", "me/pairs", *flag))
     assert (pushed["repo"], pushed["private"], pushed["rows"]) == ("me/pairs", private, 3)
@@ -289,12 +341,33 @@ def test_two_processes_match_one(hf_model, tmp_path, capsys):
     )
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]),
+    }
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "memory2"), str(data),
-        "--config", str(config), "--output_path", str(tmp_path / "two"), "--keep_chunks",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(tmp_path / "memory2"),
+        str(data),
+        "--config",
+        str(config),
+        "--output_path",
+        str(tmp_path / "two"),
+        "--keep_chunks",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -310,6 +383,7 @@ def test_two_processes_match_one(hf_model, tmp_path, capsys):
     memory = load_from_disk(str(tmp_path / "memory2"))
     from pairrm_rlhf.core.generation import load_policy
 
-    single = PreferenceLabeler(hf_model, *load_policy("tiny", "cpu"), num_responses=3,
-                               sampling=SamplingArguments(max_new_tokens=8))
+    single = PreferenceLabeler(
+        hf_model, *load_policy("tiny", "cpu"), num_responses=3, sampling=SamplingArguments(max_new_tokens=8)
+    )
     assert memory.to_list() == single.label(load_prompts(str(data)), chunk_size=2).to_list()

@@ -12,13 +12,14 @@ import logging
 import pyarrow as pa
 import pytest
 import torch
+from conftest import HF_CHECKPOINT
 from datasets import Dataset
 
-from conftest import HF_CHECKPOINT
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler
 from pairrm_rlhf.labeling.store import ChunkStore
+
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
 PROMPTS = ["Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about the moon.", "Hi!"]
@@ -92,7 +93,9 @@ def test_manifest_deleted_k4_chunks_are_not_reused_by_k3(hf_model, tmp_path):
 
     run(4)
     (tmp_path / "work" / "manifest.json").unlink()
-    with pytest.raises(ValueError, match=r"chunk-00000.arrow \(and 1 more chunk\(s\)\) has generation.num_responses: 4 -> 3"):
+    with pytest.raises(
+        ValueError, match=r"chunk-00000.arrow \(and 1 more chunk\(s\)\) has generation.num_responses: 4 -> 3"
+    ):
         run(3)
     assert all(len(r) == 3 for r in run(3, overwrite=True)["all_generated_responses"])
 
@@ -148,4 +151,7 @@ def test_stale_temporary_files_are_removed(hf_model, work, expected):
     (work / "manifest.json.tmp-4242").write_text("{")
     out, labeled = resume(hf_model, work)
     assert labeled == [] and out.to_list() == expected
-    assert sorted(p.name for p in work.iterdir()) == [f"chunk-0000{i}.arrow" for i in range(3)] + ["lock", "manifest.json"]
+    assert sorted(p.name for p in work.iterdir()) == [f"chunk-0000{i}.arrow" for i in range(3)] + [
+        "lock",
+        "manifest.json",
+    ]

@@ -20,9 +20,16 @@ SYSTEM = {"role": "system", "content": "You are kind."}
 SAMPLES = [  # (messages, response, label = the reference), the last one's prompt is cut from the left
     ([{"role": "user", "content": "Explain the sun."}], "It is a hot star.", "The sun is a star."),
     ([SYSTEM, {"role": "user", "content": "Describe the ocean."}], "Water, mostly salty.", "The ocean is big."),
-    ([SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-      {"role": "user", "content": "Tell me about green tea and why people like to drink it so much."}],
-     "It is a drink made from leaves.", "Green tea is a drink."),
+    (
+        [
+            SYSTEM,
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me about green tea and why people like to drink it so much."},
+        ],
+        "It is a drink made from leaves.",
+        "Green tea is a drink.",
+    ),
 ]
 MAX_PROMPT_TOKENS = [None, None, 30]
 
@@ -54,11 +61,18 @@ class OpenRLHFLikeClient:
         score = info.get("scores")
         if score is None:
             score = info.get("rewards")
-        return {"query": query, "reward": info.get("rewards"), "scores": score, "extra_logs": info.get("extra_logs") or {}}
+        return {
+            "query": query,
+            "reward": info.get("rewards"),
+            "scores": score,
+            "extra_logs": info.get("extra_logs") or {},
+        }
 
     async def run(self, samples, limits):
         async with httpx2.AsyncClient(timeout=180) as http:  # no auth header
-            return await asyncio.gather(*(self.reward(http, p, r, label, k) for (p, r, label), k in zip(samples, limits)))
+            return await asyncio.gather(
+                *(self.reward(http, p, r, label, k) for (p, r, label), k in zip(samples, limits))
+            )
 
 
 def test_openrlhf_v011_client_gets_the_in_process_rewards(hf_model):
@@ -85,8 +99,9 @@ def test_openrlhf_v011_client_gets_the_in_process_rewards(hf_model):
         assert len(result["reward"]) == len(result["scores"]) == 1  # one sample per request, lists like serve_rm.py
         np.testing.assert_allclose(result["scores"], [want[k]], atol=1e-5)
         np.testing.assert_allclose(result["reward"], [want[k]], atol=1e-5)
-        np.testing.assert_allclose(result["extra_logs"]["pairrm_logit"], [logits[k]],
-                                   atol=1e-5 * max(1.0, abs(logits[k])))
+        np.testing.assert_allclose(
+            result["extra_logs"]["pairrm_logit"], [logits[k]], atol=1e-5 * max(1.0, abs(logits[k]))
+        )
 
 
 def test_prompt_end():
@@ -96,7 +111,7 @@ def test_prompt_end():
     assert prompt_end(cut + "Yes.", prompt) == len(cut)
     assert prompt_end("\ufffd" + cut + "Yes.", prompt) == 1 + len(cut)  # a token cut inside a UTF-8 character
     assert prompt_end(prompt[-MIN_OVERLAP:] + "Yes.", prompt) == MIN_OVERLAP
-    assert prompt_end(prompt[-(MIN_OVERLAP - 1):] + "Yes.", prompt) is None  # too short to trust
+    assert prompt_end(prompt[-(MIN_OVERLAP - 1) :] + "Yes.", prompt) is None  # too short to trust
     assert prompt_end("Something else.", prompt) is None
     assert prompt_end("a" * 20 + "b", "x" + "a" * 20) == 20  # the longest overlap, not a shorter partial match
 

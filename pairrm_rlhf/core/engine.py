@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from .backend import Triple
 from .modeling import PairRMModel
-from .tokenization import PairLayout
 from .progress import progress_enabled
 from .settings import default_max_tokens
+from .tokenization import PairLayout
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,11 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, batch_size: int | None
     batches: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
         batch = batches[-1] if batches else None
-        if batch and (len(batch) + 1) * lengths[batch[0]] <= max_tokens and (batch_size is None or len(batch) < batch_size):
+        if (
+            batch
+            and (len(batch) + 1) * lengths[batch[0]] <= max_tokens
+            and (batch_size is None or len(batch) < batch_size)
+        ):
             batch.append(i)
         else:
             batches.append([i])
@@ -188,7 +192,9 @@ class PairScorer:
         `batch_size` caps the rows of one forward (the token budget always applies). The progress bar
         defaults to `core.progress.progress_enabled` (more than one batch, and a terminal or INFO logging).
         """
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r:.40}")
         if not triples:
             return np.zeros(0, dtype=np.float32)
@@ -197,7 +203,10 @@ class PairScorer:
         show_progress_bar = progress_enabled(show_progress_bar, len(batches), logger)
         results = np.empty(len(pairs), dtype=np.float32)
         # One autocast context around all batches: weights are cast to the compute dtype once per call.
-        with self._autocast(self.dtype), tqdm(total=len(pairs), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar:
+        with (
+            self._autocast(self.dtype),
+            tqdm(total=len(pairs), unit="pair", desc="PairRM", disable=not show_progress_bar) as bar,
+        ):
             for batch in batches:
                 results[batch] = self.forward([pairs[i] for i in batch])
                 bar.update(len(batch))
@@ -241,7 +250,9 @@ class PairScorer:
         if not np.isfinite(logits).all():
             if self.dtype == torch.float32:
                 raise FloatingPointError(f"PairRM produced non-finite logits in float32 for {len(pairs)} pairs")
-            logger.warning("non-finite logits in %s (overflow); recomputing %d pairs in float32", self.dtype, len(pairs))
+            logger.warning(
+                "non-finite logits in %s (overflow); recomputing %d pairs in float32", self.dtype, len(pairs)
+            )
             logits = self._run(pairs, torch.float32)
             if not np.isfinite(logits).all():
                 raise FloatingPointError(f"PairRM produced non-finite logits in float32 for {len(pairs)} pairs")

@@ -98,8 +98,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     a `--no_X` flag says what it does instead of repeating `--X`'s help."""
 
     def _get_help_string(self, action):
-        if (isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_")
-                and action.default is not argparse.SUPPRESS):  # SUPPRESS: a command wrote this flag's own help
+        if (
+            isinstance(action, argparse._StoreFalseAction)
+            and action.option_strings[0].startswith("--no_")
+            and action.default is not argparse.SUPPRESS
+        ):  # SUPPRESS: a command wrote this flag's own help
             return f"set {action.dest} to False (the same as --{action.dest} false)"
         help_text = action.help or ""
         return help_text if "default:" in help_text.lower() else super()._get_help_string(action)
@@ -135,7 +138,11 @@ def bundled_configs() -> dict[str, str]:
     from importlib import resources
 
     folder = resources.files("pairrm_rlhf") / "configs"
-    return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")} if folder.is_dir() else {}
+    return (
+        {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")}
+        if folder.is_dir()
+        else {}
+    )
 
 
 def resolve_config(argv: list[str]) -> list[str]:
@@ -153,7 +160,8 @@ def resolve_config(argv: list[str]) -> list[str]:
                 known = bundled_configs()
                 if value not in known:
                     raise FileNotFoundError(
-                        f"--config: file not found: {value} (bundled configs: {', '.join(sorted(known)) or 'none'})")
+                        f"--config: file not found: {value} (bundled configs: {', '.join(sorted(known)) or 'none'})"
+                    )
                 value = known[value]
             argv[i : i + (1 if "=" in arg else 2)] = ["--config", value]
             break
@@ -190,8 +198,10 @@ def check_hub_id(name: str | None, flag: str, repo_type: str = "model") -> None:
     if not constants.HF_HUB_OFFLINE:
         return
     if not (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type=repo_type) / "snapshots").is_dir():
-        raise OSError(f"{flag}: {name} is not in the hub cache and HF_HUB_OFFLINE is set: use 'tiny', a local "
-                      "directory, or download it once without HF_HUB_OFFLINE")
+        raise OSError(
+            f"{flag}: {name} is not in the hub cache and HF_HUB_OFFLINE is set: use 'tiny', a local "
+            "directory, or download it once without HF_HUB_OFFLINE"
+        )
 
 
 def check_hub_push(repo_id: str, flag: str, private: bool = True, repo_type: str = "dataset") -> None:
@@ -209,10 +219,15 @@ def check_hub_push(repo_id: str, flag: str, private: bool = True, repo_type: str
             raise OSError("the hub token is read-only")
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     except Exception as error:
-        why = ("no hub token found" if isinstance(error, LocalTokenNotFoundError)
-               else (str(error).strip().splitlines() or [type(error).__name__])[0])
-        raise OSError(f"{flag} {repo_id}: cannot push there: {why} (log in with `hf auth login` or set HF_TOKEN to a "
-                      "token that can write)") from error
+        why = (
+            "no hub token found"
+            if isinstance(error, LocalTokenNotFoundError)
+            else (str(error).strip().splitlines() or [type(error).__name__])[0]
+        )
+        raise OSError(
+            f"{flag} {repo_id}: cannot push there: {why} (log in with `hf auth login` or set HF_TOKEN to a "
+            "token that can write)"
+        ) from error
 
 
 # ---- running --------------------------------------------------------------------------------------------------
@@ -253,9 +268,11 @@ def _is_network(error: BaseException | None) -> bool:
     if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ == "LocalEntryNotFoundError":
         return True
     module = type(error).__module__.split(".")[0]
-    return module in ("httpx", "httpx2", "requests", "urllib3") or bool(
-        re.search(r"couldn't connect|couldn't reach|offline mode", str(error), re.IGNORECASE)) or (
-        error.__cause__ is not error and _is_network(error.__cause__))
+    return (
+        module in ("httpx", "httpx2", "requests", "urllib3")
+        or bool(re.search(r"couldn't connect|couldn't reach|offline mode", str(error), re.IGNORECASE))
+        or (error.__cause__ is not error and _is_network(error.__cause__))
+    )
 
 
 def run_command(prog: str, command: Callable[[], Any], interrupted: str | None = None) -> None:

@@ -12,7 +12,6 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import DebertaV2Config, DebertaV2Model
 
-
 ATTENTION_KERNELS = ("sdpa", "flashdeberta")
 
 
@@ -153,7 +152,9 @@ def skew(scores: torch.Tensor) -> torch.Tensor:
     *lead, length, width = scores.shape
     scores = scores.contiguous()
     stride = list(scores.stride())
-    return scores.as_strided((*lead, length, length), (*stride[:-2], width - 1, 1), scores.storage_offset() + length - 1)
+    return scores.as_strided(
+        (*lead, length, length), (*stride[:-2], width - 1, 1), scores.storage_offset() + length - 1
+    )
 
 
 def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
@@ -186,7 +187,8 @@ def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, k
 
 class _SkewedPositions:
     """c2p/p2c against every relative distance i - j = L-1 ... -(L-1) ([H, B*L, 2L-1], one GEMM per head), made
-    [B, H, L, L] by `skew`. Padding keys are masked by filling their p2c rows (row j of p2c's [j, i] scores is key j)."""
+    [B, H, L, L] by `skew`. Padding keys are masked by filling their p2c rows (row j of p2c's [j, i] scores is
+    key j)."""
 
     def __init__(self, rows: torch.Tensor, mask: torch.Tensor):
         self.rows = rows
@@ -233,7 +235,10 @@ class _BucketedPositions:
 
 
 def _disentangled_attention(
-    attn: nn.Module, hidden: torch.Tensor, rel_embeddings: torch.Tensor, positions: _SkewedPositions | _BucketedPositions
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    rel_embeddings: torch.Tensor,
+    positions: _SkewedPositions | _BucketedPositions,
 ) -> torch.Tensor:
     """Disentangled self-attention: softmax(QK^T / s + c2p + p2c) V by `scaled_dot_product_attention`, with the
     position bias c2p[i, j] + p2c[i, j] (query content . key position, key content . query position, both at
@@ -266,14 +271,17 @@ def _flashdeberta_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.
     try:
         from flashdeberta.ops.flash_attention import flash_attention_with_disentangled
     except ImportError as error:
-        raise ImportError(f"attention_kernel 'flashdeberta' needs the flashdeberta package (pip install flashdeberta): {error}") from error
+        raise ImportError(
+            f"attention_kernel 'flashdeberta' needs the flashdeberta package (pip install flashdeberta): {error}"
+        ) from error
     rel_embeddings = encoder.get_rel_embedding()
     lengths = mask.sum(-1).to(torch.int32)
     for layer in encoder.layer:
         attn = layer.attention.self
 
-        def split(x: torch.Tensor) -> torch.Tensor:  # [..., L, H*d] -> [..., H, L, d]
-            return x.unflatten(-1, (attn.num_attention_heads, -1)).transpose(-3, -2).contiguous()
+        # [..., L, H*d] -> [..., H, L, d]
+        def split(x: torch.Tensor, heads: int = attn.num_attention_heads) -> torch.Tensor:
+            return x.unflatten(-1, (heads, -1)).transpose(-3, -2).contiguous()
 
         query, key, value = split(attn.query_proj(hidden)), split(attn.key_proj(hidden)), split(attn.value_proj(hidden))
         scale = attention_scale(query.shape[-1], 1 + len(attn.pos_att_type))
@@ -281,8 +289,16 @@ def _flashdeberta_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.
         pos_key = split(attn.key_proj(rel_embeddings) if shared else attn.pos_key_proj(rel_embeddings))[None]
         pos_query = split(attn.query_proj(rel_embeddings) if shared else attn.pos_query_proj(rel_embeddings))[None]
         context = flash_attention_with_disentangled(
-            query, key, value, lengths, pos_key if "c2p" in attn.pos_att_type else None, pos_query, False,
-            1.0 / scale, encoder.position_buckets, encoder.max_relative_positions,
+            query,
+            key,
+            value,
+            lengths,
+            pos_key if "c2p" in attn.pos_att_type else None,
+            pos_query,
+            False,
+            1.0 / scale,
+            encoder.position_buckets,
+            encoder.max_relative_positions,
         )
         attended = layer.attention.output(context.transpose(1, 2).flatten(2), hidden)
         hidden = layer.output(layer.intermediate(attended), attended)

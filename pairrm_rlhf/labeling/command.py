@@ -31,10 +31,19 @@ from ..core.distributed import end_distributed_run
 from ..core.entry import check_device, check_hub_id, check_hub_push, parse, run_command
 from ..core.generation import SamplingArguments, load_policy
 from ..core.settings import check_choice
-from .generation import BACKENDS
 from ..data import check_prompts
-from .io import (OUTPUT_FORMATS, as_conversational, companion_path, dataset_card, load_prompts, margin_histogram,
-                 output_format_of, push_with_card, save_dataset)
+from .generation import BACKENDS
+from .io import (
+    OUTPUT_FORMATS,
+    as_conversational,
+    companion_path,
+    dataset_card,
+    load_prompts,
+    margin_histogram,
+    output_format_of,
+    push_with_card,
+    save_dataset,
+)
 from .labeler import PreferenceLabeler, _process_state, check_columns
 from .pairs import AGGREGATIONS, STRATEGIES
 from .store import remove_store, writing
@@ -47,33 +56,66 @@ POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 class LabelArguments:
     """Sample K responses per prompt, score them pairwise with PairRM and write a DPO preference dataset."""
 
-    dataset: str | None = field(default=None, metadata={"help": "prompts: save_to_disk dir, .json/.jsonl/.parquet/.csv file, hub id; 'tiny' = 32 bundled prompts"})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "prompts: save_to_disk dir, .json/.jsonl/.parquet/.csv file, hub id; 'tiny' = 32 bundled prompts"
+        },
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
     split: str = field(default="train", metadata={"help": "split to label"})
     prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})
-    conversational: bool = field(default=True, metadata={"help": "sample through the policy's chat template: string "
-                                                                  "prompts become one user message (as the recipes)"})
-    responses_column: str | None = field(default=None, metadata={"help": "label these existing responses instead of sampling"})
+    conversational: bool = field(
+        default=True,
+        metadata={
+            "help": "sample through the policy's chat template: string prompts become one user message (as the recipes)"
+        },
+    )
+    responses_column: str | None = field(
+        default=None, metadata={"help": "label these existing responses instead of sampling"}
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "label only the first N prompts"})
-    policy: str | None = field(default=None, metadata={"help": "causal LM to sample from (hub id or dir); 'tiny' = the bundled tiny policy"})
-    policy_dtype: str | None = field(default=None, metadata={"help": "policy dtype: auto (the checkpoint's), float32, bfloat16 or float16"})
-    policy_device: str | None = field(default=None, metadata={"help": "policy device (default: this process's accelerate device)"})
+    policy: str | None = field(
+        default=None, metadata={"help": "causal LM to sample from (hub id or dir); 'tiny' = the bundled tiny policy"}
+    )
+    policy_dtype: str | None = field(
+        default=None, metadata={"help": "policy dtype: auto (the checkpoint's), float32, bfloat16 or float16"}
+    )
+    policy_device: str | None = field(
+        default=None, metadata={"help": "policy device (default: this process's accelerate device)"}
+    )
     backend: str = field(default="transformers", metadata={"help": "generation backend: transformers or vllm"})
     num_responses: int = field(default=4, metadata={"help": "K responses sampled per prompt (>= 2)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    aggregation: str = field(default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"})
-    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"})
-    pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
-    margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
-    probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
+    aggregation: str = field(
+        default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"}
+    )
+    strategy: str = field(
+        default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"}
+    )
+    pairs_per_prompt: int | None = field(
+        default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"}
+    )
+    margin_threshold: float = field(
+        default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"}
+    )
+    probability_temperature: float = field(
+        default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"}
+    )
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
     output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
-    output_format: str | None = field(default=None, metadata={"help": "save_to_disk, jsonl or parquet (default: by output_path extension)"})
+    output_format: str | None = field(
+        default=None, metadata={"help": "save_to_disk, jsonl or parquet (default: by output_path extension)"}
+    )
     chunk_size: int = field(default=256, metadata={"help": "prompts per saved chunk (the unit of resume)"})
-    work_dir: str | None = field(default=None, metadata={"help": "where finished chunks are kept (default: <output_path>.chunks)"})
+    work_dir: str | None = field(
+        default=None, metadata={"help": "where finished chunks are kept (default: <output_path>.chunks)"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "discard chunks of an earlier run with other settings"})
     keep_chunks: bool = field(default=False, metadata={"help": "keep work_dir after the output is written"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "also push the dataset (with its card) to this hub repo id"})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "also push the dataset (with its card) to this hub repo id"}
+    )
     hub_private: bool = field(default=True, metadata={"help": "push the dataset as private (--no_hub_private: public)"})
 
 
@@ -86,14 +128,24 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         raise ValueError("--output_path is required")
     if a.policy is None and a.responses_column is None:
         raise ValueError("--policy is required unless --responses_column is given")
-    choices = {"strategy": STRATEGIES, "aggregation": AGGREGATIONS, "backend": BACKENDS,
-               "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES}
+    choices = {
+        "strategy": STRATEGIES,
+        "aggregation": AGGREGATIONS,
+        "backend": BACKENDS,
+        "output_format": OUTPUT_FORMATS,
+        "policy_dtype": POLICY_DTYPES,
+    }
     for name, allowed in choices.items():
         if getattr(a, name) is not None:
             check_choice(f"--{name}", getattr(a, name), allowed)
-    limits = {"num_responses": (a.num_responses, 2), "chunk_size": (a.chunk_size, 1), "seed": (a.seed, 0),
-              "generation_batch_size": (a.generation_batch_size, 1), "max_prompts": (a.max_prompts, 1),
-              "pairs_per_prompt": (a.pairs_per_prompt, 1)}
+    limits = {
+        "num_responses": (a.num_responses, 2),
+        "chunk_size": (a.chunk_size, 1),
+        "seed": (a.seed, 0),
+        "generation_batch_size": (a.generation_batch_size, 1),
+        "max_prompts": (a.max_prompts, 1),
+        "pairs_per_prompt": (a.pairs_per_prompt, 1),
+    }
     for name, (value, least) in limits.items():
         if value is not None and value < least:
             raise ValueError(f"--{name}: {value} is below {least}")
@@ -105,9 +157,11 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         if name is not None and name != assets.TINY:
             assets.check_local(name, flag)
     output = Path(a.output_path)
-    if (a.output_format or output_format_of(a.output_path)) == "save_to_disk" and output.exists() and not (
-        output / "dataset_info.json"
-    ).exists():
+    if (
+        (a.output_format or output_format_of(a.output_path)) == "save_to_disk"
+        and output.exists()
+        and not (output / "dataset_info.json").exists()
+    ):
         raise ValueError(f"--output_path: {a.output_path} exists and is not a saved dataset; refusing to replace it")
     if not isinstance(sampling_args, SamplingArguments):
         raise TypeError(f"sampling_args must be a SamplingArguments, got {type(sampling_args).__name__}")
@@ -126,7 +180,9 @@ def check_environment(label_args: LabelArguments, pairrm_args: PairRMArguments) 
 
 
 def run_label(
-    label_args: LabelArguments, pairrm_args: PairRMArguments | None = None, sampling_args: SamplingArguments | None = None
+    label_args: LabelArguments,
+    pairrm_args: PairRMArguments | None = None,
+    sampling_args: SamplingArguments | None = None,
 ) -> Dataset:
     """Run the `label` command: validate, load the prompts and check their columns, load the models, label
     (resumable, sharded under accelerate), write the dataset, its card and the margin histogram, print a summary.
@@ -154,11 +210,22 @@ def run_label(
     if a.responses_column is None and a.backend == "transformers":
         policy, tokenizer = load_policy(a.policy, a.policy_device or state.device, a.policy_dtype)
     labeler = PreferenceLabeler(
-        pairrm, policy, tokenizer, num_responses=a.num_responses, responses_column=a.responses_column,
-        prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
-        pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
-        probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
-        generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
+        pairrm,
+        policy,
+        tokenizer,
+        num_responses=a.num_responses,
+        responses_column=a.responses_column,
+        prompt_column=a.prompt_column,
+        aggregation=a.aggregation,
+        strategy=a.strategy,
+        pairs_per_prompt=a.pairs_per_prompt,
+        margin_threshold=a.margin_threshold,
+        probability_temperature=a.probability_temperature,
+        seed=a.seed,
+        backend=a.backend,
+        sampling=sampling_args,
+        generation_batch_size=a.generation_batch_size,
+        scoring_batch_size=pairrm_args.pairrm_batch_size,
     )
     labeler.policy_name = a.policy  # the name identifies the run, not the in-memory object
     labeler.dataset_name = a.dataset
@@ -170,8 +237,14 @@ def run_label(
     return result
 
 
-def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArguments, pairrm_args: PairRMArguments,
-                   sampling_args: SamplingArguments, work_dir: Path) -> None:
+def _write_outputs(
+    result: Dataset,
+    labeler: PreferenceLabeler,
+    a: LabelArguments,
+    pairrm_args: PairRMArguments,
+    sampling_args: SamplingArguments,
+    work_dir: Path,
+) -> None:
     """Main process: the dataset, its card, the histogram, the optional push, the summary (with the paths).
 
     A push that fails after the dataset is saved is an OSError, `saved to X; push failed: why`, raised after the
@@ -179,14 +252,22 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
     s = labeler.stats
     output_format = save_dataset(result, a.output_path, a.output_format)
     settings = {**dataclasses.asdict(a), **dataclasses.asdict(pairrm_args), **dataclasses.asdict(sampling_args)}
-    card = dataset_card(policy=a.policy if a.responses_column is None else None, judge=pairrm_args.pairrm,
-                        judge_identity=labeler.pairrm.backend.identity(), strategy=a.strategy, settings=settings,
-                        stats=s)
+    card = dataset_card(
+        policy=a.policy if a.responses_column is None else None,
+        judge=pairrm_args.pairrm,
+        judge_identity=labeler.pairrm.backend.identity(),
+        strategy=a.strategy,
+        settings=settings,
+        stats=s,
+    )
     card_path = companion_path(a.output_path, ".card.md")
     with writing(card_path):
         card_path.write_text(card)
-    plot = margin_histogram(result["margin"], companion_path(a.output_path, ".margins.png"),
-                            title=f"{s.pairs} pairs from {s.prompts} prompts ({a.strategy})")
+    plot = margin_histogram(
+        result["margin"],
+        companion_path(a.output_path, ".margins.png"),
+        title=f"{s.pairs} pairs from {s.prompts} prompts ({a.strategy})",
+    )
     push_error = None
     if a.push_to_hub:
         try:
@@ -196,8 +277,11 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
             push_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if not a.keep_chunks:
         remove_store(work_dir)
-    pushed = (f"\nPushed to {a.push_to_hub} ({'private' if a.hub_private else 'public'})"
-              if a.push_to_hub and push_error is None else "")
+    pushed = (
+        f"\nPushed to {a.push_to_hub} ({'private' if a.hub_private else 'public'})"
+        if a.push_to_hub and push_error is None
+        else ""
+    )
     print(
         f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
         f"{s.below_margin} below margin {a.margin_threshold}); mean margin {s.mean_margin:.4f}; "
@@ -224,8 +308,9 @@ def make_parser(prog: str | None = None) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """`python -m pairrm_rlhf.labeling.command [--config X] [--flags]`: the same as `pairrm-rlhf label`."""
     prog = "pairrm-rlhf label"
-    run_command(prog, lambda: run_label(*parse(make_parser(), argv, prog)),
-                interrupted="rerun the same command to resume")
+    run_command(
+        prog, lambda: run_label(*parse(make_parser(), argv, prog)), interrupted="rerun the same command to resume"
+    )
 
 
 if __name__ == "__main__":

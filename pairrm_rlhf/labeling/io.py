@@ -37,7 +37,8 @@ def load_prompts(source: str, config_name: str | None = None, split: str = "trai
 
 
 def output_format_of(path: str) -> str:
-    """The output format an `output_path` implies: `.jsonl`/`.json` -> jsonl, `.parquet` -> parquet, else save_to_disk."""
+    """The output format an `output_path` implies: `.jsonl`/`.json` -> jsonl, `.parquet` -> parquet, else
+    save_to_disk."""
     return _SUFFIXES.get(Path(path).suffix, "save_to_disk")
 
 
@@ -97,8 +98,9 @@ def save_dataset(dataset: Dataset, path: str, output_format: str | None = None) 
     return output_format
 
 
-def dataset_card(*, policy: str | None, judge: str, judge_identity: dict, strategy: str, settings: dict[str, Any],
-                 stats: Any) -> str:
+def dataset_card(
+    *, policy: str | None, judge: str, judge_identity: dict, strategy: str, settings: dict[str, Any], stats: Any
+) -> str:
     """The Markdown dataset card of a labeled dataset: model, judge, strategy, every setting and a summary.
 
     Args:
@@ -110,23 +112,47 @@ def dataset_card(*, policy: str | None, judge: str, judge_identity: dict, strate
     import yaml
 
     summary = [
-        ("prompts", stats.prompts), ("pairs", stats.pairs), ("ties dropped", stats.ties_dropped),
-        ("below margin dropped", stats.below_margin), ("mean margin", f"{stats.mean_margin:.4f}"),
+        ("prompts", stats.prompts),
+        ("pairs", stats.pairs),
+        ("ties dropped", stats.ties_dropped),
+        ("below margin dropped", stats.below_margin),
+        ("mean margin", f"{stats.mean_margin:.4f}"),
         ("judge truncation rate", f"{stats.truncation_rate:.1%}"),
     ]
     front = {"tags": ["dpo", "preference", "pairrm-rlhf"], "task_categories": ["text-generation"]}
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        "# Preference pairs labeled with pairrm-rlhf", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        "# Preference pairs labeled with pairrm-rlhf",
+        "",
         "Each row holds a prompt, a `chosen` and a `rejected` response (TRL's preference format), their scores, "
-        "the margin and SPPO-style soft labels (`chosen_probs*`).", "",
+        "the margin and SPPO-style soft labels (`chosen_probs*`).",
+        "",
         f"- **Model** (responses sampled from): {policy or 'existing responses (`responses_column`)'}",
         f"- **Judge**: {judge} (`{judge_identity.get('backend', '?')}`, weights digest "
         f"`{judge_identity.get('weights', '?')}`, dtype {judge_identity.get('dtype', '?')})",
-        f"- **Strategy**: {strategy}", "",
-        "## Summary", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in summary], "",
-        "## Settings", "", "```yaml", yaml.safe_dump(settings, sort_keys=True).strip(), "```", "",
-        "## Judge identity", "", "```yaml", yaml.safe_dump(judge_identity, sort_keys=True).strip(), "```", "",
+        f"- **Strategy**: {strategy}",
+        "",
+        "## Summary",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in summary],
+        "",
+        "## Settings",
+        "",
+        "```yaml",
+        yaml.safe_dump(settings, sort_keys=True).strip(),
+        "```",
+        "",
+        "## Judge identity",
+        "",
+        "```yaml",
+        yaml.safe_dump(judge_identity, sort_keys=True).strip(),
+        "```",
+        "",
     ]
     return "\n".join(lines)
 

@@ -2,10 +2,11 @@
 
 The client (OpenRLHF v0.11, `openrlhf/utils/agent.py`, `SingleTurnAgentExecutor._fetch_rewards_via_http`) sends one
 sample per request, `{"query": [text], "prompts": [prompt], "labels": [label]}`, with no auth header, to the URL it is
-given (so a token can only travel in the URL: `?token=`). The query is `tokenizer.decode(prompt_ids + response_ids)`
-where `prompt_ids` may have been cut from the left to fit `max_len` (`execute`: `prompt_token_ids[-max_prompt_length:]`),
-so `prompts[i]` need not be a prefix of `query[i]`. It reads `scores`, falling back to `rewards`, plus `rewards` and
-`extra_logs` (a dict of per-query lists), as OpenRLHF's own `openrlhf/cli/serve_rm.py` answers them.
+given (so a token can only travel in the URL: `?token=`). The query is
+`tokenizer.decode(prompt_ids + response_ids)` where `prompt_ids` may have been cut from the left to fit
+`max_len` (`execute`: `prompt_token_ids[-max_prompt_length:]`), so `prompts[i]` need not be a prefix of
+`query[i]`. It reads `scores`, falling back to `rewards`, plus `rewards` and `extra_logs` (a dict of per-query
+lists), as OpenRLHF's own `openrlhf/cli/serve_rm.py` answers them.
 
 All parsing here is linear in the query's length (no backtracking regex over the text).
 """
@@ -57,10 +58,15 @@ class ChatFormat:
 
 
 CHAT_FORMATS = {
-    "chatml": ChatFormat(re.compile(r"<\|im_start\|>(\w+)\n"), "<|im_end|>", "<|im_start|>assistant\n",
-                         ("<|im_end|>", "<|endoftext|>")),
-    "llama3": ChatFormat(re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n"), "<|eot_id|>",
-                         "<|start_header_id|>assistant<|end_header_id|>\n\n", ("<|eot_id|>", "<|end_of_text|>")),
+    "chatml": ChatFormat(
+        re.compile(r"<\|im_start\|>(\w+)\n"), "<|im_end|>", "<|im_start|>assistant\n", ("<|im_end|>", "<|endoftext|>")
+    ),
+    "llama3": ChatFormat(
+        re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n"),
+        "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|eot_id|>", "<|end_of_text|>"),
+    ),
 }
 MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
 
@@ -104,8 +110,13 @@ class QueryParser:
     are cut from the response.
     """
 
-    def __init__(self, chat_format: str = "auto", separator: str | None = None, split_regex: str | None = None,
-                 strip_strings: Sequence[str] = DEFAULT_STRIP):
+    def __init__(
+        self,
+        chat_format: str = "auto",
+        separator: str | None = None,
+        split_regex: str | None = None,
+        strip_strings: Sequence[str] = DEFAULT_STRIP,
+    ):
         self.chat_format = chat_format
         self.separator = separator
         self.regex = re.compile(split_regex, re.DOTALL) if split_regex else None
@@ -131,8 +142,10 @@ class QueryParser:
             if cut is None and fmt is not None and (marker := query.rfind(fmt.assistant_header)) >= 0:
                 cut = marker + len(fmt.assistant_header)
             if cut is None:
-                raise ValueError(f"{name} neither starts with its prompt (prompts entry of the same index) nor ends a "
-                                 "left-truncated copy of it, and has no chat assistant header to split at")
+                raise ValueError(
+                    f"{name} neither starts with its prompt (prompts entry of the same index) nor ends a "
+                    "left-truncated copy of it, and has no chat assistant header to split at"
+                )
             prompt_text, response = prompt_hint, query[cut:]
         elif self.separator is not None:
             prompt_text, sep, response = query.rpartition(self.separator)
@@ -142,7 +155,7 @@ class QueryParser:
             cut = query.rfind(fmt.assistant_header)
             if cut < 0:
                 raise ValueError(f"{name} has no assistant turn ({fmt.assistant_header!r}) to score")
-            prompt_text, response = query[:cut], query[cut + len(fmt.assistant_header):]
+            prompt_text, response = query[:cut], query[cut + len(fmt.assistant_header) :]
         else:
             raise ValueError(
                 f"cannot split {name} into prompt and response: no chat markers found; start the server with "
@@ -187,15 +200,22 @@ class ReferenceTable:
         duplicates = 0
         for i, (prompt, reference) in enumerate(rows):
             if not isinstance(prompt, (str, list)):
-                raise TypeError(f"reference row {i}: prompt must be a string or a message list, got {type(prompt).__name__}")
+                raise TypeError(
+                    f"reference row {i}: prompt must be a string or a message list, got {type(prompt).__name__}"
+                )
             if not isinstance(reference, (str, list)):
-                raise TypeError(f"reference row {i}: reference must be a string or assistant messages, got {type(reference).__name__}")
+                raise TypeError(
+                    f"reference row {i}: reference must be a string or assistant messages, "
+                    f"got {type(reference).__name__}"
+                )
             full, last = _prompt_keys(prompt)
             duplicates += full in self.full
             self.full.setdefault(full, reference)
             self.last_user.setdefault(last, reference)
         if duplicates:
-            logger.warning("%d reference rows repeat an earlier prompt; the first reference of each prompt is used", duplicates)
+            logger.warning(
+                "%d reference rows repeat an earlier prompt; the first reference of each prompt is used", duplicates
+            )
 
     def __len__(self) -> int:
         return len(self.full)
@@ -205,15 +225,18 @@ class ReferenceTable:
         return self.full.get(full, self.last_user.get(last))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, prompt_column: str = "prompt", reference_column: str = "reference") -> "ReferenceTable":
+    def from_file(
+        cls, path: str | os.PathLike, prompt_column: str = "prompt", reference_column: str = "reference"
+    ) -> ReferenceTable:
         """Read a .jsonl/.json/.csv/.parquet file or a saved dataset with the package's one reader
         (`pairrm_rlhf.data`: errors name the file and the line or row)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"--reference_file: file not found: {path}")
         rows = read_rows(str(path), what="--reference_file")
-        require_columns(columns_of(rows), {"prompt_column": prompt_column, "reference_column": reference_column},
-                        str(path))
+        require_columns(
+            columns_of(rows), {"prompt_column": prompt_column, "reference_column": reference_column}, str(path)
+        )
         pairs = []
         for i, row in enumerate(rows):
             if prompt_column not in row or reference_column not in row:
@@ -231,8 +254,13 @@ class RewardRequests:
     `labels_as_reference` (when a non-empty string); the reference table; the fixed `reference`.
     """
 
-    def __init__(self, parser: QueryParser, references: ReferenceTable | None = None, reference: str | None = None,
-                 labels_as_reference: bool = False):
+    def __init__(
+        self,
+        parser: QueryParser,
+        references: ReferenceTable | None = None,
+        reference: str | None = None,
+        labels_as_reference: bool = False,
+    ):
         self.parser, self.references, self.reference = parser, references, reference
         self.labels_as_reference = labels_as_reference
 
@@ -259,7 +287,9 @@ class RewardRequests:
                 triples.append((source, candidate, render(prompt, reference, name=f"reference of query[{i}]")[1]))
             except (TypeError, ValueError) as error:
                 message = str(error)
-                raise ApiError(400, message if message.startswith(f"query[{i}]") else f"query[{i}]: {message}") from None
+                raise ApiError(
+                    400, message if message.startswith(f"query[{i}]") else f"query[{i}]: {message}"
+                ) from None
         return triples
 
     def _reference(self, i: int, prompt: Any, extras: dict) -> Any:
@@ -280,6 +310,7 @@ class RewardRequests:
     @staticmethod
     def answer(rewards: Sequence[float], logits: Sequence[float]) -> dict:
         """OpenRLHF's answer: `rewards` and `scores` (the same numbers, as `serve_rm.py` sends), and `extra_logs`
-        (logged per sample by OpenRLHF): the two-order logit z = f(x, response, reference) - f(x, reference, response)."""
+        (logged per sample by OpenRLHF): the two-order logit z = f(x, response, reference) -
+        f(x, reference, response)."""
         rewards = [float(r) for r in rewards]
         return {"rewards": rewards, "scores": rewards, "extra_logs": {"pairrm_logit": [float(z) for z in logits]}}
