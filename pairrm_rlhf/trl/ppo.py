@@ -15,23 +15,26 @@ It follows "The N Implementation Details of RLHF with PPO" (Huang et al., 2024):
 - clipped policy loss and clipped value loss, `num_ppo_epochs` passes over `num_mini_batches` minibatches with
   gradient accumulation; dropout is disabled; Adam eps 1e-5; linear learning-rate decay.
 
-Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised), the layout of
-TRL's former `AutoModelForCausalLMWithValueHead`. It costs one extra `hidden x 1` layer instead of a second model;
-the value loss (weighted by `vf_coef`) also flows into the shared backbone. Reference policy: a frozen copy of
-the initial policy, or with LoRA (`peft_config`) the same model with its adapter disabled.
+Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised; see
+`ppo_model.PolicyWithValueHead`). Reference policy: a frozen copy of the initial policy, or with LoRA (`peft_config`)
+the same model with its adapter disabled.
 
 DeepSpeed: the batch sizes and `max_grad_norm` (as `gradient_clipping`) go into the DeepSpeed config; under
 ZeRO-3 generation gathers the sharded parameters, and the reference copy is wrapped by TRL's `prepare_deepspeed`
 (sharded with ZeRO-3, eval mode).
 
-Precision: trainable parameters are cast to float32 (master weights) whatever the checkpoint declares; `bf16: true`
-computes in bf16 through accelerate's autocast. `keep_half_precision_weights: true` trains bf16/fp16 weights
-directly (with a warning: AdamW updates below bf16's resolution are lost).
+Precision (`ppo_model.prepare_models`): what trains (the policy, or only the LoRA adapter) is cast to float32 (master
+weights); a frozen LoRA base keeps its loaded dtype. `bf16: true` runs every forward (policy, value head, reference,
+generation) under accelerate's autocast, so the reference computes exactly what the policy does at step 0 (KL 0).
+`keep_half_precision_weights: true` trains bf16/fp16 weights directly (with a warning: AdamW updates below bf16's
+resolution are lost).
 
-Durability: `save_steps` writes `output_dir/checkpoint-<update>` (policy + value head, optimizer, scheduler, every
-process's RNG states, through `accelerator.save_state`, plus the update count and log history in
-`trainer_state.json`); `resume_from_checkpoint` (a checkpoint directory, or `true` for the latest one in
-`output_dir`) continues exactly where it stopped: the resumed run logs the same metrics as an uninterrupted one.
+Durability (`ppo_checkpoint`): `save_steps` writes `output_dir/checkpoint-<update>`: the trainable weights (with LoRA
+the adapter only) and value head, optimizer, scheduler, every process's RNG states, update count and log history, in
+safetensors and JSON (no pickle), with a manifest of the run identity and every file's SHA-256, written last.
+`resume_from_checkpoint` (a checkpoint directory, or `true` for the latest complete one in `output_dir`) refuses a
+damaged, incomplete or foreign checkpoint naming the file, and otherwise continues exactly where it stopped: the
+resumed run logs the same metrics as an uninterrupted one.
 A reward of None or NaN masks its row out of every loss and the whitening; `objective/invalid_rewards` counts them.
 Metrics that only some processes log (a reward function's `log_metric`) are averaged over the processes that have
 them, so differing keys cannot hang the reduce.
@@ -39,12 +42,10 @@ them, so differing keys cannot hang the reduce.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
-import re
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -61,6 +63,11 @@ from transformers import get_scheduler
 
 from ..core.generation import SamplingArguments, build_generation_config
 from ..core.progress import progress_enabled
+from . import ppo_checkpoint
+from .ppo_checkpoint import checkpoints, latest_complete, run_identity
+from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models
+
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,37 +123,6 @@ class PPOConfig:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
 
-class PolicyWithValueHead(nn.Module):
-    """A causal LM plus a linear value head on its last hidden state; `forward` returns (logits, values)."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-        hidden = policy.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "attention_dropout"):
-        config.attention_dropout = 0.0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 class PPOTrainer:
     """PPO on prompts (`prompt` column: strings or message lists; other columns go to the reward function).
 
@@ -180,27 +156,14 @@ class PPOTrainer:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        half = sorted({str(p.dtype) for p in policy.parameters() if p.dtype != torch.float32 and p.is_floating_point()})
-        if half and config.keep_half_precision_weights:
-            logger.warning("training %s weights directly (keep_half_precision_weights): AdamW updates below their "
-                           "resolution are lost", "/".join(half))
-        elif half:  # fp32 master weights; bf16 compute comes from mixed precision
-            policy = policy.float()
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            policy, ref_policy = get_peft_model(policy, peft_config), None
-        elif ref_policy is None:
-            ref_policy = copy.deepcopy(policy)
-        disable_dropout(policy)
+        policy, ref_policy = prepare_models(policy, ref_policy, peft_config, config.keep_half_precision_weights)
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             if peft_config is not None:
                 policy.enable_input_require_grads()
         self.ref_policy = None
         if ref_policy is not None:
-            disable_dropout(ref_policy)
-            self.ref_policy = ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
+            self.ref_policy = ref_policy.to(self.accelerator.device)
             if deepspeed is not None:  # sharded like the policy under ZeRO-3 (eval mode, no optimizer), as TRL does
                 from trl.models.utils import prepare_deepspeed
 
@@ -218,7 +181,8 @@ class PPOTrainer:
         if deepspeed is not None and config.max_grad_norm:  # DeepSpeed clips inside its own step
             deepspeed.deepspeed_config["gradient_clipping"] = config.max_grad_norm
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.deepspeed = deepspeed is not None
+        self.identity = run_identity(config, self.accelerator.num_processes, model)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # each process samples its own responses
         sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         self.generation_config = build_generation_config(policy, tokenizer, sampling)
@@ -318,11 +282,12 @@ class PPOTrainer:
             logits, value = self._response_logits(self.model, part, context, value=True)
             logprobs.append(self._logprobs(logits, response[s : s + chunk]))
             values.append(value.float())
-            if self.ref_policy is not None:
-                ref_logits, _ = self._response_logits(self.ref_policy, part, context, value=False)
-            else:
-                with unwrapped.policy.disable_adapter():
-                    ref_logits, _ = self._response_logits(unwrapped.policy, part, context, value=False)
+            with acc.autocast():  # the policy's compute dtype (accelerate wraps only the prepared model's forward)
+                if self.ref_policy is not None:
+                    ref_logits, _ = self._response_logits(self.ref_policy, part, context, value=False)
+                else:
+                    with unwrapped.policy.disable_adapter():
+                        ref_logits, _ = self._response_logits(unwrapped.policy, part, context, value=False)
             ref_logprobs.append(self._logprobs(ref_logits, response[s : s + chunk]))
         rollout = dict(query=query, query_mask=query_mask, response=response, mask=mask.float(), length=length,
                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
@@ -475,34 +440,23 @@ class PPOTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        """Write `output_dir/checkpoint-<update>`: model, optimizer, scheduler, RNG states, update count, logs."""
-        acc = self.accelerator
+        """Write `output_dir/checkpoint-<update>` (`ppo_checkpoint`: trainable weights, optimizer, scheduler, RNG
+        states, update count and logs, with a checksummed manifest) and drop the oldest beyond `save_total_limit`."""
         directory = os.path.join(self.config.output_dir, f"checkpoint-{self.update_step}")
-        acc.save_state(directory)
-        if acc.is_main_process:
-            with open(os.path.join(directory, "trainer_state.json"), "w") as f:
-                json.dump({"update": self.update_step, "log_history": self.log_history}, f, indent=1)
-            limit = self.config.save_total_limit
-            if limit:
-                for old in checkpoints(self.config.output_dir)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        ppo_checkpoint.save(self, directory)
+        limit = self.config.save_total_limit
+        if self.accelerator.is_main_process and limit:
+            for old in checkpoints(self.config.output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return directory
 
     def load_checkpoint(self, checkpoint: str) -> None:
-        """Restore a `save_checkpoint` directory (or the latest in output_dir for 'true')."""
+        """Restore a `save_checkpoint` directory (or the latest complete one in output_dir for 'true'); refuses a
+        damaged, incomplete or foreign one naming the file (`ppo_checkpoint.CheckpointError`)."""
         if str(checkpoint).lower() == "true":
-            found = checkpoints(self.config.output_dir)
-            if not found:
-                raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<update> in {self.config.output_dir}")
-            checkpoint = found[-1]
-        state_file = os.path.join(checkpoint, "trainer_state.json")
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} is not a PPO checkpoint (no trainer_state.json)")
-        self.accelerator.load_state(checkpoint)
-        with open(state_file) as f:
-            state = json.load(f)
-        self.update_step, self.log_history = state["update"], state["log_history"]
+            checkpoint = latest_complete(self.config.output_dir)
+        ppo_checkpoint.load(self, checkpoint)
         logger.info("resumed from %s (update %d)", checkpoint, self.update_step)
 
     def _rollout_metrics(self, r: dict[str, Any]) -> dict[str, float]:
@@ -533,16 +487,9 @@ class PPOTrainer:
             policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
             unwrapped.policy.save_pretrained(output_dir, state_dict=policy_state)
             self.tokenizer.save_pretrained(output_dir)
-            torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
-                       os.path.join(output_dir, "value_head.pt"))
+            save_file({k[len("value_head."):]: v.detach().cpu().contiguous() for k, v in state.items()
+                       if k.startswith("value_head.")}, os.path.join(output_dir, "value_head.safetensors"))
             with open(os.path.join(output_dir, "log_history.json"), "w") as f:
                 json.dump(self.log_history, f, indent=1)
         acc.wait_for_everyone()
 
-
-def checkpoints(output_dir: str) -> list[str]:
-    """The `checkpoint-<update>` directories in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
-    return [os.path.join(output_dir, name) for _, name in sorted(found)]
