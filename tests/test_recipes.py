@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -341,6 +342,31 @@ def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):
             assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("change, difference", [
+    (["--learning_rate", "2e-3"], "training.learning_rate: 0.001 -> 0.002"),
+    (["--num_responses", "3"], "training.num_responses: 2 -> 3"),
+    (["--strategy", "best_vs_random"], "training.strategy: 'best_vs_worst' -> 'best_vs_random'"),
+    (["--pairrm_dtype", "bfloat16"], "data_and_judge.pairrm_dtype: None -> 'bfloat16'"),
+])
+def test_iterative_dpo_refuses_to_resume_with_other_settings(style_data, tmp_path, monkeypatch, change, difference):
+    """A resumed run with other settings used to reuse the old iterations silently: refused, naming the change,
+    before anything is loaded or labeled (the labeler's identity mechanism, `core.identity`)."""
+    iterative = recipe("iterative_dpo")
+    args = [*ITERATIVE_SMALL, "--dataset_name", style_data, "--output_dir", str(tmp_path), "--save_strategy", "no",
+            "--eval_prompts", "0"]
+
+    def stop(*_args, **_kwargs):
+        raise RuntimeError("stopped at labeling")
+
+    monkeypatch.setattr(iterative, "label", stop)
+    with pytest.raises(RuntimeError, match="stopped at labeling"):
+        iterative.main(*parse("iterative_dpo", args), judge=style_judge())
+    with pytest.raises(RuntimeError, match="stopped at labeling"):  # the same settings resume
+        iterative.main(*parse("iterative_dpo", args), judge=style_judge())
+    with pytest.raises(ValueError, match=f"--output_dir .* other settings: manifest.json has {re.escape(difference)}"):
+        iterative.main(*parse("iterative_dpo", args + change), judge=style_judge())
+
+
 def test_iterative_dpo_resumes_inside_an_iteration(style_data, tmp_path, monkeypatch):
     """A crash in the middle of an iteration's training resumes from the DPO trainer's last checkpoint."""
     from transformers import Trainer
@@ -390,7 +416,7 @@ def test_sppo_uses_the_authors_labels_by_default(style_data, tmp_path):
 # ---- configs ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [
-    ("ppo", ["model.safetensors", "value_head.pt", "log_history.json", "checkpoint-2/trainer_state.json",
+    ("ppo", ["model.safetensors", "value_head.safetensors", "log_history.json", "checkpoint-2/manifest.json",
              "eval_metrics.json", "eval_completions.jsonl"]),
     ("online_dpo", ["model.safetensors"]),
     ("grpo", ["model.safetensors"]),
@@ -475,7 +501,7 @@ def test_ppo_two_processes(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"]  # logged metrics are reduced over both processes
     assert [h["episode"] for h in ranks[0]["history"]] == [16, 32]
     assert all(h["rank0/only"] == 1.0 for h in ranks[0]["history"])  # the union of keys, averaged where present
-    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "value_head.pt").exists()
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "value_head.safetensors").exists()
 
 
 ITERATIVE_SCRIPT = """
