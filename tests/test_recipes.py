@@ -542,39 +542,59 @@ sys.path.insert(0, {recipes!r})
 import torch
 import _common, ppo
 
+loaded = []
+real_load = ppo.load_policy
+def load_policy(model_args):  # records how much of each model this process holds as it loads
+    model, tokenizer = real_load(model_args)
+    loaded.append(sum(p.numel() for p in model.parameters()))
+    return model, tokenizer
+ppo.load_policy = load_policy
 args = _common.parse(ppo.make_parser(), [
     "--model_name_or_path", "tiny", "--pairrm", "tiny", "--dataset_name", "tiny", "--use_cpu", "false",
     "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "1",
     "--total_episodes", "16", "--max_new_tokens", "6", "--learning_rate", "1e-3", "--max_grad_norm", "0.5",
-    "--seed", "0", "--output_dir", sys.argv[1]])
+    "--seed", "0", "--eval_prompts", "4", "--save_steps", "2", "--output_dir", sys.argv[1], *sys.argv[2:]])
 trainer = ppo.main(*args)
 acc = trainer.accelerator
 engine = trainer.model
-with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
-    json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(),
-                   ref=type(trainer.ref_policy).__name__, history=trainer.log_history), f)
+with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}-{{len(sys.argv)}}.json"), "w") as f:
+    json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(), loaded=loaded,
+                   ref=type(trainer.ref_policy).__name__, history=trainer.log_history,
+                   evals=len(trainer.evaluator.history)), f)
 from pairrm_rlhf.core.distributed import end_distributed_run
 end_distributed_run()
 """
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_ppo_deepspeed_zero3(tmp_path):
-    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the batch sizes and
-    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, generation runs under gathered
-    parameters. (Two processes cannot run here: accelerate 1.15 reports num_processes=1 / process_index=0 on every
-    rank of a CPU DeepSpeed launch, so both ranks would act as the main process.)"""
+    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the policy and the
+    reference are partitioned as they load (no whole fp32 policy nor a copy of it), the batch sizes and
+    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, evaluation and generation run under
+    gathered parameters, and a checkpoint (the engine's own, checksummed) resumes. (Two processes cannot run here:
+    accelerate 1.15 reports num_processes=1 / process_index=0 on every rank of a CPU DeepSpeed launch, so both
+    ranks would act as the main process.)"""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "ppo_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
     env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
-               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true")  # as recipes/accelerate/deepspeed_zero3.yaml
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
     proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    r = json.loads((tmp_path / "out" / "rank0-2.json").read_text())
     assert r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine"
+    assert r["loaded"] == [0, 0]  # policy and reference: partitioned placeholders from the start
     assert len(r["history"]) == 4 and all(np.isfinite(h["loss/policy_avg"]) for h in r["history"])
+    assert r["evals"] == 2  # before and after training
     assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoint-2" / "manifest.json").exists()
+    # resume from the (checksummed) engine checkpoint of update 2: updates 3 and later are computed again
+    proc = launch(script, str(tmp_path / "out"), "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2"),
+                  env=env, processes=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "out" / "rank0-4.json").read_text())
+    assert resumed["history"] == r["history"]  # the same numbers as the uninterrupted run
 
 
 DEEPSPEED_ITERATIVE_SCRIPT = """

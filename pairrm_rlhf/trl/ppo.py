@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..core.generation import SamplingArguments, build_generation_config
 from ..core.progress import progress_enabled
@@ -67,7 +68,7 @@ from . import ppo_checkpoint
 from .ppo_checkpoint import checkpoints, latest_complete, run_identity
 from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models
 
-__all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints"]
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints", "make_accelerator"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,21 @@ class PPOConfig:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
 
+def make_accelerator(config: PPOConfig) -> Accelerator:
+    """The run's accelerator, with the batch sizes in its DeepSpeed config (no prepared dataloader infers them).
+    Made before the models are loaded, its DeepSpeed ZeRO-3 config (with `zero3_init`) partitions them at load."""
+    accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision="bf16" if config.bf16 else None, log_with=config.report_to or None,
+                              project_dir=config.output_dir)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+        deepspeed.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        deepspeed.deepspeed_config["train_batch_size"] = (
+            config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes)
+    return accelerator
+
+
 class PPOTrainer:
     """PPO on prompts (`prompt` column: strings or message lists; other columns go to the reward function).
 
@@ -134,40 +150,44 @@ class PPOTrainer:
             e.g. `PairwiseReward(pairrm, output="logit")`. Each process scores its own rollouts.
         train_dataset: a `datasets.Dataset` (or anything indexable by a list of rows returning a dict of lists).
         ref_policy: the frozen reference; default a copy of `policy` (or the adapter-disabled model with LoRA).
+            Under ZeRO-3 a policy loaded after `make_accelerator` is partitioned and cannot be copied: load
+            the reference like the policy, after `make_accelerator`, and pass it.
         peft_config: a `peft.PeftConfig` to train a LoRA adapter instead of the full policy.
+        accelerator: from `make_accelerator(config)` when the models must be loaded after it (ZeRO-3 partitions
+            them at load only while its DeepSpeed config is alive); default: made here.
     """
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, reward_fn: RewardFn, train_dataset: Any,
-                 ref_policy: nn.Module | None = None, peft_config: Any = None):
+                 ref_policy: nn.Module | None = None, peft_config: Any = None, accelerator: Accelerator | None = None):
         self.config, self.tokenizer, self.reward_fn, self.dataset = config, tokenizer, reward_fn, train_dataset
         if config.local_batch_size < 1 or config.num_ppo_epochs < 1:
             raise ValueError("batch sizes, num_mini_batches and num_ppo_epochs must be >= 1")
-        self.accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                       mixed_precision="bf16" if config.bf16 else None,
-                                       log_with=config.report_to or None, project_dir=config.output_dir)
+        self.accelerator = accelerator or make_accelerator(config)
         deepspeed = self.accelerator.state.deepspeed_plugin
-        if deepspeed is not None:  # no prepared dataloader to infer them from
-            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
-            deepspeed.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
-            deepspeed.deepspeed_config["train_batch_size"] = (
-                config.per_device_train_batch_size * config.gradient_accumulation_steps
-                * self.accelerator.num_processes)
+        # models loaded after `make_accelerator` under ZeRO-3 are partitioned (transformers' zero.Init)
+        partitioned = accelerator is not None and deepspeed is not None and is_deepspeed_zero3_enabled()
+        if partitioned and ref_policy is None and peft_config is None:
+            raise ValueError("ref_policy: under ZeRO-3 a policy loaded after make_accelerator is partitioned and "
+                             "cannot be copied; load the reference the same way and pass it")
         torch.manual_seed(config.seed)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        policy, ref_policy = prepare_models(policy, ref_policy, peft_config, config.keep_half_precision_weights)
+        # partitioned: DeepSpeed holds the fp32 masters of the trainable partitions itself; nothing is cast here
+        policy, ref_policy = prepare_models(policy, ref_policy, peft_config, config.keep_half_precision_weights,
+                                            cast=not partitioned)
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             if peft_config is not None:
                 policy.enable_input_require_grads()
         self.ref_policy = None
         if ref_policy is not None:
-            self.ref_policy = ref_policy.to(self.accelerator.device)
             if deepspeed is not None:  # sharded like the policy under ZeRO-3 (eval mode, no optimizer), as TRL does
                 from trl.models.utils import prepare_deepspeed
 
-                self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
+                self.ref_policy = prepare_deepspeed(ref_policy, self.accelerator)
+            else:
+                self.ref_policy = ref_policy.to(self.accelerator.device)
         model = PolicyWithValueHead(policy)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)

@@ -49,17 +49,20 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def prepare_models(policy: nn.Module, ref_policy: nn.Module | None, peft_config: Any,
-                   keep_half_precision_weights: bool) -> tuple[nn.Module, nn.Module | None]:
+                   keep_half_precision_weights: bool, cast: bool = True) -> tuple[nn.Module, nn.Module | None]:
     """(policy to train, frozen reference or None). With `peft_config` the policy becomes a LoRA model whose
     adapter-disabled self is the reference (None); otherwise the reference is `ref_policy` or a copy of the policy
-    made after its cast (same dtype, same weights). Only trainable parameters are cast to float32."""
+    made after its cast (same dtype, same weights). Only trainable parameters are cast to float32; nothing with
+    `cast=False` (a model partitioned by ZeRO-3 at load, whose fp32 masters DeepSpeed keeps)."""
     if peft_config is not None:
         from peft import get_peft_model
 
         policy, ref_policy = get_peft_model(policy, peft_config), None  # the base is frozen in its own dtype
     trainable = [p for p in policy.parameters() if p.requires_grad]
     half = sorted({str(p.dtype) for p in trainable if p.dtype != torch.float32 and p.is_floating_point()})
-    if half and keep_half_precision_weights:
+    if not cast:
+        pass
+    elif half and keep_half_precision_weights:
         logger.warning("training %s weights directly (keep_half_precision_weights): AdamW updates below their "
                        "resolution are lost", "/".join(half))
     elif half and peft_config is not None:
