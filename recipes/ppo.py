@@ -49,8 +49,10 @@ logger = logging.getLogger("ppo")
 class PPORecipeConfig(PPOConfig):
     """PPO against PairRM comparisons with each row's reference response."""
 
-    reward_output: str = field(default="logit", metadata={"help": "PairwiseReward output: logit (two-order log-odds), probability or win"})
-    eval_steps: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
+    reward_output: str = field(default="logit", metadata={
+        "help": "PairwiseReward output: logit (z = f(A,B) - f(B,A): twice the calibrated log-odds), probability, win"})
+    eval_steps: int = field(default=0, metadata={
+        "help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
 
     def __post_init__(self):
         if self.reward_output not in REWARD_OUTPUTS:
@@ -128,8 +130,9 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
         first, last = history[0], history[-1]
         print(f"PPO: {len(history)} logged updates of {trainer.num_updates}; "
               f"PairRM score vs reference {first['objective/scores']:.3f} -> {last['objective/scores']:.3f}, "
-              f"win rate {first.get('pairrm/win_rate', float('nan')):.2f} -> {last.get('pairrm/win_rate', float('nan')):.2f}, "
-              f"KL {last['objective/kl']:.3f}, EOS rate {last['val/eos_rate']:.2f}\nSaved to {training_args.output_dir}")
+              f"win rate {first.get('pairrm/win_rate', float('nan')):.2f} -> "
+              f"{last.get('pairrm/win_rate', float('nan')):.2f}, KL {last['objective/kl']:.3f}, "
+              f"EOS rate {last['val/eos_rate']:.2f}\nSaved to {training_args.output_dir}")
         if trainer.evaluator is not None and trainer.evaluator.history:
             e = trainer.evaluator.history[-1]
             print(f"held-out ({len(eval_set)} prompts): win rate vs initial policy {e['vs_initial/win_rate']:.3f}, "

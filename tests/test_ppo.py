@@ -171,3 +171,45 @@ def test_ppo_resume_latest_skips_an_interrupted_save(tmp_path):
     assert resumed.update_step == 1
     with pytest.raises(ValueError, match="manifest.json is missing"):
         resumed.load_checkpoint(str(Path(t.config.output_dir) / "checkpoint-2"))
+
+
+# ---- reward scaling ---------------------------------------------------------------------------------------------
+class Scripted:
+    """A reward function returning the next scores of a script (one list per call)."""
+
+    def __init__(self, *batches):
+        self.batches = list(batches)
+
+    def __call__(self, prompts, completions, log_metric=None, **columns):
+        return self.batches.pop(0)[: len(prompts)]
+
+
+def test_ppo_reward_scaling_initial_and_running():
+    """`initial`: the first rollout's scores define mean 0 / std 1 for the whole run (the lm-human-preferences gain
+    and bias); `running`: statistics of every score so far. A missing-EOS penalty applies after scaling."""
+    first, second = [2.0, 4.0, 6.0, 8.0], [10.0, 10.0, 10.0, 10.0]
+    t = trainer(reward=Scripted(first, second), reward_scaling="initial", max_new_tokens=3)
+    batch = DATA[[0, 1, 2, 3]]
+    a, b = t.rollout(batch), t.rollout(batch)
+    std = torch.tensor(first).std().item()
+    expected_a, expected_b = (torch.tensor(first) - 5) / std, (torch.tensor(second) - 5) / std
+    torch.testing.assert_close(a["penalized"], expected_a)
+    torch.testing.assert_close(b["penalized"], expected_b)
+    torch.testing.assert_close(a["scores"], torch.tensor(first))  # the logged scores stay raw
+
+    t = trainer(reward=Scripted(first, second), reward_scaling="running", max_new_tokens=3)
+    t.rollout(batch)
+    b = t.rollout(batch)
+    everything = torch.tensor(first + second)
+    torch.testing.assert_close(b["penalized"], (torch.tensor(second) - everything.mean()) / everything.std())
+
+    with pytest.raises(ValueError, match="reward_scaling must be one of none, initial, running"):
+        trainer(reward_scaling="whiten")
+
+
+def test_ppo_reward_scaling_statistics_are_checkpointed(tmp_path):
+    t, settings = trained(tmp_path, reward_scaling="running")
+    resumed = trainer(**settings)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert resumed.reward_scaler.state_dict() == t.reward_scaler.state_dict()
+    assert t.reward_scaler.count == 4  # 2 updates x 2 rollouts: every valid score counted

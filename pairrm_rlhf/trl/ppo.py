@@ -50,7 +50,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -66,62 +66,15 @@ from ..core.generation import SamplingArguments, build_generation_config
 from ..core.progress import progress_enabled
 from . import ppo_checkpoint
 from .ppo_checkpoint import checkpoints, latest_complete, run_identity
+from .ppo_config import PPOConfig
 from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models
+from .ppo_rewards import RewardScaler, gae, whiten
 
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints", "make_accelerator"]
 
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float]]
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyper-parameters. Rollouts per process per update = per_device_train_batch_size x
-    gradient_accumulation_steps x num_mini_batches."""
-
-    output_dir: str = field(default="ppo-output", metadata={"help": "where the policy, value head and logs are saved"})
-    seed: int = field(default=42, metadata={"help": "seed of data order and sampling"})
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and value head)"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
-    warmup_steps: int = field(default=0, metadata={"help": "scheduler warm-up optimizer steps"})
-    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW eps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch of one forward/backward"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per PPO epoch"})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    total_episodes: int | None = field(default=None, metadata={"help": "rollouts in all (default: num_train_epochs x dataset)"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the prompts when total_episodes is unset"})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "rows per no-grad generate/forward"})
-    max_prompt_length: int | None = field(default=512, metadata={"help": "prompts are cut from the left to this"})
-    max_new_tokens: int = field(default=53, metadata={"help": "response length limit"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (also applied when recomputing logprobs)"})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the score of responses without EOS"})
-    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty coefficient"})
-    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
-    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
-    gamma: float = field(default=1.0, metadata={"help": "discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
-    logging_steps: int = field(default=1, metadata={"help": "log every N updates"})
-    save_steps: int = field(default=0, metadata={"help": "write a resumable checkpoint-<update> every N updates (0: none)"})
-    save_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "a checkpoint-<update> directory to resume from, or 'true' for the latest one in output_dir"})
-    save_final: bool = field(default=True, metadata={"help": "save the policy and value head at the end"})
-    keep_half_precision_weights: bool = field(default=False, metadata={
-        "help": "train bf16/fp16 weights directly instead of fp32 master weights (updates below their resolution are lost)"})
-    use_cpu: bool = field(default=False, metadata={"help": "train on CPU even when CUDA is available"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in the policy"})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: wandb, tensorboard, ..."})
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
 
 def make_accelerator(config: PPOConfig) -> Accelerator:
@@ -162,6 +115,7 @@ class PPOTrainer:
         self.config, self.tokenizer, self.reward_fn, self.dataset = config, tokenizer, reward_fn, train_dataset
         if config.local_batch_size < 1 or config.num_ppo_epochs < 1:
             raise ValueError("batch sizes, num_mini_batches and num_ppo_epochs must be >= 1")
+        RewardScaler(config.reward_scaling)  # a bad name stops here, before any model work
         self.accelerator = accelerator or make_accelerator(config)
         deepspeed = self.accelerator.state.deepspeed_plugin
         # models loaded after `make_accelerator` under ZeRO-3 are partitioned (transformers' zero.Init)
@@ -195,13 +149,15 @@ class PPOTrainer:
         episodes = config.total_episodes or math.ceil(config.num_train_epochs * len(train_dataset))
         self.num_updates = max(1, episodes // (config.local_batch_size * world))
         if len(train_dataset) < config.local_batch_size * world:
-            raise ValueError(f"the dataset has {len(train_dataset)} rows; one update needs {config.local_batch_size * world}")
+            raise ValueError(f"the dataset has {len(train_dataset)} rows; one update needs "
+                             f"{config.local_batch_size * world}")
         steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
         self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.warmup_steps, steps)
         if deepspeed is not None and config.max_grad_norm:  # DeepSpeed clips inside its own step
             deepspeed.deepspeed_config["gradient_clipping"] = config.max_grad_norm
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.deepspeed = deepspeed is not None
+        self.reward_scaler = RewardScaler(config.reward_scaling)
         self.identity = run_identity(config, self.accelerator.num_processes, model)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # each process samples its own responses
         sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
@@ -211,7 +167,8 @@ class PPOTrainer:
         self.update_step = 0
         self._zero3 = getattr(deepspeed, "zero_stage", 0) == 3
         if config.report_to:
-            self.accelerator.init_trackers("pairrm-ppo", config={k: v for k, v in asdict(config).items() if v is not None})
+            self.accelerator.init_trackers("pairrm-ppo",
+                                           config={k: v for k, v in asdict(config).items() if v is not None})
 
     # ---- data ------------------------------------------------------------------------------------------
     def _batches(self, skip: int = 0) -> Iterator[dict[str, list]]:
@@ -258,7 +215,8 @@ class PPOTrainer:
         if value:
             logits, values = model(input_ids, attention_mask, position_ids)
             return logits[:, context - 1 : -1], values[:, context - 1 : -1]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
         return logits[:, context - 1 : -1], None
 
     @torch.no_grad()
@@ -274,7 +232,8 @@ class PPOTrainer:
         responses = []
         with self._gathered(unwrapped), acc.autocast():
             for s in range(0, len(prompts), chunk):
-                out = unwrapped.policy.generate(input_ids=query[s : s + chunk], attention_mask=query_mask[s : s + chunk],
+                out = unwrapped.policy.generate(input_ids=query[s : s + chunk],
+                                                attention_mask=query_mask[s : s + chunk],
                                                 generation_config=self.generation_config, synced_gpus=self._zero3)
                 responses.append(out[:, context:])
         width = max(r.shape[1] for r in responses)
@@ -293,12 +252,13 @@ class PPOTrainer:
         scores = torch.tensor([math.nan if r is None else float(r) for r in raw], device=acc.device)
         valid = ~torch.isnan(scores)  # a row without a reward is masked out of every loss
         mask &= valid[:, None]
-        penalized = scores.clone()
+        penalized = self.reward_scaler(scores, valid, self._sum)
         if cfg.missing_eos_penalty is not None:
             penalized[~has_eos] -= cfg.missing_eos_penalty
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, len(prompts), chunk):
-            part = self._inputs(query[s : s + chunk], query_mask[s : s + chunk], response[s : s + chunk], mask[s : s + chunk])
+            part = self._inputs(query[s : s + chunk], query_mask[s : s + chunk], response[s : s + chunk],
+                                mask[s : s + chunk])
             logits, value = self._response_logits(self.model, part, context, value=True)
             logprobs.append(self._logprobs(logits, response[s : s + chunk]))
             values.append(value.float())
@@ -325,15 +285,9 @@ class PPOTrainer:
 
         return deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
 
-    # ---- advantages ---------------------------------------------------------------------------------------
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-        """Whiten over the valid tokens of all processes."""
-        stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
-        total, total_sq, count = self.accelerator.reduce(stats, reduction="sum")
-        mean = total / count
-        var = (total_sq / count - mean * mean) * count / (count - 1).clamp(min=1)
-        whitened = (x - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)
-        return (whitened if shift_mean else whitened + mean) * mask
+    # ---- advantages (ppo_rewards) -------------------------------------------------------------------------
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x, reduction="sum")
 
     def _advantages(self, r: dict[str, Any]) -> None:
         cfg, mask = self.config, r["mask"]
@@ -342,17 +296,11 @@ class PPOTrainer:
         rows = torch.arange(len(rewards), device=rewards.device)
         rewards[rows, r["length"] - 1] += torch.nan_to_num(r["penalized"], nan=0.0)
         if cfg.whiten_rewards:
-            rewards = self._whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, self._sum, shift_mean=False)
         values = r["values"] * mask
-        advantages = torch.zeros_like(rewards)
-        last = torch.zeros_like(rewards[:, 0])
-        for t in reversed(range(rewards.shape[1])):
-            next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-            delta = rewards[:, t] + cfg.gamma * next_value - values[:, t]
-            last = delta + cfg.gamma * cfg.lam * last
-            advantages[:, t] = last
+        advantages = gae(rewards, values, cfg.gamma, cfg.lam)
         r.update(values=values, kl=kl, returns=(advantages + values) * mask,
-                 advantages=self._whiten(advantages, mask), non_score_reward=(-cfg.kl_coef * kl).sum(1))
+                 advantages=whiten(advantages, mask, self._sum), non_score_reward=(-cfg.kl_coef * kl).sum(1))
 
     # ---- PPO epochs ------------------------------------------------------------------------------------------
     def update(self, r: dict[str, Any]) -> dict[str, float]:
@@ -373,7 +321,8 @@ class PPOTrainer:
                         batch = self._inputs(r["query"][idx], r["query_mask"][idx], r["response"][idx], mask.bool())
                         logits, vpred = self._response_logits(self.model, batch, context, value=True)
                         logprobs = self._logprobs(logits, r["response"][idx])
-                        old, adv, ret, old_v = r["logprobs"][idx], r["advantages"][idx], r["returns"][idx], r["values"][idx]
+                        old, adv = r["logprobs"][idx], r["advantages"][idx]
+                        ret, old_v = r["returns"][idx], r["values"][idx]
                         ratio = torch.exp(logprobs - old)
                         pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
                         pg_loss = masked_mean(pg, mask)
@@ -392,7 +341,8 @@ class PPOTrainer:
                         scaled = logits.float() / cfg.temperature
                         entropy = torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1)
                         stats["policy/approxkl_avg"].append(0.5 * masked_mean((logprobs - old) ** 2, mask))
-                        stats["policy/clipfrac_avg"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask))
+                        clipped = ((ratio - 1).abs() > cfg.cliprange).float()
+                        stats["policy/clipfrac_avg"].append(masked_mean(clipped, mask))
                         stats["policy/entropy_avg"].append(masked_mean(entropy, mask))
                         stats["loss/policy_avg"].append(pg_loss.detach())
                         stats["loss/value_avg"].append(vf_loss.detach())
@@ -443,7 +393,8 @@ class PPOTrainer:
                                 loss=f"{log.get('loss/policy_avg', math.nan):.4g}", refresh=False)
                 if acc.is_main_process and not show:  # the bar shows these already
                     logger.info("update %d/%d: %s", update, self.num_updates,
-                                ", ".join(f"{k}={v:.4g}" for k, v in log.items() if k.startswith(("objective", "policy/approx"))))
+                                ", ".join(f"{k}={v:.4g}" for k, v in log.items()
+                                          if k.startswith(("objective", "policy/approx"))))
             bar.update(1)
             self.on_update_end()
             if cfg.save_steps and update % cfg.save_steps == 0:
@@ -487,6 +438,7 @@ class PPOTrainer:
             "objective/non_score_reward": r["non_score_reward"].mean(),
             "objective/rlhf_reward": (r["penalized"] + r["non_score_reward"])[r["valid"].bool()].mean(),
             "objective/scores": torch.nanmean(r["scores"]),
+            "objective/scaled_scores": torch.nanmean(r["penalized"]),
             "val/eos_rate": r["has_eos"].mean(),
             "val/response_length": r["length"].float().mean(),
             **{k: torch.tensor(v, device=kl_sum.device) for k, v in sorted(r["metrics"].items())},

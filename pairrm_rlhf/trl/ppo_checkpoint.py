@@ -10,7 +10,7 @@
                                fp32 masters and optimizer states; frozen parameters excluded)
     scheduler.json             the learning-rate scheduler's state
     rng-<rank>.safetensors     each process's torch RNG states (CPU and CUDA)
-    trainer_state.json         the update count and the log history
+    trainer_state.json         the update count, the log history and the reward scaling statistics
     manifest.json              written last: the run identity (`run_identity`) and the SHA-256 of every file above
 
 Nothing is read with pickle (the DeepSpeed engine's files excepted: DeepSpeed reads them itself, after their
@@ -102,7 +102,8 @@ def save(trainer: Any, directory: str) -> None:
     _save_tensors(rng, path / f"rng-{acc.process_index}.safetensors")
     if acc.is_main_process:
         _write_json(path / "scheduler.json", trainer.scheduler.state_dict())
-        _write_json(path / "trainer_state.json", {"update": trainer.update_step, "log_history": trainer.log_history})
+        _write_json(path / "trainer_state.json", {"update": trainer.update_step, "log_history": trainer.log_history,
+                                                  "reward_scaling": trainer.reward_scaler.state_dict()})
     acc.wait_for_everyone()
     if acc.is_main_process:
         files = {str(f.relative_to(path)): file_sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
@@ -213,6 +214,7 @@ def load(trainer: Any, directory: str) -> None:
         torch.cuda.set_rng_state_all(cuda)
     state = _read_json(path / "trainer_state.json")
     trainer.update_step, trainer.log_history = int(state["update"]), list(state["log_history"])
+    trainer.reward_scaler.load_state_dict(state["reward_scaling"])
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
