@@ -558,7 +558,7 @@ trainer = ppo.main(*args)
 acc = trainer.accelerator
 engine = trainer.model
 with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}-{{len(sys.argv)}}.json"), "w") as f:
-    json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(), loaded=loaded,
+    json.dump(dict(world=acc.num_processes, stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(), loaded=loaded,
                    ref=type(trainer.ref_policy).__name__, history=trainer.log_history,
                    evals=len(trainer.evaluator.history)), f)
 from pairrm_rlhf.core.distributed import end_distributed_run
@@ -572,9 +572,7 @@ def test_ppo_deepspeed_zero3(tmp_path):
     """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the policy and the
     reference are partitioned as they load (no whole fp32 policy nor a copy of it), the batch sizes and
     max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, evaluation and generation run under
-    gathered parameters, and a checkpoint (the engine's own, checksummed) resumes. (Two processes cannot run here:
-    accelerate 1.15 reports num_processes=1 / process_index=0 on every rank of a CPU DeepSpeed launch, so both
-    ranks would act as the main process.)"""
+    gathered parameters, and a checkpoint (the engine's own, checksummed) resumes to the same metrics."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "ppo_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
@@ -595,6 +593,32 @@ def test_ppo_deepspeed_zero3(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = json.loads((tmp_path / "out" / "rank0-4.json").read_text())
     assert resumed["history"] == r["history"]  # the same numbers as the uninterrupted run
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ppo_deepspeed_zero3_two_processes(tmp_path):
+    """Two processes under ZeRO-3 on the CPU (gloo; `make_accelerator` names the backend, without which accelerate
+    gives every rank num_processes=1): each rank loads its partitions only, trains, evaluates before and after
+    (every rank gathers and samples, as ZeRO-3 generation needs), saves a checkpoint, and a resumed run logs the
+    uninterrupted run's metrics on both ranks."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
+    script = tmp_path / "ppo_zero3.py"
+    script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
+    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
+    out = tmp_path / "out"
+    proc = launch(script, str(out), "--total_episodes", "32", env=env, processes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}-4.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["loaded"] for r in ranks] == [[0, 0], [0, 0]]
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 4
+    assert [r["evals"] for r in ranks] == [2, 2]
+    proc = launch(script, str(out), "--total_episodes", "32", "--resume_from_checkpoint", str(out / "checkpoint-2"),
+                  env=env, processes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = [json.loads((out / f"rank{r}-6.json").read_text()) for r in (0, 1)]
+    assert resumed[0]["history"] == resumed[1]["history"] == ranks[0]["history"]
 
 
 DEEPSPEED_ITERATIVE_SCRIPT = """

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
@@ -80,9 +81,14 @@ RewardFn = Callable[..., list[float]]
 def make_accelerator(config: PPOConfig) -> Accelerator:
     """The run's accelerator, with the batch sizes in its DeepSpeed config (no prepared dataloader infers them).
     Made before the models are loaded, its DeepSpeed ZeRO-3 config (with `zero3_init`) partitions them at load."""
+    handlers = []
+    if not torch.accelerator.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # DeepSpeed's CPU accelerator: without a named backend accelerate finds none for the CPU and gives every rank
+        # num_processes=1 / process_index=0; gloo makes it a real multi-process run
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
                               mixed_precision="bf16" if config.bf16 else None, log_with=config.report_to or None,
-                              project_dir=config.output_dir)
+                              project_dir=config.output_dir, kwargs_handlers=handlers)
     deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None:
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
