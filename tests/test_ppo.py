@@ -213,3 +213,24 @@ def test_ppo_reward_scaling_statistics_are_checkpointed(tmp_path):
     resumed.load_checkpoint(str(tmp_path / "checkpoint-2"))
     assert resumed.reward_scaler.state_dict() == t.reward_scaler.state_dict()
     assert t.reward_scaler.count == 4  # 2 updates x 2 rollouts: every valid score counted
+
+
+# ---- the critic -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
+def test_ppo_value_gradients_reach_the_policy_only_with_the_shared_head(separate, tmp_path):
+    """`separate_critic: true` puts the value head on a copy of the initial backbone: the value loss trains the
+    critic and never moves the policy (with the shared head it does)."""
+    t = trainer(separate_critic=separate, output_dir=str(tmp_path))
+    model = t.accelerator.unwrap_model(t.model)
+    nn.init.normal_(model.value_head.weight)  # zero-initialised: no gradient would flow through it at all
+    batch = t._inputs(*[x[:2] for x in (torch.tensor([[5, 6, 7]] * 2), torch.ones(2, 3, dtype=torch.long))],
+                      torch.tensor([[8, 9]] * 2), torch.ones(2, 2, dtype=torch.bool))
+    _, values = model(*batch)
+    values.float().pow(2).sum().backward()
+    policy_grads = [p.grad for p in model.policy.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert bool(policy_grads) != separate
+    if separate:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.critic.parameters())
+        t.config.save_final = True
+        t.train()  # a whole update runs with the separate critic, which is saved with the value head
+        assert (Path(t.config.output_dir) / "critic.safetensors").exists()

@@ -15,13 +15,14 @@ It follows "The N Implementation Details of RLHF with PPO" (Huang et al., 2024):
 - clipped policy loss and clipped value loss, `num_ppo_epochs` passes over `num_mini_batches` minibatches with
   gradient accumulation; dropout is disabled; Adam eps 1e-5; linear learning-rate decay.
 
-Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised; see
-`ppo_model.PolicyWithValueHead`). Reference policy: a frozen copy of the initial policy, or with LoRA (`peft_config`)
-the same model with its adapter disabled.
+Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised), or with
+`separate_critic` on a trainable copy of the initial policy's backbone (see `ppo_model.PolicyWithValueHead`).
+Reference policy: a frozen copy of the initial policy, or with LoRA (`peft_config`) the same model with its adapter
+disabled.
 
 DeepSpeed: the batch sizes and `max_grad_norm` (as `gradient_clipping`) go into the DeepSpeed config; under
-ZeRO-3 generation gathers the sharded parameters, and the reference copy is wrapped by TRL's `prepare_deepspeed`
-(sharded with ZeRO-3, eval mode).
+ZeRO-3 generation gathers the sharded parameters, and the reference is wrapped by TRL's `prepare_deepspeed`
+(sharded with ZeRO-3, eval mode). Models loaded after `make_accelerator` are partitioned as they load.
 
 Precision (`ppo_model.prepare_models`): what trains (the policy, or only the LoRA adapter) is cast to float32 (master
 weights); a frozen LoRA base keeps its loaded dtype. `bf16: true` runs every forward (policy, value head, reference,
@@ -68,7 +69,7 @@ from ..core.progress import progress_enabled
 from . import ppo_checkpoint
 from .ppo_checkpoint import checkpoints, latest_complete, run_identity
 from .ppo_config import PPOConfig
-from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models
+from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models, separate_critic
 from .ppo_rewards import RewardScaler, gae, whiten
 
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints", "make_accelerator"]
@@ -148,7 +149,9 @@ class PPOTrainer:
                 self.ref_policy = prepare_deepspeed(ref_policy, self.accelerator)
             else:
                 self.ref_policy = ref_policy.to(self.accelerator.device)
-        model = PolicyWithValueHead(policy)
+        if config.separate_critic and partitioned:
+            raise ValueError("separate_critic: not supported with models partitioned at load (ZeRO-3 zero3_init)")
+        model = PolicyWithValueHead(policy, separate_critic(policy, peft_config) if config.separate_critic else None)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
         world = self.accelerator.num_processes
@@ -455,7 +458,8 @@ class PPOTrainer:
         return out
 
     def save_model(self, output_dir: str) -> None:
-        """Save the policy (full model, or the LoRA adapter), the tokenizer, the value head and the log history."""
+        """Save the policy (full model, or the LoRA adapter), the tokenizer, the value head (and the critic's backbone
+        with `separate_critic`) and the log history."""
         acc = self.accelerator
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.model)
@@ -467,6 +471,9 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(output_dir)
             save_file({k[len("value_head."):]: v.detach().cpu().contiguous() for k, v in state.items()
                        if k.startswith("value_head.")}, os.path.join(output_dir, "value_head.safetensors"))
+            if unwrapped.critic is not None:  # separate_critic: the value head's backbone
+                save_file({k[len("critic."):]: v.detach().cpu().contiguous() for k, v in state.items()
+                           if k.startswith("critic.")}, os.path.join(output_dir, "critic.safetensors"))
             with open(os.path.join(output_dir, "log_history.json"), "w") as f:
                 json.dump(self.log_history, f, indent=1)
         acc.wait_for_everyone()

@@ -41,6 +41,9 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
+    separate_critic: bool = field(default=False, metadata={
+        "help": "value head on a trainable copy of the initial policy's backbone (value gradients never reach the "
+                "policy) instead of on the policy's own hidden state"})
     reward_scaling: str = field(default="none", metadata={
         "help": "scores to mean 0, std 1: none, initial (the first rollout's statistics, fixed) or running"})
     logging_steps: int = field(default=1, metadata={"help": "log every N updates"})

@@ -19,24 +19,27 @@ logger = logging.getLogger(__name__)
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM plus a linear value head on its last hidden state; `forward` returns (logits, values).
+    """A causal LM plus a linear value head; `forward` returns (logits, values).
 
-    The layout of TRL's former `AutoModelForCausalLMWithValueHead`: one extra `hidden x 1` layer instead of a second
-    model; the value loss (weighted by `vf_coef`) also flows into the shared backbone. Zero-initialised."""
+    Shared (`critic=None`, the layout of TRL's former `AutoModelForCausalLMWithValueHead`): the head reads the
+    policy's last hidden state; one extra `hidden x 1` layer instead of a second model, but the value loss (weighted
+    by `vf_coef`) also moves the policy. Separate (`critic`, a decoder backbone such as a copy of the initial policy's
+    `get_decoder()`, as OpenRLHF and TRL's PPOv2 do): the head reads the critic's last hidden state and value
+    gradients never reach the policy, for one more model's memory. The head is zero-initialised."""
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
         super().__init__()
-        self.policy = policy
-        hidden = policy.config.get_text_config().hidden_size
+        self.policy, self.critic = policy, critic
+        hidden = (critic or policy).config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = self.policy(**inputs, output_hidden_states=self.critic is None)
+        hidden = out.hidden_states[-1] if self.critic is None else self.critic(**inputs).last_hidden_state
+        return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -46,6 +49,14 @@ def disable_dropout(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "attention_dropout"):
         config.attention_dropout = 0.0
+
+
+def separate_critic(policy: nn.Module, peft_config: Any) -> nn.Module:
+    """A trainable copy of the initial policy's decoder backbone (no LM head), the critic of `separate_critic`."""
+    if peft_config is not None:
+        raise ValueError("separate_critic: the critic is a fully trained copy of the policy's backbone; with LoRA "
+                         "(use_peft) keep the shared value head (separate_critic: false)")
+    return copy.deepcopy(policy.get_decoder()).train().requires_grad_(True)
 
 
 def prepare_models(policy: nn.Module, ref_policy: nn.Module | None, peft_config: Any,
