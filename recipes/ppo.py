@@ -105,8 +105,8 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
     data = load_prompt_dataset(script_args, need_reference=True)
     train_set, eval_set = split_eval(script_args, data)
     peft_config = get_peft_config(model_args)
-    # made first: under ZeRO-3 with zero3_init its DeepSpeed config partitions the models as they load, so no rank
-    # holds a whole fp32 policy, let alone a copy of it; the reference is then loaded the same way (not copied)
+    # made first: under ZeRO-3 its DeepSpeed config partitions the models as they load (transformers' zero.Init),
+    # so no rank holds a whole fp32 policy, let alone a copy of it; the reference is loaded the same way (not copied)
     accelerator = make_accelerator(training_args)
     policy, tokenizer = load_policy(model_args)
     ref_policy = load_policy(model_args)[0] if peft_config is None and zero3_enabled() else None
