@@ -23,6 +23,8 @@ Layout of `output_dir`, which makes the run resumable (re-run the same command; 
 a labeled dataset is reused, labeling resumes from its saved chunks, training from the trainer's last
 `checkpoint-*` when `save_strategy` writes them):
 
+    manifest.json                the run's identity (`run_identity`): resuming with other settings (another
+                                 learning rate, K, strategy, judge dtype, ...) is refused with the exact difference
     eval_before.json             the initial policy's responses to the held-out prompts
     iteration_<i>/pairs/         the iteration's preference dataset (save_to_disk; optionally pushed as a split)
     iteration_<i>/trainer/       the DPO trainer's output_dir (its checkpoints)
@@ -50,9 +52,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, Evaluator, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
-                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, split_eval,
-                     warn_half_precision, zero3_enabled)
+from _common import (
+    TINY,
+    Evaluator,
+    RecipeArguments,
+    gathered,
+    get_peft_config,
+    judge_for,
+    load_policy,
+    load_prompt_dataset,
+    make_recipe_parser,
+    quiet_log_dicts,
+    run_recipe,
+    split_eval,
+    warn_half_precision,
+    zero3_enabled,
+)
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
@@ -61,6 +76,7 @@ from trl import DPOConfig, DPOTrainer
 
 from pairrm_rlhf.core.entry import check_hub_id
 from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.core.identity import check_run_identity
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
 from pairrm_rlhf.labeling.store import remove_store
 from pairrm_rlhf.pairrm import PairRM
@@ -188,6 +204,33 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
     return stats
 
 
+# ---- resume: the run's identity -------------------------------------------------------------------------------
+# DPOConfig's fields that change what a run learns (the rest: logging, saving, hub, workers)
+TRAINING_SETTINGS = ("beta", "loss_type", "learning_rate", "num_train_epochs", "max_steps",
+                     "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+                     "lr_scheduler_kwargs", "warmup_steps",
+                     "weight_decay", "max_grad_norm", "seed", "data_seed", "bf16", "fp16", "max_length",
+                     "truncation_mode", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+                     "label_smoothing", "loss_weights", "use_weighting", "ld_alpha", "f_divergence_type",
+                     "precompute_ref_log_probs", "padding_free")
+# fields of the recipe's own dataclasses that do not change the numbers
+NOT_IDENTITY = ("generation_batch_size", "label_chunk_size", "dataset_hub_id", "dataset_hub_private", "pairrm_device",
+                "pairrm_batch_size", "pairrm_max_tokens")
+
+
+def run_identity(script_args: RecipeArguments, config: IterativeDPOConfig, model_args: Any,
+                 processes: int) -> dict[str, Any]:
+    """Everything the run's numbers depend on: the recipe's settings, DPO's `TRAINING_SETTINGS`, the data, judge
+    and policy arguments, the number of processes. Recorded in `output_dir/manifest.json` by the first run; a
+    resumed run with another identity is refused (`core.identity.check_run_identity`, the labeler's mechanism)."""
+    base = {f.name for f in dataclasses.fields(DPOConfig)}
+    own = [f.name for f in dataclasses.fields(config) if f.name not in base]
+    training = {k: getattr(config, k) for k in [*own, *TRAINING_SETTINGS] if k not in NOT_IDENTITY}
+    script = {k: v for k, v in dataclasses.asdict(script_args).items() if k not in NOT_IDENTITY}
+    return {"training": training, "data_and_judge": script, "model": dataclasses.asdict(model_args),
+            "processes": processes}
+
+
 # ---- the loop ----------------------------------------------------------------------------------------------
 def prompt_slices(config: IterativeDPOConfig, prompts: Dataset) -> list[Dataset]:
     if config.prompt_schedule == "same":
@@ -208,6 +251,8 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
     config = training_args
     state = PartialState(cpu=config.use_cpu or not torch.cuda.is_available())
     out = Path(config.output_dir)
+    check_run_identity(out / "manifest.json", run_identity(script_args, config, model_args, state.num_processes),
+                       "--output_dir", write=state.is_main_process)
     sampling = config.sampling(script_args.use_checkpoint_sampling)
     train_prompts, eval_set = split_eval(script_args, load_prompt_dataset(script_args))
     slices = prompt_slices(config, train_prompts)

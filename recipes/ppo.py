@@ -23,12 +23,23 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, load_policy, load_prompt_dataset,
-                     make_recipe_parser, run_recipe, split_eval)
+from _common import (
+    Evaluator,
+    RecipeArguments,
+    get_peft_config,
+    judge_for,
+    load_policy,
+    load_prompt_dataset,
+    make_recipe_parser,
+    run_recipe,
+    split_eval,
+    zero3_enabled,
+)
+from accelerate.utils import broadcast_object_list
 
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
-from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
+from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer, make_accelerator
 from pairrm_rlhf.trl.rewards import REWARD_OUTPUTS, PairwiseReward
 
 logger = logging.getLogger("ppo")
@@ -38,8 +49,10 @@ logger = logging.getLogger("ppo")
 class PPORecipeConfig(PPOConfig):
     """PPO against PairRM comparisons with each row's reference response."""
 
-    reward_output: str = field(default="logit", metadata={"help": "PairwiseReward output: logit (two-order log-odds), probability or win"})
-    eval_steps: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
+    reward_output: str = field(default="logit", metadata={
+        "help": "PairwiseReward output: logit (z = f(A,B) - f(B,A): twice the calibrated log-odds), probability, win"})
+    eval_steps: int = field(default=0, metadata={
+        "help": "evaluate on the held-out prompts every N updates (0: only at the end)"})
 
     def __post_init__(self):
         if self.reward_output not in REWARD_OUTPUTS:
@@ -47,7 +60,7 @@ class PPORecipeConfig(PPOConfig):
 
 
 class EvaluatingPPOTrainer(PPOTrainer):
-    """`PPOTrainer` that evaluates on held-out prompts every `eval_steps` updates (main process; others wait).
+    """`PPOTrainer` that evaluates on held-out prompts every `eval_steps` updates (see `evaluate`).
     Evaluation samples under a forked RNG: it does not change the training run."""
 
     evaluator: Evaluator | None = None
@@ -58,18 +71,26 @@ class EvaluatingPPOTrainer(PPOTrainer):
             self.evaluate()
 
     def evaluate(self) -> dict[str, float] | None:
+        """The held-out metrics (on every process). Without ZeRO-3 the main process samples while the others wait;
+        under ZeRO-3 every process gathers the partitioned parameters and samples the same prompts with the same
+        seed (generation needs every rank's shard), and only the main process writes the files."""
         acc = self.accelerator
-        metrics = None
-        if self.evaluator is not None and acc.is_main_process:
+        if self.evaluator is None:
+            return None
+        metrics = [None]
+        if acc.is_main_process or self._zero3:
             policy = acc.unwrap_model(self.model).policy
-            metrics = self.evaluator(policy, self.tokenizer, self.update_step)
+            with self._gathered(policy):
+                metrics = [self.evaluator(policy, self.tokenizer, self.update_step, write=acc.is_main_process)]
             policy.train()
+        if acc.num_processes > 1:
+            metrics = broadcast_object_list(metrics)
+        if acc.is_main_process:
             logger.info("eval at update %d: %s", self.update_step,
-                        ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "step"))
-            if self.config.report_to:
-                acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"}, step=self.update_step)
-        acc.wait_for_everyone()
-        return metrics
+                        ", ".join(f"{k}={v:.3f}" for k, v in metrics[0].items() if k != "step"))
+        if self.config.report_to:
+            acc.log({f"eval/{k}": v for k, v in metrics[0].items() if k != "step"}, step=self.update_step)
+        return metrics[0]
 
 
 def make_parser():
@@ -83,13 +104,19 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
     `judge`: a loaded PairRM to use instead of `script_args.pairrm` (e.g. one over a custom `PairBackend`)."""
     data = load_prompt_dataset(script_args, need_reference=True)
     train_set, eval_set = split_eval(script_args, data)
+    peft_config = get_peft_config(model_args)
+    # made first: under ZeRO-3 its DeepSpeed config partitions the models as they load (transformers' zero.Init),
+    # so no rank holds a whole fp32 policy, let alone a copy of it; the reference is loaded the same way (not copied)
+    accelerator = make_accelerator(training_args)
     policy, tokenizer = load_policy(model_args)
-    training_args.keep_half_precision_weights |= model_args.dtype not in (None, "float32")  # the dtype opt-in
+    ref_policy = load_policy(model_args)[0] if peft_config is None and zero3_enabled() else None
+    # the dtype opt-in to training half-precision weights (with LoRA only the adapter trains: it stays fp32)
+    training_args.keep_half_precision_weights |= peft_config is None and model_args.dtype not in (None, "float32")
     judge = judge or judge_for(script_args, training_args.use_cpu)
     reward = PairwiseReward(judge, output=training_args.reward_output, name="pairrm",
                             batch_size=script_args.pairrm_batch_size)
-    trainer = EvaluatingPPOTrainer(training_args, policy, tokenizer, reward, train_set,
-                                   peft_config=get_peft_config(model_args))
+    trainer = EvaluatingPPOTrainer(training_args, policy, tokenizer, reward, train_set, ref_policy=ref_policy,
+                                   peft_config=peft_config, accelerator=accelerator)
     if len(eval_set):
         sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
         trainer.evaluator = Evaluator(judge, list(eval_set["prompt"]), list(eval_set["reference"]), sampling,
@@ -103,8 +130,9 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
         first, last = history[0], history[-1]
         print(f"PPO: {len(history)} logged updates of {trainer.num_updates}; "
               f"PairRM score vs reference {first['objective/scores']:.3f} -> {last['objective/scores']:.3f}, "
-              f"win rate {first.get('pairrm/win_rate', float('nan')):.2f} -> {last.get('pairrm/win_rate', float('nan')):.2f}, "
-              f"KL {last['objective/kl']:.3f}, EOS rate {last['val/eos_rate']:.2f}\nSaved to {training_args.output_dir}")
+              f"win rate {first.get('pairrm/win_rate', float('nan')):.2f} -> "
+              f"{last.get('pairrm/win_rate', float('nan')):.2f}, KL {last['objective/kl']:.3f}, "
+              f"EOS rate {last['val/eos_rate']:.2f}\nSaved to {training_args.output_dir}")
         if trainer.evaluator is not None and trainer.evaluator.history:
             e = trainer.evaluator.history[-1]
             print(f"held-out ({len(eval_set)} prompts): win rate vs initial policy {e['vs_initial/win_rate']:.3f}, "

@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -341,6 +342,31 @@ def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):
             assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("change, difference", [
+    (["--learning_rate", "2e-3"], "training.learning_rate: 0.001 -> 0.002"),
+    (["--num_responses", "3"], "training.num_responses: 2 -> 3"),
+    (["--strategy", "best_vs_random"], "training.strategy: 'best_vs_worst' -> 'best_vs_random'"),
+    (["--pairrm_dtype", "bfloat16"], "data_and_judge.pairrm_dtype: None -> 'bfloat16'"),
+])
+def test_iterative_dpo_refuses_to_resume_with_other_settings(style_data, tmp_path, monkeypatch, change, difference):
+    """A resumed run with other settings used to reuse the old iterations silently: refused, naming the change,
+    before anything is loaded or labeled (the labeler's identity mechanism, `core.identity`)."""
+    iterative = recipe("iterative_dpo")
+    args = [*ITERATIVE_SMALL, "--dataset_name", style_data, "--output_dir", str(tmp_path), "--save_strategy", "no",
+            "--eval_prompts", "0"]
+
+    def stop(*_args, **_kwargs):
+        raise RuntimeError("stopped at labeling")
+
+    monkeypatch.setattr(iterative, "label", stop)
+    with pytest.raises(RuntimeError, match="stopped at labeling"):
+        iterative.main(*parse("iterative_dpo", args), judge=style_judge())
+    with pytest.raises(RuntimeError, match="stopped at labeling"):  # the same settings resume
+        iterative.main(*parse("iterative_dpo", args), judge=style_judge())
+    with pytest.raises(ValueError, match=f"--output_dir .* other settings: manifest.json has {re.escape(difference)}"):
+        iterative.main(*parse("iterative_dpo", args + change), judge=style_judge())
+
+
 def test_iterative_dpo_resumes_inside_an_iteration(style_data, tmp_path, monkeypatch):
     """A crash in the middle of an iteration's training resumes from the DPO trainer's last checkpoint."""
     from transformers import Trainer
@@ -390,7 +416,7 @@ def test_sppo_uses_the_authors_labels_by_default(style_data, tmp_path):
 # ---- configs ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [
-    ("ppo", ["model.safetensors", "value_head.pt", "log_history.json", "checkpoint-2/trainer_state.json",
+    ("ppo", ["model.safetensors", "value_head.safetensors", "log_history.json", "checkpoint-2/manifest.json",
              "eval_metrics.json", "eval_completions.jsonl"]),
     ("online_dpo", ["model.safetensors"]),
     ("grpo", ["model.safetensors"]),
@@ -475,7 +501,7 @@ def test_ppo_two_processes(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"]  # logged metrics are reduced over both processes
     assert [h["episode"] for h in ranks[0]["history"]] == [16, 32]
     assert all(h["rank0/only"] == 1.0 for h in ranks[0]["history"])  # the union of keys, averaged where present
-    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "value_head.pt").exists()
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "value_head.safetensors").exists()
 
 
 ITERATIVE_SCRIPT = """
@@ -516,39 +542,83 @@ sys.path.insert(0, {recipes!r})
 import torch
 import _common, ppo
 
+loaded = []
+real_load = ppo.load_policy
+def load_policy(model_args):  # records how much of each model this process holds as it loads
+    model, tokenizer = real_load(model_args)
+    loaded.append(sum(p.numel() for p in model.parameters()))
+    return model, tokenizer
+ppo.load_policy = load_policy
 args = _common.parse(ppo.make_parser(), [
     "--model_name_or_path", "tiny", "--pairrm", "tiny", "--dataset_name", "tiny", "--use_cpu", "false",
     "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "1",
     "--total_episodes", "16", "--max_new_tokens", "6", "--learning_rate", "1e-3", "--max_grad_norm", "0.5",
-    "--seed", "0", "--output_dir", sys.argv[1]])
+    "--seed", "0", "--eval_prompts", "4", "--save_steps", "2", "--output_dir", sys.argv[1], *sys.argv[2:]])
 trainer = ppo.main(*args)
 acc = trainer.accelerator
 engine = trainer.model
-with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}.json"), "w") as f:
-    json.dump(dict(stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(),
-                   ref=type(trainer.ref_policy).__name__, history=trainer.log_history), f)
+with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}-{{len(sys.argv)}}.json"), "w") as f:
+    json.dump(dict(world=acc.num_processes, stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(), loaded=loaded,
+                   ref=type(trainer.ref_policy).__name__, history=trainer.log_history,
+                   evals=len(trainer.evaluator.history)), f)
 from pairrm_rlhf.core.distributed import end_distributed_run
 end_distributed_run()
 """
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_ppo_deepspeed_zero3(tmp_path):
-    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the batch sizes and
-    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, generation runs under gathered
-    parameters. (Two processes cannot run here: accelerate 1.15 reports num_processes=1 / process_index=0 on every
-    rank of a CPU DeepSpeed launch, so both ranks would act as the main process.)"""
+    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the policy and the
+    reference are partitioned as they load (no whole fp32 policy nor a copy of it), the batch sizes and
+    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, evaluation and generation run under
+    gathered parameters, and a checkpoint (the engine's own, checksummed) resumes to the same metrics."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "ppo_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
     env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
-               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true")  # as recipes/accelerate/deepspeed_zero3.yaml
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
     proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    r = json.loads((tmp_path / "out" / "rank0-2.json").read_text())
     assert r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine"
+    assert r["loaded"] == [0, 0]  # policy and reference: partitioned placeholders from the start
     assert len(r["history"]) == 4 and all(np.isfinite(h["loss/policy_avg"]) for h in r["history"])
+    assert r["evals"] == 2  # before and after training
     assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoint-2" / "manifest.json").exists()
+    # resume from the (checksummed) engine checkpoint of update 2: updates 3 and later are computed again
+    proc = launch(script, str(tmp_path / "out"), "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2"),
+                  env=env, processes=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "out" / "rank0-4.json").read_text())
+    assert resumed["history"] == r["history"]  # the same numbers as the uninterrupted run
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ppo_deepspeed_zero3_two_processes(tmp_path):
+    """Two processes under ZeRO-3 on the CPU (gloo; `make_accelerator` names the backend, without which accelerate
+    gives every rank num_processes=1): each rank loads its partitions only, trains, evaluates before and after
+    (every rank gathers and samples, as ZeRO-3 generation needs), saves a checkpoint, and a resumed run logs the
+    uninterrupted run's metrics on both ranks."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
+    script = tmp_path / "ppo_zero3.py"
+    script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
+    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
+               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
+    out = tmp_path / "out"
+    proc = launch(script, str(out), "--total_episodes", "32", env=env, processes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}-4.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["loaded"] for r in ranks] == [[0, 0], [0, 0]]
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 4
+    assert [r["evals"] for r in ranks] == [2, 2]
+    proc = launch(script, str(out), "--total_episodes", "32", "--resume_from_checkpoint", str(out / "checkpoint-2"),
+                  env=env, processes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = [json.loads((out / f"rank{r}-6.json").read_text()) for r in (0, 1)]
+    assert resumed[0]["history"] == resumed[1]["history"] == ranks[0]["history"]
 
 
 DEEPSPEED_ITERATIVE_SCRIPT = """

@@ -28,14 +28,14 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from ..core.identity import WriteError, atomic_write, fingerprint, writing
+from ..core.identity import describe_changes as _diff
 from .pairs import LabelStats
 
 logger = logging.getLogger(__name__)
@@ -50,24 +50,6 @@ class ChunkError(ValueError):
     """A chunk file that cannot be trusted (unreadable, no metadata, or a checksum that does not match)."""
 
 
-class WriteError(ValueError):
-    """An output that cannot be written (disk full, read-only file system, no permission), naming the path."""
-
-
-@contextmanager
-def writing(path: str | os.PathLike) -> Iterator[None]:
-    """Turn an OSError raised inside the block into a one-line `WriteError`: `cannot write <path>: <reason>`."""
-    try:
-        yield
-    except OSError as error:
-        raise WriteError(f"cannot write {path}: {error.strerror or error}") from error
-
-
-def fingerprint(identity: dict[str, Any]) -> str:
-    """A short digest of a run identity (canonical JSON)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def chunk_name(index: int) -> str:
     return f"chunk-{index:05d}.arrow"
 
@@ -80,17 +62,6 @@ def checksum(table: pa.Table, stats: LabelStats, identity_json: str) -> str:
     for batch in table.to_batches(max_chunksize=256):
         digest.update(json.dumps(batch.to_pylist(), sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename: readers see all of it or nothing."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with writing(path):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 class ChunkStore:
@@ -280,12 +251,3 @@ def remove_store(directory: str | os.PathLike) -> None:
         directory.rmdir()
     except OSError:
         logger.warning("Left %s in place: it holds other files", directory)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> str:
-    """`key: old -> new` for every leaf that differs (nested dicts by dotted key)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        parts = [_diff(old.get(k), new.get(k), f"{prefix}{k}.") for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k)]
-        return ", ".join(parts)
-    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"

@@ -15,23 +15,27 @@ It follows "The N Implementation Details of RLHF with PPO" (Huang et al., 2024):
 - clipped policy loss and clipped value loss, `num_ppo_epochs` passes over `num_mini_batches` minibatches with
   gradient accumulation; dropout is disabled; Adam eps 1e-5; linear learning-rate decay.
 
-Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised), the layout of
-TRL's former `AutoModelForCausalLMWithValueHead`. It costs one extra `hidden x 1` layer instead of a second model;
-the value loss (weighted by `vf_coef`) also flows into the shared backbone. Reference policy: a frozen copy of
-the initial policy, or with LoRA (`peft_config`) the same model with its adapter disabled.
+Value function: a linear head on the policy's last hidden state (shared backbone, zero-initialised), or with
+`separate_critic` on a trainable copy of the initial policy's backbone (see `ppo_model.PolicyWithValueHead`).
+Reference policy: a frozen copy of the initial policy, or with LoRA (`peft_config`) the same model with its adapter
+disabled.
 
 DeepSpeed: the batch sizes and `max_grad_norm` (as `gradient_clipping`) go into the DeepSpeed config; under
-ZeRO-3 generation gathers the sharded parameters, and the reference copy is wrapped by TRL's `prepare_deepspeed`
-(sharded with ZeRO-3, eval mode).
+ZeRO-3 generation gathers the sharded parameters, and the reference is wrapped by TRL's `prepare_deepspeed`
+(sharded with ZeRO-3, eval mode). Models loaded after `make_accelerator` are partitioned as they load.
 
-Precision: trainable parameters are cast to float32 (master weights) whatever the checkpoint declares; `bf16: true`
-computes in bf16 through accelerate's autocast. `keep_half_precision_weights: true` trains bf16/fp16 weights
-directly (with a warning: AdamW updates below bf16's resolution are lost).
+Precision (`ppo_model.prepare_models`): what trains (the policy, or only the LoRA adapter) is cast to float32 (master
+weights); a frozen LoRA base keeps its loaded dtype. `bf16: true` runs every forward (policy, value head, reference,
+generation) under accelerate's autocast, so the reference computes exactly what the policy does at step 0 (KL 0).
+`keep_half_precision_weights: true` trains bf16/fp16 weights directly (with a warning: AdamW updates below bf16's
+resolution are lost).
 
-Durability: `save_steps` writes `output_dir/checkpoint-<update>` (policy + value head, optimizer, scheduler, every
-process's RNG states, through `accelerator.save_state`, plus the update count and log history in
-`trainer_state.json`); `resume_from_checkpoint` (a checkpoint directory, or `true` for the latest one in
-`output_dir`) continues exactly where it stopped: the resumed run logs the same metrics as an uninterrupted one.
+Durability (`ppo_checkpoint`): `save_steps` writes `output_dir/checkpoint-<update>`: the trainable weights (with LoRA
+the adapter only) and value head, optimizer, scheduler, every process's RNG states, update count and log history, in
+safetensors and JSON (no pickle), with a manifest of the run identity and every file's SHA-256, written last.
+`resume_from_checkpoint` (a checkpoint directory, or `true` for the latest complete one in `output_dir`) refuses a
+damaged, incomplete or foreign checkpoint naming the file, and otherwise continues exactly where it stopped: the
+resumed run logs the same metrics as an uninterrupted one.
 A reward of None or NaN masks its row out of every loss and the whitening; `objective/invalid_rewards` counts them.
 Metrics that only some processes log (a reward function's `log_metric`) are averaged over the processes that have
 them, so differing keys cannot hang the reduce.
@@ -39,112 +43,60 @@ them, so differing keys cannot hang the reduce.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
-import re
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..core.generation import SamplingArguments, build_generation_config
 from ..core.progress import progress_enabled
+from . import ppo_checkpoint
+from .ppo_checkpoint import checkpoints, latest_complete, run_identity
+from .ppo_config import PPOConfig
+from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models, separate_critic
+from .ppo_rewards import RewardScaler, gae, whiten
+
+__all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints", "make_accelerator"]
 
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float]]
 
 
-@dataclass
-class PPOConfig:
-    """PPO hyper-parameters. Rollouts per process per update = per_device_train_batch_size x
-    gradient_accumulation_steps x num_mini_batches."""
-
-    output_dir: str = field(default="ppo-output", metadata={"help": "where the policy, value head and logs are saved"})
-    seed: int = field(default=42, metadata={"help": "seed of data order and sampling"})
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and value head)"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
-    warmup_steps: int = field(default=0, metadata={"help": "scheduler warm-up optimizer steps"})
-    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW eps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch of one forward/backward"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    num_mini_batches: int = field(default=1, metadata={"help": "optimizer steps per PPO epoch"})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    total_episodes: int | None = field(default=None, metadata={"help": "rollouts in all (default: num_train_epochs x dataset)"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the prompts when total_episodes is unset"})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "rows per no-grad generate/forward"})
-    max_prompt_length: int | None = field(default=512, metadata={"help": "prompts are cut from the left to this"})
-    max_new_tokens: int = field(default=53, metadata={"help": "response length limit"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (also applied when recomputing logprobs)"})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the score of responses without EOS"})
-    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty coefficient"})
-    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
-    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
-    gamma: float = field(default=1.0, metadata={"help": "discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
-    logging_steps: int = field(default=1, metadata={"help": "log every N updates"})
-    save_steps: int = field(default=0, metadata={"help": "write a resumable checkpoint-<update> every N updates (0: none)"})
-    save_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "a checkpoint-<update> directory to resume from, or 'true' for the latest one in output_dir"})
-    save_final: bool = field(default=True, metadata={"help": "save the policy and value head at the end"})
-    keep_half_precision_weights: bool = field(default=False, metadata={
-        "help": "train bf16/fp16 weights directly instead of fp32 master weights (updates below their resolution are lost)"})
-    use_cpu: bool = field(default=False, metadata={"help": "train on CPU even when CUDA is available"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in the policy"})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: wandb, tensorboard, ..."})
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
-
-
-class PolicyWithValueHead(nn.Module):
-    """A causal LM plus a linear value head on its last hidden state; `forward` returns (logits, values)."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-        hidden = policy.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
-        return out.logits, self.value_head(hidden).squeeze(-1)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "attention_dropout"):
-        config.attention_dropout = 0.0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def make_accelerator(config: PPOConfig) -> Accelerator:
+    """The run's accelerator, with the batch sizes in its DeepSpeed config (no prepared dataloader infers them).
+    Made before the models are loaded, its DeepSpeed ZeRO-3 config (with `zero3_init`) partitions them at load."""
+    handlers = []
+    if not torch.accelerator.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # DeepSpeed's CPU accelerator: without a named backend accelerate finds none for the CPU and gives every rank
+        # num_processes=1 / process_index=0; gloo makes it a real multi-process run
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision="bf16" if config.bf16 else None, log_with=config.report_to or None,
+                              project_dir=config.output_dir, kwargs_handlers=handlers)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+        deepspeed.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        deepspeed.deepspeed_config["train_batch_size"] = (
+            config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes)
+    return accelerator
 
 
 class PPOTrainer:
@@ -158,67 +110,64 @@ class PPOTrainer:
             e.g. `PairwiseReward(pairrm, output="logit")`. Each process scores its own rollouts.
         train_dataset: a `datasets.Dataset` (or anything indexable by a list of rows returning a dict of lists).
         ref_policy: the frozen reference; default a copy of `policy` (or the adapter-disabled model with LoRA).
+            Under ZeRO-3 a policy loaded after `make_accelerator` is partitioned and cannot be copied: load
+            the reference like the policy, after `make_accelerator`, and pass it.
         peft_config: a `peft.PeftConfig` to train a LoRA adapter instead of the full policy.
+        accelerator: from `make_accelerator(config)` when the models must be loaded after it (ZeRO-3 partitions
+            them at load only while its DeepSpeed config is alive); default: made here.
     """
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, reward_fn: RewardFn, train_dataset: Any,
-                 ref_policy: nn.Module | None = None, peft_config: Any = None):
+                 ref_policy: nn.Module | None = None, peft_config: Any = None, accelerator: Accelerator | None = None):
         self.config, self.tokenizer, self.reward_fn, self.dataset = config, tokenizer, reward_fn, train_dataset
         if config.local_batch_size < 1 or config.num_ppo_epochs < 1:
             raise ValueError("batch sizes, num_mini_batches and num_ppo_epochs must be >= 1")
-        self.accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                       mixed_precision="bf16" if config.bf16 else None,
-                                       log_with=config.report_to or None, project_dir=config.output_dir)
+        RewardScaler(config.reward_scaling)  # a bad name stops here, before any model work
+        self.accelerator = accelerator or make_accelerator(config)
         deepspeed = self.accelerator.state.deepspeed_plugin
-        if deepspeed is not None:  # no prepared dataloader to infer them from
-            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
-            deepspeed.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
-            deepspeed.deepspeed_config["train_batch_size"] = (
-                config.per_device_train_batch_size * config.gradient_accumulation_steps
-                * self.accelerator.num_processes)
+        # models loaded after `make_accelerator` under ZeRO-3 are partitioned (transformers' zero.Init)
+        partitioned = accelerator is not None and deepspeed is not None and is_deepspeed_zero3_enabled()
+        if partitioned and ref_policy is None and peft_config is None:
+            raise ValueError("ref_policy: under ZeRO-3 a policy loaded after make_accelerator is partitioned and "
+                             "cannot be copied; load the reference the same way and pass it")
         torch.manual_seed(config.seed)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        half = sorted({str(p.dtype) for p in policy.parameters() if p.dtype != torch.float32 and p.is_floating_point()})
-        if half and config.keep_half_precision_weights:
-            logger.warning("training %s weights directly (keep_half_precision_weights): AdamW updates below their "
-                           "resolution are lost", "/".join(half))
-        elif half:  # fp32 master weights; bf16 compute comes from mixed precision
-            policy = policy.float()
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            policy, ref_policy = get_peft_model(policy, peft_config), None
-        elif ref_policy is None:
-            ref_policy = copy.deepcopy(policy)
-        disable_dropout(policy)
+        # partitioned: DeepSpeed holds the fp32 masters of the trainable partitions itself; nothing is cast here
+        policy, ref_policy = prepare_models(policy, ref_policy, peft_config, config.keep_half_precision_weights,
+                                            cast=not partitioned)
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             if peft_config is not None:
                 policy.enable_input_require_grads()
         self.ref_policy = None
         if ref_policy is not None:
-            disable_dropout(ref_policy)
-            self.ref_policy = ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
             if deepspeed is not None:  # sharded like the policy under ZeRO-3 (eval mode, no optimizer), as TRL does
                 from trl.models.utils import prepare_deepspeed
 
-                self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
-        model = PolicyWithValueHead(policy)
+                self.ref_policy = prepare_deepspeed(ref_policy, self.accelerator)
+            else:
+                self.ref_policy = ref_policy.to(self.accelerator.device)
+        if config.separate_critic and partitioned:
+            raise ValueError("separate_critic: not supported with models partitioned at load (ZeRO-3 zero3_init)")
+        model = PolicyWithValueHead(policy, separate_critic(policy, peft_config) if config.separate_critic else None)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
         world = self.accelerator.num_processes
         episodes = config.total_episodes or math.ceil(config.num_train_epochs * len(train_dataset))
         self.num_updates = max(1, episodes // (config.local_batch_size * world))
         if len(train_dataset) < config.local_batch_size * world:
-            raise ValueError(f"the dataset has {len(train_dataset)} rows; one update needs {config.local_batch_size * world}")
+            raise ValueError(f"the dataset has {len(train_dataset)} rows; one update needs "
+                             f"{config.local_batch_size * world}")
         steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
         self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.warmup_steps, steps)
         if deepspeed is not None and config.max_grad_norm:  # DeepSpeed clips inside its own step
             deepspeed.deepspeed_config["gradient_clipping"] = config.max_grad_norm
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.deepspeed = deepspeed is not None
+        self.reward_scaler = RewardScaler(config.reward_scaling)
+        self.identity = run_identity(config, self.accelerator.num_processes, model)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # each process samples its own responses
         sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         self.generation_config = build_generation_config(policy, tokenizer, sampling)
@@ -227,7 +176,8 @@ class PPOTrainer:
         self.update_step = 0
         self._zero3 = getattr(deepspeed, "zero_stage", 0) == 3
         if config.report_to:
-            self.accelerator.init_trackers("pairrm-ppo", config={k: v for k, v in asdict(config).items() if v is not None})
+            self.accelerator.init_trackers("pairrm-ppo",
+                                           config={k: v for k, v in asdict(config).items() if v is not None})
 
     # ---- data ------------------------------------------------------------------------------------------
     def _batches(self, skip: int = 0) -> Iterator[dict[str, list]]:
@@ -274,7 +224,8 @@ class PPOTrainer:
         if value:
             logits, values = model(input_ids, attention_mask, position_ids)
             return logits[:, context - 1 : -1], values[:, context - 1 : -1]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
         return logits[:, context - 1 : -1], None
 
     @torch.no_grad()
@@ -290,7 +241,8 @@ class PPOTrainer:
         responses = []
         with self._gathered(unwrapped), acc.autocast():
             for s in range(0, len(prompts), chunk):
-                out = unwrapped.policy.generate(input_ids=query[s : s + chunk], attention_mask=query_mask[s : s + chunk],
+                out = unwrapped.policy.generate(input_ids=query[s : s + chunk],
+                                                attention_mask=query_mask[s : s + chunk],
                                                 generation_config=self.generation_config, synced_gpus=self._zero3)
                 responses.append(out[:, context:])
         width = max(r.shape[1] for r in responses)
@@ -309,20 +261,22 @@ class PPOTrainer:
         scores = torch.tensor([math.nan if r is None else float(r) for r in raw], device=acc.device)
         valid = ~torch.isnan(scores)  # a row without a reward is masked out of every loss
         mask &= valid[:, None]
-        penalized = scores.clone()
+        penalized = self.reward_scaler(scores, valid, self._sum)
         if cfg.missing_eos_penalty is not None:
             penalized[~has_eos] -= cfg.missing_eos_penalty
         logprobs, ref_logprobs, values = [], [], []
         for s in range(0, len(prompts), chunk):
-            part = self._inputs(query[s : s + chunk], query_mask[s : s + chunk], response[s : s + chunk], mask[s : s + chunk])
+            part = self._inputs(query[s : s + chunk], query_mask[s : s + chunk], response[s : s + chunk],
+                                mask[s : s + chunk])
             logits, value = self._response_logits(self.model, part, context, value=True)
             logprobs.append(self._logprobs(logits, response[s : s + chunk]))
             values.append(value.float())
-            if self.ref_policy is not None:
-                ref_logits, _ = self._response_logits(self.ref_policy, part, context, value=False)
-            else:
-                with unwrapped.policy.disable_adapter():
-                    ref_logits, _ = self._response_logits(unwrapped.policy, part, context, value=False)
+            with acc.autocast():  # the policy's compute dtype (accelerate wraps only the prepared model's forward)
+                if self.ref_policy is not None:
+                    ref_logits, _ = self._response_logits(self.ref_policy, part, context, value=False)
+                else:
+                    with unwrapped.policy.disable_adapter():
+                        ref_logits, _ = self._response_logits(unwrapped.policy, part, context, value=False)
             ref_logprobs.append(self._logprobs(ref_logits, response[s : s + chunk]))
         rollout = dict(query=query, query_mask=query_mask, response=response, mask=mask.float(), length=length,
                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
@@ -340,15 +294,9 @@ class PPOTrainer:
 
         return deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
 
-    # ---- advantages ---------------------------------------------------------------------------------------
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-        """Whiten over the valid tokens of all processes."""
-        stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
-        total, total_sq, count = self.accelerator.reduce(stats, reduction="sum")
-        mean = total / count
-        var = (total_sq / count - mean * mean) * count / (count - 1).clamp(min=1)
-        whitened = (x - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)
-        return (whitened if shift_mean else whitened + mean) * mask
+    # ---- advantages (ppo_rewards) -------------------------------------------------------------------------
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x, reduction="sum")
 
     def _advantages(self, r: dict[str, Any]) -> None:
         cfg, mask = self.config, r["mask"]
@@ -357,17 +305,11 @@ class PPOTrainer:
         rows = torch.arange(len(rewards), device=rewards.device)
         rewards[rows, r["length"] - 1] += torch.nan_to_num(r["penalized"], nan=0.0)
         if cfg.whiten_rewards:
-            rewards = self._whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, self._sum, shift_mean=False)
         values = r["values"] * mask
-        advantages = torch.zeros_like(rewards)
-        last = torch.zeros_like(rewards[:, 0])
-        for t in reversed(range(rewards.shape[1])):
-            next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-            delta = rewards[:, t] + cfg.gamma * next_value - values[:, t]
-            last = delta + cfg.gamma * cfg.lam * last
-            advantages[:, t] = last
+        advantages = gae(rewards, values, cfg.gamma, cfg.lam)
         r.update(values=values, kl=kl, returns=(advantages + values) * mask,
-                 advantages=self._whiten(advantages, mask), non_score_reward=(-cfg.kl_coef * kl).sum(1))
+                 advantages=whiten(advantages, mask, self._sum), non_score_reward=(-cfg.kl_coef * kl).sum(1))
 
     # ---- PPO epochs ------------------------------------------------------------------------------------------
     def update(self, r: dict[str, Any]) -> dict[str, float]:
@@ -388,7 +330,8 @@ class PPOTrainer:
                         batch = self._inputs(r["query"][idx], r["query_mask"][idx], r["response"][idx], mask.bool())
                         logits, vpred = self._response_logits(self.model, batch, context, value=True)
                         logprobs = self._logprobs(logits, r["response"][idx])
-                        old, adv, ret, old_v = r["logprobs"][idx], r["advantages"][idx], r["returns"][idx], r["values"][idx]
+                        old, adv = r["logprobs"][idx], r["advantages"][idx]
+                        ret, old_v = r["returns"][idx], r["values"][idx]
                         ratio = torch.exp(logprobs - old)
                         pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
                         pg_loss = masked_mean(pg, mask)
@@ -407,7 +350,8 @@ class PPOTrainer:
                         scaled = logits.float() / cfg.temperature
                         entropy = torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1)
                         stats["policy/approxkl_avg"].append(0.5 * masked_mean((logprobs - old) ** 2, mask))
-                        stats["policy/clipfrac_avg"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask))
+                        clipped = ((ratio - 1).abs() > cfg.cliprange).float()
+                        stats["policy/clipfrac_avg"].append(masked_mean(clipped, mask))
                         stats["policy/entropy_avg"].append(masked_mean(entropy, mask))
                         stats["loss/policy_avg"].append(pg_loss.detach())
                         stats["loss/value_avg"].append(vf_loss.detach())
@@ -458,7 +402,8 @@ class PPOTrainer:
                                 loss=f"{log.get('loss/policy_avg', math.nan):.4g}", refresh=False)
                 if acc.is_main_process and not show:  # the bar shows these already
                     logger.info("update %d/%d: %s", update, self.num_updates,
-                                ", ".join(f"{k}={v:.4g}" for k, v in log.items() if k.startswith(("objective", "policy/approx"))))
+                                ", ".join(f"{k}={v:.4g}" for k, v in log.items()
+                                          if k.startswith(("objective", "policy/approx"))))
             bar.update(1)
             self.on_update_end()
             if cfg.save_steps and update % cfg.save_steps == 0:
@@ -475,34 +420,23 @@ class PPOTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        """Write `output_dir/checkpoint-<update>`: model, optimizer, scheduler, RNG states, update count, logs."""
-        acc = self.accelerator
+        """Write `output_dir/checkpoint-<update>` (`ppo_checkpoint`: trainable weights, optimizer, scheduler, RNG
+        states, update count and logs, with a checksummed manifest) and drop the oldest beyond `save_total_limit`."""
         directory = os.path.join(self.config.output_dir, f"checkpoint-{self.update_step}")
-        acc.save_state(directory)
-        if acc.is_main_process:
-            with open(os.path.join(directory, "trainer_state.json"), "w") as f:
-                json.dump({"update": self.update_step, "log_history": self.log_history}, f, indent=1)
-            limit = self.config.save_total_limit
-            if limit:
-                for old in checkpoints(self.config.output_dir)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        ppo_checkpoint.save(self, directory)
+        limit = self.config.save_total_limit
+        if self.accelerator.is_main_process and limit:
+            for old in checkpoints(self.config.output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return directory
 
     def load_checkpoint(self, checkpoint: str) -> None:
-        """Restore a `save_checkpoint` directory (or the latest in output_dir for 'true')."""
+        """Restore a `save_checkpoint` directory (or the latest complete one in output_dir for 'true'); refuses a
+        damaged, incomplete or foreign one naming the file (`ppo_checkpoint.CheckpointError`)."""
         if str(checkpoint).lower() == "true":
-            found = checkpoints(self.config.output_dir)
-            if not found:
-                raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-<update> in {self.config.output_dir}")
-            checkpoint = found[-1]
-        state_file = os.path.join(checkpoint, "trainer_state.json")
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} is not a PPO checkpoint (no trainer_state.json)")
-        self.accelerator.load_state(checkpoint)
-        with open(state_file) as f:
-            state = json.load(f)
-        self.update_step, self.log_history = state["update"], state["log_history"]
+            checkpoint = latest_complete(self.config.output_dir)
+        ppo_checkpoint.load(self, checkpoint)
         logger.info("resumed from %s (update %d)", checkpoint, self.update_step)
 
     def _rollout_metrics(self, r: dict[str, Any]) -> dict[str, float]:
@@ -513,6 +447,7 @@ class PPOTrainer:
             "objective/non_score_reward": r["non_score_reward"].mean(),
             "objective/rlhf_reward": (r["penalized"] + r["non_score_reward"])[r["valid"].bool()].mean(),
             "objective/scores": torch.nanmean(r["scores"]),
+            "objective/scaled_scores": torch.nanmean(r["penalized"]),
             "val/eos_rate": r["has_eos"].mean(),
             "val/response_length": r["length"].float().mean(),
             **{k: torch.tensor(v, device=kl_sum.device) for k, v in sorted(r["metrics"].items())},
@@ -523,7 +458,8 @@ class PPOTrainer:
         return out
 
     def save_model(self, output_dir: str) -> None:
-        """Save the policy (full model, or the LoRA adapter), the tokenizer, the value head and the log history."""
+        """Save the policy (full model, or the LoRA adapter), the tokenizer, the value head (and the critic's backbone
+        with `separate_critic`) and the log history."""
         acc = self.accelerator
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.model)
@@ -533,16 +469,12 @@ class PPOTrainer:
             policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
             unwrapped.policy.save_pretrained(output_dir, state_dict=policy_state)
             self.tokenizer.save_pretrained(output_dir)
-            torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
-                       os.path.join(output_dir, "value_head.pt"))
+            save_file({k[len("value_head."):]: v.detach().cpu().contiguous() for k, v in state.items()
+                       if k.startswith("value_head.")}, os.path.join(output_dir, "value_head.safetensors"))
+            if unwrapped.critic is not None:  # separate_critic: the value head's backbone
+                save_file({k[len("critic."):]: v.detach().cpu().contiguous() for k, v in state.items()
+                           if k.startswith("critic.")}, os.path.join(output_dir, "critic.safetensors"))
             with open(os.path.join(output_dir, "log_history.json"), "w") as f:
                 json.dump(self.log_history, f, indent=1)
         acc.wait_for_everyone()
 
-
-def checkpoints(output_dir: str) -> list[str]:
-    """The `checkpoint-<update>` directories in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
-    return [os.path.join(output_dir, name) for _, name in sorted(found)]
