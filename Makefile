@@ -40,13 +40,14 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
 # The suite against the newest release of every dependency (torch stays at the lock's pin: a newer torch is a
-# multi-GB CUDA download). Run it on purpose to see drift before it reaches the lock.
+# multi-GB CUDA download). Run it on purpose to see drift before it reaches the lock. PYTEST_ARGS narrows the
+# run of test-latest and test-lowest, e.g. PYTEST_ARGS='-m "not slow"'.
 test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	grep '^torch==' $(LOCK) > $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip install -q -U --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[test]"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|deepspeed) '
-	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The suite against the lowest version of every direct dependency that pyproject.toml admits (uv's
 # lowest-direct resolution; torch included, so this downloads PyPI's torch at its floor): the floors we claim.
