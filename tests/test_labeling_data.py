@@ -20,11 +20,11 @@ from datasets import Dataset
 
 from pairrm_rlhf import PairRM
 from pairrm_rlhf.core import generation as core_generation
+from pairrm_rlhf.core import identity as core_identity
 from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.evaluation import read_rows as eval_read_rows
 from pairrm_rlhf.labeling import PreferenceLabeler, load_prompts
 from pairrm_rlhf.labeling import io as labeling_io
-from pairrm_rlhf.labeling import store as labeling_store
 from pairrm_rlhf.labeling.command import main
 from pairrm_rlhf.serve.openrlhf import ReferenceTable
 
@@ -286,7 +286,7 @@ def failing_open(code: int):
     "module, code, culprit",
     [
         (labeling_io, errno.ENOSPC, "pairs.jsonl"),  # the output, disk full
-        (labeling_store, errno.EROFS, "pairs.jsonl.chunks/lock.json"),  # the work directory, read-only
+        (core_identity, errno.EROFS, "pairs.jsonl.chunks/lock.json"),  # the work directory, read-only (atomic_write)
     ],
 )
 def test_a_failed_write_is_one_line_naming_the_path(module, code, culprit, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,18 @@ from known_preference import style_judge
 from recipe_scripts import recipe
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each PPO run makes its own `Accelerator`; accelerate keeps one process-wide state and refuses a second with
+    other mixed precision, so an earlier test's fp32 state would refuse these bf16 runs (a new process each run in
+    real use). The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 def tiny_policy(dtype: str = "float32"):
     from trl import ModelConfig
 
