@@ -27,7 +27,7 @@ PROMPTS = [
 ]
 COLUMNS = {
     "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "all_generated_responses",
-    "all_rm_scores", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "prompt_index",
+    "all_rm_scores", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "finished", "prompt_index",
 }
 GEN = SamplingArguments(max_new_tokens=8)
 
@@ -39,7 +39,9 @@ def policy():
 
 
 def labeler_for(pairrm, policy, **kwargs) -> PreferenceLabeler:
-    kwargs = {"num_responses": 3, "sampling": GEN, **kwargs}
+    # the tiny random policy almost never ends within 8 tokens: these tests check the choice by score, so they let
+    # unfinished responses be chosen (the EOS-aware default has its own tests below)
+    kwargs = {"num_responses": 3, "sampling": GEN, "allow_unfinished_chosen": True, **kwargs}
     return PreferenceLabeler(pairrm, policy[0], policy[1], **kwargs)
 
 
@@ -345,3 +347,54 @@ def test_output_trains_with_dpo(form, hf_model, standard_output, policy, tmp_pat
     assert trainer.state.global_step == 2
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+# ---- EOS awareness (issue 22 item 3) -------------------------------------------------------------------------
+def test_sampled_responses_know_whether_they_finished(policy):
+    """The transformers sampler flags a response cut at max_new_tokens; one that stopped early is finished."""
+    from pairrm_rlhf.core.formats import Response
+    from pairrm_rlhf.core.generation import sample_responses
+
+    model, tokenizer = policy
+    cut = sample_responses(model, tokenizer, PROMPTS[:2], 2, max_new_tokens=6)
+    assert all(isinstance(r, Response) for rs in cut for r in rs)
+    assert not any(r.finished for rs in cut for r in rs)  # the tiny policy does not end within 6 tokens
+    eos_everywhere = copy.deepcopy(model)  # a policy that always says EOS first
+    with torch.no_grad():
+        eos_everywhere.lm_head.bias = torch.nn.Parameter(torch.zeros(eos_everywhere.config.vocab_size))
+        eos_everywhere.lm_head.bias[tokenizer.eos_token_id] = 1e4
+    done = sample_responses(eos_everywhere, tokenizer, PROMPTS[:2], 2, max_new_tokens=6)
+    assert all(r.finished for rs in done for r in rs)
+
+
+def test_unfinished_response_is_never_chosen_by_default(hf_model):
+    from pairrm_rlhf.core.formats import Response
+
+    prompt = "Explain the sun."
+    texts = ["The sun is a star that gives light and heat to the earth and it is very", "Hot.", "A star."]
+    scores = PreferenceLabeler(hf_model, responses_column="r").rank_responses([prompt], [texts])[0]
+    top = int(np.argmax(scores))  # the judge's favourite: make it the one cut at the length limit
+    responses = [[Response(t, finished=i != top) for i, t in enumerate(texts)]]
+    rows, stats = PreferenceLabeler(hf_model, responses_column="r").label_rows([prompt], responses)
+    assert len(rows) == 1 and rows[0]["chosen"] != texts[top]
+    assert rows[0]["chosen"] == texts[int(np.argmax(np.where(np.arange(3) == top, -np.inf, scores)))]
+    assert rows[0]["finished"] == [i != top for i in range(3)] and stats.unfinished == 1
+    rows, _ = PreferenceLabeler(hf_model, responses_column="r", allow_unfinished_chosen=True).label_rows(
+        [prompt], responses)
+    assert rows[0]["chosen"] == texts[top]
+    # none finished: no pair for that prompt
+    rows, _ = PreferenceLabeler(hf_model, responses_column="r").label_rows(
+        [prompt], [[Response(t, finished=False) for t in ("a b c", "d")]])
+    assert rows == []
+
+
+def test_select_pairs_with_finished_flags():
+    scores = [3.0, 1.0, 2.0, -1.0]
+    finished = [False, True, True, False]
+    assert select_pairs(scores, "best_vs_worst", finished=finished) == ([(2, 3)], 0, 0)
+    assert select_pairs(scores, "best_vs_second", finished=finished) == ([], 0, 1)  # the next is the cut 3.0
+    pairs, _, _ = select_pairs(scores, "all_pairs", finished=finished)
+    assert pairs and all(finished[c] for c, _ in pairs)
+    assert select_pairs(scores, "best_vs_worst", finished=[False] * 4) == ([], 0, 0)
+    with pytest.raises(ValueError, match="finished has 3 flags but there are 4 scores"):
+        select_pairs(scores, finished=[True] * 3)

@@ -48,6 +48,31 @@ def check_lengths(**named: Sequence) -> None:
             raise ValueError(f"{name} has {len(values)} items but {first} has {len(reference)}")
 
 
+# ---- a sampled response that knows whether it ended -----------------------------------------------------
+class Response(str):
+    """A sampled response's text that also says whether generation `finished` (ended with an EOS id or a stop
+    string) rather than being cut at `max_new_tokens`. Plain strings (existing responses) count as finished."""
+
+    finished: bool
+
+    def __new__(cls, text: str, *, finished: bool = True) -> Response:
+        obj = super().__new__(cls, text)
+        obj.finished = bool(finished)
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (_response, (str(self), self.finished))
+
+
+def _response(text: str, finished: bool) -> Response:
+    return Response(text, finished=finished)
+
+
+def is_finished(response: Any) -> bool:
+    """False only for a `Response` cut at the length limit."""
+    return not isinstance(response, Response) or response.finished
+
+
 # ---- rendered text that remembers where it came from -------------------------------------------------------
 class Rendered(str):
     """A string (PairRM's rendering) that also carries the prompt `messages` or the bare `response` it came from."""

@@ -65,6 +65,7 @@ class LabelArguments:
     strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
+    allow_unfinished_chosen: bool = field(default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"})
     probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
     output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
@@ -157,6 +158,7 @@ def run_label(
         pairrm, policy, tokenizer, num_responses=a.num_responses, responses_column=a.responses_column,
         prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
         pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
+        allow_unfinished_chosen=a.allow_unfinished_chosen,
         probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
         generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
     )
@@ -201,7 +203,7 @@ def _write_outputs(result: Dataset, labeler: PreferenceLabeler, a: LabelArgument
     print(
         f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
         f"{s.below_margin} below margin {a.margin_threshold}); mean margin {s.mean_margin:.4f}; "
-        f"judge truncation rate {s.truncation_rate:.1%}\n"
+        f"judge truncation rate {s.truncation_rate:.1%}; {s.unfinished} sampled responses unfinished (no EOS)\n"
         f"Wrote {a.output_path} ({output_format})\nCard: {card_path}\n"
         + (f"Margin histogram: {plot}" if plot else "Margin histogram: not written (matplotlib is not installed)")
         + pushed

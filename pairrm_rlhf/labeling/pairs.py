@@ -30,6 +30,7 @@ class LabelStats:
     margin_sum: float = 0.0  # sum of the kept pairs' margins (see mean_margin)
     scored_pairs: int = 0  # unordered response pairs scored (both orders each)
     truncated_pairs: int = 0  # of those, pairs where the judge had to cut some text
+    unfinished: int = 0  # sampled responses cut at max_new_tokens (no EOS); never chosen unless allowed
 
     @property
     def mean_margin(self) -> float:
@@ -66,13 +67,16 @@ def select_pairs(
     pairs_per_prompt: int | None = None,
     margin_threshold: float = 0.0,
     rng: np.random.Generator | None = None,
+    finished: Sequence[bool] | None = None,
 ) -> tuple[list[tuple[int, int]], int, int]:
     """Pick (chosen, rejected) index pairs from one prompt's response scores.
 
     `best_vs_worst`, `best_vs_second` and `best_vs_random` pair the best response (the first of equal best)
     with the `pairs_per_prompt` (default 1) worst, next-best or randomly drawn others; `all_pairs` takes every
     pair, largest margin first (default: no cap). A pair whose margin is 0 is a tie and a pair with margin
-    <= `margin_threshold` is too close: both are dropped.
+    <= `margin_threshold` is too close: both are dropped. With `finished` (one flag per response), a response cut
+    at the length limit is never chosen: "best" is the best finished response (no pair when none finished), and
+    an unfinished one can still be rejected.
 
     Returns:
         (pairs, ties dropped, below-margin dropped).
@@ -83,10 +87,16 @@ def select_pairs(
     """
     check_choice("strategy", strategy, STRATEGIES)
     scores = [float(s) for s in scores]
+    if finished is not None and len(finished) != len(scores):
+        raise ValueError(f"finished has {len(finished)} flags but there are {len(scores)} scores")
+    can_win = [True] * len(scores) if finished is None else [bool(f) for f in finished]
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # best first, stable
-    best, others = order[0], order[1:]
+    if not any(can_win):
+        return [], 0, 0
+    best = next(i for i in order if can_win[i])
+    others = [i for i in order if i != best]
     if strategy == "all_pairs":
-        candidates = [(i, j) for a, i in enumerate(order) for j in order[a + 1 :]]
+        candidates = [(i, j) for a, i in enumerate(order) for j in order[a + 1 :] if can_win[i]]
         candidates.sort(key=lambda p: -(scores[p[0]] - scores[p[1]]))  # stable: ties keep rank order
     elif strategy == "best_vs_worst":
         candidates = [(best, j) for j in reversed(others)]
