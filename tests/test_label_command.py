@@ -268,7 +268,7 @@ PreferenceLabeler._label_chunk = original
 # the library call without a work_dir: results are gathered in memory
 policy, tokenizer = load_policy("tiny", "cpu")
 labeler = PreferenceLabeler(PairRM.from_pretrained(bundled("pairrm"), device="cpu"), policy, tokenizer,
-                            num_responses=3, sampling=SamplingArguments(max_new_tokens=8))
+                            num_responses=3, sampling=SamplingArguments(max_new_tokens=8), allow_unfinished_chosen=True)
 out = labeler.label(load_prompts(sys.argv[2]), chunk_size=2)
 if _process_state().is_main_process:
     out.save_to_disk(sys.argv[1])
@@ -285,7 +285,7 @@ def test_two_processes_match_one(hf_model, tmp_path, capsys):
     config = tmp_path / "label.yaml"
     config.write_text(
         f"dataset: {data}\npolicy: tiny\npairrm: tiny\nnum_responses: 3\nmax_new_tokens: 8\nchunk_size: 2\n"
-        "strategy: best_vs_random\npolicy_device: cpu\n"
+        "strategy: best_vs_random\npolicy_device: cpu\nallow_unfinished_chosen: true\n"  # the tiny policy never ends
     )
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -311,5 +311,5 @@ def test_two_processes_match_one(hf_model, tmp_path, capsys):
     from pairrm_rlhf.core.generation import load_policy
 
     single = PreferenceLabeler(hf_model, *load_policy("tiny", "cpu"), num_responses=3,
-                               sampling=SamplingArguments(max_new_tokens=8))
+                               sampling=SamplingArguments(max_new_tokens=8), allow_unfinished_chosen=True)
     assert memory.to_list() == single.label(load_prompts(str(data)), chunk_size=2).to_list()
