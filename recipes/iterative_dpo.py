@@ -101,6 +101,7 @@ class IterativeDPOConfig(DPOConfig):
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this"})
     allow_unfinished_chosen: bool = field(default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"})
+    len_penalty: float = field(default=0.0, metadata={"help": "strategy max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
     label_chunk_size: int = field(default=256, metadata={"help": "prompts per saved labeling chunk (the unit of resume)"})
     sppo: bool = field(default=False, metadata={"help": "train SPPO's soft loss on chosen_probs_win/lose instead of DPO"})
     sppo_probabilities: str = field(default="authors", metadata={
@@ -133,7 +134,7 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     labeler = PreferenceLabeler(
         pairrm, policy, tokenizer, num_responses=config.num_responses, aggregation=config.aggregation,
         strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
-        allow_unfinished_chosen=config.allow_unfinished_chosen,
+        allow_unfinished_chosen=config.allow_unfinished_chosen, len_penalty=config.len_penalty,
         seed=config.seed + iteration, sampling=sampling,
         generation_batch_size=config.generation_batch_size,
     )

@@ -398,3 +398,38 @@ def test_select_pairs_with_finished_flags():
     assert select_pairs(scores, "best_vs_worst", finished=[False] * 4) == ([], 0, 0)
     with pytest.raises(ValueError, match="finished has 3 flags but there are 4 scores"):
         select_pairs(scores, finished=[True] * 3)
+
+
+# ---- RLHFlow's length-penalised selection -----------------------------------------------------------------------
+def test_max_min_p_is_rlhflows_length_penalised_best_vs_worst():
+    """RLHFlow/Online-RLHF run_dpo.py `max_min_p`: argmax/argmin of score - len_penalty * len, ordered by raw score."""
+    scores = [2.0, 1.9, 0.0, -1.0]
+    lengths = [400, 10, 50, 30]
+    assert select_pairs(scores, "max_min_p", lengths=lengths) == ([(0, 3)], 0, 0)  # no penalty: best vs worst
+    # 0.01 per character: 2.0 - 4.0 = -2.0 is now the lowest, 1.9 - 0.1 the highest -> the pair (1, 0), and the
+    # raw scores order it: the long one (2.0) stays chosen, as in RLHFlow's code
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01) == ([(0, 1)], 0, 0)
+    # with a threshold above that raw margin (0.1) the long answer no longer wins a pair
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01, margin_threshold=0.5) == ([], 0, 1)
+    assert select_pairs([1.0, 1.0], "max_min_p", lengths=[5, 3]) == ([], 1, 0)
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01,
+                        finished=[False, True, True, True]) == ([], 0, 0)  # the chosen would be the unfinished one
+    with pytest.raises(ValueError, match=r"max_min_p needs one length per response \(4\), got None"):
+        select_pairs(scores, "max_min_p")
+
+
+def test_labeler_max_min_p_uses_response_lengths(hf_model):
+    prompt = "Explain the sun."
+    texts = ["The sun is a star that gives light and heat to the earth every single day.", "Hot.", "A star.", "Sun."]
+    labeler = PreferenceLabeler(hf_model, responses_column="r", strategy="max_min_p", len_penalty=0.05)
+    rows, _ = labeler.label_rows([prompt], [texts])
+    scores = np.array(rows[0]["all_rm_scores"]) if rows else labeler.rank_responses([prompt], [texts])[0]
+    penalised = scores - 0.05 * np.array([len(t) for t in texts])
+    pair = sorted([int(np.argmax(penalised)), int(np.argmin(penalised))], key=lambda i: -scores[i])
+    if scores[pair[0]] == scores[pair[1]]:
+        assert rows == []
+    else:
+        assert [rows[0]["chosen"], rows[0]["rejected"]] == [texts[pair[0]], texts[pair[1]]]
+    assert labeler.identity(Dataset.from_dict({"prompt": [prompt], "r": [texts]}), 8)["selection"]["len_penalty"] == 0.05
+    with pytest.raises(ValueError, match="len_penalty must be >= 0"):
+        PreferenceLabeler(hf_model, responses_column="r", len_penalty=-1)

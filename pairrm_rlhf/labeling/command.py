@@ -62,10 +62,11 @@ class LabelArguments:
     num_responses: int = field(default=4, metadata={"help": "K responses sampled per prompt (>= 2)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
     aggregation: str = field(default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"})
-    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"})
+    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs or max_min_p"})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
     allow_unfinished_chosen: bool = field(default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"})
+    len_penalty: float = field(default=0.0, metadata={"help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
     probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
     output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
@@ -100,6 +101,8 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
             raise ValueError(f"--{name}: {value} is below {least}")
     if a.margin_threshold < 0:
         raise ValueError(f"--margin_threshold: {a.margin_threshold} is negative")
+    if a.len_penalty < 0:
+        raise ValueError(f"--len_penalty: {a.len_penalty} is negative")
     if not a.probability_temperature > 0:
         raise ValueError(f"--probability_temperature: {a.probability_temperature} must be > 0")
     for flag, name in (("--dataset", a.dataset), ("--policy", a.policy)):  # the judge's: PairRMArguments
@@ -158,7 +161,7 @@ def run_label(
         pairrm, policy, tokenizer, num_responses=a.num_responses, responses_column=a.responses_column,
         prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
         pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
-        allow_unfinished_chosen=a.allow_unfinished_chosen,
+        allow_unfinished_chosen=a.allow_unfinished_chosen, len_penalty=a.len_penalty,
         probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
         generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
     )

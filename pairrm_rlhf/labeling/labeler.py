@@ -61,6 +61,7 @@ class PreferenceLabeler:
             default: PairRM prefers longer text, so truncated responses would otherwise teach rambling. The rows'
             `finished` column (one flag per response of `all_generated_responses`) says which ended; existing
             responses from `responses_column` count as finished.
+        len_penalty: the `max_min_p` strategy's penalty per character of response (RLHFlow's `--len_penalty`).
         probability_temperature: T of P(A > B) = sigmoid((f(x,A,B) - f(x,B,A)) / 2T) for the soft labels.
         seed: sampling is seeded per chunk and `best_vs_random` per prompt, so results do not depend on the
             number of processes or on interruptions.
@@ -98,6 +99,7 @@ class PreferenceLabeler:
         pairs_per_prompt: int | None = None,
         margin_threshold: float = 0.0,
         allow_unfinished_chosen: bool = False,
+        len_penalty: float = 0.0,
         probability_temperature: float = 1.0,
         seed: int = 0,
         backend: str = "transformers",
@@ -115,6 +117,8 @@ class PreferenceLabeler:
             raise ValueError(f"pairs_per_prompt must be >= 1 or None, got {pairs_per_prompt}")
         if margin_threshold < 0:
             raise ValueError(f"margin_threshold must be >= 0, got {margin_threshold}")
+        if not len_penalty >= 0:
+            raise ValueError(f"len_penalty must be >= 0, got {len_penalty}")
         if not probability_temperature > 0:
             raise ValueError(f"probability_temperature must be > 0, got {probability_temperature}")
         if seed < 0:
@@ -131,6 +135,7 @@ class PreferenceLabeler:
         self.pairs_per_prompt = pairs_per_prompt
         self.margin_threshold = float(margin_threshold)
         self.allow_unfinished_chosen = bool(allow_unfinished_chosen)
+        self.len_penalty = float(len_penalty)
         self.probability_temperature = float(probability_temperature)
         self.seed = seed
         self.scoring_batch_size = scoring_batch_size
@@ -207,8 +212,9 @@ class PreferenceLabeler:
             rng = np.random.default_rng([self.seed, first_index + k])
             finished = [is_finished(r) for r in resp]
             stats.unfinished += finished.count(False)
-            pairs, ties, below = select_pairs(scores, self.strategy, self.pairs_per_prompt, self.margin_threshold, rng,
-                                              None if self.allow_unfinished_chosen else finished)
+            pairs, ties, below = select_pairs(
+                scores, self.strategy, self.pairs_per_prompt, self.margin_threshold, rng,
+                None if self.allow_unfinished_chosen else finished, [len(r) for r in resp], self.len_penalty)
             stats.ties_dropped += ties
             stats.below_margin += below
             for c, r in pairs:
@@ -323,7 +329,7 @@ class PreferenceLabeler:
             "generation": self.sampler.identity() if self.sampler else None,
             "selection": {"aggregation": self.aggregation, "strategy": self.strategy,
                           "pairs_per_prompt": self.pairs_per_prompt, "margin_threshold": self.margin_threshold,
-                          "allow_unfinished_chosen": self.allow_unfinished_chosen,
+                          "allow_unfinished_chosen": self.allow_unfinished_chosen, "len_penalty": self.len_penalty,
                           "probability_temperature": self.probability_temperature, "seed": self.seed},
         }
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..core import aggregation as agg
 from ..core.settings import check_choice
 
-STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs")
+STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs", "max_min_p")
 AGGREGATIONS = ("rank", "copeland", "bradley_terry")
 
 
@@ -68,6 +68,8 @@ def select_pairs(
     margin_threshold: float = 0.0,
     rng: np.random.Generator | None = None,
     finished: Sequence[bool] | None = None,
+    lengths: Sequence[int] | None = None,
+    len_penalty: float = 0.0,
 ) -> tuple[list[tuple[int, int]], int, int]:
     """Pick (chosen, rejected) index pairs from one prompt's response scores.
 
@@ -78,6 +80,11 @@ def select_pairs(
     at the length limit is never chosen: "best" is the best finished response (no pair when none finished), and
     an unfinished one can still be rejected.
 
+    `max_min_p` is RLHFlow's length-penalised best vs worst (RLHFlow/Online-RLHF `dpo_iteration/run_dpo.py`,
+    `prepare_data`, `choose_type="max_min_p"`, `--len_penalty`): the pair is the argmax and the argmin of
+    `score - len_penalty * length` (`lengths`: characters of each response, as there), then ordered by the raw
+    scores, so the longer of two near-equal responses is less likely to be the chosen one. One pair per prompt.
+
     Returns:
         (pairs, ties dropped, below-margin dropped).
 
@@ -87,6 +94,8 @@ def select_pairs(
     """
     check_choice("strategy", strategy, STRATEGIES)
     scores = [float(s) for s in scores]
+    if strategy == "max_min_p":
+        return _max_min_p(scores, lengths, len_penalty, margin_threshold, finished)
     if finished is not None and len(finished) != len(scores):
         raise ValueError(f"finished has {len(finished)} flags but there are {len(scores)} scores")
     can_win = [True] * len(scores) if finished is None else [bool(f) for f in finished]
@@ -120,3 +129,23 @@ def select_pairs(
     if strategy == "all_pairs" and pairs_per_prompt:
         kept = kept[:pairs_per_prompt]
     return kept, ties, below
+
+
+def _max_min_p(scores: list[float], lengths: Sequence[int] | None, len_penalty: float, margin_threshold: float,
+               finished: Sequence[bool] | None) -> tuple[list[tuple[int, int]], int, int]:
+    if lengths is None or len(lengths) != len(scores):
+        raise ValueError(f"max_min_p needs one length per response ({len(scores)}), got "
+                         f"{None if lengths is None else len(lengths)}")
+    if not len_penalty >= 0:
+        raise ValueError(f"len_penalty must be >= 0, got {len_penalty}")
+    penalised = np.asarray(scores) - len_penalty * np.asarray(lengths, dtype=np.float64)
+    top, bottom = int(np.argmax(penalised)), int(np.argmin(penalised))  # the first of equal ones, as numpy's
+    chosen, rejected = (top, bottom) if scores[top] >= scores[bottom] else (bottom, top)
+    margin = scores[chosen] - scores[rejected]
+    if margin == 0:
+        return [], 1, 0
+    if margin <= margin_threshold:
+        return [], 0, 1
+    if finished is not None and not finished[chosen]:
+        return [], 0, 0
+    return [(chosen, rejected)], 0, 0
