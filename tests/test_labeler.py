@@ -433,3 +433,15 @@ def test_labeler_max_min_p_uses_response_lengths(hf_model):
     assert labeler.identity(Dataset.from_dict({"prompt": [prompt], "r": [texts]}), 8)["selection"]["len_penalty"] == 0.05
     with pytest.raises(ValueError, match="len_penalty must be >= 0"):
         PreferenceLabeler(hf_model, responses_column="r", len_penalty=-1)
+
+
+def test_labeler_plain_conversation_format_scores_the_user_text(hf_model):
+    texts = [["Hot.", "A star, the one we orbit.", "Sun."]]
+    chat = [[{"role": "user", "content": "Explain the sun."}]]
+    as_text = PreferenceLabeler(hf_model, responses_column="r").rank_responses(["Explain the sun."], texts)
+    plain = PreferenceLabeler(hf_model, responses_column="r", conversation_format="plain").rank_responses(chat, texts)
+    default = PreferenceLabeler(hf_model, responses_column="r").rank_responses(chat, texts)
+    np.testing.assert_allclose(plain[0], as_text[0], atol=1e-6)
+    assert not np.allclose(default[0], as_text[0], atol=1e-4)
+    with pytest.raises(ValueError, match="conversation_format"):
+        PreferenceLabeler(hf_model, responses_column="r", conversation_format="chatml")

@@ -250,3 +250,26 @@ def test_rows_without_reference_are_not_applicable_under_trl_aggregation(hf_mode
         np.mean([float(z > 0) + 0.5 * float(z == 0) for z in
                  hf_model.compare([PROMPTS[0], PROMPTS[3]], [COMPLETIONS[0], COMPLETIONS[3]],
                                   [REFERENCES[0], REFERENCES[3]], return_logits=True)]))
+
+
+def test_plain_rendering_of_single_turn_conversations(hf_model):
+    """conversation_format='plain': a single-turn conversation scores as its user text (system folded in) with the
+    bare response, as SPPO's scripts/rank.py passed them; multi-turn conversations keep PairRM's format."""
+    chats = [[user(p)] for p in PROMPTS]
+    as_text = PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES)
+    plain = PairwiseReward(hf_model, conversation_format="plain")
+    np.testing.assert_allclose(plain(chats, COMPLETIONS, reference=REFERENCES), as_text, atol=1e-6)
+    default = PairwiseReward(hf_model)(chats, COMPLETIONS, reference=REFERENCES)
+    assert not np.allclose(default, as_text, atol=1e-4)  # the multi-turn format is a different input
+    system = [[{"role": "system", "content": "Be brief."}, user(p)] for p in PROMPTS]
+    folded = [f"Be brief.\n\n{p}" for p in PROMPTS]
+    np.testing.assert_allclose(plain(system, COMPLETIONS, reference=REFERENCES),
+                               PairwiseReward(hf_model)(folded, COMPLETIONS, reference=REFERENCES), atol=1e-6)
+    multi = [[user("Hi"), assistant("Hello!"), user(p)] for p in PROMPTS]
+    np.testing.assert_allclose(plain(multi, COMPLETIONS, reference=REFERENCES),
+                               PairwiseReward(hf_model)(multi, COMPLETIONS, reference=REFERENCES), atol=1e-6)
+    group = PairwiseReward(hf_model, mode="group", conversation_format="plain")
+    np.testing.assert_allclose(group([[user(p)] for p in GROUP_PROMPTS], GROUP_COMPLETIONS),
+                               PairwiseReward(hf_model, mode="group")(GROUP_PROMPTS, GROUP_COMPLETIONS), atol=1e-6)
+    with pytest.raises(ValueError, match="conversation_format"):
+        PairwiseReward(hf_model, conversation_format="chatml")

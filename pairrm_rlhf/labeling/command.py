@@ -29,6 +29,7 @@ from ..args import PairRMArguments
 from ..core import assets
 from ..core.distributed import end_distributed_run
 from ..core.entry import check_device, check_hub_id, check_hub_push, parse, run_command
+from ..core.formats import CONVERSATION_FORMATS
 from ..core.generation import SamplingArguments, load_policy
 from ..core.settings import check_choice
 from .generation import BACKENDS
@@ -66,6 +67,7 @@ class LabelArguments:
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
     allow_unfinished_chosen: bool = field(default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"})
+    conversation_format: str = field(default="pairrm", metadata={"help": "single-turn conversations: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
     len_penalty: float = field(default=0.0, metadata={"help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
     probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
@@ -89,7 +91,8 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
     if a.policy is None and a.responses_column is None:
         raise ValueError("--policy is required unless --responses_column is given")
     choices = {"strategy": STRATEGIES, "aggregation": AGGREGATIONS, "backend": BACKENDS,
-               "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES}
+               "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES,
+               "conversation_format": CONVERSATION_FORMATS}
     for name, allowed in choices.items():
         if getattr(a, name) is not None:
             check_choice(f"--{name}", getattr(a, name), allowed)
@@ -162,6 +165,7 @@ def run_label(
         prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
         pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
         allow_unfinished_chosen=a.allow_unfinished_chosen, len_penalty=a.len_penalty,
+        conversation_format=a.conversation_format,
         probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
         generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
     )

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core import aggregation
 from ..core.backend import PairBackend
-from ..core.formats import is_finished, render
+from ..core.formats import CONVERSATION_FORMATS, is_finished, render
 from ..core.generation import SamplingArguments
 from ..core.progress import progress_enabled
 from ..core.settings import check_choice
@@ -62,6 +62,8 @@ class PreferenceLabeler:
             `finished` column (one flag per response of `all_generated_responses`) says which ended; existing
             responses from `responses_column` count as finished.
         len_penalty: the `max_min_p` strategy's penalty per character of response (RLHFlow's `--len_penalty`).
+        conversation_format: `pairrm` or `plain` (single-turn conversations as plain text, as SPPO labelled; see
+            `core.formats.render`).
         probability_temperature: T of P(A > B) = sigmoid((f(x,A,B) - f(x,B,A)) / 2T) for the soft labels.
         seed: sampling is seeded per chunk and `best_vs_random` per prompt, so results do not depend on the
             number of processes or on interruptions.
@@ -100,6 +102,7 @@ class PreferenceLabeler:
         margin_threshold: float = 0.0,
         allow_unfinished_chosen: bool = False,
         len_penalty: float = 0.0,
+        conversation_format: str = "pairrm",
         probability_temperature: float = 1.0,
         seed: int = 0,
         backend: str = "transformers",
@@ -117,6 +120,7 @@ class PreferenceLabeler:
             raise ValueError(f"pairs_per_prompt must be >= 1 or None, got {pairs_per_prompt}")
         if margin_threshold < 0:
             raise ValueError(f"margin_threshold must be >= 0, got {margin_threshold}")
+        check_choice("conversation_format", conversation_format, CONVERSATION_FORMATS)
         if not len_penalty >= 0:
             raise ValueError(f"len_penalty must be >= 0, got {len_penalty}")
         if not probability_temperature > 0:
@@ -136,6 +140,7 @@ class PreferenceLabeler:
         self.margin_threshold = float(margin_threshold)
         self.allow_unfinished_chosen = bool(allow_unfinished_chosen)
         self.len_penalty = float(len_penalty)
+        self.conversation_format = conversation_format
         self.probability_temperature = float(probability_temperature)
         self.seed = seed
         self.scoring_batch_size = scoring_batch_size
@@ -175,7 +180,8 @@ class PreferenceLabeler:
         """
         sources, candidates = [], []
         for k, (prompt, resp) in enumerate(zip(prompts, responses)):
-            texts = [render(prompt, r, name=f"response {i} of row {first_index + k}") for i, r in enumerate(resp)]
+            texts = [render(prompt, r, name=f"response {i} of row {first_index + k}",
+                            conversation_format=self.conversation_format) for i, r in enumerate(resp)]
             sources.append(texts[0][0])
             candidates.append([candidate for _, candidate in texts])
         matrices = self.pairrm.pairwise_matrices(
@@ -330,6 +336,7 @@ class PreferenceLabeler:
             "selection": {"aggregation": self.aggregation, "strategy": self.strategy,
                           "pairs_per_prompt": self.pairs_per_prompt, "margin_threshold": self.margin_threshold,
                           "allow_unfinished_chosen": self.allow_unfinished_chosen, "len_penalty": self.len_penalty,
+                          "conversation_format": self.conversation_format,
                           "probability_temperature": self.probability_temperature, "seed": self.seed},
         }
 

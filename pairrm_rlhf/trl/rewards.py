@@ -27,7 +27,8 @@ import torch
 from ..core import aggregation
 from ..core.assets import DEFAULT_MODEL
 from ..core.engine import default_device
-from ..core.formats import render
+from ..core.formats import CONVERSATION_FORMATS, render
+from ..core.settings import check_choice
 from ..pairrm import LazyPairRM, PairRM
 from .judge import PairRMJudge, renamed_argument
 
@@ -136,6 +137,9 @@ class PairwiseReward:
             `probability` or `win` output, in [0, 1], an unfinished completion then scores <= 0 <= any finished
             one; with `logit`, choose it on the scale of z). A penalty rather than None, because TRL turns None
             into NaN and an all-NaN row gets advantage 0: None would ignore truncation instead of discouraging it.
+        conversation_format: `"pairrm"` (llm-blender's multi-turn format for every conversation) or `"plain"`
+            (a single-turn conversation as plain text: the user text and the bare response, as SPPO labelled; see
+            `core.formats.render`).
         device, dtype, base_model: passed to `PairRM.from_pretrained` when `pairrm` is an id or path.
 
     Reference mode: a row whose reference is None (or an empty list) gets None, TRL's "not applicable", so the
@@ -157,6 +161,7 @@ class PairwiseReward:
         name: str | None = None,
         eos_token_ids: int | Sequence[int] | None = None,
         missing_eos_penalty: float = 1.0,
+        conversation_format: str = "pairrm",
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         base_model: str | os.PathLike | None = None,
@@ -177,6 +182,7 @@ class PairwiseReward:
             raise ValueError(f"eos_token_ids must be an int or a non-empty list of ints, got {eos_token_ids!r}")
         if not missing_eos_penalty >= 0:
             raise ValueError(f"missing_eos_penalty must be >= 0, got {missing_eos_penalty}")
+        check_choice("conversation_format", conversation_format, CONVERSATION_FORMATS)
         pairrm = renamed_argument(type(self).__name__, pairrm, model, "model")
         self._lazy = LazyPairRM.wrap(pairrm, device=device, dtype=dtype, base_model=base_model)
         self.reference_column = reference_column
@@ -188,6 +194,7 @@ class PairwiseReward:
         self.gather = gather
         self.eos_token_ids = None if eos_token_ids is None else frozenset(eos_token_ids)
         self.missing_eos_penalty = float(missing_eos_penalty)
+        self.conversation_format = conversation_format
         self.__name__ = name or f"pairrm_{mode}"
 
     @property
@@ -244,9 +251,11 @@ class PairwiseReward:
             row_refs = _references(f"{column}[{i}]", refs)
             if not row_refs:
                 continue  # no reference: not applicable (None)
-            source, candidate = render(prompt, completion, name=f"completions[{i}]")
+            source, candidate = render(prompt, completion, name=f"completions[{i}]",
+                                       conversation_format=self.conversation_format)
             for j, ref in enumerate(row_refs):
-                triples.append((source, candidate, render(prompt, ref, name=f"{column}[{i}][{j}]")[1]))
+                triples.append((source, candidate, render(prompt, ref, name=f"{column}[{i}][{j}]",
+                                                          conversation_format=self.conversation_format)[1]))
                 owner.append(i)
         if not triples:
             return [None] * len(prompts)
@@ -277,7 +286,8 @@ class PairwiseReward:
             return []
         sources, candidates = [], []
         for s, e in spans:
-            rendered = [render(rows[k][0], rows[k][1], name=f"completions[{k}]") for k in range(s, e)]
+            rendered = [render(rows[k][0], rows[k][1], name=f"completions[{k}]",
+                               conversation_format=self.conversation_format) for k in range(s, e)]
             sources.append(rendered[0][0])
             candidates.append([c for _, c in rendered])
         matrices = self.pairrm.pairwise_matrices(sources, candidates, batch_size=self.batch_size)
