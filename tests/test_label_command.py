@@ -66,7 +66,7 @@ BAD = [
     (BASE + ["--policy", "./nodir"], "--policy: file not found: ./nodir"),
     (BASE + ["--pairrm", "~/no/such/pairrm"], "--pairrm: file not found: ~/no/such/pairrm"),
     (BASE + ["--strategy", "best"],
-     "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, got 'best'"),
+     "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, max_min_p, got 'best'"),
     (BASE + ["--aggregation", "mean"], "--aggregation: must be one of rank, copeland, bradley_terry, got 'mean'"),
     (BASE + ["--backend", "tgi"], "--backend: must be one of transformers, vllm, got 'tgi'"),
     (BASE + ["--output_format", "csv"], "--output_format: must be one of save_to_disk, jsonl, parquet, got 'csv'"),
