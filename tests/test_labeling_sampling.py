@@ -73,7 +73,8 @@ class FakeLLM:
     def _outputs(self, method, prompts, params):
         self.calls.append((method, prompts, params.kwargs))
         text = (lambda p: p) if method == "generate" else (lambda p: p[-1]["content"])
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{text(p)} #{i}", finish_reason="stop")
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{text(p)} #{i}",
+                                                                     finish_reason="length" if i == 0 else "stop")
                                                for i in range(params.kwargs["n"])]) for p in prompts]
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -104,6 +105,9 @@ def vllm_call(hf_model, sampling, prompts=PROMPTS, num_responses=3):
 
 def test_vllm_gets_exactly_the_asked_sampling(hf_model, fake_vllm, greedy_checkpoint):
     llm, out = vllm_call(hf_model, ASKED)
+    # vLLM's finish_reason "length" (the fake's first sample of each prompt) is an unfinished response: never chosen
+    assert all(row["finished"] == [False, True, True] for row in out)
+    assert all(row["chosen"] != row["all_generated_responses"][0] for row in out)
     assert llm.model == "org/policy"
     assert [(method, len(prompts)) for method, prompts, _ in llm.calls] == [("generate", 2), ("generate", 1)]
     for chunk, (_, _, params) in enumerate(llm.calls):

@@ -82,7 +82,7 @@ LEARNING = {
     "grpo": ["--max_steps", "200", "--per_device_train_batch_size", "16", "--num_generations", "4",
              "--num_iterations", "4", "--steps_per_generation", "1", "--max_completion_length", "12",
              "--temperature", "1.0", "--learning_rate", "5e-3", "--logging_steps", "40", "--reward_mode", "group",
-             *NO_SAVE],
+             "--missing_eos_penalty", "0", *NO_SAVE],  # the EOS penalty is a second objective: measure the rule alone
     "online_dpo": ["--max_steps", "240", "--per_device_train_batch_size", "16", "--max_new_tokens", "12",
                    "--max_length", "96", "--temperature", "1.0", "--learning_rate", "1e-2", "--beta", "0.1",
                    "--logging_steps", "40", *NO_SAVE],
