@@ -40,8 +40,10 @@ class GRPORecipeConfig(GRPOConfig):
     reward_mode: str = field(default="reference", metadata={"help": "reference (vs the reference column) or group (round-robin)"})
     reward_output: str = field(default="probability", metadata={"help": "PairwiseReward output: probability, logit or win"})
     async_reward: bool = field(default=False, metadata={"help": "score in a worker thread (AsyncPairwiseReward)"})
-    conversation_format: str = field(default="pairrm", metadata={"help": "single-turn conversations to PairRM: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
-    missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "subtracted from the reward of a completion cut at max_completion_length (no EOS); null: no penalty"})
+    conversation_format: str = field(default="pairrm", metadata={
+        "help": "single-turn conversations to PairRM: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
+    missing_eos_penalty: float | None = field(default=1.0, metadata={
+        "help": "subtracted from the reward of a completion cut at max_completion_length (no EOS); null: no penalty"})
 
     def __post_init__(self):
         for name, allowed in (("reward_mode", REWARD_MODES), ("reward_output", REWARD_OUTPUTS),

@@ -430,7 +430,8 @@ def test_labeler_max_min_p_uses_response_lengths(hf_model):
         assert rows == []
     else:
         assert [rows[0]["chosen"], rows[0]["rejected"]] == [texts[pair[0]], texts[pair[1]]]
-    assert labeler.identity(Dataset.from_dict({"prompt": [prompt], "r": [texts]}), 8)["selection"]["len_penalty"] == 0.05
+    identity = labeler.identity(Dataset.from_dict({"prompt": [prompt], "r": [texts]}), 8)
+    assert identity["selection"]["len_penalty"] == 0.05
     with pytest.raises(ValueError, match="len_penalty must be >= 0"):
         PreferenceLabeler(hf_model, responses_column="r", len_penalty=-1)
 

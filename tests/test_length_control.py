@@ -46,8 +46,8 @@ def test_recipe_win_rate_reports_the_length_controlled_rate_next_to_the_raw_one(
     import _common
 
     prompts = ["Explain the sun.", "Describe rain.", "What is tea?", "Name a colour.", "Say hi."]
-    first = ["The sun is a star, hot and bright, at the centre of our system.", "Water falls.", "A drink made of leaves.",
-             "Blue, like the sky on a clear day.", "Hi!"]
+    first = ["The sun is a star, hot and bright, at the centre of our system.", "Water falls.",
+             "A drink made of leaves.", "Blue, like the sky on a clear day.", "Hi!"]
     second = ["A star.", "Rain is water falling from clouds in drops.", "Tea.", "Red.", "Hello there, how are you?"]
     out = _common.win_rate(hf_model, prompts, first, second)
     z = hf_model.compare(prompts, first, second, return_logits=True)

@@ -66,9 +66,12 @@ class LabelArguments:
     strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs or max_min_p"})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
-    allow_unfinished_chosen: bool = field(default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"})
-    conversation_format: str = field(default="pairrm", metadata={"help": "single-turn conversations: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
-    len_penalty: float = field(default=0.0, metadata={"help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
+    allow_unfinished_chosen: bool = field(default=False, metadata={
+        "help": "let a response cut at max_new_tokens (no EOS) be chosen"})
+    conversation_format: str = field(default="pairrm", metadata={
+        "help": "single-turn conversations: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
+    len_penalty: float = field(default=0.0, metadata={
+        "help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
     probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
     output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
