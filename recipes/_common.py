@@ -47,6 +47,7 @@ from pairrm_rlhf.core import entry
 from pairrm_rlhf.core.assets import TINY, resolve
 from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, render_prompts
+from pairrm_rlhf.evaluation.length import length_controlled_win_rate
 from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
@@ -282,9 +283,12 @@ def generate(model: Any, tokenizer: Any, prompts: list, sampling: SamplingArgume
 
 
 def win_rate(pairrm: PairRM, prompts: list, first: list[str], second: list[str]) -> dict[str, float]:
-    """PairRM's verdicts of `first` over `second`: win rate (ties count 1/2), tie rate, mean two-order logit."""
+    """PairRM's verdicts of `first` over `second`: win rate (ties count 1/2), the length-controlled win rate (at zero
+    length difference in characters, `evaluation.length`), tie rate, mean two-order logit."""
     z = PairRMJudge(pairrm).two_order_logits(prompts, [[a, b] for a, b in zip(first, second)])
-    return {"win_rate": float(np.mean((z > 0) + 0.5 * (z == 0))), "ties": float(np.mean(z == 0)),
+    wins = (z > 0) + 0.5 * (z == 0)
+    lc = length_controlled_win_rate(wins, [len(a) for a in first], [len(b) for b in second])
+    return {"win_rate": float(np.mean(wins)), "lc_win_rate": lc, "ties": float(np.mean(z == 0)),
             "mean_logit": float(np.mean(z))}
 
 

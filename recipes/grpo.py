@@ -27,7 +27,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
-from pairrm_rlhf.trl.rewards import REWARD_MODES, REWARD_OUTPUTS, AsyncPairwiseReward, PairwiseReward
+from pairrm_rlhf.core.formats import CONVERSATION_FORMATS
+from pairrm_rlhf.trl.rewards import (REWARD_MODES, REWARD_OUTPUTS, AsyncPairwiseReward, PairwiseReward,
+                                     policy_eos_token_ids)
 
 
 
@@ -38,11 +40,18 @@ class GRPORecipeConfig(GRPOConfig):
     reward_mode: str = field(default="reference", metadata={"help": "reference (vs the reference column) or group (round-robin)"})
     reward_output: str = field(default="probability", metadata={"help": "PairwiseReward output: probability, logit or win"})
     async_reward: bool = field(default=False, metadata={"help": "score in a worker thread (AsyncPairwiseReward)"})
+    conversation_format: str = field(default="pairrm", metadata={
+        "help": "single-turn conversations to PairRM: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
+    missing_eos_penalty: float | None = field(default=1.0, metadata={
+        "help": "subtracted from the reward of a completion cut at max_completion_length (no EOS); null: no penalty"})
 
     def __post_init__(self):
-        for name, allowed in (("reward_mode", REWARD_MODES), ("reward_output", REWARD_OUTPUTS)):
+        for name, allowed in (("reward_mode", REWARD_MODES), ("reward_output", REWARD_OUTPUTS),
+                              ("conversation_format", CONVERSATION_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            raise ValueError(f"--missing_eos_penalty must be >= 0 or null, got {self.missing_eos_penalty}")
         super().__post_init__()
 
 
@@ -61,7 +70,11 @@ def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_ar
     group_size = training_args.num_generations if training_args.reward_mode == "group" else None
     reward = cls(judge or lazy_judge(script_args, training_args.use_cpu), mode=training_args.reward_mode,
                  output=training_args.reward_output, group_size=group_size, name=f"pairrm_{training_args.reward_mode}",
-                 batch_size=script_args.pairrm_batch_size)
+                 batch_size=script_args.pairrm_batch_size,
+                 missing_eos_penalty=training_args.missing_eos_penalty or 0.0,
+                 conversation_format=training_args.conversation_format,
+                 eos_token_ids=None if training_args.missing_eos_penalty is None
+                 else policy_eos_token_ids(policy, tokenizer))
     evaluator = None
     if len(eval_set):
         sampling = SamplingArguments(max_new_tokens=training_args.max_completion_length,

@@ -116,6 +116,12 @@ class IterativeDPOConfig(DPOConfig):
     strategy: str = field(default="best_vs_worst", metadata={"help": "labeler pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs"})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this"})
+    allow_unfinished_chosen: bool = field(default=False, metadata={
+        "help": "let a response cut at max_new_tokens (no EOS) be chosen"})
+    conversation_format: str = field(default="pairrm", metadata={
+        "help": "single-turn conversations to PairRM: pairrm or plain (user text + bare response, as SPPO labelled)"})
+    len_penalty: float = field(default=0.0, metadata={
+        "help": "strategy max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
     label_chunk_size: int = field(default=256, metadata={"help": "prompts per saved labeling chunk (the unit of resume)"})
     sppo: bool = field(default=False, metadata={"help": "train SPPO's soft loss on chosen_probs_win/lose instead of DPO"})
     sppo_probabilities: str = field(default="authors", metadata={
@@ -148,6 +154,8 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     labeler = PreferenceLabeler(
         pairrm, policy, tokenizer, num_responses=config.num_responses, aggregation=config.aggregation,
         strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
+        allow_unfinished_chosen=config.allow_unfinished_chosen, len_penalty=config.len_penalty,
+        conversation_format=config.conversation_format,
         seed=config.seed + iteration, sampling=sampling,
         generation_batch_size=config.generation_batch_size,
     )

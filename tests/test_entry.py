@@ -97,8 +97,7 @@ CASES = {
     ),
     ("python -m pairrm_rlhf.labeling.command", "bad value"): (
         [sys.executable, "-m", "pairrm_rlhf.labeling.command", *LABEL, "--strategy", "best"],
-        "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, got 'best'",
-    ),
+        "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, max_min_p, got 'best'"),
     ("python -m pairrm_rlhf.evaluation.command", "bad value"): (
         [sys.executable, "-m", "pairrm_rlhf.evaluation.command", "--data", "DATA", "--orders", "three"],
         "--orders: must be one of both, single, got 'three'",

@@ -69,10 +69,8 @@ BAD = [
     (["--dataset", "data/prompts.parquet", "--policy", "tiny"], "--dataset: file not found: data/prompts.parquet"),
     (BASE + ["--policy", "./nodir"], "--policy: file not found: ./nodir"),
     (BASE + ["--pairrm", "~/no/such/pairrm"], "--pairrm: file not found: ~/no/such/pairrm"),
-    (
-        BASE + ["--strategy", "best"],
-        "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, got 'best'",
-    ),
+    (BASE + ["--strategy", "best"],
+     "--strategy: must be one of best_vs_worst, best_vs_random, best_vs_second, all_pairs, max_min_p, got 'best'"),
     (BASE + ["--aggregation", "mean"], "--aggregation: must be one of rank, copeland, bradley_terry, got 'mean'"),
     (BASE + ["--backend", "tgi"], "--backend: must be one of transformers, vllm, got 'tgi'"),
     (BASE + ["--output_format", "csv"], "--output_format: must be one of save_to_disk, jsonl, parquet, got 'csv'"),
@@ -320,7 +318,7 @@ PreferenceLabeler._label_chunk = original
 # the library call without a work_dir: results are gathered in memory
 policy, tokenizer = load_policy("tiny", "cpu")
 labeler = PreferenceLabeler(PairRM.from_pretrained(bundled("pairrm"), device="cpu"), policy, tokenizer,
-                            num_responses=3, sampling=SamplingArguments(max_new_tokens=8))
+                            num_responses=3, sampling=SamplingArguments(max_new_tokens=8), allow_unfinished_chosen=True)
 out = labeler.label(load_prompts(sys.argv[2]), chunk_size=2)
 if _process_state().is_main_process:
     out.save_to_disk(sys.argv[1])
@@ -337,7 +335,7 @@ def test_two_processes_match_one(hf_model, tmp_path, capsys):
     config = tmp_path / "label.yaml"
     config.write_text(
         f"dataset: {data}\npolicy: tiny\npairrm: tiny\nnum_responses: 3\nmax_new_tokens: 8\nchunk_size: 2\n"
-        "strategy: best_vs_random\npolicy_device: cpu\n"
+        "strategy: best_vs_random\npolicy_device: cpu\nallow_unfinished_chosen: true\n"  # the tiny policy never ends
     )
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -383,7 +381,6 @@ def test_two_processes_match_one(hf_model, tmp_path, capsys):
     memory = load_from_disk(str(tmp_path / "memory2"))
     from pairrm_rlhf.core.generation import load_policy
 
-    single = PreferenceLabeler(
-        hf_model, *load_policy("tiny", "cpu"), num_responses=3, sampling=SamplingArguments(max_new_tokens=8)
-    )
+    single = PreferenceLabeler(hf_model, *load_policy("tiny", "cpu"), num_responses=3,
+                               sampling=SamplingArguments(max_new_tokens=8), allow_unfinished_chosen=True)
     assert memory.to_list() == single.label(load_prompts(str(data)), chunk_size=2).to_list()

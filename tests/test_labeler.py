@@ -27,7 +27,7 @@ PROMPTS = [
 ]
 COLUMNS = {
     "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "all_generated_responses",
-    "all_rm_scores", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "prompt_index",
+    "all_rm_scores", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "finished", "prompt_index",
 }
 GEN = SamplingArguments(max_new_tokens=8)
 
@@ -39,7 +39,9 @@ def policy():
 
 
 def labeler_for(pairrm, policy, **kwargs) -> PreferenceLabeler:
-    kwargs = {"num_responses": 3, "sampling": GEN, **kwargs}
+    # the tiny random policy almost never ends within 8 tokens: these tests check the choice by score, so they let
+    # unfinished responses be chosen (the EOS-aware default has its own tests below)
+    kwargs = {"num_responses": 3, "sampling": GEN, "allow_unfinished_chosen": True, **kwargs}
     return PreferenceLabeler(pairrm, policy[0], policy[1], **kwargs)
 
 
@@ -345,3 +347,102 @@ def test_output_trains_with_dpo(form, hf_model, standard_output, policy, tmp_pat
     assert trainer.state.global_step == 2
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+# ---- EOS awareness (issue 22 item 3) -------------------------------------------------------------------------
+def test_sampled_responses_know_whether_they_finished(policy):
+    """The transformers sampler flags a response cut at max_new_tokens; one that stopped early is finished."""
+    from pairrm_rlhf.core.formats import Response
+    from pairrm_rlhf.core.generation import sample_responses
+
+    model, tokenizer = policy
+    cut = sample_responses(model, tokenizer, PROMPTS[:2], 2, max_new_tokens=6)
+    assert all(isinstance(r, Response) for rs in cut for r in rs)
+    assert not any(r.finished for rs in cut for r in rs)  # the tiny policy does not end within 6 tokens
+    eos_everywhere = copy.deepcopy(model)  # a policy that always says EOS first
+    with torch.no_grad():
+        eos_everywhere.lm_head.bias = torch.nn.Parameter(torch.zeros(eos_everywhere.config.vocab_size))
+        eos_everywhere.lm_head.bias[tokenizer.eos_token_id] = 1e4
+    done = sample_responses(eos_everywhere, tokenizer, PROMPTS[:2], 2, max_new_tokens=6)
+    assert all(r.finished for rs in done for r in rs)
+
+
+def test_unfinished_response_is_never_chosen_by_default(hf_model):
+    from pairrm_rlhf.core.formats import Response
+
+    prompt = "Explain the sun."
+    texts = ["The sun is a star that gives light and heat to the earth and it is very", "Hot.", "A star."]
+    scores = PreferenceLabeler(hf_model, responses_column="r").rank_responses([prompt], [texts])[0]
+    top = int(np.argmax(scores))  # the judge's favourite: make it the one cut at the length limit
+    responses = [[Response(t, finished=i != top) for i, t in enumerate(texts)]]
+    rows, stats = PreferenceLabeler(hf_model, responses_column="r").label_rows([prompt], responses)
+    assert len(rows) == 1 and rows[0]["chosen"] != texts[top]
+    assert rows[0]["chosen"] == texts[int(np.argmax(np.where(np.arange(3) == top, -np.inf, scores)))]
+    assert rows[0]["finished"] == [i != top for i in range(3)] and stats.unfinished == 1
+    rows, _ = PreferenceLabeler(hf_model, responses_column="r", allow_unfinished_chosen=True).label_rows(
+        [prompt], responses)
+    assert rows[0]["chosen"] == texts[top]
+    # none finished: no pair for that prompt
+    rows, _ = PreferenceLabeler(hf_model, responses_column="r").label_rows(
+        [prompt], [[Response(t, finished=False) for t in ("a b c", "d")]])
+    assert rows == []
+
+
+def test_select_pairs_with_finished_flags():
+    scores = [3.0, 1.0, 2.0, -1.0]
+    finished = [False, True, True, False]
+    assert select_pairs(scores, "best_vs_worst", finished=finished) == ([(2, 3)], 0, 0)
+    assert select_pairs(scores, "best_vs_second", finished=finished) == ([], 0, 1)  # the next is the cut 3.0
+    pairs, _, _ = select_pairs(scores, "all_pairs", finished=finished)
+    assert pairs and all(finished[c] for c, _ in pairs)
+    assert select_pairs(scores, "best_vs_worst", finished=[False] * 4) == ([], 0, 0)
+    with pytest.raises(ValueError, match="finished has 3 flags but there are 4 scores"):
+        select_pairs(scores, finished=[True] * 3)
+
+
+# ---- RLHFlow's length-penalised selection -----------------------------------------------------------------------
+def test_max_min_p_is_rlhflows_length_penalised_best_vs_worst():
+    """RLHFlow/Online-RLHF run_dpo.py `max_min_p`: argmax/argmin of score - len_penalty * len, ordered by raw score."""
+    scores = [2.0, 1.9, 0.0, -1.0]
+    lengths = [400, 10, 50, 30]
+    assert select_pairs(scores, "max_min_p", lengths=lengths) == ([(0, 3)], 0, 0)  # no penalty: best vs worst
+    # 0.01 per character: 2.0 - 4.0 = -2.0 is now the lowest, 1.9 - 0.1 the highest -> the pair (1, 0), and the
+    # raw scores order it: the long one (2.0) stays chosen, as in RLHFlow's code
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01) == ([(0, 1)], 0, 0)
+    # with a threshold above that raw margin (0.1) the long answer no longer wins a pair
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01, margin_threshold=0.5) == ([], 0, 1)
+    assert select_pairs([1.0, 1.0], "max_min_p", lengths=[5, 3]) == ([], 1, 0)
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01,
+                        finished=[False, True, True, True]) == ([], 0, 0)  # the chosen would be the unfinished one
+    with pytest.raises(ValueError, match=r"max_min_p needs one length per response \(4\), got None"):
+        select_pairs(scores, "max_min_p")
+
+
+def test_labeler_max_min_p_uses_response_lengths(hf_model):
+    prompt = "Explain the sun."
+    texts = ["The sun is a star that gives light and heat to the earth every single day.", "Hot.", "A star.", "Sun."]
+    labeler = PreferenceLabeler(hf_model, responses_column="r", strategy="max_min_p", len_penalty=0.05)
+    rows, _ = labeler.label_rows([prompt], [texts])
+    scores = np.array(rows[0]["all_rm_scores"]) if rows else labeler.rank_responses([prompt], [texts])[0]
+    penalised = scores - 0.05 * np.array([len(t) for t in texts])
+    pair = sorted([int(np.argmax(penalised)), int(np.argmin(penalised))], key=lambda i: -scores[i])
+    if scores[pair[0]] == scores[pair[1]]:
+        assert rows == []
+    else:
+        assert [rows[0]["chosen"], rows[0]["rejected"]] == [texts[pair[0]], texts[pair[1]]]
+    identity = labeler.identity(Dataset.from_dict({"prompt": [prompt], "r": [texts]}), 8)
+    assert identity["selection"]["len_penalty"] == 0.05
+    with pytest.raises(ValueError, match="len_penalty must be >= 0"):
+        PreferenceLabeler(hf_model, responses_column="r", len_penalty=-1)
+
+
+def test_labeler_plain_conversation_format_scores_the_user_text(hf_model):
+    texts = [["Hot.", "A star, the one we orbit.", "Sun."]]
+    chat = [[{"role": "user", "content": "Explain the sun."}]]
+    as_text = PreferenceLabeler(hf_model, responses_column="r").rank_responses(["Explain the sun."], texts)
+    plain = PreferenceLabeler(hf_model, responses_column="r", conversation_format="plain").rank_responses(chat, texts)
+    default = PreferenceLabeler(hf_model, responses_column="r").rank_responses(chat, texts)
+    np.testing.assert_allclose(plain[0], as_text[0], atol=1e-6)
+    assert not np.allclose(default[0], as_text[0], atol=1e-4)
+    with pytest.raises(ValueError, match="conversation_format"):
+        PreferenceLabeler(hf_model, responses_column="r", conversation_format="chatml")

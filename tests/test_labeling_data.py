@@ -375,19 +375,8 @@ def test_label_samples_a_chat_policy_through_its_chat_template(tmp_path, capsys,
         lambda tok, prompts: seen.extend(render(tok, prompts)) or render(tok, prompts),
     )
     data = jsonl(tmp_path / "p.jsonl", [{"prompt": "Explain the sun."}])
-    argv = [
-        "--dataset",
-        str(data),
-        "--policy",
-        "tiny",
-        "--pairrm",
-        "tiny",
-        "--num_responses",
-        "2",
-        "--max_new_tokens",
-        "4",
-        "--output_path",
-    ]
+    argv = ["--dataset", str(data), "--policy", "tiny", "--pairrm", "tiny", "--num_responses", "2",
+            "--max_new_tokens", "4", "--allow_unfinished_chosen", "true", "--output_path"]  # the tiny policy never ends
     main([*argv, str(tmp_path / "chat.jsonl")])
     assert seen == [
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -39,12 +39,14 @@ def greedy_checkpoint():
 
 def test_k_distinct_samples_despite_a_top_k_1_checkpoint(hf_model, greedy_checkpoint):
     model, tokenizer = greedy_checkpoint
-    asked = PreferenceLabeler(hf_model, model, tokenizer, num_responses=4, sampling=SamplingArguments(max_new_tokens=8))
+    asked = PreferenceLabeler(hf_model, model, tokenizer, num_responses=4, sampling=SamplingArguments(max_new_tokens=8),
+                              allow_unfinished_chosen=True)  # the tiny policy rarely ends within 8 tokens
     for responses in asked.generate(PROMPTS, seed=0):
         assert len(set(responses)) == 4, responses
     # the same checkpoint with its own sampling fields opted in: top_k=1 makes the K samples identical
     opted = PreferenceLabeler(hf_model, model, tokenizer, num_responses=4,
-                              sampling=SamplingArguments(max_new_tokens=8, use_checkpoint_sampling=True))
+                              sampling=SamplingArguments(max_new_tokens=8, use_checkpoint_sampling=True),
+                              allow_unfinished_chosen=True)
     for responses in opted.generate(PROMPTS, seed=0):
         assert len(set(responses)) == 1, responses
     data = Dataset.from_dict({"prompt": PROMPTS})
@@ -71,7 +73,8 @@ class FakeLLM:
     def _outputs(self, method, prompts, params):
         self.calls.append((method, prompts, params.kwargs))
         text = (lambda p: p) if method == "generate" else (lambda p: p[-1]["content"])
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{text(p)} #{i}")
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{text(p)} #{i}",
+                                                                     finish_reason="length" if i == 0 else "stop")
                                                for i in range(params.kwargs["n"])]) for p in prompts]
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -102,6 +105,9 @@ def vllm_call(hf_model, sampling, prompts=PROMPTS, num_responses=3):
 
 def test_vllm_gets_exactly_the_asked_sampling(hf_model, fake_vllm, greedy_checkpoint):
     llm, out = vllm_call(hf_model, ASKED)
+    # vLLM's finish_reason "length" (the fake's first sample of each prompt) is an unfinished response: never chosen
+    assert all(row["finished"] == [False, True, True] for row in out)
+    assert all(row["chosen"] != row["all_generated_responses"][0] for row in out)
     assert llm.model == "org/policy"
     assert [(method, len(prompts)) for method, prompts, _ in llm.calls] == [("generate", 2), ("generate", 1)]
     for chunk, (_, _, params) in enumerate(llm.calls):

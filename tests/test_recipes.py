@@ -83,7 +83,7 @@ LEARNING = {
     "grpo": ["--max_steps", "200", "--per_device_train_batch_size", "16", "--num_generations", "4",
              "--num_iterations", "4", "--steps_per_generation", "1", "--max_completion_length", "12",
              "--temperature", "1.0", "--learning_rate", "5e-3", "--logging_steps", "40", "--reward_mode", "group",
-             *NO_SAVE],
+             "--missing_eos_penalty", "0", *NO_SAVE],  # the EOS penalty is a second objective: measure the rule alone
     "online_dpo": ["--max_steps", "240", "--per_device_train_batch_size", "16", "--max_new_tokens", "12",
                    "--max_length", "96", "--temperature", "1.0", "--learning_rate", "1e-2", "--beta", "0.1",
                    "--logging_steps", "40", *NO_SAVE],
@@ -91,7 +91,7 @@ LEARNING = {
                       "--strategy", "all_pairs", "--max_new_tokens", "12", "--temperature", "1.0",
                       "--label_chunk_size", "32", "--num_train_epochs", "4", "--per_device_train_batch_size", "16",
                       "--max_length", "96", "--learning_rate", "5e-3", "--beta", "0.1", "--loss_type", "sigmoid",
-                      "--logging_steps", "40", *NO_SAVE],
+                      "--logging_steps", "40", "--allow_unfinished_chosen", "true", *NO_SAVE],
 }
 
 
@@ -294,7 +294,8 @@ def test_sppo_authors_probabilities():
 ITERATIVE_SMALL = ["--model_name_or_path", "tiny", "--conversational", "false", "--eval_prompts", "4",
                    "--num_iterations", "2", "--num_responses", "2", "--max_new_tokens", "6", "--temperature", "1.0",
                    "--label_chunk_size", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-                   "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--max_prompts", "24"]
+                   "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--max_prompts", "24",
+                   "--allow_unfinished_chosen", "true"]  # the tiny policy never ends within 6 tokens
 
 
 def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):

@@ -150,12 +150,8 @@ def test_errors(hf_model):
     reward = PairwiseReward(hf_model)
     with pytest.raises(ValueError, match=r"needs the dataset column 'reference'.*\['answer'\]"):
         reward(PROMPTS, COMPLETIONS, answer=REFERENCES, completion_ids=[[1]] * 4, trainer_state=None)
-    with pytest.raises(ValueError, match=r"reference\[1\] is None"):
-        reward(PROMPTS[:2], COMPLETIONS[:2], reference=["x", None])
     with pytest.raises(ValueError, match=r"reference\[0\]\[1\] is None"):
         reward(PROMPTS[:1], COMPLETIONS[:1], reference=[["x", None]])
-    with pytest.raises(ValueError, match=r"reference\[0\] is an empty list"):
-        reward(PROMPTS[:1], COMPLETIONS[:1], reference=[[]])
     with pytest.raises(ValueError, match="reference has 3 items but prompts has 4"):
         reward(PROMPTS, COMPLETIONS, reference=REFERENCES[:3])
     with pytest.raises(ValueError, match="completions has 3 items but prompts has 4"):
@@ -200,3 +196,80 @@ def test_cli_functions_use_env(monkeypatch, hf_model):
     )
     env_models = [m for env, m in rewards._env_models.items() if env[0] == bundled("pairrm")]
     assert len(env_models) == 1 and env_models[0].loaded  # one shared model for both functions
+
+
+# ---- EOS awareness and rows without a reference (issue 22 items 3 and 7) -------------------------------------
+EOS = 7
+
+
+def test_missing_eos_penalty_from_completion_ids(hf_model):
+    """A completion whose ids do not end with an EOS id loses `missing_eos_penalty`; finished ones are unchanged."""
+    plain = PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES)
+    ids = [[3, 4, EOS], [3, 4, 5], [EOS], [9, 11]]  # rows 1 and 3 were cut at the length limit
+    metrics = {}
+    aware = PairwiseReward(hf_model, eos_token_ids=[EOS, 2])(
+        PROMPTS, COMPLETIONS, reference=REFERENCES, completion_ids=ids, log_metric=metrics.__setitem__)
+    np.testing.assert_allclose(aware, [plain[0], plain[1] - 1.0, plain[2], plain[3] - 1.0], atol=1e-6)
+    assert max(aware[1], aware[3]) <= 0 <= min(aware[0], aware[2])  # unfinished below every finished one
+    assert metrics["pairrm_reference/unfinished_rate"] == 0.5
+    group = PairwiseReward(hf_model, mode="group", eos_token_ids=EOS, missing_eos_penalty=0.25)
+    base = PairwiseReward(hf_model, mode="group")(GROUP_PROMPTS, GROUP_COMPLETIONS)
+    gids = [[EOS]] * len(GROUP_PROMPTS)
+    gids[0] = [1, 2]
+    np.testing.assert_allclose(group(GROUP_PROMPTS, GROUP_COMPLETIONS, completion_ids=gids),
+                               [base[0] - 0.25, *base[1:]], atol=1e-6)
+
+
+def test_missing_eos_errors(hf_model):
+    with pytest.raises(ValueError, match="no completion_ids were passed"):
+        PairwiseReward(hf_model, eos_token_ids=EOS)(PROMPTS, COMPLETIONS, reference=REFERENCES)
+    with pytest.raises(ValueError, match=r"one id list per completion \(4\), got 3"):
+        PairwiseReward(hf_model, eos_token_ids=EOS)(PROMPTS, COMPLETIONS, reference=REFERENCES,
+                                                   completion_ids=[[EOS]] * 3)
+    with pytest.raises(ValueError, match="eos_token_ids must be"):
+        PairwiseReward(hf_model, eos_token_ids=[])
+    with pytest.raises(ValueError, match="missing_eos_penalty must be >= 0"):
+        PairwiseReward(hf_model, missing_eos_penalty=-1)
+
+
+def test_rows_without_reference_are_not_applicable_under_trl_aggregation(hf_model):
+    """None for rows without a reference; with TRL's aggregation (None -> NaN, weighted nansum over reward
+    functions) the other task's reward alone decides those rows."""
+    refs = [REFERENCES[0], None, [], REFERENCES[3]]
+    metrics = {}
+    out = PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=refs, log_metric=metrics.__setitem__)
+    full = PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES)
+    assert out[1] is None and out[2] is None
+    np.testing.assert_allclose([out[0], out[3]], [full[0], full[3]], atol=1e-6)
+    assert PairwiseReward(hf_model)(PROMPTS[1:3], COMPLETIONS[1:3], reference=[None, None]) == [None, None]
+    other = [None, 0.3, 0.7, None]  # e.g. a math-correctness reward for the rows PairRM does not cover
+    per_func = torch.tensor([[r if r is not None else torch.nan for r in col] for col in (out, other)]).T
+    total = per_func.nansum(dim=1)  # what GRPOTrainer does with reward_weights = 1
+    np.testing.assert_allclose(total.numpy(), [full[0], 0.3, 0.7, full[3]], atol=1e-6)
+    assert metrics["pairrm_reference/win_rate"] == pytest.approx(
+        np.mean([float(z > 0) + 0.5 * float(z == 0) for z in
+                 hf_model.compare([PROMPTS[0], PROMPTS[3]], [COMPLETIONS[0], COMPLETIONS[3]],
+                                  [REFERENCES[0], REFERENCES[3]], return_logits=True)]))
+
+
+def test_plain_rendering_of_single_turn_conversations(hf_model):
+    """conversation_format='plain': a single-turn conversation scores as its user text (system folded in) with the
+    bare response, as SPPO's scripts/rank.py passed them; multi-turn conversations keep PairRM's format."""
+    chats = [[user(p)] for p in PROMPTS]
+    as_text = PairwiseReward(hf_model)(PROMPTS, COMPLETIONS, reference=REFERENCES)
+    plain = PairwiseReward(hf_model, conversation_format="plain")
+    np.testing.assert_allclose(plain(chats, COMPLETIONS, reference=REFERENCES), as_text, atol=1e-6)
+    default = PairwiseReward(hf_model)(chats, COMPLETIONS, reference=REFERENCES)
+    assert not np.allclose(default, as_text, atol=1e-4)  # the multi-turn format is a different input
+    system = [[{"role": "system", "content": "Be brief."}, user(p)] for p in PROMPTS]
+    folded = [f"Be brief.\n\n{p}" for p in PROMPTS]
+    np.testing.assert_allclose(plain(system, COMPLETIONS, reference=REFERENCES),
+                               PairwiseReward(hf_model)(folded, COMPLETIONS, reference=REFERENCES), atol=1e-6)
+    multi = [[user("Hi"), assistant("Hello!"), user(p)] for p in PROMPTS]
+    np.testing.assert_allclose(plain(multi, COMPLETIONS, reference=REFERENCES),
+                               PairwiseReward(hf_model)(multi, COMPLETIONS, reference=REFERENCES), atol=1e-6)
+    group = PairwiseReward(hf_model, mode="group", conversation_format="plain")
+    np.testing.assert_allclose(group([[user(p)] for p in GROUP_PROMPTS], GROUP_COMPLETIONS),
+                               PairwiseReward(hf_model, mode="group")(GROUP_PROMPTS, GROUP_COMPLETIONS), atol=1e-6)
+    with pytest.raises(ValueError, match="conversation_format"):
+        PairwiseReward(hf_model, conversation_format="chatml")

@@ -187,6 +187,40 @@ def test_group_reward_in_trainer(hf_model, tmp_path, kind, conversational, outpu
         np.testing.assert_allclose(call["rewards"], expected, atol=1e-5)
 
 
+def test_missing_eos_penalty_in_grpo_trainer(hf_model, tmp_path):
+    """GRPOTrainer passes `completion_ids`; completions cut at max_completion_length (the tiny policy rarely ends
+    within 8 tokens) lose the penalty, the others keep PairRM's probability."""
+    from pairrm_rlhf.trl.rewards import policy_eos_token_ids
+
+    model, tokenizer = policy()
+    eos = policy_eos_token_ids(model, tokenizer)
+    assert tokenizer.eos_token_id in eos
+    reward = Recording(PairwiseReward(hf_model, eos_token_ids=eos, missing_eos_penalty=2.0))
+    run_trainer("grpo", reward, False, tmp_path)
+    cut = 0
+    for call in reward.calls:
+        for i, (prompt, completion, ref) in enumerate(zip(call["prompts"], call["completions"],
+                                                          call["kwargs"]["reference"])):
+            ids = call["kwargs"]["completion_ids"][i]
+            unfinished = ids[-1] not in eos
+            cut += unfinished
+            expected = aggregation.probability(independent_logit(hf_model, prompt, completion, ref)) - 2.0 * unfinished
+            assert call["rewards"][i] == pytest.approx(float(expected), abs=1e-5)
+    assert cut > 0  # the penalty was exercised
+
+
+def test_shipped_grpo_configs_mask_truncated_completions():
+    import yaml
+
+    from pairrm_rlhf.core.entry import bundled_configs
+
+    configs = bundled_configs()
+    for name in ("grpo", "grpo_smoke"):
+        config = yaml.safe_load(Path(configs[name]).read_text())
+        assert config["mask_truncated_completions"] is True, name
+        assert config["missing_eos_penalty"] > 0, name
+
+
 # ---- two processes, groups split across them ------------------------------------------------------------
 SCRIPT = """
 import faulthandler, json, os, sys

@@ -48,6 +48,31 @@ def check_lengths(**named: Sequence) -> None:
             raise ValueError(f"{name} has {len(values)} items but {first} has {len(reference)}")
 
 
+# ---- a sampled response that knows whether it ended -----------------------------------------------------
+class Response(str):
+    """A sampled response's text that also says whether generation `finished` (ended with an EOS id or a stop
+    string) rather than being cut at `max_new_tokens`. Plain strings (existing responses) count as finished."""
+
+    finished: bool
+
+    def __new__(cls, text: str, *, finished: bool = True) -> Response:
+        obj = super().__new__(cls, text)
+        obj.finished = bool(finished)
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (_response, (str(self), self.finished))
+
+
+def _response(text: str, finished: bool) -> Response:
+    return Response(text, finished=finished)
+
+
+def is_finished(response: Any) -> bool:
+    """False only for a `Response` cut at the length limit."""
+    return not isinstance(response, Response) or response.finished
+
+
 # ---- rendered text that remembers where it came from -------------------------------------------------------
 class Rendered(str):
     """A string (PairRM's rendering) that also carries the prompt `messages` or the bare `response` it came from."""
@@ -110,23 +135,36 @@ def conversation_lines(turns: Sequence[tuple[str, str]]) -> tuple[str, str]:
     return source, candidate
 
 
-def render(prompt: Any, completion: Any, *, name: str = "completion") -> tuple[str, str]:
+CONVERSATION_FORMATS = ("pairrm", "plain")  # how `render` writes a single-turn conversation (see `render`)
+
+
+def render(prompt: Any, completion: Any, *, name: str = "completion", conversation_format: str = "pairrm"
+           ) -> tuple[str, str]:
     """PairRM's prepared (source, candidate) text for one prompt and one completion.
 
     Plain text: source = prompt, candidate = completion. Conversational (prompt is a list of messages, completion a
     string or a list of assistant messages): PairRM's multi-turn format, exactly as `PairRM.compare_conversations`
     renders it, with the prompt's own assistant turns (identical for every completion of that prompt) and then the
-    completion as the last response. Both strings are `Rendered` (see the module docstring).
+    completion as the last response. `conversation_format="plain"` renders a *single-turn* conversation (system
+    messages and one user message) as plain text instead: source = the user text (a system message folded in as
+    `{system}\n\n{user}`), candidate = the bare response, as SPPO's `scripts/rank.py` passes prompts and responses
+    to llm-blender (see docs/labeling.md); multi-turn conversations keep the multi-turn format. Both strings are
+    `Rendered` (see the module docstring).
     """
+    if conversation_format not in CONVERSATION_FORMATS:
+        raise ValueError(f"conversation_format must be one of {CONVERSATION_FORMATS}, got {conversation_format!r}")
     if isinstance(prompt, str):
         text = completion_text(name, completion)
         return pairrm_source(prompt), Rendered(pairrm_candidate(text), response=text)
     if isinstance(prompt, Sequence):
         turns = prompt_turns(f"{name} prompt", prompt)
         text = completion_text(name, completion)
-        source, candidate = conversation_lines([(u, a) for u, a in turns[:-1]] + [(turns[-1][0], text)])
         messages = tuple(
             (str(m.get("role", "")).lower(), content_text(f"{name} prompt[{i}]", m)) for i, m in enumerate(prompt))
+        if conversation_format == "plain" and len(turns) == 1:
+            return (Rendered(pairrm_source(turns[0][0]), messages=messages),
+                    Rendered(pairrm_candidate(text), response=text))
+        source, candidate = conversation_lines([(u, a) for u, a in turns[:-1]] + [(turns[-1][0], text)])
         return (
             Rendered(pairrm_source(source, CONVERSATION_INSTRUCTION), messages=messages),
             Rendered(pairrm_candidate(candidate), response=text),

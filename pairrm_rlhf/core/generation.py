@@ -19,6 +19,7 @@ import torch
 
 from . import assets
 from .engine import default_device
+from .formats import Response
 from .templates import render_chat
 
 # Sampling fields, their neutral values (what "not set" means unless the user opts in to the checkpoint's).
@@ -160,5 +161,10 @@ def sample_responses(
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=config, **extra)
-    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    generated = out[:, enc["input_ids"].shape[1] :]
+    decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    # cut at the limit = the row runs to max_new_tokens and its last token is neither EOS nor padding (TRL's rule)
+    ended = set(_eos_ids(config, tokenizer)) | {config.pad_token_id}
+    full = generated.shape[1] >= (config.max_new_tokens or generated.shape[1] + 1)
+    decoded = [Response(text, finished=not full or int(row[-1]) in ended) for text, row in zip(decoded, generated)]
     return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]

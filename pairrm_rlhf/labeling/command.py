@@ -29,6 +29,7 @@ from ..args import PairRMArguments
 from ..core import assets
 from ..core.distributed import end_distributed_run
 from ..core.entry import check_device, check_hub_id, check_hub_push, parse, run_command
+from ..core.formats import CONVERSATION_FORMATS
 from ..core.generation import SamplingArguments, load_policy
 from ..core.settings import check_choice
 from ..data import check_prompts
@@ -87,21 +88,17 @@ class LabelArguments:
     backend: str = field(default="transformers", metadata={"help": "generation backend: transformers or vllm"})
     num_responses: int = field(default=4, metadata={"help": "K responses sampled per prompt (>= 2)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    aggregation: str = field(
-        default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"}
-    )
-    strategy: str = field(
-        default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second or all_pairs"}
-    )
-    pairs_per_prompt: int | None = field(
-        default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"}
-    )
-    margin_threshold: float = field(
-        default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"}
-    )
-    probability_temperature: float = field(
-        default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"}
-    )
+    aggregation: str = field(default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"})
+    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs or max_min_p"})
+    pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
+    margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
+    allow_unfinished_chosen: bool = field(default=False, metadata={
+        "help": "let a response cut at max_new_tokens (no EOS) be chosen"})
+    conversation_format: str = field(default="pairrm", metadata={
+        "help": "single-turn conversations: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
+    len_penalty: float = field(default=0.0, metadata={
+        "help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
+    probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
     output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
     output_format: str | None = field(
@@ -128,13 +125,9 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         raise ValueError("--output_path is required")
     if a.policy is None and a.responses_column is None:
         raise ValueError("--policy is required unless --responses_column is given")
-    choices = {
-        "strategy": STRATEGIES,
-        "aggregation": AGGREGATIONS,
-        "backend": BACKENDS,
-        "output_format": OUTPUT_FORMATS,
-        "policy_dtype": POLICY_DTYPES,
-    }
+    choices = {"strategy": STRATEGIES, "aggregation": AGGREGATIONS, "backend": BACKENDS,
+               "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES,
+               "conversation_format": CONVERSATION_FORMATS}
     for name, allowed in choices.items():
         if getattr(a, name) is not None:
             check_choice(f"--{name}", getattr(a, name), allowed)
@@ -151,6 +144,8 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
             raise ValueError(f"--{name}: {value} is below {least}")
     if a.margin_threshold < 0:
         raise ValueError(f"--margin_threshold: {a.margin_threshold} is negative")
+    if a.len_penalty < 0:
+        raise ValueError(f"--len_penalty: {a.len_penalty} is negative")
     if not a.probability_temperature > 0:
         raise ValueError(f"--probability_temperature: {a.probability_temperature} must be > 0")
     for flag, name in (("--dataset", a.dataset), ("--policy", a.policy)):  # the judge's: PairRMArguments
@@ -210,22 +205,13 @@ def run_label(
     if a.responses_column is None and a.backend == "transformers":
         policy, tokenizer = load_policy(a.policy, a.policy_device or state.device, a.policy_dtype)
     labeler = PreferenceLabeler(
-        pairrm,
-        policy,
-        tokenizer,
-        num_responses=a.num_responses,
-        responses_column=a.responses_column,
-        prompt_column=a.prompt_column,
-        aggregation=a.aggregation,
-        strategy=a.strategy,
-        pairs_per_prompt=a.pairs_per_prompt,
-        margin_threshold=a.margin_threshold,
-        probability_temperature=a.probability_temperature,
-        seed=a.seed,
-        backend=a.backend,
-        sampling=sampling_args,
-        generation_batch_size=a.generation_batch_size,
-        scoring_batch_size=pairrm_args.pairrm_batch_size,
+        pairrm, policy, tokenizer, num_responses=a.num_responses, responses_column=a.responses_column,
+        prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
+        pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
+        allow_unfinished_chosen=a.allow_unfinished_chosen, len_penalty=a.len_penalty,
+        conversation_format=a.conversation_format,
+        probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
+        generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
     )
     labeler.policy_name = a.policy  # the name identifies the run, not the in-memory object
     labeler.dataset_name = a.dataset
@@ -285,7 +271,7 @@ def _write_outputs(
     print(
         f"Labeled {s.prompts} prompts -> {s.pairs} pairs ({s.ties_dropped} ties dropped, "
         f"{s.below_margin} below margin {a.margin_threshold}); mean margin {s.mean_margin:.4f}; "
-        f"judge truncation rate {s.truncation_rate:.1%}\n"
+        f"judge truncation rate {s.truncation_rate:.1%}; {s.unfinished} sampled responses unfinished (no EOS)\n"
         f"Wrote {a.output_path} ({output_format})\nCard: {card_path}\n"
         + (f"Margin histogram: {plot}" if plot else "Margin histogram: not written (matplotlib is not installed)")
         + pushed

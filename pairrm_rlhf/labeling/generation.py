@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..core.formats import Response
 from ..core.generation import (SamplingArguments, build_generation_config, load_policy, render_prompts,
                                sample_responses)
 
@@ -149,7 +150,7 @@ class ResponseSampler:
             outputs = self.policy.generate(prompts, params, use_tqdm=False)
         else:
             outputs = self.policy.chat(prompts, params, use_tqdm=False)
-        return [[o.text for o in out.outputs] for out in outputs]
+        return [[Response(o.text, finished=o.finish_reason != "length") for o in out.outputs] for out in outputs]
 
 
 def load_vllm(path: str) -> Any:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core import aggregation
 from ..core.backend import PairBackend
-from ..core.formats import render
+from ..core.formats import CONVERSATION_FORMATS, is_finished, render
 from ..core.generation import SamplingArguments
 from ..core.progress import progress_enabled
 from ..core.settings import check_choice
@@ -57,6 +57,13 @@ class PreferenceLabeler:
             round-robin score), `copeland` (wins + ties/2) or `bradley_terry` (strengths fitted to the
             pairwise probabilities).
         strategy, pairs_per_prompt, margin_threshold: which pairs to keep, see `pairs.select_pairs`.
+        allow_unfinished_chosen: let a sampled response cut at `max_new_tokens` (no EOS) be `chosen`. Off by
+            default: PairRM prefers longer text, so truncated responses would otherwise teach rambling. The rows'
+            `finished` column (one flag per response of `all_generated_responses`) says which ended; existing
+            responses from `responses_column` count as finished.
+        len_penalty: the `max_min_p` strategy's penalty per character of response (RLHFlow's `--len_penalty`).
+        conversation_format: `pairrm` or `plain` (single-turn conversations as plain text, as SPPO labelled; see
+            `core.formats.render`).
         probability_temperature: T of P(A > B) = sigmoid((f(x,A,B) - f(x,B,A)) / 2T) for the soft labels.
         seed: sampling is seeded per chunk and `best_vs_random` per prompt, so results do not depend on the
             number of processes or on interruptions.
@@ -93,6 +100,9 @@ class PreferenceLabeler:
         strategy: str = "best_vs_worst",
         pairs_per_prompt: int | None = None,
         margin_threshold: float = 0.0,
+        allow_unfinished_chosen: bool = False,
+        len_penalty: float = 0.0,
+        conversation_format: str = "pairrm",
         probability_temperature: float = 1.0,
         seed: int = 0,
         backend: str = "transformers",
@@ -110,6 +120,9 @@ class PreferenceLabeler:
             raise ValueError(f"pairs_per_prompt must be >= 1 or None, got {pairs_per_prompt}")
         if margin_threshold < 0:
             raise ValueError(f"margin_threshold must be >= 0, got {margin_threshold}")
+        check_choice("conversation_format", conversation_format, CONVERSATION_FORMATS)
+        if not len_penalty >= 0:
+            raise ValueError(f"len_penalty must be >= 0, got {len_penalty}")
         if not probability_temperature > 0:
             raise ValueError(f"probability_temperature must be > 0, got {probability_temperature}")
         if seed < 0:
@@ -125,6 +138,9 @@ class PreferenceLabeler:
         self.strategy = strategy
         self.pairs_per_prompt = pairs_per_prompt
         self.margin_threshold = float(margin_threshold)
+        self.allow_unfinished_chosen = bool(allow_unfinished_chosen)
+        self.len_penalty = float(len_penalty)
+        self.conversation_format = conversation_format
         self.probability_temperature = float(probability_temperature)
         self.seed = seed
         self.scoring_batch_size = scoring_batch_size
@@ -164,7 +180,8 @@ class PreferenceLabeler:
         """
         sources, candidates = [], []
         for k, (prompt, resp) in enumerate(zip(prompts, responses)):
-            texts = [render(prompt, r, name=f"response {i} of row {first_index + k}") for i, r in enumerate(resp)]
+            texts = [render(prompt, r, name=f"response {i} of row {first_index + k}",
+                            conversation_format=self.conversation_format) for i, r in enumerate(resp)]
             sources.append(texts[0][0])
             candidates.append([candidate for _, candidate in texts])
         matrices = self.pairrm.pairwise_matrices(
@@ -199,7 +216,11 @@ class PreferenceLabeler:
             probs = aggregation.probability(matrix - matrix.T, self.probability_temperature)  # 0.5 on the diagonal
             win = probs.mean(axis=1)  # SPPO: mean P(r_i > r_j) over all K samples, itself included
             rng = np.random.default_rng([self.seed, first_index + k])
-            pairs, ties, below = select_pairs(scores, self.strategy, self.pairs_per_prompt, self.margin_threshold, rng)
+            finished = [is_finished(r) for r in resp]
+            stats.unfinished += finished.count(False)
+            pairs, ties, below = select_pairs(
+                scores, self.strategy, self.pairs_per_prompt, self.margin_threshold, rng,
+                None if self.allow_unfinished_chosen else finished, [len(r) for r in resp], self.len_penalty)
             stats.ties_dropped += ties
             stats.below_margin += below
             for c, r in pairs:
@@ -218,6 +239,7 @@ class PreferenceLabeler:
                     "chosen_probs_lose": float(win[r]),
                     "all_generated_responses": list(resp),
                     "all_rm_scores": [float(s) for s in scores],
+                    "finished": finished,
                     "prompt_index": first_index + k,
                 })
         return rows, stats
@@ -313,6 +335,8 @@ class PreferenceLabeler:
             "generation": self.sampler.identity() if self.sampler else None,
             "selection": {"aggregation": self.aggregation, "strategy": self.strategy,
                           "pairs_per_prompt": self.pairs_per_prompt, "margin_threshold": self.margin_threshold,
+                          "allow_unfinished_chosen": self.allow_unfinished_chosen, "len_penalty": self.len_penalty,
+                          "conversation_format": self.conversation_format,
                           "probability_temperature": self.probability_temperature, "seed": self.seed},
         }
 
@@ -349,7 +373,7 @@ class PreferenceLabeler:
             "chosen_probs": Value("float64"), "chosen_probs_win": Value("float64"),
             "chosen_probs_lose": Value("float64"),
             "all_generated_responses": List(Value("string")), "all_rm_scores": List(Value("float64")),
-            "prompt_index": Value("int64"),
+            "finished": List(Value("bool")), "prompt_index": Value("int64"),
         })
 
 

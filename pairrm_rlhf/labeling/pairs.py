@@ -11,7 +11,7 @@ import numpy as np
 from ..core import aggregation as agg
 from ..core.settings import check_choice
 
-STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs")
+STRATEGIES = ("best_vs_worst", "best_vs_random", "best_vs_second", "all_pairs", "max_min_p")
 AGGREGATIONS = ("rank", "copeland", "bradley_terry")
 
 
@@ -30,6 +30,7 @@ class LabelStats:
     margin_sum: float = 0.0  # sum of the kept pairs' margins (see mean_margin)
     scored_pairs: int = 0  # unordered response pairs scored (both orders each)
     truncated_pairs: int = 0  # of those, pairs where the judge had to cut some text
+    unfinished: int = 0  # sampled responses cut at max_new_tokens (no EOS); never chosen unless allowed
 
     @property
     def mean_margin(self) -> float:
@@ -66,13 +67,23 @@ def select_pairs(
     pairs_per_prompt: int | None = None,
     margin_threshold: float = 0.0,
     rng: np.random.Generator | None = None,
+    finished: Sequence[bool] | None = None,
+    lengths: Sequence[int] | None = None,
+    len_penalty: float = 0.0,
 ) -> tuple[list[tuple[int, int]], int, int]:
     """Pick (chosen, rejected) index pairs from one prompt's response scores.
 
     `best_vs_worst`, `best_vs_second` and `best_vs_random` pair the best response (the first of equal best)
     with the `pairs_per_prompt` (default 1) worst, next-best or randomly drawn others; `all_pairs` takes every
     pair, largest margin first (default: no cap). A pair whose margin is 0 is a tie and a pair with margin
-    <= `margin_threshold` is too close: both are dropped.
+    <= `margin_threshold` is too close: both are dropped. With `finished` (one flag per response), a response cut
+    at the length limit is never chosen: "best" is the best finished response (no pair when none finished), and
+    an unfinished one can still be rejected.
+
+    `max_min_p` is RLHFlow's length-penalised best vs worst (RLHFlow/Online-RLHF `dpo_iteration/run_dpo.py`,
+    `prepare_data`, `choose_type="max_min_p"`, `--len_penalty`): the pair is the argmax and the argmin of
+    `score - len_penalty * length` (`lengths`: characters of each response, as there), then ordered by the raw
+    scores, so the longer of two near-equal responses is less likely to be the chosen one. One pair per prompt.
 
     Returns:
         (pairs, ties dropped, below-margin dropped).
@@ -83,10 +94,18 @@ def select_pairs(
     """
     check_choice("strategy", strategy, STRATEGIES)
     scores = [float(s) for s in scores]
+    if strategy == "max_min_p":
+        return _max_min_p(scores, lengths, len_penalty, margin_threshold, finished)
+    if finished is not None and len(finished) != len(scores):
+        raise ValueError(f"finished has {len(finished)} flags but there are {len(scores)} scores")
+    can_win = [True] * len(scores) if finished is None else [bool(f) for f in finished]
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # best first, stable
-    best, others = order[0], order[1:]
+    if not any(can_win):
+        return [], 0, 0
+    best = next(i for i in order if can_win[i])
+    others = [i for i in order if i != best]
     if strategy == "all_pairs":
-        candidates = [(i, j) for a, i in enumerate(order) for j in order[a + 1 :]]
+        candidates = [(i, j) for a, i in enumerate(order) for j in order[a + 1 :] if can_win[i]]
         candidates.sort(key=lambda p: -(scores[p[0]] - scores[p[1]]))  # stable: ties keep rank order
     elif strategy == "best_vs_worst":
         candidates = [(best, j) for j in reversed(others)]
@@ -110,3 +129,23 @@ def select_pairs(
     if strategy == "all_pairs" and pairs_per_prompt:
         kept = kept[:pairs_per_prompt]
     return kept, ties, below
+
+
+def _max_min_p(scores: list[float], lengths: Sequence[int] | None, len_penalty: float, margin_threshold: float,
+               finished: Sequence[bool] | None) -> tuple[list[tuple[int, int]], int, int]:
+    if lengths is None or len(lengths) != len(scores):
+        raise ValueError(f"max_min_p needs one length per response ({len(scores)}), got "
+                         f"{None if lengths is None else len(lengths)}")
+    if not len_penalty >= 0:
+        raise ValueError(f"len_penalty must be >= 0, got {len_penalty}")
+    penalised = np.asarray(scores) - len_penalty * np.asarray(lengths, dtype=np.float64)
+    top, bottom = int(np.argmax(penalised)), int(np.argmin(penalised))  # the first of equal ones, as numpy's
+    chosen, rejected = (top, bottom) if scores[top] >= scores[bottom] else (bottom, top)
+    margin = scores[chosen] - scores[rejected]
+    if margin == 0:
+        return [], 1, 0
+    if margin <= margin_threshold:
+        return [], 0, 1
+    if finished is not None and not finished[chosen]:
+        return [], 0, 0
+    return [(chosen, rejected)], 0, 0

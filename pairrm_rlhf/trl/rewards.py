@@ -27,7 +27,8 @@ import torch
 from ..core import aggregation
 from ..core.assets import DEFAULT_MODEL
 from ..core.engine import default_device
-from ..core.formats import render
+from ..core.formats import CONVERSATION_FORMATS, render
+from ..core.settings import check_choice
 from ..pairrm import LazyPairRM, PairRM
 from .judge import PairRMJudge, renamed_argument
 
@@ -128,9 +129,22 @@ class PairwiseReward:
         gather: group mode under `torch.distributed`: gather the rows of all processes so groups split across
             processes are scored whole (every process must call the reward at the same time, as TRL does).
         name: `__name__`, which TRL uses in its logs (default `pairrm_reference` / `pairrm_group`).
+        eos_token_ids: the policy's EOS id(s) (TRL's GRPO/RLOO use the tokenizer's EOS plus the generation config's).
+            When set, the reward reads the `completion_ids` TRL passes and subtracts `missing_eos_penalty` from every
+            completion whose last id is not one of them (cut at `max_completion_length`): PairRM prefers longer
+            text, so unpenalised truncation teaches rambling. Include the pad id if your pad token is not an EOS.
+        missing_eos_penalty: subtracted from an unfinished completion's reward (default 1.0: with the
+            `probability` or `win` output, in [0, 1], an unfinished completion then scores <= 0 <= any finished
+            one; with `logit`, choose it on the scale of z). A penalty rather than None, because TRL turns None
+            into NaN and an all-NaN row gets advantage 0: None would ignore truncation instead of discouraging it.
+        conversation_format: `"pairrm"` (llm-blender's multi-turn format for every conversation) or `"plain"`
+            (a single-turn conversation as plain text: the user text and the bare response, as SPPO labelled; see
+            `core.formats.render`).
         device, dtype, base_model: passed to `PairRM.from_pretrained` when `pairrm` is an id or path.
 
-    Reference mode logs the mean win rate (ties count 1/2) as `{name}/win_rate` through TRL's `log_metric`.
+    Reference mode: a row whose reference is None (or an empty list) gets None, TRL's "not applicable", so the
+    reward can share a multi-task dataset with other rewards (TRL nansums the rewards of a row). It logs the mean
+    win rate (ties count 1/2) of the rows with a reference as `{name}/win_rate` through TRL's `log_metric`.
     """
 
     def __init__(
@@ -145,6 +159,9 @@ class PairwiseReward:
         group_size: int | None = None,
         gather: bool = True,
         name: str | None = None,
+        eos_token_ids: int | Sequence[int] | None = None,
+        missing_eos_penalty: float = 1.0,
+        conversation_format: str = "pairrm",
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         base_model: str | os.PathLike | None = None,
@@ -158,6 +175,14 @@ class PairwiseReward:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+        if isinstance(eos_token_ids, int):
+            eos_token_ids = [eos_token_ids]
+        if eos_token_ids is not None and (
+                not eos_token_ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_token_ids)):
+            raise ValueError(f"eos_token_ids must be an int or a non-empty list of ints, got {eos_token_ids!r}")
+        if not missing_eos_penalty >= 0:
+            raise ValueError(f"missing_eos_penalty must be >= 0, got {missing_eos_penalty}")
+        check_choice("conversation_format", conversation_format, CONVERSATION_FORMATS)
         pairrm = renamed_argument(type(self).__name__, pairrm, model, "model")
         self._lazy = LazyPairRM.wrap(pairrm, device=device, dtype=dtype, base_model=base_model)
         self.reference_column = reference_column
@@ -167,6 +192,9 @@ class PairwiseReward:
         self.batch_size = batch_size
         self.group_size = group_size
         self.gather = gather
+        self.eos_token_ids = None if eos_token_ids is None else frozenset(eos_token_ids)
+        self.missing_eos_penalty = float(missing_eos_penalty)
+        self.conversation_format = conversation_format
         self.__name__ = name or f"pairrm_{mode}"
 
     @property
@@ -176,14 +204,36 @@ class PairwiseReward:
 
     def __call__(
         self, prompts: list, completions: list, log_metric: Callable[[str, float], None] | None = None, **kwargs: Any
-    ) -> list[float]:
+    ) -> list[float | None]:
         prompts, completions = _check_rows(prompts, completions)
+        unfinished = self._unfinished(kwargs.get("completion_ids"), len(completions))
         if self.mode == "group":
-            return self._group(prompts, completions)
-        return self._reference(prompts, completions, kwargs, log_metric)
+            rewards: list[float | None] = list(self._group(prompts, completions))
+        else:
+            rewards = self._reference(prompts, completions, kwargs, log_metric)
+        if unfinished is not None and log_metric is not None and len(unfinished):
+            log_metric(f"{self.__name__}/unfinished_rate", float(np.mean(unfinished)))
+        if unfinished is None:
+            return rewards
+        return [r if r is None or not cut else r - self.missing_eos_penalty for r, cut in zip(rewards, unfinished)]
+
+    def _unfinished(self, completion_ids: Any, n: int) -> list[bool] | None:
+        """Which completions did not end with an EOS id (None when `eos_token_ids` is not set)."""
+        if self.eos_token_ids is None:
+            return None
+        if completion_ids is None:
+            raise ValueError(
+                f"{self.__name__}: eos_token_ids is set but no completion_ids were passed (TRL's GRPO/RLOO pass them; "
+                "called directly, pass completion_ids=[[token ids], ...])")
+        if isinstance(completion_ids, (str, bytes)) or not isinstance(completion_ids, Sequence) \
+                or len(completion_ids) != n:
+            size = len(completion_ids) if isinstance(completion_ids, Sequence) else type(completion_ids).__name__
+            raise ValueError(f"completion_ids must be a list with one id list per completion ({n}), got {size}")
+        return [not (len(ids) and int(ids[-1]) in self.eos_token_ids) for ids in completion_ids]
 
     # ---- reference mode ---------------------------------------------------------------------------------
-    def _reference(self, prompts: list, completions: list, columns: dict, log_metric: Callable | None) -> list[float]:
+    def _reference(self, prompts: list, completions: list, columns: dict,
+                   log_metric: Callable | None) -> list[float | None]:
         column = self.reference_column
         if column not in columns:
             given = sorted(k for k in columns if k not in _TRL_KWARGS)
@@ -198,19 +248,25 @@ class PairwiseReward:
             raise ValueError(f"{column} has {len(references)} items but prompts has {len(prompts)}")
         triples, owner = [], []
         for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, references)):
-            source, candidate = render(prompt, completion, name=f"completions[{i}]")
-            for j, ref in enumerate(_references(f"{column}[{i}]", refs)):
-                triples.append((source, candidate, render(prompt, ref, name=f"{column}[{i}][{j}]")[1]))
+            row_refs = _references(f"{column}[{i}]", refs)
+            if not row_refs:
+                continue  # no reference: not applicable (None)
+            source, candidate = render(prompt, completion, name=f"completions[{i}]",
+                                       conversation_format=self.conversation_format)
+            for j, ref in enumerate(row_refs):
+                triples.append((source, candidate, render(prompt, ref, name=f"{column}[{i}][{j}]",
+                                                          conversation_format=self.conversation_format)[1]))
                 owner.append(i)
         if not triples:
-            return []
+            return [None] * len(prompts)
         z = self.pairrm.two_order_logits(triples, batch_size=self.batch_size)
         counts = np.bincount(owner, minlength=len(prompts))
-        rewards = np.bincount(owner, weights=self._values(z), minlength=len(prompts)) / counts
+        scored = counts > 0
+        sums = np.bincount(owner, weights=self._values(z), minlength=len(prompts))
         if log_metric is not None:
-            wins = np.bincount(owner, weights=_wins(z), minlength=len(prompts)) / counts
+            wins = np.bincount(owner, weights=_wins(z), minlength=len(prompts))[scored] / counts[scored]
             log_metric(f"{self.__name__}/win_rate", float(wins.mean()))
-        return [float(r) for r in rewards]
+        return [float(sums[i] / counts[i]) if scored[i] else None for i in range(len(prompts))]
 
     def _values(self, z: np.ndarray) -> np.ndarray:
         if self.output == "probability":
@@ -230,7 +286,8 @@ class PairwiseReward:
             return []
         sources, candidates = [], []
         for s, e in spans:
-            rendered = [render(rows[k][0], rows[k][1], name=f"completions[{k}]") for k in range(s, e)]
+            rendered = [render(rows[k][0], rows[k][1], name=f"completions[{k}]",
+                               conversation_format=self.conversation_format) for k in range(s, e)]
             sources.append(rendered[0][0])
             candidates.append([c for _, c in rendered])
         matrices = self.pairrm.pairwise_matrices(sources, candidates, batch_size=self.batch_size)
@@ -280,14 +337,12 @@ class AsyncPairwiseReward(PairwiseReward):
 
 
 def _references(name: str, refs: Any) -> list:
-    """A row's references: a string, a message list, or a list of those."""
+    """A row's references: a string, a message list, or a list of those; [] for a row without one (None or [])."""
     if refs is None:
-        raise ValueError(f"{name} is None: every row needs a reference")
+        return []
     if isinstance(refs, str) or (isinstance(refs, Sequence) and refs and all(isinstance(m, dict) for m in refs)):
         return [refs]
     if isinstance(refs, Sequence) and not isinstance(refs, (bytes, dict)):
-        if not refs:
-            raise ValueError(f"{name} is an empty list: every row needs at least one reference")
         for j, ref in enumerate(refs):
             if ref is None:
                 raise ValueError(f"{name}[{j}] is None: every reference must be a string")
@@ -295,6 +350,20 @@ def _references(name: str, refs: Any) -> list:
                 raise TypeError(f"{name}[{j}] must be a string (or a message list), got {type(ref).__name__}")
         return list(refs)
     raise TypeError(f"{name} must be a string or a list of strings, got {type(refs).__name__}")
+
+
+def policy_eos_token_ids(policy: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a completion as TRL's GRPO/RLOO count them for `mask_truncated_completions`: the policy's
+    generation-config EOS id(s), the tokenizer's EOS id, and the pad id (TRL's `eos_and_pad`)."""
+    config = getattr(policy, "generation_config", None)  # a bare nn.Module has none: the tokenizer's ids then
+    eos = None if config is None else config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for extra in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    if not ids:
+        raise ValueError("the policy's generation config and tokenizer define no EOS id: set eos_token_id")
+    return ids
 
 
 def _wins(z: np.ndarray) -> np.ndarray:
