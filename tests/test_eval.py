@@ -15,11 +15,19 @@ from pairrm_rlhf import PairRM
 from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.cli import main
 from pairrm_rlhf.evaluation import (
-    Example, autoj_groups, bootstrap_ci, detect_format, evaluate, load_examples, read_rows,
-    rewardbench_sections, summarize,
+    Example,
+    autoj_groups,
+    bootstrap_ci,
+    detect_format,
+    evaluate,
+    load_examples,
+    read_rows,
+    rewardbench_sections,
+    summarize,
 )
 from pairrm_rlhf.evaluation.report import calibration_bins, example_probability
 from pairrm_rlhf.evaluation.sections import AUTOJ_GROUPS, REWARDBENCH_COUNTS, REWARDBENCH_SECTIONS, detect_scheme
+
 from known_preference import LengthBackend
 
 DATA = Path(__file__).parent / "fixtures" / "eval"
@@ -45,14 +53,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def pair(subset: str, right: bool, k: int = 0) -> dict:
     """A RewardBench-style row the length judge gets right (chosen longer) or wrong."""
     long, short = f"a long and detailed answer {k}", f"short {k}"
-    return {"subset": subset, "prompt": f"q{k}", "chosen": long if right else short, "rejected": short if right else long}
+    return {
+        "subset": subset,
+        "prompt": f"q{k}",
+        "chosen": long if right else short,
+        "rejected": short if right else long,
+    }
 
 
 # ---- formats -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, fmt", [
-    ("rewardbench.jsonl", "pairs"), ("rewardbench2.jsonl", "best_of_n"), ("autoj_pairwise.jsonl", "autoj"),
-    ("hhh_alignment.jsonl", "hhh"), ("mt_bench_human.jsonl", "mtbench"),
-])
+@pytest.mark.parametrize(
+    "name, fmt",
+    [
+        ("rewardbench.jsonl", "pairs"),
+        ("rewardbench2.jsonl", "best_of_n"),
+        ("autoj_pairwise.jsonl", "autoj"),
+        ("hhh_alignment.jsonl", "hhh"),
+        ("mt_bench_human.jsonl", "mtbench"),
+    ],
+)
 def test_formats_are_detected(name, fmt):
     assert detect_format(read_rows(str(DATA / name))[0]) == fmt
 
@@ -61,10 +80,15 @@ def test_reads_every_format_label_writes(tmp_path):
     """save_to_disk folder, jsonl and parquet (label's three outputs, conversational rows) give the same examples."""
     from datasets import Dataset
 
-    rows = [{"prompt": [{"role": "user", "content": f"q{k}"}],
-             "chosen": [{"role": "assistant", "content": "a much longer answer" if k % 2 else "no"}],
-             "rejected": [{"role": "assistant", "content": "no" if k % 2 else "a much longer answer"}],
-             "margin": 1.0} for k in range(4)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"q{k}"}],
+            "chosen": [{"role": "assistant", "content": "a much longer answer" if k % 2 else "no"}],
+            "rejected": [{"role": "assistant", "content": "no" if k % 2 else "a much longer answer"}],
+            "margin": 1.0,
+        }
+        for k in range(4)
+    ]
     data = Dataset.from_list(rows)
     data.save_to_disk(str(tmp_path / "disk"))
     data.to_json(str(tmp_path / "labels.jsonl"), lines=True)
@@ -80,7 +104,9 @@ def test_column_mapping_and_its_errors(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "good": "a long answer", "bad": "no"}])
     examples = load_examples(str(path), columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
     assert (examples[0].prompt, examples[0].chosen, examples[0].rejected) == ("q", ["a long answer"], ["no"])
-    with pytest.raises(ValueError, match=r"^--prompt_column: no column 'prompt_text' in .*qa.jsonl \(columns: bad, good, question\)$"):
+    with pytest.raises(
+        ValueError, match=r"^--prompt_column: no column 'prompt_text' in .*qa.jsonl \(columns: bad, good, question\)$"
+    ):
         load_examples(str(path), columns={"prompt": "prompt_text"})
 
 
@@ -150,8 +176,17 @@ def test_rewardbench_constants_are_reward_benchs():
 
 
 def test_rewardbench_section_weighting_by_hand():
-    agreement = {"alpacaeval-easy": 0.5, "mt-bench-easy": 1.0, "xstest-should-refuse": 0.0, "xstest-should-respond": 1.0,
-                 "math-prm": 0.0, "hep-python": 1.0, "shp": 1.0, "anthropic_helpful": 0.0, "not-a-subset": 1.0}
+    agreement = {
+        "alpacaeval-easy": 0.5,
+        "mt-bench-easy": 1.0,
+        "xstest-should-refuse": 0.0,
+        "xstest-should-respond": 1.0,
+        "math-prm": 0.0,
+        "hep-python": 1.0,
+        "shp": 1.0,
+        "anthropic_helpful": 0.0,
+        "not-a-subset": 1.0,
+    }
     got = rewardbench_sections(agreement)
     chat, safety, reasoning = (0.5 * 100 + 28) / 128, 250 / 404, 164 / 1148
     assert got["Chat"] == pytest.approx(chat) and got["Chat Hard"] is None
@@ -181,16 +216,25 @@ def test_probability_and_calibration_bins_by_hand():
     assert example_probability(np.array([0.0, 4.0])) == pytest.approx(0.5)  # the weakest pair, sigmoid(z / 2)
     assert example_probability(np.array([2.0]), orders="single") == pytest.approx(1 / (1 + np.exp(-2.0)))
     assert example_probability(None) is None
-    records = [{"p_chosen": p, "correct": c} for p, c in
-               [(0.05, 0.0), (0.95, 1.0), (0.91, 0.0), (1.0, 1.0), (0.55, 1.0), (0.6, None), (None, 1.0)]]
+    records = [
+        {"p_chosen": p, "correct": c}
+        for p, c in [(0.05, 0.0), (0.95, 1.0), (0.91, 0.0), (1.0, 1.0), (0.55, 1.0), (0.6, None), (None, 1.0)]
+    ]
     bins = calibration_bins(records, bins=10)
     assert [(b["low"], b["n"]) for b in bins] == [(0.0, 1), (0.5, 1), (0.9, 3)]
-    assert bins[2]["predicted"] == pytest.approx((0.95 + 0.91 + 1.0) / 3) and bins[2]["observed"] == pytest.approx(2 / 3)
+    assert bins[2]["predicted"] == pytest.approx((0.95 + 0.91 + 1.0) / 3) and bins[2]["observed"] == pytest.approx(
+        2 / 3
+    )
 
 
 def test_eval_command_writes_predictions_tables_plots_and_card(tmp_path, length_judge, capsys):
-    rows = [pair("alpacaeval-easy", True, 0), pair("alpacaeval-easy", False, 1), pair("mt-bench-easy", True, 2),
-            pair("hep-python", True, 3), pair("math-prm", False, 4)]
+    rows = [
+        pair("alpacaeval-easy", True, 0),
+        pair("alpacaeval-easy", False, 1),
+        pair("mt-bench-easy", True, 2),
+        pair("hep-python", True, 3),
+        pair("math-prm", False, 4),
+    ]
     data = write_jsonl(tmp_path / "rb.jsonl", rows)
     out = tmp_path / "out"
     main(["eval", "--data", str(data), "--pairrm", "tiny", "--bootstrap", "0", "--output_dir", str(out)])
@@ -230,18 +274,32 @@ def test_eval_push_is_private_by_default(tmp_path, length_judge, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     data = write_jsonl(tmp_path / "rb.jsonl", [pair("alpacaeval-easy", True)])
-    main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(tmp_path / "o"), "--no_plots",
-          "--push_to_hub", "me/results"])
+    main(
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--bootstrap",
+            "0",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--no_plots",
+            "--push_to_hub",
+            "me/results",
+        ]
+    )
     creates = [c for c in calls if c[0] == "create"]
-    assert creates and all(c == ("create", "me/results", {"repo_type": "dataset", "private": True, "exist_ok": True})
-                           for c in creates)
+    assert creates and all(
+        c == ("create", "me/results", {"repo_type": "dataset", "private": True, "exist_ok": True}) for c in creates
+    )
     assert calls[-1] == ("upload", "me/results", ["README.md", "predictions.jsonl", "results.json", "results.md"])
 
 
 # ---- what a reader of the outputs sees ---------------------------------------------------------------------------
 def test_data_without_subsets_is_one_overall_row(tmp_path, length_judge, capsys):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{k: v for k, v in pair("x", k % 2 == 0, k).items() if k != "subset"}
-                                               for k in range(3)])
+    data = write_jsonl(
+        tmp_path / "qa.jsonl", [{k: v for k, v in pair("x", k % 2 == 0, k).items() if k != "subset"} for k in range(3)]
+    )
     main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(tmp_path / "out"), "--no_plots"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "Subset" not in line]
     assert rows == ["| **overall** | 3 | 66.67% | 0 |"]  # not an "all" row repeating it
@@ -252,19 +310,40 @@ def test_data_without_subsets_is_one_overall_row(tmp_path, length_judge, capsys)
 
 
 def test_predictions_carry_the_texts_the_label_and_the_call(tmp_path, length_judge):
-    rows = [pair("a", True, 0), pair("a", False, 1),
-            {"prompt": "q", "response_a": "same", "response_b": "same", "label": "tie", "subset": "a"}]
+    rows = [
+        pair("a", True, 0),
+        pair("a", False, 1),
+        {"prompt": "q", "response_a": "same", "response_b": "same", "label": "tie", "subset": "a"},
+    ]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows[:2])
     out = tmp_path / "out"
     main(["eval", "--data", str(data), "--bootstrap", "0", "--output_dir", str(out), "--no_plots"])
     got = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     for record, row in zip(got, rows):
-        assert (record["prompt"], record["chosen"], record["rejected"]) == (row["prompt"], row["chosen"], row["rejected"])
+        assert (record["prompt"], record["chosen"], record["rejected"]) == (
+            row["prompt"],
+            row["chosen"],
+            row["rejected"],
+        )
         assert record["label"] == "chosen"
     assert [r["prediction"] for r in got] == ["chosen", "rejected"] and [r["correct"] for r in got] == [1.0, 0.0]
     ties = write_jsonl(tmp_path / "ties.jsonl", [rows[2]])
-    main(["eval", "--data", str(ties), "--bootstrap", "0", "--output_dir", str(out), "--no_plots", "--ties", "margin",
-          "--tie_margin", "0.5"])
+    main(
+        [
+            "eval",
+            "--data",
+            str(ties),
+            "--bootstrap",
+            "0",
+            "--output_dir",
+            str(out),
+            "--no_plots",
+            "--ties",
+            "margin",
+            "--tie_margin",
+            "0.5",
+        ]
+    )
     record = json.loads((out / "predictions.jsonl").read_text())
     assert (record["label"], record["prediction"], record["correct"]) == ("tie", "tie", 1.0)
 
@@ -301,8 +380,10 @@ def test_calibration_counts_stay_inside_and_apart(tmp_path, figures):
     from pairrm_rlhf.evaluation.report import write_plots
 
     # two bins whose means are close (0.099 | 0.101), and bins at the top edge (observed 1.0)
-    records = [{"p_chosen": p, "correct": c} for p, c in
-               [(0.099, 0.0), (0.101, 0.0), (0.95, 1.0), (0.999, 1.0), (0.85, 1.0), (0.55, 1.0)]]
+    records = [
+        {"p_chosen": p, "correct": c}
+        for p, c in [(0.099, 0.0), (0.101, 0.0), (0.95, 1.0), (0.999, 1.0), (0.85, 1.0), (0.55, 1.0)]
+    ]
     write_plots(tmp_path, records, summarize([1.0], [Example("p", ["a"], ["b"])], bootstrap=0), "t")
     fig = figures[0]
     ax = fig.axes[0]
@@ -310,14 +391,15 @@ def test_calibration_counts_stay_inside_and_apart(tmp_path, figures):
     assert len(counts) == 5
     inside = ax.get_window_extent()
     assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in counts)
-    assert not any(a.overlaps(b) for i, a in enumerate(counts) for b in counts[i + 1:])
+    assert not any(a.overlaps(b) for i, a in enumerate(counts) for b in counts[i + 1 :])
     legend = ax.get_legend().get_window_extent()
     assert not any(legend.overlaps(b) for b in counts)
 
 
 def test_one_subset_plot_has_one_labelled_bar(tmp_path, length_judge, figures):
-    data = write_jsonl(tmp_path / "one.jsonl", [{k: v for k, v in pair("x", k != 2, k).items() if k != "subset"}
-                                                for k in range(3)])
+    data = write_jsonl(
+        tmp_path / "one.jsonl", [{k: v for k, v in pair("x", k != 2, k).items() if k != "subset"} for k in range(3)]
+    )
     main(["eval", "--data", str(data), "--bootstrap", "50", "--output_dir", str(tmp_path / "out")])
     fig = figures[1]
     ax = fig.axes[0]

@@ -17,17 +17,33 @@ from pairrm_rlhf.core.aggregation import bradley_terry_scores, copeland_scores, 
 from pairrm_rlhf.core.formats import CONVERSATION_INSTRUCTION
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, best_of_n_responses, select_pairs
+
 from known_preference import ToyBackend
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
-
 PROMPTS = [
-    "Explain the sun.", "Describe the ocean.", "What is green tea?", "Tell me about the moon.",
-    "Give an example of kind words.", "How does one learn music?", "List three facts about the river.",
+    "Explain the sun.",
+    "Describe the ocean.",
+    "What is green tea?",
+    "Tell me about the moon.",
+    "Give an example of kind words.",
+    "How does one learn music?",
+    "List three facts about the river.",
 ]
 COLUMNS = {
-    "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "all_generated_responses",
-    "all_rm_scores", "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "finished", "prompt_index",
+    "prompt",
+    "chosen",
+    "rejected",
+    "score_chosen",
+    "score_rejected",
+    "margin",
+    "all_generated_responses",
+    "all_rm_scores",
+    "chosen_probs",
+    "chosen_probs_win",
+    "chosen_probs_lose",
+    "finished",
+    "prompt_index",
 }
 GEN = SamplingArguments(max_new_tokens=8)
 
@@ -103,7 +119,9 @@ def check_row_against_pairrm(pairrm, row: dict) -> None:
 def test_standard_schema_and_chosen_is_top(hf_model, standard_output):
     out, stats = standard_output
     assert set(out.column_names) == COLUMNS
-    assert stats.prompts == len(PROMPTS) and stats.pairs == len(out) and stats.pairs + stats.ties_dropped == len(PROMPTS)
+    assert (
+        stats.prompts == len(PROMPTS) and stats.pairs == len(out) and stats.pairs + stats.ties_dropped == len(PROMPTS)
+    )
     assert len(out) >= len(PROMPTS) - 1
     assert out["prompt_index"] == sorted(set(out["prompt_index"]))  # input order, one pair per prompt
     for row in out:
@@ -138,7 +156,9 @@ def test_conversational_schema(hf_model, policy):
             assert row[key][0]["content"] in row["all_generated_responses"]
         check_row_against_pairrm(hf_model, row)
     multi_row = next(r for r in out if r["prompt_index"] == 3)  # and as compare_conversations sees it
-    logit = hf_model.compare_conversations([multi + multi_row["chosen"]], [multi + multi_row["rejected"]], return_logits=True)
+    logit = hf_model.compare_conversations(
+        [multi + multi_row["chosen"]], [multi + multi_row["rejected"]], return_logits=True
+    )
     assert multi_row["chosen_probs"] == pytest.approx(float(probability(logit)[0]), abs=1e-5)
 
 
@@ -182,7 +202,8 @@ def test_interrupt_and_resume_is_identical(hf_model, policy, standard_output, tm
         labeler_for(hf_model, policy).label(dataset, work, chunk_size=2)
     with pytest.raises(ValueError, match="generation.sampling.temperature: None -> 0.5"):
         labeler_for(hf_model, policy, sampling=SamplingArguments(max_new_tokens=8, temperature=0.5)).label(
-            dataset, work, chunk_size=3)
+            dataset, work, chunk_size=3
+        )
     other = labeler_for(hf_model, policy, num_responses=4).label(dataset, work, chunk_size=3, overwrite=True)
     assert all(len(r) == 4 for r in other["all_generated_responses"])
 
@@ -275,7 +296,11 @@ def test_labeler_aggregations(hf_model, aggregation):
     out = labeler.label(dataset)
     for k, prompt in enumerate(dataset["prompt"]):
         (matrix,) = hf_model.pairwise_matrices([prompt], [responses[k]])
-        scores = copeland_scores(matrix) if aggregation == "copeland" else bradley_terry_scores(probability(matrix - matrix.T))
+        scores = (
+            copeland_scores(matrix)
+            if aggregation == "copeland"
+            else bradley_terry_scores(probability(matrix - matrix.T))
+        )
         rows = [r for r in out if r["prompt_index"] == k]
         np.testing.assert_allclose(rows[0]["all_rm_scores"] if rows else scores, scores, atol=1e-5)
         n = len(scores)
@@ -337,11 +362,21 @@ def test_output_trains_with_dpo(form, hf_model, standard_output, policy, tmp_pat
         dataset = labeler_for(hf_model, policy).label(Dataset.from_dict({"prompt": prompts}))
     model, tokenizer = copy.deepcopy(policy[0]), policy[1]
     args = DPOConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, max_length=64, use_cpu=True, bf16=False,
-        report_to=[], save_strategy="no", activation_checkpointing=False, logging_steps=1, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=64,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        activation_checkpointing=False,
+        logging_steps=1,
+        seed=0,
     )
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train()
     assert trainer.state.global_step == 2
@@ -380,11 +415,13 @@ def test_unfinished_response_is_never_chosen_by_default(hf_model):
     assert rows[0]["chosen"] == texts[int(np.argmax(np.where(np.arange(3) == top, -np.inf, scores)))]
     assert rows[0]["finished"] == [i != top for i in range(3)] and stats.unfinished == 1
     rows, _ = PreferenceLabeler(hf_model, responses_column="r", allow_unfinished_chosen=True).label_rows(
-        [prompt], responses)
+        [prompt], responses
+    )
     assert rows[0]["chosen"] == texts[top]
     # none finished: no pair for that prompt
     rows, _ = PreferenceLabeler(hf_model, responses_column="r").label_rows(
-        [prompt], [[Response(t, finished=False) for t in ("a b c", "d")]])
+        [prompt], [[Response(t, finished=False) for t in ("a b c", "d")]]
+    )
     assert rows == []
 
 
@@ -412,8 +449,11 @@ def test_max_min_p_is_rlhflows_length_penalised_best_vs_worst():
     # with a threshold above that raw margin (0.1) the long answer no longer wins a pair
     assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01, margin_threshold=0.5) == ([], 0, 1)
     assert select_pairs([1.0, 1.0], "max_min_p", lengths=[5, 3]) == ([], 1, 0)
-    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01,
-                        finished=[False, True, True, True]) == ([], 0, 0)  # the chosen would be the unfinished one
+    assert select_pairs(scores, "max_min_p", lengths=lengths, len_penalty=0.01, finished=[False, True, True, True]) == (
+        [],
+        0,
+        0,
+    )  # the chosen would be the unfinished one
     with pytest.raises(ValueError, match=r"max_min_p needs one length per response \(4\), got None"):
         select_pairs(scores, "max_min_p")
 

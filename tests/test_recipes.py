@@ -26,10 +26,11 @@ import pytest
 import torch
 from datasets import Dataset
 
-from known_preference import preferred_fraction, style_judge, style_prompts
 from pairrm_rlhf import PairwiseReward
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.trl.judge import PairRMJudge
+
+from known_preference import preferred_fraction, style_judge, style_prompts
 from recipe_scripts import RECIPES, recipe
 from torchrun import launch
 
@@ -59,7 +60,9 @@ def style_data(tmp_path_factory) -> str:
 def test_style_judge_through_the_adapters():
     judge = style_judge()
     brief, detail = "Tell me about the sun, briefly", "Tell me about the sun, in detail"
-    z = PairRMJudge(judge).two_order_logits([brief, detail, brief], [["ok", "a longer answer"]] * 2 + [["same", "four"]])
+    z = PairRMJudge(judge).two_order_logits(
+        [brief, detail, brief], [["ok", "a longer answer"]] * 2 + [["same", "four"]]
+    )
     np.testing.assert_allclose(z, [0.25 * 13, -0.25 * 13, 0.0])  # pinned: SCALE x (len(B) - len(A)) x style
     reward = PairwiseReward(judge, output="win")
     assert reward([brief, detail], ["short", "short"], reference=["a reference", "a reference"]) == [1.0, 0.0]
@@ -77,33 +80,130 @@ def test_style_judge_through_the_adapters():
 # passes per generation batch (num_iterations, like PPO's epochs); iterative DPO trains on all pairs of its 8 samples
 # per prompt (strategy all_pairs), plain sigmoid DPO as in the shipped config. Measured over seeds 0-2: docs/recipes.md.
 LEARNING = {
-    "ppo": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--num_ppo_epochs", "4",
-            "--total_episodes", "960", "--max_new_tokens", "12", "--temperature", "1.0", "--learning_rate", "1e-3",
-            "--kl_coef", "0.0", "--save_final", "false"],
-    "grpo": ["--max_steps", "200", "--per_device_train_batch_size", "16", "--num_generations", "4",
-             "--num_iterations", "4", "--steps_per_generation", "1", "--max_completion_length", "12",
-             "--temperature", "1.0", "--learning_rate", "5e-3", "--logging_steps", "40", "--reward_mode", "group",
-             "--missing_eos_penalty", "0", *NO_SAVE],  # the EOS penalty is a second objective: measure the rule alone
-    "online_dpo": ["--max_steps", "240", "--per_device_train_batch_size", "16", "--max_new_tokens", "12",
-                   "--max_length", "96", "--temperature", "1.0", "--learning_rate", "1e-2", "--beta", "0.1",
-                   "--logging_steps", "40", *NO_SAVE],
-    "iterative_dpo": ["--num_iterations", "3", "--prompt_schedule", "same", "--num_responses", "8",
-                      "--strategy", "all_pairs", "--max_new_tokens", "12", "--temperature", "1.0",
-                      "--label_chunk_size", "32", "--num_train_epochs", "4", "--per_device_train_batch_size", "16",
-                      "--max_length", "96", "--learning_rate", "5e-3", "--beta", "0.1", "--loss_type", "sigmoid",
-                      "--logging_steps", "40", "--allow_unfinished_chosen", "true", *NO_SAVE],
+    "ppo": [
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "2",
+        "--num_ppo_epochs",
+        "4",
+        "--total_episodes",
+        "960",
+        "--max_new_tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--learning_rate",
+        "1e-3",
+        "--kl_coef",
+        "0.0",
+        "--save_final",
+        "false",
+    ],
+    "grpo": [
+        "--max_steps",
+        "200",
+        "--per_device_train_batch_size",
+        "16",
+        "--num_generations",
+        "4",
+        "--num_iterations",
+        "4",
+        "--steps_per_generation",
+        "1",
+        "--max_completion_length",
+        "12",
+        "--temperature",
+        "1.0",
+        "--learning_rate",
+        "5e-3",
+        "--logging_steps",
+        "40",
+        "--reward_mode",
+        "group",
+        "--missing_eos_penalty",
+        "0",
+        *NO_SAVE,
+    ],  # the EOS penalty is a second objective: measure the rule alone
+    "online_dpo": [
+        "--max_steps",
+        "240",
+        "--per_device_train_batch_size",
+        "16",
+        "--max_new_tokens",
+        "12",
+        "--max_length",
+        "96",
+        "--temperature",
+        "1.0",
+        "--learning_rate",
+        "1e-2",
+        "--beta",
+        "0.1",
+        "--logging_steps",
+        "40",
+        *NO_SAVE,
+    ],
+    "iterative_dpo": [
+        "--num_iterations",
+        "3",
+        "--prompt_schedule",
+        "same",
+        "--num_responses",
+        "8",
+        "--strategy",
+        "all_pairs",
+        "--max_new_tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--label_chunk_size",
+        "32",
+        "--num_train_epochs",
+        "4",
+        "--per_device_train_batch_size",
+        "16",
+        "--max_length",
+        "96",
+        "--learning_rate",
+        "5e-3",
+        "--beta",
+        "0.1",
+        "--loss_type",
+        "sigmoid",
+        "--logging_steps",
+        "40",
+        "--allow_unfinished_chosen",
+        "true",
+        *NO_SAVE,
+    ],
 }
 
 
 def train_on_style(name: str, data: str, output_dir: Path, seed: int = 0):
     """Train `name` on the style prompts (the last 8 held out) with the known judge; returns the trained policy."""
-    argv = ["--model_name_or_path", "tiny", "--dataset_name", data, "--conversational", "false", "--eval_prompts", "8",
-            "--output_dir", str(output_dir), *LEARNING[name], "--seed", str(seed)]
+    argv = [
+        "--model_name_or_path",
+        "tiny",
+        "--dataset_name",
+        data,
+        "--conversational",
+        "false",
+        "--eval_prompts",
+        "8",
+        "--output_dir",
+        str(output_dir),
+        *LEARNING[name],
+        "--seed",
+        str(seed),
+    ]
     result = recipe(name).main(*parse(name, argv), judge=style_judge())
     if name == "iterative_dpo":
         from trl import ModelConfig
 
-        return recipe("_common").load_policy(ModelConfig(model_name_or_path=str(output_dir / "iteration_3" / "model")))[0]
+        return recipe("_common").load_policy(ModelConfig(model_name_or_path=str(output_dir / "iteration_3" / "model")))[
+            0
+        ]
     if name == "ppo":
         return result.accelerator.unwrap_model(result.model).policy
     return result.model
@@ -117,7 +217,9 @@ def held_out_win_rate(model, seed: int = 1234) -> tuple[float, float]:
     sampling = SamplingArguments(max_new_tokens=12, temperature=1.0)
     before = common.generate(initial, tokenizer, prompts, sampling, seed=seed)
     after = common.generate(model, tokenizer, prompts, sampling, seed=seed)
-    return common.win_rate(style_judge(), prompts, after, before)["win_rate"], preferred_fraction(prompts, after, before)
+    return common.win_rate(style_judge(), prompts, after, before)["win_rate"], preferred_fraction(
+        prompts, after, before
+    )
 
 
 @pytest.mark.slow
@@ -135,8 +237,9 @@ def ppo_trainer(reward_fn, **config):
     from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer
 
     model, tokenizer = tiny_policy()
-    data = Dataset.from_dict({"prompt": ["Explain the sun.", "Describe the ocean."] * 2,
-                              "reference": ["The sun is a star.", "Water."] * 2})
+    data = Dataset.from_dict(
+        {"prompt": ["Explain the sun.", "Describe the ocean."] * 2, "reference": ["The sun is a star.", "Water."] * 2}
+    )
     defaults = dict(use_cpu=True, per_device_train_batch_size=2, save_final=False, max_new_tokens=5)
     return PPOTrainer(PPOConfig(**{**defaults, **config}), model, tokenizer, reward_fn, data)
 
@@ -153,8 +256,14 @@ def test_ppo_advantages_and_eos_handling():
     mask = (torch.arange(5)[None] < length[:, None]).float()
     logprobs, ref_logprobs, values = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
     scores = torch.tensor([1.0, 3.0])
-    r = dict(mask=mask, length=length, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-             penalized=scores - torch.tensor([0.0, 2.0]))
+    r = dict(
+        mask=mask,
+        length=length,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        penalized=scores - torch.tensor([0.0, 2.0]),
+    )
     trainer._advantages(r)
     for i in range(2):  # a plain per-sequence reference implementation
         n = int(length[i])
@@ -177,8 +286,14 @@ def test_ppo_advantages_and_eos_handling():
         assert (row[n:] == pad).all() and not any(int(t) in eos_ids for t in row[: n - 1])
     assert torch.allclose(rollout["logprobs"] * rollout["mask"], rollout["ref_logprobs"] * rollout["mask"], atol=1e-5)
     stats = trainer.update(rollout)
-    assert {"policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
-            "val/clipfrac_avg"} <= set(stats)
+    assert {
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "policy/entropy_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+    } <= set(stats)
 
 
 def test_ppo_masks_rows_without_a_reward():
@@ -221,8 +336,9 @@ def test_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     from pairrm_rlhf.trl import ppo
 
     reward = PairwiseReward(style_judge(), output="logit")
-    settings = dict(per_device_train_batch_size=2, total_episodes=8, save_steps=2, num_ppo_epochs=2, seed=3,
-                    learning_rate=1e-3)
+    settings = dict(
+        per_device_train_batch_size=2, total_episodes=8, save_steps=2, num_ppo_epochs=2, seed=3, learning_rate=1e-3
+    )
 
     full = ppo_trainer(reward, output_dir=str(tmp_path / "full"), **settings)
     expected = full.train()
@@ -260,19 +376,36 @@ def test_sppo_loss_is_the_soft_formula(tmp_path):
 
     model, tokenizer = tiny_policy()
     p_win, p_lose = [0.9, 0.6, 0.55, 0.7], [0.2, 0.4, 0.5, 0.1]
-    data = Dataset.from_dict({"prompt": ["Explain the sun.", "Describe the ocean.", "What is tea?", "Hi."],
-                              "chosen": [" A star.", " Water.", " A drink.", " Hello."],
-                              "rejected": [" No.", " I do not know at all.", " ?", " Go away."],
-                              "chosen_probs_win": p_win, "chosen_probs_lose": p_lose})
+    data = Dataset.from_dict(
+        {
+            "prompt": ["Explain the sun.", "Describe the ocean.", "What is tea?", "Hi."],
+            "chosen": [" A star.", " Water.", " A drink.", " Hello."],
+            "rejected": [" No.", " I do not know at all.", " ?", " Go away."],
+            "chosen_probs_win": p_win,
+            "chosen_probs_lose": p_lose,
+        }
+    )
     beta = 0.2
-    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
-                     beta=beta, logging_steps=1, max_length=64, use_cpu=True, bf16=False, report_to=[],
-                     save_strategy="no", seed=0)
-    trainer = SPPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
-                          processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        beta=beta,
+        logging_steps=1,
+        max_length=64,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = SPPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data, processing_class=tokenizer
+    )
     trainer.train()
     # at the first step the policy is the reference: log-ratios are 0 and the loss is the targets' squares
-    expected = np.mean([((w - 0.5) / beta) ** 2 + ((l - 0.5) / beta) ** 2 for w, l in zip(p_win, p_lose)]) / 2
+    expected = np.mean([((w - 0.5) / beta) ** 2 + ((lose - 0.5) / beta) ** 2 for w, lose in zip(p_win, p_lose)]) / 2
     logged = [log for log in trainer.state.log_history if "loss" in log][0]
     assert logged["loss"] == pytest.approx(expected, rel=1e-4)
     assert logged["sppo/prob_win_chosen"] == pytest.approx(np.mean(p_win), abs=1e-6)
@@ -291,17 +424,46 @@ def test_sppo_authors_probabilities():
 
 
 # ---- iterative DPO: resume, evaluation, SPPO labels ---------------------------------------------------------------
-ITERATIVE_SMALL = ["--model_name_or_path", "tiny", "--conversational", "false", "--eval_prompts", "4",
-                   "--num_iterations", "2", "--num_responses", "2", "--max_new_tokens", "6", "--temperature", "1.0",
-                   "--label_chunk_size", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-                   "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--max_prompts", "24",
-                   "--allow_unfinished_chosen", "true"]  # the tiny policy never ends within 6 tokens
+ITERATIVE_SMALL = [
+    "--model_name_or_path",
+    "tiny",
+    "--conversational",
+    "false",
+    "--eval_prompts",
+    "4",
+    "--num_iterations",
+    "2",
+    "--num_responses",
+    "2",
+    "--max_new_tokens",
+    "6",
+    "--temperature",
+    "1.0",
+    "--label_chunk_size",
+    "8",
+    "--num_train_epochs",
+    "1",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_length",
+    "64",
+    "--learning_rate",
+    "1e-3",
+    "--report_to",
+    "none",
+    "--max_prompts",
+    "24",
+    "--allow_unfinished_chosen",
+    "true",
+]  # the tiny policy never ends within 6 tokens
 
 
 def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):
     iterative = recipe("iterative_dpo")
-    args = parse("iterative_dpo", [*ITERATIVE_SMALL, "--dataset_name", style_data, "--output_dir", str(tmp_path),
-                                   "--save_strategy", "no"])
+    args = parse(
+        "iterative_dpo",
+        [*ITERATIVE_SMALL, "--dataset_name", style_data, "--output_dir", str(tmp_path), "--save_strategy", "no"],
+    )
     real_train, real_label = iterative.train, iterative.label
     calls = []
 
@@ -334,8 +496,15 @@ def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     for m in metrics[1:]:
-        assert {"vs_initial/win_rate", "vs_initial/ties", "vs_reference/win_rate", "vs_reference/ties",
-                "mean_length", "pairs", "mean_margin"} <= set(m)
+        assert {
+            "vs_initial/win_rate",
+            "vs_initial/ties",
+            "vs_reference/win_rate",
+            "vs_reference/ties",
+            "mean_length",
+            "pairs",
+            "mean_margin",
+        } <= set(m)
         assert 0 <= m["vs_initial/win_rate"] <= 1
     assert metrics[0]["vs_initial/win_rate"] == 0.5 and metrics[0]["vs_initial/ties"] == 1.0  # itself
     if importlib.util.find_spec("matplotlib"):
@@ -343,18 +512,30 @@ def test_iterative_dpo_resumes_after_a_crash(style_data, tmp_path, monkeypatch):
             assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("change, difference", [
-    (["--learning_rate", "2e-3"], "training.learning_rate: 0.001 -> 0.002"),
-    (["--num_responses", "3"], "training.num_responses: 2 -> 3"),
-    (["--strategy", "best_vs_random"], "training.strategy: 'best_vs_worst' -> 'best_vs_random'"),
-    (["--pairrm_dtype", "bfloat16"], "data_and_judge.pairrm_dtype: None -> 'bfloat16'"),
-])
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        (["--learning_rate", "2e-3"], "training.learning_rate: 0.001 -> 0.002"),
+        (["--num_responses", "3"], "training.num_responses: 2 -> 3"),
+        (["--strategy", "best_vs_random"], "training.strategy: 'best_vs_worst' -> 'best_vs_random'"),
+        (["--pairrm_dtype", "bfloat16"], "data_and_judge.pairrm_dtype: None -> 'bfloat16'"),
+    ],
+)
 def test_iterative_dpo_refuses_to_resume_with_other_settings(style_data, tmp_path, monkeypatch, change, difference):
     """A resumed run with other settings used to reuse the old iterations silently: refused, naming the change,
     before anything is loaded or labeled (the labeler's identity mechanism, `core.identity`)."""
     iterative = recipe("iterative_dpo")
-    args = [*ITERATIVE_SMALL, "--dataset_name", style_data, "--output_dir", str(tmp_path), "--save_strategy", "no",
-            "--eval_prompts", "0"]
+    args = [
+        *ITERATIVE_SMALL,
+        "--dataset_name",
+        style_data,
+        "--output_dir",
+        str(tmp_path),
+        "--save_strategy",
+        "no",
+        "--eval_prompts",
+        "0",
+    ]
 
     def stop(*_args, **_kwargs):
         raise RuntimeError("stopped at labeling")
@@ -373,8 +554,23 @@ def test_iterative_dpo_resumes_inside_an_iteration(style_data, tmp_path, monkeyp
     from transformers import Trainer
 
     iterative = recipe("iterative_dpo")
-    args = [*ITERATIVE_SMALL, "--num_iterations", "1", "--dataset_name", style_data, "--output_dir", str(tmp_path),
-            "--save_strategy", "steps", "--save_steps", "2", "--num_train_epochs", "2", "--eval_prompts", "0"]
+    args = [
+        *ITERATIVE_SMALL,
+        "--num_iterations",
+        "1",
+        "--dataset_name",
+        style_data,
+        "--output_dir",
+        str(tmp_path),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--num_train_epochs",
+        "2",
+        "--eval_prompts",
+        "0",
+    ]
     real_step = Trainer.training_step
     steps = []
 
@@ -400,9 +596,27 @@ def test_sppo_uses_the_authors_labels_by_default(style_data, tmp_path):
     from pairrm_rlhf.trl.sppo import authors_probabilities
 
     iterative = recipe("iterative_dpo")
-    args = [*ITERATIVE_SMALL, "--num_iterations", "1", "--num_responses", "3", "--dataset_name", style_data,
-            "--output_dir", str(tmp_path), "--sppo", "true", "--beta", "0.001", "--eval_prompts", "0",
-            "--save_strategy", "no", "--max_prompts", "8"]
+    args = [
+        *ITERATIVE_SMALL,
+        "--num_iterations",
+        "1",
+        "--num_responses",
+        "3",
+        "--dataset_name",
+        style_data,
+        "--output_dir",
+        str(tmp_path),
+        "--sppo",
+        "true",
+        "--beta",
+        "0.001",
+        "--eval_prompts",
+        "0",
+        "--save_strategy",
+        "no",
+        "--max_prompts",
+        "8",
+    ]
     script_args, training_args, model_args = parse("iterative_dpo", args)
     assert training_args.sppo_probabilities == "authors"
     iterative.main(script_args, training_args, model_args, judge=style_judge())
@@ -416,25 +630,54 @@ def test_sppo_uses_the_authors_labels_by_default(style_data, tmp_path):
 
 # ---- configs ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name, expected", [
-    ("ppo", ["model.safetensors", "value_head.safetensors", "log_history.json", "checkpoint-2/manifest.json",
-             "eval_metrics.json", "eval_completions.jsonl"]),
-    ("online_dpo", ["model.safetensors"]),
-    ("grpo", ["model.safetensors"]),
-    ("iterative_dpo", ["summary.json", "metrics.json", "eval_before.json", "iteration_1/model/model.safetensors",
-                       "iteration_1/pairs/dataset_info.json", "iteration_1/done.json"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "ppo",
+            [
+                "model.safetensors",
+                "value_head.safetensors",
+                "log_history.json",
+                "checkpoint-2/manifest.json",
+                "eval_metrics.json",
+                "eval_completions.jsonl",
+            ],
+        ),
+        ("online_dpo", ["model.safetensors"]),
+        ("grpo", ["model.safetensors"]),
+        (
+            "iterative_dpo",
+            [
+                "summary.json",
+                "metrics.json",
+                "eval_before.json",
+                "iteration_1/model/model.safetensors",
+                "iteration_1/pairs/dataset_info.json",
+                "iteration_1/done.json",
+            ],
+        ),
+    ],
+)
 def test_smoke_config_by_name(name, expected, tmp_path):
     """`--config <name>_smoke` finds the config shipped in the package; the script runs on a CPU-only machine."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(RECIPES / f"{name}.py"), "--config", f"{name}_smoke", "--output_dir",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES / f"{name}.py"), "--config", f"{name}_smoke", "--output_dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for relative in expected:
         assert (tmp_path / relative).exists(), relative
     assert "Saved to" in proc.stdout
     if name == "iterative_dpo":
-        assert "pairs, mean PairRM score margin" in proc.stdout and "held-out (8 prompts) after iteration 1" in proc.stdout
+        assert (
+            "pairs, mean PairRM score margin" in proc.stdout and "held-out (8 prompts) after iteration 1" in proc.stdout
+        )
 
 
 def test_shipped_configs_parse():
@@ -518,7 +761,8 @@ def slow_read(self, index):  # rank 1 reads the shared chunk files 2 s late
     return real_read(self, index)
 ChunkStore.read = slow_read
 args = _common.parse(iterative_dpo.make_parser(), ["--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1],
-                                                    "--max_prompts", "16", "--eval_prompts", "0", "--num_train_epochs", "1"])
+                                                    "--max_prompts", "16", "--eval_prompts", "0",
+                                                    "--num_train_epochs", "1"])
 iterative_dpo.main(*args)
 from pairrm_rlhf.core.distributed import end_distributed_run
 end_distributed_run()
@@ -559,7 +803,8 @@ trainer = ppo.main(*args)
 acc = trainer.accelerator
 engine = trainer.model
 with open(os.path.join(sys.argv[1], f"rank{{acc.process_index}}-{{len(sys.argv)}}.json"), "w") as f:
-    json.dump(dict(world=acc.num_processes, stage=acc.state.deepspeed_plugin.zero_stage, clip=engine.gradient_clipping(), loaded=loaded,
+    json.dump(dict(world=acc.num_processes, stage=acc.state.deepspeed_plugin.zero_stage,
+                   clip=engine.gradient_clipping(), loaded=loaded,
                    ref=type(trainer.ref_policy).__name__, history=trainer.log_history,
                    evals=len(trainer.evaluator.history)), f)
 from pairrm_rlhf.core.distributed import end_distributed_run
@@ -577,8 +822,13 @@ def test_ppo_deepspeed_zero3(tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "ppo_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
-               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
+    env = dict(
+        ACCELERATE_USE_DEEPSPEED="true",
+        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+        CUDA_VISIBLE_DEVICES="",
+        ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
+        ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
+    )
     proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "out" / "rank0-2.json").read_text())
@@ -589,8 +839,14 @@ def test_ppo_deepspeed_zero3(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "out" / "checkpoint-2" / "manifest.json").exists()
     # resume from the (checksummed) engine checkpoint of update 2: updates 3 and later are computed again
-    proc = launch(script, str(tmp_path / "out"), "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2"),
-                  env=env, processes=1)
+    proc = launch(
+        script,
+        str(tmp_path / "out"),
+        "--resume_from_checkpoint",
+        str(tmp_path / "out" / "checkpoint-2"),
+        env=env,
+        processes=1,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = json.loads((tmp_path / "out" / "rank0-4.json").read_text())
     assert resumed["history"] == r["history"]  # the same numbers as the uninterrupted run
@@ -606,8 +862,13 @@ def test_ppo_deepspeed_zero3_two_processes(tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "ppo_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
-               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
+    env = dict(
+        ACCELERATE_USE_DEEPSPEED="true",
+        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+        CUDA_VISIBLE_DEVICES="",
+        ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
+        ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
+    )
     out = tmp_path / "out"
     proc = launch(script, str(out), "--total_episodes", "32", env=env, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -615,8 +876,16 @@ def test_ppo_deepspeed_zero3_two_processes(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2] and [r["loaded"] for r in ranks] == [[0, 0], [0, 0]]
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 4
     assert [r["evals"] for r in ranks] == [2, 2]
-    proc = launch(script, str(out), "--total_episodes", "32", "--resume_from_checkpoint", str(out / "checkpoint-2"),
-                  env=env, processes=2)
+    proc = launch(
+        script,
+        str(out),
+        "--total_episodes",
+        "32",
+        "--resume_from_checkpoint",
+        str(out / "checkpoint-2"),
+        env=env,
+        processes=2,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = [json.loads((out / f"rank{r}-6.json").read_text()) for r in (0, 1)]
     assert resumed[0]["history"] == resumed[1]["history"] == ranks[0]["history"]
@@ -645,8 +914,13 @@ def test_iterative_dpo_deepspeed_zero3(tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "iterative_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_ITERATIVE_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", CUDA_VISIBLE_DEVICES="",
-               ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
+    env = dict(
+        ACCELERATE_USE_DEEPSPEED="true",
+        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+        CUDA_VISIBLE_DEVICES="",
+        ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
+        ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
+    )
     proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "zero3.json").read_text()) == {"zero3": True, "steps": 3}

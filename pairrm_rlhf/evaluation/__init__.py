@@ -8,14 +8,40 @@
 """
 
 from .agreement import (
-    FORMATS, Example, SubsetResult, bootstrap_ci, correctness, detect_format, evaluate, example_logits, format_table,
-    load_examples, map_columns, read_rows, summarize, to_examples,
+    FORMATS,
+    Example,
+    SubsetResult,
+    bootstrap_ci,
+    correctness,
+    detect_format,
+    evaluate,
+    example_logits,
+    format_table,
+    load_examples,
+    map_columns,
+    read_rows,
+    summarize,
+    to_examples,
 )
 from .length import length_controlled_win_rate
 from .sections import autoj_groups, rewardbench_sections
 
 __all__ = [
-    "FORMATS", "Example", "SubsetResult", "autoj_groups", "bootstrap_ci", "correctness", "detect_format", "evaluate",
-    "example_logits", "format_table", "length_controlled_win_rate", "load_examples", "map_columns", "read_rows",
-    "rewardbench_sections", "summarize", "to_examples",
+    "FORMATS",
+    "Example",
+    "SubsetResult",
+    "autoj_groups",
+    "bootstrap_ci",
+    "correctness",
+    "detect_format",
+    "evaluate",
+    "example_logits",
+    "format_table",
+    "length_controlled_win_rate",
+    "load_examples",
+    "map_columns",
+    "read_rows",
+    "rewardbench_sections",
+    "summarize",
+    "to_examples",
 ]

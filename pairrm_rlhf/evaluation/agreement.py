@@ -63,8 +63,13 @@ def map_columns(rows: list[dict], columns: dict[str, str], source: str = "data")
     if not columns or not rows:
         return rows
     data.require_columns(data.columns_of(rows), {f"{std}_column": col for std, col in columns.items()}, source)
-    return [{**{k: v for k, v in row.items() if k not in columns.values()}, **{std: row.get(col) for std, col in columns.items()}}
-            for row in rows]
+    return [
+        {
+            **{k: v for k, v in row.items() if k not in columns.values()},
+            **{std: row.get(col) for std, col in columns.items()},
+        }
+        for row in rows
+    ]
 
 
 def detect_format(row: dict) -> str:
@@ -76,12 +81,17 @@ def detect_format(row: dict) -> str:
     if "targets" in row and "input" in row:
         return "hhh"
     if "chosen" in row and "rejected" in row:
-        return "best_of_n" if isinstance(row["rejected"], list) and row["rejected"] and (
-            not isinstance(row["rejected"][0], dict)) else "pairs"
+        return (
+            "best_of_n"
+            if isinstance(row["rejected"], list) and row["rejected"] and (not isinstance(row["rejected"][0], dict))
+            else "pairs"
+        )
     if "response_a" in row and "response_b" in row and "label" in row:
         return "labelled"
-    raise ValueError(f"--format: cannot tell the data format from the columns {sorted(row)}; pass --format or the "
-                     "--prompt_column/--chosen_column/--rejected_column names")
+    raise ValueError(
+        f"--format: cannot tell the data format from the columns {sorted(row)}; pass --format or the "
+        "--prompt_column/--chosen_column/--rejected_column names"
+    )
 
 
 def _pair(prompt: Any, a: Any, b: Any, label: Any, subset: str) -> Example:
@@ -134,7 +144,11 @@ def to_examples(rows: list[dict], fmt: str = "auto", subset: str | None = None) 
 
 
 def load_examples(
-    source: str, fmt: str = "auto", split: str = "test", config_name: str | None = None, limit: int | None = None,
+    source: str,
+    fmt: str = "auto",
+    split: str = "test",
+    config_name: str | None = None,
+    limit: int | None = None,
     columns: dict[str, str] | None = None,
 ) -> list[Example]:
     """Read and convert a preference dataset (see the module docstring for the formats).
@@ -159,13 +173,20 @@ def load_examples(
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------------
-def example_logits(model: Any, examples: list[Example], batch_size: int | None = None, orders: str = "both") -> list[np.ndarray | None]:
+def example_logits(
+    model: Any, examples: list[Example], batch_size: int | None = None, orders: str = "both"
+) -> list[np.ndarray | None]:
     """For each example, z of every (chosen, rejected) pair (> 0: chosen wins); None when the judge cannot score it.
 
     `orders="both"`: z = f(x,c,r) - f(x,r,c); `"single"`: f(x,c,r) with the chosen response in slot A.
     """
     from ..core.formats import (
-        CONVERSATION_INSTRUCTION, conversation_triples, pairrm_candidate, pairrm_source, render, render_conversations,
+        CONVERSATION_INSTRUCTION,
+        conversation_triples,
+        pairrm_candidate,
+        pairrm_source,
+        render,
+        render_conversations,
     )
 
     triples, owner = [], []
@@ -175,8 +196,13 @@ def example_logits(model: Any, examples: list[Example], batch_size: int | None =
                 conv_c, conv_r = ex.conversations
                 if model.template == "pairrm":
                     inputs, cands_c, cands_r = render_conversations([conv_c], [conv_r])
-                    new = [(pairrm_source(inputs[0], CONVERSATION_INSTRUCTION), pairrm_candidate(cands_c[0]),
-                            pairrm_candidate(cands_r[0]))]
+                    new = [
+                        (
+                            pairrm_source(inputs[0], CONVERSATION_INSTRUCTION),
+                            pairrm_candidate(cands_c[0]),
+                            pairrm_candidate(cands_r[0]),
+                        )
+                    ]
                 else:
                     new = conversation_triples([conv_c], [conv_r])
             else:
@@ -203,7 +229,9 @@ def example_logits(model: Any, examples: list[Example], batch_size: int | None =
     return out
 
 
-def correctness(logits: list[np.ndarray | None], examples: list[Example], ties: str = "skip", tie_margin: float = 0.0) -> list[float | None]:
+def correctness(
+    logits: list[np.ndarray | None], examples: list[Example], ties: str = "skip", tie_margin: float = 0.0
+) -> list[float | None]:
     """1.0 / 0.0 per example (None: not counted). Non-ties are right when every pair's z > tie_margin (ties="margin")
     or > 0; with ties="margin" a tie is right when every |z| <= tie_margin; with ties="skip" ties are not counted."""
     if ties not in ("skip", "margin"):
@@ -220,7 +248,9 @@ def correctness(logits: list[np.ndarray | None], examples: list[Example], ties: 
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float | None, float | None]:
+def bootstrap_ci(
+    values: np.ndarray, n: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean of `values`; (None, None) when there is none (no values, n == 0)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0 or n <= 0:
@@ -243,7 +273,9 @@ class SubsetResult:
     skipped: int = 0
 
 
-def summarize(correct: list[float | None], examples: list[Example], bootstrap: int = 1000, seed: int = 0) -> list[SubsetResult]:
+def summarize(
+    correct: list[float | None], examples: list[Example], bootstrap: int = 1000, seed: int = 0
+) -> list[SubsetResult]:
     """Agreement per subset (sorted by name), then `macro average` (mean of subsets) and `overall` (all examples).
 
     With a single subset (e.g. data without a `subset` column) there is one row, `overall`: a subset row would
@@ -261,7 +293,9 @@ def summarize(correct: list[float | None], examples: list[Example], bootstrap: i
     for name in names if len(names) > 1 else []:
         values = np.asarray(groups[name])
         mean = float(values.mean()) if len(values) else float("nan")
-        results.append(SubsetResult(name, len(values), mean, *bootstrap_ci(values, bootstrap, seed=seed), skipped[name]))
+        results.append(
+            SubsetResult(name, len(values), mean, *bootstrap_ci(values, bootstrap, seed=seed), skipped[name])
+        )
     scored = [r for r in results if r.n]
     everything = np.asarray([v for vs in groups.values() for v in vs])
     if len(scored) > 1:
@@ -272,10 +306,20 @@ def summarize(correct: list[float | None], examples: list[Example], bootstrap: i
             arrays = [np.asarray(groups[r.name]) for r in scored]
             boots = np.mean([a[rng.integers(0, len(a), size=(bootstrap, len(a)))].mean(axis=1) for a in arrays], axis=0)
             low, high = float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
-        results.append(SubsetResult("macro average", sum(r.n for r in scored), float(np.mean([r.agreement for r in scored])),
-                                    low, high))
-    results.append(SubsetResult("overall", len(everything), float(everything.mean()) if len(everything) else float("nan"),
-                                *bootstrap_ci(everything, bootstrap, seed=seed), sum(skipped.values())))
+        results.append(
+            SubsetResult(
+                "macro average", sum(r.n for r in scored), float(np.mean([r.agreement for r in scored])), low, high
+            )
+        )
+    results.append(
+        SubsetResult(
+            "overall",
+            len(everything),
+            float(everything.mean()) if len(everything) else float("nan"),
+            *bootstrap_ci(everything, bootstrap, seed=seed),
+            sum(skipped.values()),
+        )
+    )
     return results
 
 
@@ -300,8 +344,10 @@ def format_table(results: list[SubsetResult], title: str = "") -> str:
     computed) and the examples not counted (ties, unscorable). Names are escaped (`escape_markdown`)."""
     lines = [f"### {escape_markdown(title)}", ""] if title else []
     with_ci = any(r.low is not None for r in results)
-    lines += ["| Subset | N | Agreement |" + (" 95% CI |" if with_ci else "") + " Skipped |",
-              "|:--|--:|--:|" + (":--:|" if with_ci else "") + "--:|"]
+    lines += [
+        "| Subset | N | Agreement |" + (" 95% CI |" if with_ci else "") + " Skipped |",
+        "|:--|--:|--:|" + (":--:|" if with_ci else "") + "--:|",
+    ]
     for r in results:
         name = f"**{r.name}**" if r.name in SUMMARY_ROWS else escape_markdown(r.name)
         ci = ""

@@ -45,15 +45,29 @@ def example_probability(z: np.ndarray | None, orders: str = "both") -> float | N
     return 1.0 / (1.0 + math.exp(-weakest)) if weakest > -700 else 0.0
 
 
-def prediction_records(examples: Sequence[Example], logits: Sequence[np.ndarray | None],
-                       correct: Sequence[float | None], orders: str = "both", ties: str = "skip",
-                       tie_margin: float = 0.0) -> list[dict[str, Any]]:
+def prediction_records(
+    examples: Sequence[Example],
+    logits: Sequence[np.ndarray | None],
+    correct: Sequence[float | None],
+    orders: str = "both",
+    ties: str = "skip",
+    tie_margin: float = 0.0,
+) -> list[dict[str, Any]]:
     """One JSON-ready record per example, with its texts, so a wrong call can be read (see the module docstring)."""
     return [
-        {"index": k, "subset": ex.subset, "prompt": ex.prompt, "chosen": _one(ex.chosen), "rejected": _one(ex.rejected),
-         "label": "tie" if ex.tie else "chosen", "prediction": prediction(z, ties, tie_margin), "tie": ex.tie,
-         "logits": None if z is None else [float(v) for v in z],
-         "p_chosen": example_probability(z, orders), "correct": c}
+        {
+            "index": k,
+            "subset": ex.subset,
+            "prompt": ex.prompt,
+            "chosen": _one(ex.chosen),
+            "rejected": _one(ex.rejected),
+            "label": "tie" if ex.tie else "chosen",
+            "prediction": prediction(z, ties, tie_margin),
+            "tie": ex.tie,
+            "logits": None if z is None else [float(v) for v in z],
+            "p_chosen": example_probability(z, orders),
+            "correct": c,
+        }
         for k, (ex, z, c) in enumerate(zip(examples, logits, correct))
     ]
 
@@ -81,7 +95,8 @@ def calibration_bins(records: Sequence[dict], bins: int = 10) -> list[dict[str, 
         [{"low", "high", "n", "predicted" (mean p in the bin), "observed" (mean correct)}].
 
     Example:
-        >>> calibration_bins([{"p_chosen": 0.95, "correct": 1.0}, {"p_chosen": 0.91, "correct": 0.0}], bins=10)[0]["observed"]
+        >>> rows = [{"p_chosen": 0.95, "correct": 1.0}, {"p_chosen": 0.91, "correct": 0.0}]
+        >>> calibration_bins(rows, bins=10)[0]["observed"]
         0.5
     """
     counted = [(r["p_chosen"], r["correct"]) for r in records if r["p_chosen"] is not None and r["correct"] is not None]
@@ -90,29 +105,48 @@ def calibration_bins(records: Sequence[dict], bins: int = 10) -> list[dict[str, 
         low, high = b / bins, (b + 1) / bins
         inside = [(p, c) for p, c in counted if low <= p < high or (b == bins - 1 and p == 1.0)]
         if inside:
-            out.append({"low": low, "high": high, "n": len(inside),
-                        "predicted": float(np.mean([p for p, _ in inside])),
-                        "observed": float(np.mean([c for _, c in inside]))})
+            out.append(
+                {
+                    "low": low,
+                    "high": high,
+                    "n": len(inside),
+                    "predicted": float(np.mean([p for p, _ in inside])),
+                    "observed": float(np.mean([c for _, c in inside])),
+                }
+            )
     return out
 
 
-def write_results(output_dir: str | Path, records: Sequence[dict], results: Sequence[SubsetResult],
-                  tables_md: str, summary: dict[str, Any]) -> dict[str, Path]:
+def write_results(
+    output_dir: str | Path,
+    records: Sequence[dict],
+    results: Sequence[SubsetResult],
+    tables_md: str,
+    summary: dict[str, Any],
+) -> dict[str, Path]:
     """Write predictions.jsonl, results.md and results.json into `output_dir`; return the paths by name."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"predictions": folder / "predictions.jsonl", "table": folder / "results.md", "json": folder / "results.json"}
+    paths = {
+        "predictions": folder / "predictions.jsonl",
+        "table": folder / "results.md",
+        "json": folder / "results.json",
+    }
     with paths["predictions"].open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
     paths["table"].write_text(tables_md + "\n")
-    paths["json"].write_text(json.dumps({**summary, "results": [r.__dict__ for r in results],
-                                         "calibration": calibration_bins(records)}, indent=2))
+    paths["json"].write_text(
+        json.dumps(
+            {**summary, "results": [r.__dict__ for r in results], "calibration": calibration_bins(records)}, indent=2
+        )
+    )
     return paths
 
 
-def write_plots(output_dir: str | Path, records: Sequence[dict], results: Sequence[SubsetResult],
-                title: str = "") -> dict[str, Path]:
+def write_plots(
+    output_dir: str | Path, records: Sequence[dict], results: Sequence[SubsetResult], title: str = ""
+) -> dict[str, Path]:
     """calibration.png and subsets.png in `output_dir` ({} with a warning when matplotlib is missing)."""
     try:
         figures = {"calibration": calibration_figure(records, title), "subsets": subsets_figure(results, title)}
@@ -138,10 +172,22 @@ def calibration_figure(records: Sequence[dict], title: str = "") -> Any:
     if bins:
         ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], marker="o", label="judge")
         for b in bins:
-            ax.text((b["low"] + b["high"]) / 2, 0.01, str(b["n"]), transform=ax.get_xaxis_transform(), ha="center",
-                    va="bottom", fontsize=7, color="dimgray")
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.12, 1.06), xlabel="predicted P(chosen)  (grey: examples per bin)",
-           ylabel="observed agreement")
+            ax.text(
+                (b["low"] + b["high"]) / 2,
+                0.01,
+                str(b["n"]),
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="dimgray",
+            )
+    ax.set(
+        xlim=(-0.02, 1.02),
+        ylim=(-0.12, 1.06),
+        xlabel="predicted P(chosen)  (grey: examples per bin)",
+        ylabel="observed agreement",
+    )
     ax.set_title(_wrap(f"Calibration{': ' + title if title else ''}"), fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
     return fig
@@ -159,10 +205,20 @@ def subsets_figure(results: Sequence[SubsetResult], title: str = "") -> Any:
     values = [r.agreement for r in rows]
     errors = None
     if any(r.low is not None for r in rows):
-        errors = np.array([[r.agreement - (r.low if r.low is not None else r.agreement) for r in rows],
-                           [(r.high if r.high is not None else r.agreement) - r.agreement for r in rows]])
-    ax.barh(y, values, height=0.6, xerr=errors, capsize=3,
-            color=["tab:orange" if r.name in SUMMARY_ROWS else "tab:blue" for r in rows])
+        errors = np.array(
+            [
+                [r.agreement - (r.low if r.low is not None else r.agreement) for r in rows],
+                [(r.high if r.high is not None else r.agreement) - r.agreement for r in rows],
+            ]
+        )
+    ax.barh(
+        y,
+        values,
+        height=0.6,
+        xerr=errors,
+        capsize=3,
+        color=["tab:orange" if r.name in SUMMARY_ROWS else "tab:blue" for r in rows],
+    )
     ax.set_yticks(y, [f"{_short(r.name)} (n={r.n}): {r.agreement:.1%}" for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
     ax.set(xlim=(0, 1), xlabel="agreement")
@@ -206,6 +262,7 @@ def push_results(output_dir: str | Path, repo_id: str, private: bool = True, tok
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset",
-                      commit_message="pairrm-rlhf eval results")
+    api.upload_folder(
+        folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset", commit_message="pairrm-rlhf eval results"
+    )
     return f"https://huggingface.co/datasets/{repo_id}"

@@ -33,18 +33,47 @@ from dataclasses import replace
 from .agreement import Example, SubsetResult, summarize
 
 REWARDBENCH_COUNTS = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28, "mt-bench-med": 40,
-    "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92,
-    "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
-    "refusals-dangerous": 100, "refusals-offensive": 100, "xstest-should-refuse": 154, "xstest-should-respond": 250,
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "xstest-should-refuse": 154,
+    "xstest-should-respond": 250,
     "donotanswer": 136,
-    "math-prm": 984, "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+    "math-prm": 984,
+    "hep-cpp": 164,
+    "hep-go": 164,
+    "hep-java": 164,
+    "hep-js": 164,
+    "hep-python": 164,
+    "hep-rust": 164,
 }
 REWARDBENCH_SECTIONS = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
-    "Chat Hard": ("mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"),
-    "Safety": ("refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond", "donotanswer"),
+    "Chat Hard": (
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ),
+    "Safety": (
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ),
     "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
 }
 PRIOR_SETS = ("anthropic_helpful", "anthropic_hhh", "shp", "summarize")
@@ -53,23 +82,70 @@ SECTION_WEIGHTS = {"Chat": 2, "Chat Hard": 2, "Safety": 2, "Reasoning": 2, "Prio
 AUTOJ_GROUPS = {
     "Summarization": ("post_summarization", "text_summarization", "note_summarization"),
     "Exam Questions": ("math_reasoning", "solving_exam_question_with_math", "solving_exam_question_without_math"),
-    "Code": ("code_simplification", "code_generation", "explaining_code", "code_correction_rewriting",
-             "code_to_code_translation"),
-    "Rewriting": ("text_simplification", "language_polishing", "instructional_rewriting", "text_correction",
-                  "paraphrasing"),
-    "Creative Writing": ("writing_song_lyrics", "writing_social_media_post", "writing_blog_post",
-                         "writing_personal_essay", "creative_writing", "writing_advertisement",
-                         "writing_marketing_materials", "writing_presentation_script", "counterfactual"),
-    "Functional Writing": ("writing_product_description", "writing_job_application", "writing_news_article",
-                           "writing_biography", "writing_email", "writing_legal_document",
-                           "writing_technical_document", "writing_scientific_paper", "functional_writing",
-                           "writing_cooking_recipe"),
-    "General Communication": ("asking_how_to_question", "open_question", "analyzing_general", "explaining_general",
-                              "seeking_advice", "recommendation", "value_judgement", "verifying_fact", "chitchat",
-                              "roleplay", "planning", "brainstorming"),
-    "NLP Tasks": ("ranking", "text_to_text_translation", "data_analysis", "classification_identification",
-                  "title_generation", "question_generation", "reading_comprehension", "keywords_extraction",
-                  "information_extraction", "topic_modeling", "others"),
+    "Code": (
+        "code_simplification",
+        "code_generation",
+        "explaining_code",
+        "code_correction_rewriting",
+        "code_to_code_translation",
+    ),
+    "Rewriting": (
+        "text_simplification",
+        "language_polishing",
+        "instructional_rewriting",
+        "text_correction",
+        "paraphrasing",
+    ),
+    "Creative Writing": (
+        "writing_song_lyrics",
+        "writing_social_media_post",
+        "writing_blog_post",
+        "writing_personal_essay",
+        "creative_writing",
+        "writing_advertisement",
+        "writing_marketing_materials",
+        "writing_presentation_script",
+        "counterfactual",
+    ),
+    "Functional Writing": (
+        "writing_product_description",
+        "writing_job_application",
+        "writing_news_article",
+        "writing_biography",
+        "writing_email",
+        "writing_legal_document",
+        "writing_technical_document",
+        "writing_scientific_paper",
+        "functional_writing",
+        "writing_cooking_recipe",
+    ),
+    "General Communication": (
+        "asking_how_to_question",
+        "open_question",
+        "analyzing_general",
+        "explaining_general",
+        "seeking_advice",
+        "recommendation",
+        "value_judgement",
+        "verifying_fact",
+        "chitchat",
+        "roleplay",
+        "planning",
+        "brainstorming",
+    ),
+    "NLP Tasks": (
+        "ranking",
+        "text_to_text_translation",
+        "data_analysis",
+        "classification_identification",
+        "title_generation",
+        "question_generation",
+        "reading_comprehension",
+        "keywords_extraction",
+        "information_extraction",
+        "topic_modeling",
+        "others",
+    ),
 }
 AUTOJ_GROUP_OF = {scenario: group for group, scenarios in AUTOJ_GROUPS.items() for scenario in scenarios}
 SECTION_SCHEMES = ("auto", "rewardbench", "autoj", "none")
@@ -112,8 +188,9 @@ def rewardbench_sections(agreement: Mapping[str, float]) -> dict[str, float | No
     return out
 
 
-def autoj_groups(correct: Sequence[float | None], examples: Sequence[Example], bootstrap: int = 1000,
-                 seed: int = 0) -> list[SubsetResult]:
+def autoj_groups(
+    correct: Sequence[float | None], examples: Sequence[Example], bootstrap: int = 1000, seed: int = 0
+) -> list[SubsetResult]:
     """Agreement per Auto-J scenario group (pooled over its scenarios), then the macro average and overall.
 
     Args:

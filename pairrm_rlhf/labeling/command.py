@@ -88,17 +88,35 @@ class LabelArguments:
     backend: str = field(default="transformers", metadata={"help": "generation backend: transformers or vllm"})
     num_responses: int = field(default=4, metadata={"help": "K responses sampled per prompt (>= 2)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    aggregation: str = field(default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"})
-    strategy: str = field(default="best_vs_worst", metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs or max_min_p"})
-    pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
-    margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"})
-    allow_unfinished_chosen: bool = field(default=False, metadata={
-        "help": "let a response cut at max_new_tokens (no EOS) be chosen"})
-    conversation_format: str = field(default="pairrm", metadata={
-        "help": "single-turn conversations: pairrm (llm-blender's multi-turn format) or plain (user text + bare response, as SPPO labelled)"})
-    len_penalty: float = field(default=0.0, metadata={
-        "help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
-    probability_temperature: float = field(default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"})
+    aggregation: str = field(
+        default="rank", metadata={"help": "response score: rank (reference round-robin), copeland or bradley_terry"}
+    )
+    strategy: str = field(
+        default="best_vs_worst",
+        metadata={"help": "pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs or max_min_p"},
+    )
+    pairs_per_prompt: int | None = field(
+        default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"}
+    )
+    margin_threshold: float = field(
+        default=0.0, metadata={"help": "drop pairs whose score margin is <= this (ties are always dropped)"}
+    )
+    allow_unfinished_chosen: bool = field(
+        default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"}
+    )
+    conversation_format: str = field(
+        default="pairrm",
+        metadata={
+            "help": "single-turn conversations: pairrm (llm-blender's multi-turn format) or plain (user text + bare "
+            "response, as SPPO labelled)"
+        },
+    )
+    len_penalty: float = field(
+        default=0.0, metadata={"help": "max_min_p: score penalty per response character (RLHFlow's --len_penalty)"}
+    )
+    probability_temperature: float = field(
+        default=1.0, metadata={"help": "T of P(A>B) = sigmoid(two-order logit / 2T) in chosen_probs*"}
+    )
     seed: int = field(default=0, metadata={"help": "sampling and best_vs_random seed"})
     output_path: str | None = field(default=None, metadata={"help": "where to write the preference dataset"})
     output_format: str | None = field(
@@ -125,9 +143,14 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
         raise ValueError("--output_path is required")
     if a.policy is None and a.responses_column is None:
         raise ValueError("--policy is required unless --responses_column is given")
-    choices = {"strategy": STRATEGIES, "aggregation": AGGREGATIONS, "backend": BACKENDS,
-               "output_format": OUTPUT_FORMATS, "policy_dtype": POLICY_DTYPES,
-               "conversation_format": CONVERSATION_FORMATS}
+    choices = {
+        "strategy": STRATEGIES,
+        "aggregation": AGGREGATIONS,
+        "backend": BACKENDS,
+        "output_format": OUTPUT_FORMATS,
+        "policy_dtype": POLICY_DTYPES,
+        "conversation_format": CONVERSATION_FORMATS,
+    }
     for name, allowed in choices.items():
         if getattr(a, name) is not None:
             check_choice(f"--{name}", getattr(a, name), allowed)
@@ -205,13 +228,25 @@ def run_label(
     if a.responses_column is None and a.backend == "transformers":
         policy, tokenizer = load_policy(a.policy, a.policy_device or state.device, a.policy_dtype)
     labeler = PreferenceLabeler(
-        pairrm, policy, tokenizer, num_responses=a.num_responses, responses_column=a.responses_column,
-        prompt_column=a.prompt_column, aggregation=a.aggregation, strategy=a.strategy,
-        pairs_per_prompt=a.pairs_per_prompt, margin_threshold=a.margin_threshold,
-        allow_unfinished_chosen=a.allow_unfinished_chosen, len_penalty=a.len_penalty,
+        pairrm,
+        policy,
+        tokenizer,
+        num_responses=a.num_responses,
+        responses_column=a.responses_column,
+        prompt_column=a.prompt_column,
+        aggregation=a.aggregation,
+        strategy=a.strategy,
+        pairs_per_prompt=a.pairs_per_prompt,
+        margin_threshold=a.margin_threshold,
+        allow_unfinished_chosen=a.allow_unfinished_chosen,
+        len_penalty=a.len_penalty,
         conversation_format=a.conversation_format,
-        probability_temperature=a.probability_temperature, seed=a.seed, backend=a.backend, sampling=sampling_args,
-        generation_batch_size=a.generation_batch_size, scoring_batch_size=pairrm_args.pairrm_batch_size,
+        probability_temperature=a.probability_temperature,
+        seed=a.seed,
+        backend=a.backend,
+        sampling=sampling_args,
+        generation_batch_size=a.generation_batch_size,
+        scoring_batch_size=pairrm_args.pairrm_batch_size,
     )
     labeler.policy_name = a.policy  # the name identifies the run, not the in-memory object
     labeler.dataset_name = a.dataset
