@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, lazy_judge, load_policy,
+from _common import (Evaluator, compute_dtype, RecipeArguments, get_peft_config, judge_for, lazy_judge, load_policy,
                      load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, sampling_kwargs,
                      split_eval)
 from trl import GRPOConfig, GRPOTrainer
@@ -68,7 +68,8 @@ def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_ar
                                      temperature=training_args.temperature)
         evaluator = Evaluator(judge or judge_for(script_args, training_args.use_cpu), list(eval_set["prompt"]),
                               list(eval_set["reference"]) if "reference" in eval_set.column_names else None,
-                              sampling, training_args.seed, training_args.output_dir)
+                              sampling, training_args.seed, training_args.output_dir,
+                              dtype=compute_dtype(training_args))
         evaluator(policy, tokenizer, 0)
         policy.train()
     trainer = quiet_log_dicts(GRPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,

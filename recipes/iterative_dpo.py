@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, Evaluator, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
+from _common import (TINY, Evaluator, compute_dtype, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
                      load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, split_eval,
                      warn_half_precision, zero3_enabled)
 from accelerate import PartialState
@@ -136,6 +136,7 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
         generation_batch_size=config.generation_batch_size,
     )
     labeler.policy_name = policy_name
+    labeler.sampler.compute_dtype = compute_dtype(config)  # fp32 masters sample in the run's compute dtype
     work = directory / "pairs.chunks"
     pairs = labeler.label(prompts, work, chunk_size=config.label_chunk_size)
     if config.sppo and config.sppo_probabilities == "authors" and len(pairs):
@@ -226,7 +227,8 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
     evaluator = None
     if len(eval_set):
         references = list(eval_set["reference"]) if "reference" in eval_set.column_names else None
-        evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out))
+        evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out),
+                              dtype=compute_dtype(config))
         if (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
             policy, tokenizer = load_policy(model_args)  # the initial policy, even when resuming
             with gathered(policy.to(state.device)):
