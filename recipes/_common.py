@@ -38,22 +38,22 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from pairrm_rlhf.args import PairRMArguments
-from pairrm_rlhf.core import entry
-from pairrm_rlhf.core.assets import TINY, resolve
+from pairrm_rlhf.core import entry, generation
+from pairrm_rlhf.core.assets import TINY
 from pairrm_rlhf.core.distributed import end_distributed_run
 from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, sample_responses
 from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 
-__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "run_recipe", "quiet_log_dicts", "load_prompt_dataset", "split_eval",
-           "load_policy", "get_peft_config", "sampling_kwargs", "compute_dtype", "generate", "win_rate", "Evaluator", "judge_for",
-           "lazy_judge"]
+__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "run_recipe", "quiet_log_dicts",
+           "load_prompt_dataset", "split_eval", "load_policy", "get_peft_config", "sampling_kwargs", "compute_dtype",
+           "generate", "win_rate", "Evaluator", "evaluate_everywhere", "judge_for", "lazy_judge"]
 
 logger = logging.getLogger("recipes")
 metrics_logger = logging.getLogger("recipes.metrics")
@@ -221,16 +221,13 @@ def split_eval(args: RecipeArguments, data: Dataset) -> tuple[Dataset, Dataset]:
 
 # ---- the policy -----------------------------------------------------------------------------------------------
 def load_policy(model_args: ModelConfig) -> tuple[Any, Any]:
-    """(model, tokenizer) on the CPU in train mode, loaded in `model_args.dtype` (default float32: fp32 masters)."""
-    path = resolve(model_args.model_name_or_path, "policy")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=model_args.model_revision, dtype=model_args.dtype or "float32",
-        attn_implementation=model_args.attn_implementation)
+    """(model, tokenizer) on the CPU in train mode, in `model_args.dtype` (default float32: fp32 masters): the one
+    loader `pairrm_rlhf.core.generation.load_policy` with the `ModelConfig`'s fields."""
+    model, tokenizer = generation.load_policy(
+        model_args.model_name_or_path, "cpu", model_args.dtype or "float32", revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation, train=True)
     warn_half_precision(model, f"dtype={model_args.dtype}")
-    return model.train(), tokenizer
+    return model, tokenizer
 
 
 def warn_half_precision(model: torch.nn.Module, how: str) -> bool:
@@ -353,6 +350,23 @@ def gathered(model: Any):
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         yield model
+
+
+def evaluate_everywhere(evaluator: Evaluator, model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+    """`evaluator(model, ...)` as a multi-process run needs it (collective: every process must call it). Under ZeRO-3
+    every process gathers the parameters and samples (generation needs every rank; the main process writes the files);
+    otherwise the main process samples alone. Every process returns the main process's metrics."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    metrics: list[Any] = [None]
+    if state.is_main_process or zero3_enabled():
+        with gathered(model):
+            metrics = [evaluator(model, tokenizer, step, write=state.is_main_process)]
+    if state.num_processes > 1:
+        metrics = broadcast_object_list(metrics)
+    return metrics[0]
 
 
 def judge_for(script_args: PairRMArguments, use_cpu: bool) -> PairRM:

@@ -50,11 +50,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import torch
-from _common import (TINY, Evaluator, compute_dtype, RecipeArguments, gathered, get_peft_config, judge_for, load_policy,
-                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, split_eval,
-                     warn_half_precision, zero3_enabled)
+from _common import (
+    TINY,
+    Evaluator,
+    RecipeArguments,
+    compute_dtype,
+    evaluate_everywhere,
+    gathered,
+    get_peft_config,
+    judge_for,
+    load_policy,
+    load_prompt_dataset,
+    make_recipe_parser,
+    quiet_log_dicts,
+    run_recipe,
+    split_eval,
+    warn_half_precision,
+    zero3_enabled,
+)
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
@@ -238,16 +252,12 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
 
     def evaluate(model: Any, trainer: Any, iteration: int) -> dict[str, float]:
         """Held-out metrics of the iteration's policy (main process), shared with every process and logged."""
-        metrics = [None]
-        if evaluator is not None and (state.is_main_process or zero3):  # ZeRO-3: every process gathers and samples
-            with gathered(model):
-                result = evaluator(model, trainer.processing_class, iteration, write=state.is_main_process)
-            metrics = [{f"eval/{k}": v for k, v in result.items() if k != "step"}]
         if evaluator is None:
             return {}
-        metrics = broadcast_object_list(metrics) if state.num_processes > 1 else metrics
-        trainer.log(dict(metrics[0]))  # to the configured report_to trackers
-        return metrics[0]
+        result = evaluate_everywhere(evaluator, model, trainer.processing_class, iteration)  # ZeRO-3: every process
+        metrics = {f"eval/{k}": v for k, v in result.items() if k != "step"}
+        trainer.log(dict(metrics))  # to the configured report_to trackers
+        return metrics
 
     for iteration in range(start, config.num_iterations + 1):
         policy, tokenizer = load_policy(dataclasses.replace(model_args, model_name_or_path=current))

@@ -15,6 +15,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig
 from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling.generation import ResponseSampler
+
 from recipe_scripts import recipe
 
 PROMPTS = [[{"role": "user", "content": "Explain the sun."}], [{"role": "user", "content": "Describe the ocean."}]]
@@ -86,3 +87,21 @@ def test_iterative_dpo_labels_in_the_runs_dtype(fp32_policy, hf_model, tmp_path,
         iterative.label(config, 1, Dataset.from_dict({"prompt": PROMPTS}), model, tokenizer, hf_model, "tiny",
                         PartialState(cpu=True), config.sampling())
     assert seen == {torch.bfloat16}
+
+
+def test_one_policy_loader(monkeypatch):
+    """The recipes load their policy through the one loader, `core.generation.load_policy` (issue 21 item 3), with
+    their behaviour kept: train mode, on the CPU, fp32 master weights by default (the tiny policy declares bf16)."""
+    from trl import ModelConfig
+
+    from pairrm_rlhf.core import generation
+
+    calls = []
+    real = generation.load_policy
+    monkeypatch.setattr(generation, "load_policy", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    model, tokenizer = recipe("_common").load_policy(ModelConfig(model_name_or_path="tiny"))
+    assert [a for a, _ in calls] == [("tiny", "cpu", "float32")] and calls[0][1]["train"] is True
+    assert model.training and model.device.type == "cpu" and tokenizer.pad_token is not None
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    sampler_model, _ = real("tiny", "cpu")  # for sampling: eval mode, the checkpoint's dtype
+    assert not sampler_model.training and {p.dtype for p in sampler_model.parameters()} == {torch.bfloat16}

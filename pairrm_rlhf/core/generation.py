@@ -106,16 +106,22 @@ def vllm_sampling_params(sampling: SamplingArguments, n: int, seed: int | None =
     )
 
 
-def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """A causal LM (eval mode, on `device`) and its tokenizer from a hub id or directory; `tiny` is the bundled one."""
+def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None, *,
+                revision: str | None = None, attn_implementation: str | None = None,
+                train: bool = False) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer (pad token = EOS when it has none) from a hub id or directory; `tiny` is the
+    bundled one. The one policy loader: `dtype` None keeps the checkpoint's (`auto`); eval mode on `device` (default:
+    the best available) for sampling, or `train=True` (the recipes: train mode, fp32 masters by their `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = assets.resolve(name, "policy")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype or "auto",
+                                                 attn_implementation=attn_implementation)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device or default_device()).eval(), tokenizer
+    model = model.to(device or default_device())
+    return (model.train() if train else model.eval()), tokenizer
 
 
 def render_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from ..core.generation import (SamplingArguments, build_generation_config, load_policy, render_prompts,
-                               sample_responses)
+from ..core.generation import SamplingArguments, build_generation_config, load_policy, render_prompts, sample_responses
 
 BACKENDS = ("transformers", "vllm")
 
