@@ -76,6 +76,7 @@ from trl import DPOConfig, DPOTrainer
 from pairrm_rlhf.core.entry import check_hub_id
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
+from pairrm_rlhf.labeling.generation import BACKENDS
 from pairrm_rlhf.labeling.store import remove_store
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPO_PROBABILITIES, SPPOTrainer, authors_probabilities
@@ -110,6 +111,9 @@ class IterativeDPOConfig(DPOConfig):
     min_p: float | None = field(default=None, metadata={"help": "min-p sampling (default 0: off)"})
     repetition_penalty: float | None = field(default=None, metadata={"help": "repetition penalty (default 1.0: off)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
+    sampling_backend: str = field(default="transformers", metadata={
+        "help": "labeling samples with transformers (the policy being trained) or vllm (a vllm.LLM of the "
+                "iteration's saved policy, as uclaml/SPPO's scripts/generate.py)"})
     aggregation: str = field(default="rank", metadata={"help": "labeler score: rank, copeland or bradley_terry"})
     strategy: str = field(default="best_vs_worst", metadata={"help": "labeler pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs"})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
@@ -123,7 +127,8 @@ class IterativeDPOConfig(DPOConfig):
     dataset_hub_private: bool = field(default=True, metadata={"help": "push the pairs as a private dataset"})
 
     def __post_init__(self):
-        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES)):
+        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES),
+                              ("sampling_backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         super().__post_init__()
@@ -143,14 +148,17 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     if (saved / "dataset_info.json").exists():
         logger.info("iteration %d: reusing the labeled pairs in %s", iteration, saved)
         return load_from_disk(str(saved))
+    vllm = config.sampling_backend == "vllm"  # vLLM loads the saved policy itself (its path: policy_name)
     labeler = PreferenceLabeler(
-        pairrm, policy, tokenizer, num_responses=config.num_responses, aggregation=config.aggregation,
+        pairrm, policy_name if vllm else policy, None if vllm else tokenizer, backend=config.sampling_backend,
+        num_responses=config.num_responses, aggregation=config.aggregation,
         strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
         seed=config.seed + iteration, sampling=sampling,
         generation_batch_size=config.generation_batch_size,
     )
     labeler.policy_name = policy_name
-    labeler.sampler.compute_dtype = compute_dtype(config)  # fp32 masters sample in the run's compute dtype
+    if not vllm:
+        labeler.sampler.compute_dtype = compute_dtype(config)  # fp32 masters sample in the run's compute dtype
     work = directory / "pairs.chunks"
     pairs = labeler.label(prompts, work, chunk_size=config.label_chunk_size)
     if config.sppo and config.sppo_probabilities == "authors" and len(pairs):

@@ -105,3 +105,41 @@ def test_one_policy_loader(monkeypatch):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     sampler_model, _ = real("tiny", "cpu")  # for sampling: eval mode, the checkpoint's dtype
     assert not sampler_model.training and {p.dtype for p in sampler_model.parameters()} == {torch.bfloat16}
+
+
+def test_sppo_config_samples_as_the_authors_with_vllm(hf_model, tmp_path, monkeypatch):
+    """`iterative_dpo_sppo` labels through vLLM with uclaml/SPPO's scripts/generate.py sampling: temperature 0.7,
+    top_p 0.9, max_tokens 2048, K = 5 (they call generate 5 times with n=1; one call with n=5 is the same sampling).
+    vLLM is not installed here: a stand-in module records the exact `SamplingParams` and `LLM` arguments."""
+    import sys
+    import types
+
+    from accelerate import PartialState
+    from datasets import Dataset
+
+    built = {}
+    module = types.ModuleType("vllm")
+    module.SamplingParams = lambda **kwargs: types.SimpleNamespace(kwargs=kwargs)
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            built["model"] = model
+
+        def chat(self, conversations, params, use_tqdm=True):
+            built["params"] = params.kwargs
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"answer {i}" * (i + 1))
+                                                   for i in range(params.kwargs["n"])]) for _ in conversations]
+
+    module.LLM = LLM
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    iterative = recipe("iterative_dpo")
+    _, config, _ = recipe("_common").parse(iterative.make_parser(), [
+        "--config", "iterative_dpo_sppo", "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
+    assert config.sampling_backend == "vllm"
+    pairs = iterative.label(config, 1, Dataset.from_dict({"prompt": PROMPTS}), None, None, hf_model,
+                            "Qwen/Qwen2.5-0.5B-Instruct", PartialState(cpu=True), config.sampling())
+    assert built["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and len(pairs) == 2
+    params = dict(built["params"])
+    params.pop("seed")
+    assert params == {"n": 5, "max_tokens": 2048, "stop": None, "temperature": 0.7, "top_p": 0.9, "top_k": -1,
+                      "min_p": 0.0, "repetition_penalty": 1.0}
