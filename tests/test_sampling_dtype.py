@@ -55,8 +55,9 @@ def test_evaluation_samples_in_bf16_under_a_bf16_run(fp32_policy, tmp_path):
     model, tokenizer = fp32_policy
     common = recipe("_common")
     sampling = SamplingArguments(max_new_tokens=4)
+    dtype = common.compute_dtype(bf16_run_config(tmp_path))
     with matmul_dtypes(model) as seen:
-        common.generate(model, tokenizer, PROMPTS, sampling, seed=0, dtype=common.compute_dtype(bf16_run_config(tmp_path)))
+        common.generate(model, tokenizer, PROMPTS, sampling, seed=0, dtype=dtype)
     assert seen == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
     with matmul_dtypes(model) as seen:  # a run without bf16 samples in the weights' dtype
