@@ -15,7 +15,9 @@ logs a warning: AdamW updates below bf16's resolution (~0.4% of a weight) are lo
 Sampling: every generation (TRL trainers' rollouts, PPO, labeling, evaluation) uses one explicit `GenerationConfig`
 built by `pairrm_rlhf.core.generation.build_generation_config` from the config's own fields; an unset field is
 neutral (no top-k/top-p/min-p, no penalty), or the checkpoint's `generation_config` value with
-`use_checkpoint_sampling: true`.
+`use_checkpoint_sampling: true`. Labeling and evaluation sample in the run's compute dtype (`compute_dtype`: autocast
+to bf16 over the fp32 masters with `bf16: true`), through `core.generation.sample_responses`, and evaluate on every
+process (`evaluate_everywhere`: under ZeRO-3 each one gathers the parameters and samples).
 
 On a machine without CUDA the parser defaults to `use_cpu: true, bf16: false` (a config or flag still wins).
 """
