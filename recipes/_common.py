@@ -15,7 +15,9 @@ logs a warning: AdamW updates below bf16's resolution (~0.4% of a weight) are lo
 Sampling: every generation (TRL trainers' rollouts, PPO, labeling, evaluation) uses one explicit `GenerationConfig`
 built by `pairrm_rlhf.core.generation.build_generation_config` from the config's own fields; an unset field is
 neutral (no top-k/top-p/min-p, no penalty), or the checkpoint's `generation_config` value with
-`use_checkpoint_sampling: true`.
+`use_checkpoint_sampling: true`. Labeling and evaluation sample in the run's compute dtype (`compute_dtype`: autocast
+to bf16 over the fp32 masters with `bf16: true`), through `core.generation.sample_responses`, and evaluate on every
+process (`evaluate_everywhere`: under ZeRO-3 each one gathers the parameters and samples).
 
 On a machine without CUDA the parser defaults to `use_cpu: true, bf16: false` (a config or flag still wins).
 """
@@ -38,23 +40,23 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from pairrm_rlhf.args import PairRMArguments
-from pairrm_rlhf.core import entry
-from pairrm_rlhf.core.assets import TINY, resolve
+from pairrm_rlhf.core import entry, generation
+from pairrm_rlhf.core.assets import TINY
 from pairrm_rlhf.core.distributed import end_distributed_run
-from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, render_prompts
+from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, sample_responses
 from pairrm_rlhf.evaluation.length import length_controlled_win_rate
 from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 
-__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "run_recipe", "quiet_log_dicts", "load_prompt_dataset", "split_eval",
-           "load_policy", "get_peft_config", "sampling_kwargs", "generate", "win_rate", "Evaluator", "judge_for",
-           "lazy_judge"]
+__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "run_recipe", "quiet_log_dicts",
+           "load_prompt_dataset", "split_eval", "load_policy", "get_peft_config", "sampling_kwargs", "compute_dtype",
+           "generate", "win_rate", "Evaluator", "evaluate_everywhere", "judge_for", "lazy_judge"]
 
 logger = logging.getLogger("recipes")
 metrics_logger = logging.getLogger("recipes.metrics")
@@ -222,16 +224,13 @@ def split_eval(args: RecipeArguments, data: Dataset) -> tuple[Dataset, Dataset]:
 
 # ---- the policy -----------------------------------------------------------------------------------------------
 def load_policy(model_args: ModelConfig) -> tuple[Any, Any]:
-    """(model, tokenizer) on the CPU in train mode, loaded in `model_args.dtype` (default float32: fp32 masters)."""
-    path = resolve(model_args.model_name_or_path, "policy")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=model_args.model_revision, dtype=model_args.dtype or "float32",
-        attn_implementation=model_args.attn_implementation)
+    """(model, tokenizer) on the CPU in train mode, in `model_args.dtype` (default float32: fp32 masters): the one
+    loader `pairrm_rlhf.core.generation.load_policy` with the `ModelConfig`'s fields."""
+    model, tokenizer = generation.load_policy(
+        model_args.model_name_or_path, "cpu", model_args.dtype or "float32", revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation, train=True)
     warn_half_precision(model, f"dtype={model_args.dtype}")
-    return model.train(), tokenizer
+    return model, tokenizer
 
 
 def warn_half_precision(model: torch.nn.Module, how: str) -> bool:
@@ -259,26 +258,27 @@ def sampling_kwargs(training_args: Any, model: Any, tokenizer: Any, script_args:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
+def compute_dtype(training_args: Any) -> torch.dtype | None:
+    """The dtype the run computes in: bfloat16 with `bf16: true`, float16 with `fp16: true`, else None (the weights').
+    Sampling for labeling and evaluation uses it too, so fp32 master weights never sample in fp32 on a bf16 run."""
+    if getattr(training_args, "bf16", False):
+        return torch.bfloat16
+    return torch.float16 if getattr(training_args, "fp16", False) else None
+
+
 def generate(model: Any, tokenizer: Any, prompts: list, sampling: SamplingArguments, *, seed: int,
-             batch_size: int = 32) -> list[str]:
-    """One sampled response per prompt with an explicit GenerationConfig, reproducible under `seed`."""
+             batch_size: int = 32, dtype: torch.dtype | None = None) -> list[str]:
+    """One sampled response per prompt (`core.generation.sample_responses`), reproducible under `seed`, computed in
+    `dtype` (autocast; None: the weights' dtype)."""
     model.eval()
     config = build_generation_config(model, tokenizer, sampling)
-    out: list[str] = []
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-            torch.manual_seed(seed)
-            for s in range(0, len(prompts), batch_size):
-                part = prompts[s : s + batch_size]
-                enc = tokenizer(render_prompts(tokenizer, part), return_tensors="pt", padding=True,
-                                add_special_tokens=isinstance(part[0], str)).to(device)
-                ids = model.generate(**enc, generation_config=config)
-                out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    out: list[str] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for s in range(0, len(prompts), batch_size):
+            out += [r[0] for r in sample_responses(model, tokenizer, prompts[s : s + batch_size], 1,
+                                                   generation_config=config, compute_dtype=dtype)]
     return out
 
 
@@ -298,8 +298,9 @@ class Evaluator:
     table `eval_completions.jsonl` in `output_dir`. Sampling runs under a forked RNG (training is unchanged)."""
 
     def __init__(self, judge: PairRM, prompts: list, references: list[str] | None, sampling: SamplingArguments,
-                 seed: int, output_dir: str):
+                 seed: int, output_dir: str, dtype: torch.dtype | None = None):
         self.judge, self.prompts, self.references, self.sampling, self.seed = judge, prompts, references, sampling, seed
+        self.dtype = dtype  # the run's compute dtype (`compute_dtype`): sampling runs under autocast to it
         self.output_dir, self.before, self.history = output_dir, None, []
         history_file = os.path.join(output_dir, "eval_metrics.json")
         if os.path.exists(history_file):  # a resumed run continues the history
@@ -308,7 +309,7 @@ class Evaluator:
 
     def __call__(self, model: Any, tokenizer: Any, step: int, write: bool = True) -> dict[str, float]:
         """The metrics of `model` at `step`; `write=False` (the other processes under ZeRO-3) skips the files."""
-        samples = generate(model, tokenizer, self.prompts, self.sampling, seed=self.seed)
+        samples = generate(model, tokenizer, self.prompts, self.sampling, seed=self.seed, dtype=self.dtype)
         before_file = os.path.join(self.output_dir, "eval_before.json")
         if self.before is None and os.path.exists(before_file):  # a resumed run keeps the initial policy's samples
             with open(before_file) as f:
@@ -355,6 +356,23 @@ def gathered(model: Any):
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         yield model
+
+
+def evaluate_everywhere(evaluator: Evaluator, model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+    """`evaluator(model, ...)` as a multi-process run needs it (collective: every process must call it). Under ZeRO-3
+    every process gathers the parameters and samples (generation needs every rank; the main process writes the files);
+    otherwise the main process samples alone. Every process returns the main process's metrics."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    metrics: list[Any] = [None]
+    if state.is_main_process or zero3_enabled():
+        with gathered(model):
+            metrics = [evaluator(model, tokenizer, step, write=state.is_main_process)]
+    if state.num_processes > 1:
+        metrics = broadcast_object_list(metrics)
+    return metrics[0]
 
 
 def judge_for(script_args: PairRMArguments, use_cpu: bool) -> PairRM:

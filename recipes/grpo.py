@@ -20,9 +20,22 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Evaluator, RecipeArguments, get_peft_config, judge_for, lazy_judge, load_policy,
-                     load_prompt_dataset, make_recipe_parser, quiet_log_dicts, run_recipe, sampling_kwargs,
-                     split_eval)
+from _common import (
+    Evaluator,
+    RecipeArguments,
+    compute_dtype,
+    evaluate_everywhere,
+    get_peft_config,
+    judge_for,
+    lazy_judge,
+    load_policy,
+    load_prompt_dataset,
+    make_recipe_parser,
+    quiet_log_dicts,
+    run_recipe,
+    sampling_kwargs,
+    split_eval,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from pairrm_rlhf.core.generation import SamplingArguments
@@ -30,7 +43,6 @@ from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.core.formats import CONVERSATION_FORMATS
 from pairrm_rlhf.trl.rewards import (REWARD_MODES, REWARD_OUTPUTS, AsyncPairwiseReward, PairwiseReward,
                                      policy_eos_token_ids)
-
 
 
 @dataclass
@@ -81,15 +93,16 @@ def main(script_args: RecipeArguments, training_args: GRPORecipeConfig, model_ar
                                      temperature=training_args.temperature)
         evaluator = Evaluator(judge or judge_for(script_args, training_args.use_cpu), list(eval_set["prompt"]),
                               list(eval_set["reference"]) if "reference" in eval_set.column_names else None,
-                              sampling, training_args.seed, training_args.output_dir)
-        evaluator(policy, tokenizer, 0)
+                              sampling, training_args.seed, training_args.output_dir,
+                              dtype=compute_dtype(training_args))
+        evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0)
         policy.train()
     trainer = quiet_log_dicts(GRPOTrainer(model=policy, reward_funcs=[reward], args=training_args, train_dataset=train_set,
                                           processing_class=tokenizer, peft_config=get_peft_config(model_args)))
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    if evaluator is not None and trainer.is_world_process_zero():
-        evaluator(trainer.model, tokenizer, trainer.state.global_step)
+    if evaluator is not None:  # every process: under ZeRO-3 each gathers the parameters and samples
+        evaluate_everywhere(evaluator, trainer.model, tokenizer, trainer.state.global_step)
     key = f"rewards/{reward.__name__}/mean"
     logs = [log for log in trainer.state.log_history if key in log]
     if trainer.is_world_process_zero() and logs:

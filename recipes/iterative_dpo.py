@@ -56,6 +56,8 @@ from _common import (
     TINY,
     Evaluator,
     RecipeArguments,
+    compute_dtype,
+    evaluate_everywhere,
     gathered,
     get_peft_config,
     judge_for,
@@ -69,7 +71,6 @@ from _common import (
     zero3_enabled,
 )
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
@@ -78,6 +79,7 @@ from pairrm_rlhf.core.entry import check_hub_id
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.core.identity import check_run_identity
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
+from pairrm_rlhf.labeling.generation import BACKENDS
 from pairrm_rlhf.labeling.store import remove_store
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPO_PROBABILITIES, SPPOTrainer, authors_probabilities
@@ -112,6 +114,9 @@ class IterativeDPOConfig(DPOConfig):
     min_p: float | None = field(default=None, metadata={"help": "min-p sampling (default 0: off)"})
     repetition_penalty: float | None = field(default=None, metadata={"help": "repetition penalty (default 1.0: off)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
+    sampling_backend: str = field(default="transformers", metadata={
+        "help": "labeling samples with transformers (the policy being trained) or vllm (a vllm.LLM of the "
+                "iteration's saved policy, as uclaml/SPPO's scripts/generate.py)"})
     aggregation: str = field(default="rank", metadata={"help": "labeler score: rank, copeland or bradley_terry"})
     strategy: str = field(default="best_vs_worst", metadata={"help": "labeler pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs"})
     pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
@@ -131,7 +136,8 @@ class IterativeDPOConfig(DPOConfig):
     dataset_hub_private: bool = field(default=True, metadata={"help": "push the pairs as a private dataset"})
 
     def __post_init__(self):
-        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES)):
+        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES),
+                              ("sampling_backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         super().__post_init__()
@@ -151,8 +157,10 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     if (saved / "dataset_info.json").exists():
         logger.info("iteration %d: reusing the labeled pairs in %s", iteration, saved)
         return load_from_disk(str(saved))
+    vllm = config.sampling_backend == "vllm"  # vLLM loads the saved policy itself (its path: policy_name)
     labeler = PreferenceLabeler(
-        pairrm, policy, tokenizer, num_responses=config.num_responses, aggregation=config.aggregation,
+        pairrm, policy_name if vllm else policy, None if vllm else tokenizer, backend=config.sampling_backend,
+        num_responses=config.num_responses, aggregation=config.aggregation,
         strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
         allow_unfinished_chosen=config.allow_unfinished_chosen, len_penalty=config.len_penalty,
         conversation_format=config.conversation_format,
@@ -160,6 +168,8 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
         generation_batch_size=config.generation_batch_size,
     )
     labeler.policy_name = policy_name
+    if not vllm:
+        labeler.sampler.compute_dtype = compute_dtype(config)  # fp32 masters sample in the run's compute dtype
     work = directory / "pairs.chunks"
     pairs = labeler.label(prompts, work, chunk_size=config.label_chunk_size)
     if config.sppo and config.sppo_probabilities == "authors" and len(pairs):
@@ -279,7 +289,8 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
     evaluator = None
     if len(eval_set):
         references = list(eval_set["reference"]) if "reference" in eval_set.column_names else None
-        evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out))
+        evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out),
+                              dtype=compute_dtype(config))
         if (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
             policy, tokenizer = load_policy(model_args)  # the initial policy, even when resuming
             with gathered(policy.to(state.device)):
@@ -289,16 +300,12 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
 
     def evaluate(model: Any, trainer: Any, iteration: int) -> dict[str, float]:
         """Held-out metrics of the iteration's policy (main process), shared with every process and logged."""
-        metrics = [None]
-        if evaluator is not None and (state.is_main_process or zero3):  # ZeRO-3: every process gathers and samples
-            with gathered(model):
-                result = evaluator(model, trainer.processing_class, iteration, write=state.is_main_process)
-            metrics = [{f"eval/{k}": v for k, v in result.items() if k != "step"}]
         if evaluator is None:
             return {}
-        metrics = broadcast_object_list(metrics) if state.num_processes > 1 else metrics
-        trainer.log(dict(metrics[0]))  # to the configured report_to trackers
-        return metrics[0]
+        result = evaluate_everywhere(evaluator, model, trainer.processing_class, iteration)  # ZeRO-3: every process
+        metrics = {f"eval/{k}": v for k, v in result.items() if k != "step"}
+        trainer.log(dict(metrics))  # to the configured report_to trackers
+        return metrics
 
     for iteration in range(start, config.num_iterations + 1):
         policy, tokenizer = load_policy(dataclasses.replace(model_args, model_name_or_path=current))

@@ -10,6 +10,7 @@ always come from the checkpoint and tokenizer. The vLLM backend gets the same pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,22 +107,38 @@ def vllm_sampling_params(sampling: SamplingArguments, n: int, seed: int | None =
     )
 
 
-def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """A causal LM (eval mode, on `device`) and its tokenizer from a hub id or directory; `tiny` is the bundled one."""
+def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None, *,
+                revision: str | None = None, attn_implementation: str | None = None,
+                train: bool = False) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer (pad token = EOS when it has none) from a hub id or directory; `tiny` is the
+    bundled one. The one policy loader: `dtype` None keeps the checkpoint's (`auto`); eval mode on `device` (default:
+    the best available) for sampling, or `train=True` (the recipes: train mode, fp32 masters by their `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = assets.resolve(name, "policy")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype or "auto",
+                                                 attn_implementation=attn_implementation)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device or default_device()).eval(), tokenizer
+    model = model.to(device or default_device())
+    return (model.train() if train else model.eval()), tokenizer
 
 
 def render_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:
     """Prompt texts: strings as they are, message lists through the tokenizer's chat template (generation prompt;
     bounded: `templates.render_chat`)."""
     return [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
+
+
+def compute_context(model: Any, compute_dtype: torch.dtype | None) -> Any:
+    """Autocast to `compute_dtype` on the model's device, so fp32 master weights sample with bf16 matmuls (a run with
+    `bf16: true`); nothing when `compute_dtype` is None or already the weights' dtype."""
+    device = getattr(model, "device", torch.device("cpu"))
+    weights = next(iter(model.parameters()), None)
+    if compute_dtype is None or (weights is not None and weights.dtype == compute_dtype):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
 
 
 def sample_responses(
@@ -131,11 +148,14 @@ def sample_responses(
     n: int,
     sampling: SamplingArguments | None = None,
     generation_config: Any = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
     **sampling_fields: Any,
 ) -> list[list[str]]:
     """`n` responses per prompt (strings, or message lists rendered with the chat template), decoded without special
     tokens. The generation config is `generation_config`, else built from `sampling`, else from `sampling_fields`
-    (`SamplingArguments` fields such as `temperature=0.7`, `max_new_tokens=64`).
+    (`SamplingArguments` fields such as `temperature=0.7`, `max_new_tokens=64`). `compute_dtype` (e.g. bfloat16 for a
+    `bf16: true` run): the forwards run under autocast to it (`compute_context`).
     """
     if sum(x is not None and x != {} for x in (sampling, generation_config, sampling_fields)) > 1:
         raise ValueError("give one of sampling, generation_config or SamplingArguments fields, not several")
@@ -159,7 +179,7 @@ def sample_responses(
         tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token
     enc = {k: v.to(model.device) for k, v in enc.items()}
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
-    with torch.inference_mode():
+    with torch.inference_mode(), compute_context(model, compute_dtype):
         out = model.generate(**enc, generation_config=config, **extra)
     generated = out[:, enc["input_ids"].shape[1] :]
     decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -38,6 +38,8 @@ class ResponseSampler:
         sampling: how to sample (default `SamplingArguments()`: temperature 1, no filtering, 256 new tokens).
         backend: `transformers` or `vllm`.
         batch_size: prompts per `generate` call (transformers).
+        compute_dtype: the dtype the forwards compute in (transformers; autocast, e.g. bfloat16 for fp32 master
+            weights of a `bf16: true` run); None: the weights' own.
 
     Example:
         >>> sampler = ResponseSampler("tiny", num_responses=2, sampling=SamplingArguments(max_new_tokens=4))
@@ -54,6 +56,7 @@ class ResponseSampler:
         sampling: SamplingArguments | None = None,
         backend: str = "transformers",
         batch_size: int = 16,
+        compute_dtype: torch.dtype | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -65,6 +68,7 @@ class ResponseSampler:
         self.sampling = sampling or SamplingArguments()
         self.backend = backend
         self.batch_size = batch_size
+        self.compute_dtype = compute_dtype
         self.name = policy if isinstance(policy, str) else _name_of(policy)
         if backend == "vllm":
             self.policy, self.tokenizer = (load_vllm(policy) if isinstance(policy, str) else policy), None
@@ -135,8 +139,8 @@ class ResponseSampler:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 responses += sample_responses(
-                    self.policy, self.tokenizer, batch, self.num_responses, generation_config=config
-                )
+                    self.policy, self.tokenizer, batch, self.num_responses, generation_config=config,
+                    compute_dtype=self.compute_dtype)
         return responses
 
     def _generate_vllm(self, prompts: list[Any], seed: int) -> list[list[str]]:
