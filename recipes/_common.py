@@ -54,9 +54,26 @@ from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 
-__all__ = ["RecipeArguments", "TINY", "make_recipe_parser", "parse", "run_recipe", "quiet_log_dicts",
-           "load_prompt_dataset", "split_eval", "load_policy", "get_peft_config", "sampling_kwargs", "compute_dtype",
-           "generate", "win_rate", "Evaluator", "evaluate_everywhere", "judge_for", "lazy_judge"]
+__all__ = [
+    "RecipeArguments",
+    "TINY",
+    "make_recipe_parser",
+    "parse",
+    "run_recipe",
+    "quiet_log_dicts",
+    "load_prompt_dataset",
+    "split_eval",
+    "load_policy",
+    "get_peft_config",
+    "sampling_kwargs",
+    "compute_dtype",
+    "generate",
+    "win_rate",
+    "Evaluator",
+    "evaluate_everywhere",
+    "judge_for",
+    "lazy_judge",
+]
 
 logger = logging.getLogger("recipes")
 metrics_logger = logging.getLogger("recipes.metrics")
@@ -66,19 +83,26 @@ metrics_logger = logging.getLogger("recipes.metrics")
 class RecipeArguments(PairRMArguments):
     """Script arguments shared by every recipe: the judge (PairRMArguments), the prompts, the sampling opt-in."""
 
-    dataset_name: str = field(default=TINY, metadata={
-        "help": "prompts: hub id, save_to_disk dir, .jsonl/.parquet file; 'tiny' = the 32 bundled prompts"})
+    dataset_name: str = field(
+        default=TINY,
+        metadata={"help": "prompts: hub id, save_to_disk dir, .jsonl/.parquet file; 'tiny' = the 32 bundled prompts"},
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
     dataset_train_split: str = field(default="train", metadata={"help": "dataset split"})
     prompt_column: str = field(default="prompt", metadata={"help": "column with prompts (strings or message lists)"})
-    reference_column: str | None = field(default="reference", metadata={
-        "help": "column with reference responses (string or messages; None: no references)"})
+    reference_column: str | None = field(
+        default="reference",
+        metadata={"help": "column with reference responses (string or messages; None: no references)"},
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    eval_prompts: int = field(default=0, metadata={
-        "help": "hold out the last N prompts (at most a quarter) for evaluation; 0: no evaluation"})
+    eval_prompts: int = field(
+        default=0, metadata={"help": "hold out the last N prompts (at most a quarter) for evaluation; 0: no evaluation"}
+    )
     conversational: bool = field(default=True, metadata={"help": "wrap string prompts as one user message"})
-    use_checkpoint_sampling: bool = field(default=False, metadata={
-        "help": "sampling fields left unset come from the checkpoint's generation_config (default: neutral)"})
+    use_checkpoint_sampling: bool = field(
+        default=False,
+        metadata={"help": "sampling fields left unset come from the checkpoint's generation_config (default: neutral)"},
+    )
 
 
 def make_recipe_parser(training_class: type, script_class: type = RecipeArguments) -> TrlParser:
@@ -117,6 +141,7 @@ def run_recipe(make_parser: Any, main: Any, interrupted: str | None = None) -> N
     (`pairrm_rlhf.core.entry.run_command`: one log handler, a user error in one line with exit code 2, Ctrl-C with
     130; then `end_distributed_run`, the orderly end of a multi-process run). Known third-party noise is silenced
     first (`quiet_known_output`)."""
+
     def command() -> None:
         script_args, training_args, model_args = parse(make_parser())
         check_environment(script_args, model_args)
@@ -144,8 +169,11 @@ def quiet_known_output() -> None:
     """
     if not torch.accelerator.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    warnings.filterwarnings("ignore", message=r"`(is_gradient_checkpointing|gradient_checkpointing_(en|dis)able)` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`(is_gradient_checkpointing|gradient_checkpointing_(en|dis)able)` is deprecated",
+        category=FutureWarning,
+    )
     shared = logging.getLogger("accelerate.utils.other")
     if _not_removed_shared_tensor not in shared.filters:
         shared.addFilter(_not_removed_shared_tensor)
@@ -194,12 +222,16 @@ def load_prompt_dataset(args: RecipeArguments, *, need_reference: bool = False) 
     if args.max_prompts is not None:
         data = data.select(range(min(args.max_prompts, len(data))))
     if args.prompt_column not in data.column_names:
-        raise ValueError(f"--prompt_column: dataset {args.dataset_name!r} has no column {args.prompt_column!r} "
-                         f"(columns: {data.column_names})")
+        raise ValueError(
+            f"--prompt_column: dataset {args.dataset_name!r} has no column {args.prompt_column!r} "
+            f"(columns: {data.column_names})"
+        )
     has_reference = args.reference_column is not None and args.reference_column in data.column_names
     if need_reference and not has_reference:
-        raise ValueError(f"--reference_column: this recipe needs reference responses; dataset {args.dataset_name!r} "
-                         f"has no column {args.reference_column!r} (columns: {data.column_names})")
+        raise ValueError(
+            f"--reference_column: this recipe needs reference responses; dataset {args.dataset_name!r} "
+            f"has no column {args.reference_column!r} (columns: {data.column_names})"
+        )
     keep = [args.prompt_column] + ([args.reference_column] if has_reference else [])
 
     def convert(row: dict) -> dict:
@@ -227,8 +259,13 @@ def load_policy(model_args: ModelConfig) -> tuple[Any, Any]:
     """(model, tokenizer) on the CPU in train mode, in `model_args.dtype` (default float32: fp32 masters): the one
     loader `pairrm_rlhf.core.generation.load_policy` with the `ModelConfig`'s fields."""
     model, tokenizer = generation.load_policy(
-        model_args.model_name_or_path, "cpu", model_args.dtype or "float32", revision=model_args.model_revision,
-        attn_implementation=model_args.attn_implementation, train=True)
+        model_args.model_name_or_path,
+        "cpu",
+        model_args.dtype or "float32",
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        train=True,
+    )
     warn_half_precision(model, f"dtype={model_args.dtype}")
     return model, tokenizer
 
@@ -237,24 +274,31 @@ def warn_half_precision(model: torch.nn.Module, how: str) -> bool:
     """Warn (and return True) when trainable parameters are not float32."""
     half = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
     if half:
-        logger.warning("training %s weights directly (%s): AdamW updates below their resolution are lost. "
-                       "The default dtype float32 keeps fp32 master weights; `bf16: true` still computes in bf16.",
-                       "/".join(half), how)
+        logger.warning(
+            "training %s weights directly (%s): AdamW updates below their resolution are lost. "
+            "The default dtype float32 keeps fp32 master weights; `bf16: true` still computes in bf16.",
+            "/".join(half),
+            how,
+        )
     return bool(half)
 
 
 def sampling_kwargs(training_args: Any, model: Any, tokenizer: Any, script_args: RecipeArguments) -> dict[str, Any]:
     """Every sampling field for a TRL trainer's `generation_kwargs`: the config's own values, unset ones neutral (or
     the checkpoint's with `use_checkpoint_sampling`), so the checkpoint's generation_config cannot change them."""
-    length = getattr(training_args, "max_completion_length", None) or getattr(training_args, "max_new_tokens")
+    length = getattr(training_args, "max_completion_length", None) or training_args.max_new_tokens
     sampling = SamplingArguments(
-        max_new_tokens=length, temperature=training_args.temperature, top_p=training_args.top_p,
-        top_k=training_args.top_k, min_p=training_args.min_p, repetition_penalty=training_args.repetition_penalty,
-        use_checkpoint_sampling=script_args.use_checkpoint_sampling)
+        max_new_tokens=length,
+        temperature=training_args.temperature,
+        top_p=training_args.top_p,
+        top_k=training_args.top_k,
+        min_p=training_args.min_p,
+        repetition_penalty=training_args.repetition_penalty,
+        use_checkpoint_sampling=script_args.use_checkpoint_sampling,
+    )
     config = build_generation_config(model, tokenizer, sampling)
     names = list(NEUTRAL) + ([] if getattr(training_args, "use_vllm", False) else list(OFF))  # vLLM: its own names
     return {**{k: getattr(config, k) for k in names}, **(training_args.generation_kwargs or {})}
-
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -266,8 +310,16 @@ def compute_dtype(training_args: Any) -> torch.dtype | None:
     return torch.float16 if getattr(training_args, "fp16", False) else None
 
 
-def generate(model: Any, tokenizer: Any, prompts: list, sampling: SamplingArguments, *, seed: int,
-             batch_size: int = 32, dtype: torch.dtype | None = None) -> list[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list,
+    sampling: SamplingArguments,
+    *,
+    seed: int,
+    batch_size: int = 32,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
     """One sampled response per prompt (`core.generation.sample_responses`), reproducible under `seed`, computed in
     `dtype` (autocast; None: the weights' dtype)."""
     model.eval()
@@ -277,8 +329,12 @@ def generate(model: Any, tokenizer: Any, prompts: list, sampling: SamplingArgume
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for s in range(0, len(prompts), batch_size):
-            out += [r[0] for r in sample_responses(model, tokenizer, prompts[s : s + batch_size], 1,
-                                                   generation_config=config, compute_dtype=dtype)]
+            out += [
+                r[0]
+                for r in sample_responses(
+                    model, tokenizer, prompts[s : s + batch_size], 1, generation_config=config, compute_dtype=dtype
+                )
+            ]
     return out
 
 
@@ -288,8 +344,12 @@ def win_rate(pairrm: PairRM, prompts: list, first: list[str], second: list[str])
     z = PairRMJudge(pairrm).two_order_logits(prompts, [[a, b] for a, b in zip(first, second)])
     wins = (z > 0) + 0.5 * (z == 0)
     lc = length_controlled_win_rate(wins, [len(a) for a in first], [len(b) for b in second])
-    return {"win_rate": float(np.mean(wins)), "lc_win_rate": lc, "ties": float(np.mean(z == 0)),
-            "mean_logit": float(np.mean(z))}
+    return {
+        "win_rate": float(np.mean(wins)),
+        "lc_win_rate": lc,
+        "ties": float(np.mean(z == 0)),
+        "mean_logit": float(np.mean(z)),
+    }
 
 
 class Evaluator:
@@ -297,8 +357,16 @@ class Evaluator:
     `eval_before.json`) and vs the references, by the judge. Appends to `eval_metrics.json` and the completions
     table `eval_completions.jsonl` in `output_dir`. Sampling runs under a forked RNG (training is unchanged)."""
 
-    def __init__(self, judge: PairRM, prompts: list, references: list[str] | None, sampling: SamplingArguments,
-                 seed: int, output_dir: str, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        judge: PairRM,
+        prompts: list,
+        references: list[str] | None,
+        sampling: SamplingArguments,
+        seed: int,
+        output_dir: str,
+        dtype: torch.dtype | None = None,
+    ):
         self.judge, self.prompts, self.references, self.sampling, self.seed = judge, prompts, references, sampling, seed
         self.dtype = dtype  # the run's compute dtype (`compute_dtype`): sampling runs under autocast to it
         self.output_dir, self.before, self.history = output_dir, None, []
@@ -321,9 +389,10 @@ class Evaluator:
                 with open(before_file, "w") as f:
                     json.dump(samples, f)
         metrics: dict[str, float] = {"step": step, "mean_length": float(sum(len(s) for s in samples) / len(samples))}
-        for name, verdict in (("vs_initial", win_rate(self.judge, self.prompts, samples, self.before)),
-                              ("vs_reference", self.references and win_rate(self.judge, self.prompts, samples,
-                                                                             self.references))):
+        for name, verdict in (
+            ("vs_initial", win_rate(self.judge, self.prompts, samples, self.before)),
+            ("vs_reference", self.references and win_rate(self.judge, self.prompts, samples, self.references)),
+        ):
             if verdict:
                 metrics.update({f"{name}/{k}": v for k, v in verdict.items()})
         self.history = [h for h in self.history if h["step"] < step] + [metrics]

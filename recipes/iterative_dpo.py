@@ -92,8 +92,13 @@ SCHEDULES = ("disjoint", "same")
 class IterativeDPOScriptArguments(RecipeArguments):
     """Script arguments of iterative DPO: the shared ones, plus an optional separate evaluation judge."""
 
-    eval_pairrm: str | None = field(default=None, metadata={
-        "help": "judge of the held-out evaluation (default: the training judge); a different one exposes reward hacking"})
+    eval_pairrm: str | None = field(
+        default=None,
+        metadata={
+            "help": "judge of the held-out evaluation (default: the training judge); a different one exposes "
+            "reward hacking"
+        },
+    )
 
     def check_environment(self, device: str | None = None) -> None:
         super().check_environment(device)
@@ -105,7 +110,13 @@ class IterativeDPOConfig(DPOConfig):
     """Iterative DPO (or SPPO): sample K per prompt, label with PairRM, train, repeat from the result."""
 
     num_iterations: int = field(default=3, metadata={"help": "iterations of sample -> label -> train"})
-    prompt_schedule: str = field(default="disjoint", metadata={"help": "disjoint: iteration i uses the i-th of num_iterations prompt slices; same: all prompts every iteration"})
+    prompt_schedule: str = field(
+        default="disjoint",
+        metadata={
+            "help": "disjoint: iteration i uses the i-th of num_iterations prompt slices; same: all prompts every "
+            "iteration"
+        },
+    )
     num_responses: int = field(default=5, metadata={"help": "K responses sampled per prompt"})
     max_new_tokens: int = field(default=512, metadata={"help": "response length limit when sampling"})
     temperature: float | None = field(default=None, metadata={"help": "sampling temperature (default 1.0)"})
@@ -114,43 +125,87 @@ class IterativeDPOConfig(DPOConfig):
     min_p: float | None = field(default=None, metadata={"help": "min-p sampling (default 0: off)"})
     repetition_penalty: float | None = field(default=None, metadata={"help": "repetition penalty (default 1.0: off)"})
     generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    sampling_backend: str = field(default="transformers", metadata={
-        "help": "labeling samples with transformers (the policy being trained) or vllm (a vllm.LLM of the "
-                "iteration's saved policy, as uclaml/SPPO's scripts/generate.py)"})
+    sampling_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "labeling samples with transformers (the policy being trained) or vllm (a vllm.LLM of the "
+            "iteration's saved policy, as uclaml/SPPO's scripts/generate.py)"
+        },
+    )
     aggregation: str = field(default="rank", metadata={"help": "labeler score: rank, copeland or bradley_terry"})
-    strategy: str = field(default="best_vs_worst", metadata={"help": "labeler pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs"})
-    pairs_per_prompt: int | None = field(default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"})
+    strategy: str = field(
+        default="best_vs_worst",
+        metadata={"help": "labeler pairs: best_vs_worst, best_vs_random, best_vs_second, all_pairs"},
+    )
+    pairs_per_prompt: int | None = field(
+        default=None, metadata={"help": "pairs per prompt (default 1; all_pairs: all)"}
+    )
     margin_threshold: float = field(default=0.0, metadata={"help": "drop pairs whose score margin is <= this"})
-    allow_unfinished_chosen: bool = field(default=False, metadata={
-        "help": "let a response cut at max_new_tokens (no EOS) be chosen"})
-    conversation_format: str = field(default="pairrm", metadata={
-        "help": "single-turn conversations to PairRM: pairrm or plain (user text + bare response, as SPPO labelled)"})
-    len_penalty: float = field(default=0.0, metadata={
-        "help": "strategy max_min_p: score penalty per response character (RLHFlow's --len_penalty)"})
-    label_chunk_size: int = field(default=256, metadata={"help": "prompts per saved labeling chunk (the unit of resume)"})
-    sppo: bool = field(default=False, metadata={"help": "train SPPO's soft loss on chosen_probs_win/lose instead of DPO"})
-    sppo_probabilities: str = field(default="authors", metadata={
-        "help": "SPPO soft labels: authors (mean_j sigmoid(s_i - s_j) of the round-robin scores, uclaml/SPPO's "
-                "compute_prob, for which beta 0.001 was tuned) or calibrated (the labeler's mean calibrated P(i > j))"})
-    dataset_hub_id: str | None = field(default=None, metadata={"help": "push each iteration's pairs to this hub dataset as split iteration_<i>"})
+    allow_unfinished_chosen: bool = field(
+        default=False, metadata={"help": "let a response cut at max_new_tokens (no EOS) be chosen"}
+    )
+    conversation_format: str = field(
+        default="pairrm",
+        metadata={
+            "help": "single-turn conversations to PairRM: pairrm or plain (user text + bare response, as SPPO labelled)"
+        },
+    )
+    len_penalty: float = field(
+        default=0.0,
+        metadata={"help": "strategy max_min_p: score penalty per response character (RLHFlow's --len_penalty)"},
+    )
+    label_chunk_size: int = field(
+        default=256, metadata={"help": "prompts per saved labeling chunk (the unit of resume)"}
+    )
+    sppo: bool = field(
+        default=False, metadata={"help": "train SPPO's soft loss on chosen_probs_win/lose instead of DPO"}
+    )
+    sppo_probabilities: str = field(
+        default="authors",
+        metadata={
+            "help": "SPPO soft labels: authors (mean_j sigmoid(s_i - s_j) of the round-robin scores, uclaml/SPPO's "
+            "compute_prob, for which beta 0.001 was tuned) or calibrated (the labeler's mean calibrated P(i > j))"
+        },
+    )
+    dataset_hub_id: str | None = field(
+        default=None, metadata={"help": "push each iteration's pairs to this hub dataset as split iteration_<i>"}
+    )
     dataset_hub_private: bool = field(default=True, metadata={"help": "push the pairs as a private dataset"})
 
     def __post_init__(self):
-        for name, allowed in (("prompt_schedule", SCHEDULES), ("sppo_probabilities", SPPO_PROBABILITIES),
-                              ("sampling_backend", BACKENDS)):
+        for name, allowed in (
+            ("prompt_schedule", SCHEDULES),
+            ("sppo_probabilities", SPPO_PROBABILITIES),
+            ("sampling_backend", BACKENDS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         super().__post_init__()
 
     def sampling(self, use_checkpoint_sampling: bool = False) -> SamplingArguments:
-        return SamplingArguments(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                 top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                 use_checkpoint_sampling=use_checkpoint_sampling)
+        return SamplingArguments(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            use_checkpoint_sampling=use_checkpoint_sampling,
+        )
 
 
 # ---- one iteration -------------------------------------------------------------------------------------------
-def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: Any, tokenizer: Any, pairrm: Any,
-          policy_name: str, state: PartialState, sampling: SamplingArguments) -> Dataset:
+def label(
+    config: IterativeDPOConfig,
+    iteration: int,
+    prompts: Dataset,
+    policy: Any,
+    tokenizer: Any,
+    pairrm: Any,
+    policy_name: str,
+    state: PartialState,
+    sampling: SamplingArguments,
+) -> Dataset:
     """The iteration's preference pairs: loaded when already saved, else labeled (resumable) and saved."""
     directory = Path(config.output_dir) / f"iteration_{iteration}"
     saved = directory / "pairs"
@@ -159,12 +214,20 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
         return load_from_disk(str(saved))
     vllm = config.sampling_backend == "vllm"  # vLLM loads the saved policy itself (its path: policy_name)
     labeler = PreferenceLabeler(
-        pairrm, policy_name if vllm else policy, None if vllm else tokenizer, backend=config.sampling_backend,
-        num_responses=config.num_responses, aggregation=config.aggregation,
-        strategy=config.strategy, pairs_per_prompt=config.pairs_per_prompt, margin_threshold=config.margin_threshold,
-        allow_unfinished_chosen=config.allow_unfinished_chosen, len_penalty=config.len_penalty,
+        pairrm,
+        policy_name if vllm else policy,
+        None if vllm else tokenizer,
+        backend=config.sampling_backend,
+        num_responses=config.num_responses,
+        aggregation=config.aggregation,
+        strategy=config.strategy,
+        pairs_per_prompt=config.pairs_per_prompt,
+        margin_threshold=config.margin_threshold,
+        allow_unfinished_chosen=config.allow_unfinished_chosen,
+        len_penalty=config.len_penalty,
         conversation_format=config.conversation_format,
-        seed=config.seed + iteration, sampling=sampling,
+        seed=config.seed + iteration,
+        sampling=sampling,
         generation_batch_size=config.generation_batch_size,
     )
     labeler.policy_name = policy_name
@@ -174,7 +237,9 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     pairs = labeler.label(prompts, work, chunk_size=config.label_chunk_size)
     if config.sppo and config.sppo_probabilities == "authors" and len(pairs):
         win, lose = authors_probabilities(pairs["score_chosen"], pairs["score_rejected"], pairs["all_rm_scores"])
-        pairs = pairs.remove_columns(list(PROB_COLUMNS)).add_column(PROB_COLUMNS[0], win).add_column(PROB_COLUMNS[1], lose)
+        pairs = (
+            pairs.remove_columns(list(PROB_COLUMNS)).add_column(PROB_COLUMNS[0], win).add_column(PROB_COLUMNS[1], lose)
+        )
     state.wait_for_everyone()  # every process has read the chunks before they are removed
     if state.is_main_process:
         save_dataset(pairs, str(saved), "save_to_disk")
@@ -185,10 +250,12 @@ def label(config: IterativeDPOConfig, iteration: int, prompts: Dataset, policy: 
     return pairs
 
 
-def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: Any, tokenizer: Any, peft: Any,
-          evaluate: Any) -> dict[str, float]:
+def train(
+    config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: Any, tokenizer: Any, peft: Any, evaluate: Any
+) -> dict[str, float]:
     """DPO (or SPPO) from `policy` against a frozen copy of it; saves the result to iteration_<i>/model (fp32),
-    evaluates it (`evaluate(model, trainer, iteration)`), and resumes from the trainer's last checkpoint when one exists."""
+    evaluates it (`evaluate(model, trainer, iteration)`), and resumes from the trainer's last checkpoint when one
+    exists."""
     directory = Path(config.output_dir) / f"iteration_{iteration}"
     columns = ["prompt", "chosen", "rejected"] + (list(PROB_COLUMNS) if config.sppo else [])
     args = dataclasses.replace(config, output_dir=str(directory / "trainer"))
@@ -197,8 +264,16 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
     copy_reference = peft is None and not zero3_enabled()
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if copy_reference else None
     trainer_class = SPPOTrainer if config.sppo else DPOTrainer
-    trainer = quiet_log_dicts(trainer_class(model=policy, ref_model=ref_model, args=args, processing_class=tokenizer,
-                                            train_dataset=pairs.select_columns(columns), peft_config=peft))
+    trainer = quiet_log_dicts(
+        trainer_class(
+            model=policy,
+            ref_model=ref_model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=pairs.select_columns(columns),
+            peft_config=peft,
+        )
+    )
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if last:
         logger.info("iteration %d: resuming training from %s", iteration, last)
@@ -224,20 +299,53 @@ def train(config: IterativeDPOConfig, iteration: int, pairs: Dataset, policy: An
 
 # ---- resume: the run's identity -------------------------------------------------------------------------------
 # DPOConfig's fields that change what a run learns (the rest: logging, saving, hub, workers)
-TRAINING_SETTINGS = ("beta", "loss_type", "learning_rate", "num_train_epochs", "max_steps",
-                     "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
-                     "lr_scheduler_kwargs", "warmup_steps",
-                     "weight_decay", "max_grad_norm", "seed", "data_seed", "bf16", "fp16", "max_length",
-                     "truncation_mode", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
-                     "label_smoothing", "loss_weights", "use_weighting", "ld_alpha", "f_divergence_type",
-                     "precompute_ref_log_probs", "padding_free")
+TRAINING_SETTINGS = (
+    "beta",
+    "loss_type",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "data_seed",
+    "bf16",
+    "fp16",
+    "max_length",
+    "truncation_mode",
+    "optim",
+    "optim_args",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "label_smoothing",
+    "loss_weights",
+    "use_weighting",
+    "ld_alpha",
+    "f_divergence_type",
+    "precompute_ref_log_probs",
+    "padding_free",
+)
 # fields of the recipe's own dataclasses that do not change the numbers
-NOT_IDENTITY = ("generation_batch_size", "label_chunk_size", "dataset_hub_id", "dataset_hub_private", "pairrm_device",
-                "pairrm_batch_size", "pairrm_max_tokens")
+NOT_IDENTITY = (
+    "generation_batch_size",
+    "label_chunk_size",
+    "dataset_hub_id",
+    "dataset_hub_private",
+    "pairrm_device",
+    "pairrm_batch_size",
+    "pairrm_max_tokens",
+)
 
 
-def run_identity(script_args: RecipeArguments, config: IterativeDPOConfig, model_args: Any,
-                 processes: int) -> dict[str, Any]:
+def run_identity(
+    script_args: RecipeArguments, config: IterativeDPOConfig, model_args: Any, processes: int
+) -> dict[str, Any]:
     """Everything the run's numbers depend on: the recipe's settings, DPO's `TRAINING_SETTINGS`, the data, judge
     and policy arguments, the number of processes. Recorded in `output_dir/manifest.json` by the first run; a
     resumed run with another identity is refused (`core.identity.check_run_identity`, the labeler's mechanism)."""
@@ -245,8 +353,12 @@ def run_identity(script_args: RecipeArguments, config: IterativeDPOConfig, model
     own = [f.name for f in dataclasses.fields(config) if f.name not in base]
     training = {k: getattr(config, k) for k in [*own, *TRAINING_SETTINGS] if k not in NOT_IDENTITY}
     script = {k: v for k, v in dataclasses.asdict(script_args).items() if k not in NOT_IDENTITY}
-    return {"training": training, "data_and_judge": script, "model": dataclasses.asdict(model_args),
-            "processes": processes}
+    return {
+        "training": training,
+        "data_and_judge": script,
+        "model": dataclasses.asdict(model_args),
+        "processes": processes,
+    }
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -261,23 +373,35 @@ def make_parser():
     return make_recipe_parser(IterativeDPOConfig, IterativeDPOScriptArguments)
 
 
-def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOConfig, model_args: Any,
-         judge: PairRM | None = None, eval_judge: PairRM | None = None) -> dict[str, Any]:
+def main(
+    script_args: IterativeDPOScriptArguments,
+    training_args: IterativeDPOConfig,
+    model_args: Any,
+    judge: PairRM | None = None,
+    eval_judge: PairRM | None = None,
+) -> dict[str, Any]:
     """Run (or resume) all iterations; returns the summary (also written to summary.json and printed).
 
     `judge` / `eval_judge`: loaded PairRMs to use instead of `script_args.pairrm` / `eval_pairrm`."""
     config = training_args
     state = PartialState(cpu=config.use_cpu or not torch.cuda.is_available())
     out = Path(config.output_dir)
-    check_run_identity(out / "manifest.json", run_identity(script_args, config, model_args, state.num_processes),
-                       "--output_dir", write=state.is_main_process)
+    check_run_identity(
+        out / "manifest.json",
+        run_identity(script_args, config, model_args, state.num_processes),
+        "--output_dir",
+        write=state.is_main_process,
+    )
     sampling = config.sampling(script_args.use_checkpoint_sampling)
     train_prompts, eval_set = split_eval(script_args, load_prompt_dataset(script_args))
     slices = prompt_slices(config, train_prompts)
     pairrm = judge or judge_for(script_args, config.use_cpu)
     if eval_judge is None:
-        eval_judge = pairrm if script_args.eval_pairrm is None else judge_for(
-            dataclasses.replace(script_args, pairrm=script_args.eval_pairrm), config.use_cpu)
+        eval_judge = (
+            pairrm
+            if script_args.eval_pairrm is None
+            else judge_for(dataclasses.replace(script_args, pairrm=script_args.eval_pairrm), config.use_cpu)
+        )
     peft = get_peft_config(model_args)
     zero3 = zero3_enabled()
     done = [i for i in range(1, config.num_iterations + 1) if (out / f"iteration_{i}" / "done.json").exists()]
@@ -289,8 +413,15 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
     evaluator = None
     if len(eval_set):
         references = list(eval_set["reference"]) if "reference" in eval_set.column_names else None
-        evaluator = Evaluator(eval_judge, list(eval_set["prompt"]), references, sampling, config.seed, str(out),
-                              dtype=compute_dtype(config))
+        evaluator = Evaluator(
+            eval_judge,
+            list(eval_set["prompt"]),
+            references,
+            sampling,
+            config.seed,
+            str(out),
+            dtype=compute_dtype(config),
+        )
         if (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
             policy, tokenizer = load_policy(model_args)  # the initial policy, even when resuming
             with gathered(policy.to(state.device)):
@@ -311,16 +442,23 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
         policy, tokenizer = load_policy(dataclasses.replace(model_args, model_name_or_path=current))
         policy.to(state.device)
         with gathered(policy):  # ZeRO-3 partitions the policy at load time: labeling samples from the whole one
-            pairs = label(config, iteration, slices[iteration - 1], policy.eval(), tokenizer, pairrm, current, state,
-                          sampling)
-        stats: dict[str, Any] = {"iteration": iteration, "prompts": len(slices[iteration - 1]), "pairs": len(pairs),
-                                 "mean_margin": float(np.mean(pairs["margin"])) if len(pairs) else 0.0,
-                                 "margins": [float(m) for m in pairs["margin"]]}
+            pairs = label(
+                config, iteration, slices[iteration - 1], policy.eval(), tokenizer, pairrm, current, state, sampling
+            )
+        stats: dict[str, Any] = {
+            "iteration": iteration,
+            "prompts": len(slices[iteration - 1]),
+            "pairs": len(pairs),
+            "mean_margin": float(np.mean(pairs["margin"])) if len(pairs) else 0.0,
+            "margins": [float(m) for m in pairs["margin"]],
+        }
         if len(pairs):
             warn_half_precision(policy, f"dtype={model_args.dtype}")
             stats.update(train(config, iteration, pairs, policy.train(), tokenizer, peft, evaluate))
         else:
-            logger.warning("iteration %d produced no pairs (all ties?); the policy is carried over unchanged", iteration)
+            logger.warning(
+                "iteration %d produced no pairs (all ties?); the policy is carried over unchanged", iteration
+            )
             if state.is_main_process:
                 policy.save_pretrained(out / f"iteration_{iteration}" / "model")
                 tokenizer.save_pretrained(out / f"iteration_{iteration}" / "model")
@@ -333,9 +471,14 @@ def main(script_args: IterativeDPOScriptArguments, training_args: IterativeDPOCo
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    iterations = [json.loads((out / f"iteration_{i}" / "done.json").read_text()) for i in range(1, config.num_iterations + 1)]
-    summary: dict[str, Any] = {"iterations": iterations, "loss": "sppo" if config.sppo else "dpo",
-                               "eval_prompts": len(eval_set)}
+    iterations = [
+        json.loads((out / f"iteration_{i}" / "done.json").read_text()) for i in range(1, config.num_iterations + 1)
+    ]
+    summary: dict[str, Any] = {
+        "iterations": iterations,
+        "loss": "sppo" if config.sppo else "dpo",
+        "eval_prompts": len(eval_set),
+    }
     if evaluator is not None:
         summary["metrics"] = metrics_table(out, iterations)
         last = summary["metrics"][-1]
@@ -357,8 +500,14 @@ def metrics_table(out: Path, iterations: list[dict]) -> list[dict[str, float]]:
     before = json.loads((out / "eval_metrics.json").read_text())[0]
     rows = [{"iteration": 0, **{k: v for k, v in before.items() if k != "step"}}]
     for it in iterations:
-        rows.append({"iteration": it["iteration"], "pairs": it["pairs"], "mean_margin": it["mean_margin"],
-                     **{k[len("eval/"):]: v for k, v in it.items() if k.startswith("eval/")}})
+        rows.append(
+            {
+                "iteration": it["iteration"],
+                "pairs": it["pairs"],
+                "mean_margin": it["mean_margin"],
+                **{k[len("eval/") :]: v for k, v in it.items() if k.startswith("eval/")},
+            }
+        )
     return rows
 
 
@@ -401,26 +550,41 @@ def plot(out: Path, metrics: list[dict], iterations: list[dict]) -> list[str]:
 
 
 def format_summary(config: IterativeDPOConfig, script_args: RecipeArguments, summary: dict[str, Any]) -> str:
-    lines = [f"Iterative {summary['loss'].upper()} with PairRM: {len(summary['iterations'])} iteration(s), "
-             f"K={config.num_responses} responses per prompt"]
+    lines = [
+        f"Iterative {summary['loss'].upper()} with PairRM: {len(summary['iterations'])} iteration(s), "
+        f"K={config.num_responses} responses per prompt"
+    ]
     for it in summary["iterations"]:
-        line = (f"  iteration {it['iteration']}: {it['prompts']} prompts -> {it['pairs']} pairs, "
-                f"mean PairRM score margin {it['mean_margin']:.3f}")
+        line = (
+            f"  iteration {it['iteration']}: {it['prompts']} prompts -> {it['pairs']} pairs, "
+            f"mean PairRM score margin {it['mean_margin']:.3f}"
+        )
         if "train_loss" in it:
-            line += (f"; {it['steps']} steps, loss {it['train_loss']:.4f}, reward margin "
-                     f"{it.get('rewards/margins', float('nan')):.4f}, accuracy {it.get('rewards/accuracies', float('nan')):.2f}")
+            line += (
+                f"; {it['steps']} steps, loss {it['train_loss']:.4f}, reward margin "
+                f"{it.get('rewards/margins', float('nan')):.4f}, "
+                f"accuracy {it.get('rewards/accuracies', float('nan')):.2f}"
+            )
         lines.append(line)
     n = summary["eval_prompts"]
     for m in summary.get("metrics", []):
-        parts = [f"{name} {m[key]:.3f}" for key, name in (("vs_initial/win_rate", "win rate vs initial"),
-                                                           ("vs_reference/win_rate", "win rate vs reference"),
-                                                           ("vs_reference/ties", "ties vs reference"),
-                                                           ("mean_length", "mean length")) if key in m]
+        parts = [
+            f"{name} {m[key]:.3f}"
+            for key, name in (
+                ("vs_initial/win_rate", "win rate vs initial"),
+                ("vs_reference/win_rate", "win rate vs reference"),
+                ("vs_reference/ties", "ties vs reference"),
+                ("mean_length", "mean length"),
+            )
+            if key in m
+        ]
         lines.append(f"  held-out ({n} prompts) after iteration {m['iteration']}: " + ", ".join(parts))
     if script_args.pairrm == TINY:
         lines.append("  (the bundled tiny PairRM has random weights: these numbers only show that the pipeline runs)")
-    lines.append(f"Saved to {config.output_dir} (iteration_<i>/pairs, iteration_<i>/model, metrics.json, "
-                 f"summary.json{', ' + ', '.join(Path(p).name for p in summary['plots']) if summary.get('plots') else ''})")
+    lines.append(
+        f"Saved to {config.output_dir} (iteration_<i>/pairs, iteration_<i>/model, metrics.json, "
+        f"summary.json{', ' + ', '.join(Path(p).name for p in summary['plots']) if summary.get('plots') else ''})"
+    )
     return "\n".join(lines)
 
 

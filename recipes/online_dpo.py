@@ -50,7 +50,10 @@ REWARDS = ("judge", "reference")
 class OnlineDPORecipeConfig(OnlineDPOConfig):
     """Online DPO with PairRM as the judge of each pair of samples."""
 
-    reward: str = field(default="judge", metadata={"help": "judge: PairRM compares the two samples; reference: each vs the reference column"})
+    reward: str = field(
+        default="judge",
+        metadata={"help": "judge: PairRM compares the two samples; reference: each vs the reference column"},
+    )
     judge_soft: bool = field(default=True, metadata={"help": "judge: rewards (P, 1-P) instead of (1, 0)"})
 
     def __post_init__(self):
@@ -63,8 +66,9 @@ def make_parser():
     return make_recipe_parser(OnlineDPORecipeConfig)
 
 
-def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, model_args: Any,
-         judge: PairRM | None = None) -> OnlineDPOTrainer:
+def main(
+    script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, model_args: Any, judge: PairRM | None = None
+) -> OnlineDPOTrainer:
     """Train and save to `output_dir`; returns the trainer. `judge`: a loaded PairRM instead of `script_args.pairrm`."""
     data = load_prompt_dataset(script_args, need_reference=training_args.reward == "reference")
     train_set, eval_set = split_eval(script_args, data)
@@ -72,22 +76,35 @@ def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, mod
     training_args.generation_kwargs = sampling_kwargs(training_args, policy, tokenizer, script_args)
     pairrm = judge or lazy_judge(script_args, training_args.use_cpu)
     if training_args.reward == "judge":
-        reward = OnlineDPOJudgeReward(PairRMJudge(pairrm, batch_size=script_args.pairrm_batch_size),
-                                      soft=training_args.judge_soft)
+        reward = OnlineDPOJudgeReward(
+            PairRMJudge(pairrm, batch_size=script_args.pairrm_batch_size), soft=training_args.judge_soft
+        )
     else:
         reward = PairwiseReward(pairrm, batch_size=script_args.pairrm_batch_size)
     evaluator = None
     if len(eval_set):
         sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
-        evaluator = Evaluator(judge or judge_for(script_args, training_args.use_cpu), list(eval_set["prompt"]),
-                              list(eval_set["reference"]) if "reference" in eval_set.column_names else None,
-                              sampling, training_args.seed, training_args.output_dir,
-                              dtype=compute_dtype(training_args))
+        evaluator = Evaluator(
+            judge or judge_for(script_args, training_args.use_cpu),
+            list(eval_set["prompt"]),
+            list(eval_set["reference"]) if "reference" in eval_set.column_names else None,
+            sampling,
+            training_args.seed,
+            training_args.output_dir,
+            dtype=compute_dtype(training_args),
+        )
         evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0)
         policy.train()
-    trainer = quiet_log_dicts(OnlineDPOTrainer(model=policy, reward_funcs=[reward], args=training_args,
-                                               train_dataset=train_set, processing_class=tokenizer,
-                                               peft_config=get_peft_config(model_args)))
+    trainer = quiet_log_dicts(
+        OnlineDPOTrainer(
+            model=policy,
+            reward_funcs=[reward],
+            args=training_args,
+            train_dataset=train_set,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+    )
     trainer.train()
     trainer.save_model(training_args.output_dir)
     if evaluator is not None:  # every process: under ZeRO-3 each gathers the parameters and samples
@@ -95,10 +112,13 @@ def main(script_args: RecipeArguments, training_args: OnlineDPORecipeConfig, mod
     logs = [log for log in trainer.state.log_history if "objective/scores_margin" in log]
     if trainer.is_world_process_zero() and logs:
         first, last = logs[0], logs[-1]
-        print(f"Online DPO: {trainer.state.global_step} steps; PairRM score margin chosen-rejected "
-              f"{first['objective/scores_margin']:.3f} -> {last['objective/scores_margin']:.3f}, "
-              f"DPO reward margin {last.get('rewards/margins', float('nan')):.3f}, KL {last.get('objective/kl', float('nan')):.3f}"
-              f"\nSaved to {training_args.output_dir}")
+        print(
+            f"Online DPO: {trainer.state.global_step} steps; PairRM score margin chosen-rejected "
+            f"{first['objective/scores_margin']:.3f} -> {last['objective/scores_margin']:.3f}, "
+            f"DPO reward margin {last.get('rewards/margins', float('nan')):.3f}, "
+            f"KL {last.get('objective/kl', float('nan')):.3f}"
+            f"\nSaved to {training_args.output_dir}"
+        )
     return trainer
 
 

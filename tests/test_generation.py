@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pairrm_rlhf.core.assets import bundled
 from pairrm_rlhf.core.generation import NEUTRAL, SamplingArguments, build_generation_config, sample_responses
+
 from tiny_policy import QWEN_SAMPLING
 
 PROMPTS = [[{"role": "user", "content": "Explain the sun."}], [{"role": "user", "content": "Describe the ocean."}]]
@@ -76,7 +77,12 @@ def test_ppo_rollouts_sample_explicitly():
 
     model, tokenizer = load(bundled("policy"))
     data = [{"prompt": "x"}] * 4
-    trainer = PPOTrainer(PPOConfig(use_cpu=True, per_device_train_batch_size=2, save_final=False, temperature=0.9),
-                         model, tokenizer, lambda **kw: [0.0] * len(kw["prompts"]), data)
+    trainer = PPOTrainer(
+        PPOConfig(use_cpu=True, per_device_train_batch_size=2, save_final=False, temperature=0.9),
+        model,
+        tokenizer,
+        lambda **kw: [0.0] * len(kw["prompts"]),
+        data,
+    )
     g = trainer.generation_config
     assert (g.top_k, g.top_p, g.repetition_penalty, g.temperature) == (0, 1.0, 1.0, 0.9)

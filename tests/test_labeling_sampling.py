@@ -20,11 +20,13 @@ from datasets import Dataset
 from pairrm_rlhf.core.generation import SamplingArguments, build_generation_config
 from pairrm_rlhf.labeling import PreferenceLabeler
 from pairrm_rlhf.labeling.labeler import _chunk_seed
+
 from tiny_policy import build_tiny_policy, build_tiny_tokenizer
 
 PROMPTS = ["Explain the sun.", "Describe the ocean.", "What is green tea?"]
-ASKED = SamplingArguments(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,
-                          stop=["\n\n"])
+ASKED = SamplingArguments(
+    max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2, stop=["\n\n"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +41,25 @@ def greedy_checkpoint():
 
 def test_k_distinct_samples_despite_a_top_k_1_checkpoint(hf_model, greedy_checkpoint):
     model, tokenizer = greedy_checkpoint
-    asked = PreferenceLabeler(hf_model, model, tokenizer, num_responses=4, sampling=SamplingArguments(max_new_tokens=8),
-                              allow_unfinished_chosen=True)  # the tiny policy rarely ends within 8 tokens
+    asked = PreferenceLabeler(
+        hf_model,
+        model,
+        tokenizer,
+        num_responses=4,
+        sampling=SamplingArguments(max_new_tokens=8),
+        allow_unfinished_chosen=True,
+    )  # the tiny policy rarely ends within 8 tokens
     for responses in asked.generate(PROMPTS, seed=0):
         assert len(set(responses)) == 4, responses
     # the same checkpoint with its own sampling fields opted in: top_k=1 makes the K samples identical
-    opted = PreferenceLabeler(hf_model, model, tokenizer, num_responses=4,
-                              sampling=SamplingArguments(max_new_tokens=8, use_checkpoint_sampling=True),
-                              allow_unfinished_chosen=True)
+    opted = PreferenceLabeler(
+        hf_model,
+        model,
+        tokenizer,
+        num_responses=4,
+        sampling=SamplingArguments(max_new_tokens=8, use_checkpoint_sampling=True),
+        allow_unfinished_chosen=True,
+    )
     for responses in opted.generate(PROMPTS, seed=0):
         assert len(set(responses)) == 1, responses
     data = Dataset.from_dict({"prompt": PROMPTS})
@@ -63,7 +76,7 @@ class FakeSamplingParams:
 
 
 class FakeLLM:
-    instances: list["FakeLLM"] = []
+    instances: list[FakeLLM] = []
     defaults = types.SimpleNamespace(temperature=0.6, top_p=0.8, top_k=20, min_p=0.0, repetition_penalty=1.1)
 
     def __init__(self, model, **kwargs):
@@ -73,9 +86,15 @@ class FakeLLM:
     def _outputs(self, method, prompts, params):
         self.calls.append((method, prompts, params.kwargs))
         text = (lambda p: p) if method == "generate" else (lambda p: p[-1]["content"])
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{text(p)} #{i}",
-                                                                     finish_reason="length" if i == 0 else "stop")
-                                               for i in range(params.kwargs["n"])]) for p in prompts]
+        return [
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(text=f"{text(p)} #{i}", finish_reason="length" if i == 0 else "stop")
+                    for i in range(params.kwargs["n"])
+                ]
+            )
+            for p in prompts
+        ]
 
     def generate(self, prompts, params, use_tqdm=True):
         return self._outputs("generate", prompts, params)
@@ -111,8 +130,17 @@ def test_vllm_gets_exactly_the_asked_sampling(hf_model, fake_vllm, greedy_checkp
     assert llm.model == "org/policy"
     assert [(method, len(prompts)) for method, prompts, _ in llm.calls] == [("generate", 2), ("generate", 1)]
     for chunk, (_, _, params) in enumerate(llm.calls):
-        assert params == {"n": 3, "seed": _chunk_seed(0, chunk), "max_tokens": 7, "stop": ["\n\n"], "temperature": 0.5,
-                          "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2}
+        assert params == {
+            "n": 3,
+            "seed": _chunk_seed(0, chunk),
+            "max_tokens": 7,
+            "stop": ["\n\n"],
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 5,
+            "min_p": 0.1,
+            "repetition_penalty": 1.2,
+        }
     assert out["all_generated_responses"][0] == [f"{PROMPTS[0]} #{i}" for i in range(3)]
     # transformers gets the same numbers from the same SamplingArguments
     config = build_generation_config(*greedy_checkpoint, ASKED)
@@ -125,12 +153,22 @@ def test_vllm_neutral_defaults_and_checkpoint_opt_in(hf_model, fake_vllm):
     llm, _ = vllm_call(hf_model, SamplingArguments(max_new_tokens=16))
     neutral = llm.calls[0][2]
     assert {k: neutral[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop")} == {
-        "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "stop": None}
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "stop": None,
+    }
     FakeLLM.instances = []
     llm, _ = vllm_call(hf_model, SamplingArguments(max_new_tokens=16, top_p=0.95, use_checkpoint_sampling=True))
     opted = llm.calls[0][2]  # unset fields from the model's generation_config (as vLLM reads it); top_p as asked
     assert {k: opted[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")} == {
-        "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1}
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "repetition_penalty": 1.1,
+    }
 
 
 def test_vllm_conversations_go_through_chat(hf_model, fake_vllm):

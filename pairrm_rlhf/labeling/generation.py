@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from ..core.formats import Response
-from ..core.generation import (SamplingArguments, build_generation_config, load_policy, render_prompts,
-                               sample_responses)
+from ..core.generation import SamplingArguments, build_generation_config, load_policy, render_prompts, sample_responses
 
 BACKENDS = ("transformers", "vllm")
 
@@ -82,7 +81,9 @@ class ResponseSampler:
     def identity(self) -> dict[str, Any]:
         """What changes the samples: the policy's name, backend, K, every sampling field and the batch size."""
         return {
-            "policy": self.name, "backend": self.backend, "num_responses": self.num_responses,
+            "policy": self.name,
+            "backend": self.backend,
+            "num_responses": self.num_responses,
             "sampling": dataclasses.asdict(self.sampling),
             "batch_size": self.batch_size if self.backend == "transformers" else None,
         }
@@ -105,23 +106,34 @@ class ResponseSampler:
             return
         room = context - self.sampling.max_new_tokens
         if room < 1:
-            raise ValueError(f"--max_new_tokens: {self.sampling.max_new_tokens} leaves no room for a prompt in the "
-                             f"policy's context of {context} tokens")
+            raise ValueError(
+                f"--max_new_tokens: {self.sampling.max_new_tokens} leaves no room for a prompt in the "
+                f"policy's context of {context} tokens"
+            )
         if prompts and not isinstance(prompts[0], str) and not self.tokenizer.chat_template:
-            raise ValueError("conversational prompts need a policy tokenizer with a chat template "
-                             "(--conversational false samples on the raw text)")
+            raise ValueError(
+                "conversational prompts need a policy tokenizer with a chat template "
+                "(--conversational false samples on the raw text)"
+            )
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
             texts = render_prompts(self.tokenizer, batch)
-            lengths = [len(ids) for ids in self.tokenizer(
-                texts, add_special_tokens=isinstance(batch[0], str), return_attention_mask=False, verbose=False,
-            )["input_ids"]]
+            lengths = [
+                len(ids)
+                for ids in self.tokenizer(
+                    texts,
+                    add_special_tokens=isinstance(batch[0], str),
+                    return_attention_mask=False,
+                    verbose=False,
+                )["input_ids"]
+            ]
             for k, n in enumerate(lengths):
                 if n > room:
                     raise ValueError(
                         f"{source} row {start + k}: the prompt is {n} tokens for the policy; with max_new_tokens "
                         f"{self.sampling.max_new_tokens} its context of {context} tokens leaves room for {room}: "
-                        "shorten or drop that prompt (or lower --max_new_tokens)")
+                        "shorten or drop that prompt (or lower --max_new_tokens)"
+                    )
 
     def generate(self, prompts: list[Any], seed: int) -> list[list[str]]:
         """`num_responses` responses per prompt (strings or message lists), reproducible under `seed`."""
@@ -139,8 +151,13 @@ class ResponseSampler:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 responses += sample_responses(
-                    self.policy, self.tokenizer, batch, self.num_responses, generation_config=config,
-                    compute_dtype=self.compute_dtype)
+                    self.policy,
+                    self.tokenizer,
+                    batch,
+                    self.num_responses,
+                    generation_config=config,
+                    compute_dtype=self.compute_dtype,
+                )
         return responses
 
     def _generate_vllm(self, prompts: list[Any], seed: int) -> list[list[str]]:
