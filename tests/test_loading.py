@@ -57,6 +57,8 @@ def refused(directory: Path, file: str, field: str, **kwargs) -> None:
         ("num_hidden_layers", -1),
         ("num_hidden_layers", 10**6),  # refused before a million layers are built, even on the meta device
         ("max_position_embeddings", 10**10),  # an 80 GB position-id buffer
+        ("hidden_size", 2**40),  # was a RuntimeError from torch, not a ValueError naming the field
+        ("intermediate_size", 2**40),
         ("hidden_size", "64"),
         ("drop_out", "0.05"),
         ("drop_out", 1.5),

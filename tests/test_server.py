@@ -327,6 +327,7 @@ BAD = [
     ("/compare", b"[1, 2]", 400, "must be a JSON object"),
     ("/compare", b'{"inputs": NaN}', 400, "NaN"),
     ("/compare", b"\xff\xfe\x00", 400, "malformed JSON"),
+    ("/compare", b'{"batch_size": ' + b"9" * 5000 + b"}", 400, "malformed JSON: an integer has too many digits"),
     ("/compare", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ("/compare", {**OK, "inputs": "x"}, 400, "inputs must be a list"),
     ("/compare", {**OK, "candidates_A": [None]}, 400, "candidates_A[0] must be a string"),

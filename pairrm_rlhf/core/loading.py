@@ -169,6 +169,14 @@ def check_encoder_config(path: Path, config: dict) -> None:
             f"{path}: field 'hidden_act' is not an activation transformers knows: {config['hidden_act']!r:.40}")
 
 
+# size fields and the weight (and dimension) that shows each one's true value (vocab_size is taken from the
+# embedding's rows when loading)
+SIZE_TENSORS = {
+    "hidden_size": ("pretrained_model.encoder.layer.0.attention.output.dense.weight", 0),
+    "intermediate_size": ("pretrained_model.encoder.layer.0.intermediate.dense.weight", 0),
+}
+
+
 def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tensor], config: DebertaV2Config) -> None:
     """`state_dict` holds exactly PairRM's tensors, each of the shape `config` gives it. The expected shapes come
     from a model built on the meta device: no memory, so a config with huge sizes fails here, not in an allocation."""
@@ -178,6 +186,11 @@ def check_shapes(path: Path, config_path: Path, state_dict: dict[str, torch.Tens
             f"{config_path}: field 'num_hidden_layers' is {config.num_hidden_layers} "
             f"but {path} has {len(layers)} layers"
         )
+    for field, (key, dim) in SIZE_TENSORS.items():  # the sizes first, so a huge one is named, not overflowed
+        if key in state_dict and getattr(config, field) != state_dict[key].shape[dim]:
+            shape = tuple(state_dict[key].shape)
+            raise ValueError(f"{path}: tensor {key!r} has shape {shape} but {config_path} implies "
+                             f"({getattr(config, field)}, ...) by its field {field!r}")
     with torch.device("meta"):
         expected = PairRMModel(config).state_dict()
     for key, tensor in state_dict.items():

@@ -282,7 +282,9 @@ class Service:
             body = json.loads(raw, parse_constant=reject_constant)
         except RecursionError:
             raise ApiError(400, "malformed JSON: nested too deeply") from None
-        except ValueError as error:  # JSONDecodeError, bad UTF-8, NaN/Infinity
+        except ValueError as error:  # JSONDecodeError, bad UTF-8, NaN/Infinity, an integer of too many digits
+            if "int_max_str_digits" in str(error):  # Python's own hint is for the server's code, not its clients
+                raise ApiError(400, "malformed JSON: an integer has too many digits") from None
             raise ApiError(400, f"malformed JSON: {error}") from None
         del raw
         if not isinstance(body, dict):
