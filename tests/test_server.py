@@ -385,6 +385,17 @@ def test_server_keeps_serving_after_bad_requests(server, hf_model):
     )
 
 
+def test_an_internal_error_keeps_its_details_in_the_servers_log(server, monkeypatch, caplog):
+    def boom(*args, **kwargs):
+        raise RuntimeError("tokenizers: Truncation error: Sequence to truncate too short (/home/build/tokenizers.rs)")
+
+    monkeypatch.setattr(server.service.pairrm, "compare", boom)  # the PairRM the routes call
+    response = httpx2.post(server.url + "/compare", json=OK)
+    assert response.status_code == 500
+    assert response.json()["error"] == "internal error (RuntimeError); see the server's log"
+    assert "Truncation error" in caplog.text  # logged for the operator
+
+
 # ---- auth and limits -----------------------------------------------------------------------------------------
 def test_token(strict):
     body = {**OK, "return_logits": True}

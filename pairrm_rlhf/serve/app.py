@@ -402,8 +402,8 @@ class Service:
                 logger.debug("bad request to %s: %s", request.url.path, error)
                 return error_response(400, str(error))
             except Exception as error:  # noqa: BLE001
-                logger.exception("error serving %s", request.url.path)
-                return error_response(500, f"internal error: {type(error).__name__}: {error}")
+                logger.exception("error serving %s", request.url.path)  # the details stay in the server's log
+                return error_response(500, f"internal error ({type(error).__name__}); see the server's log")
             finally:
                 self.release(request)
             return Response(body, media_type="application/json")
