@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     Evaluator,
     RecipeArguments,
+    compute_dtype,
     get_peft_config,
     judge_for,
     load_policy,
@@ -120,7 +121,8 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
     if len(eval_set):
         sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
         trainer.evaluator = Evaluator(judge, list(eval_set["prompt"]), list(eval_set["reference"]), sampling,
-                                      training_args.seed, training_args.output_dir)
+                                      training_args.seed, training_args.output_dir,
+                                      dtype=compute_dtype(training_args))  # sample in the run's compute dtype
         if not training_args.resume_from_checkpoint:
             trainer.evaluate()  # the initial policy's samples: the baseline of every later win rate
     history = trainer.train()

@@ -32,8 +32,11 @@ def fp32_policy():
 def matmul_dtypes(model):
     """The set of output dtypes of every nn.Linear forward inside the block."""
     seen: set[torch.dtype] = set()
-    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         yield seen
     finally:
@@ -67,8 +70,9 @@ def test_evaluation_samples_in_bf16_under_a_bf16_run(fp32_policy, tmp_path):
 
 def test_labeling_samples_in_bf16_under_a_bf16_run(fp32_policy):
     model, tokenizer = fp32_policy
-    sampler = ResponseSampler(model, tokenizer, num_responses=2, sampling=SamplingArguments(max_new_tokens=4),
-                              compute_dtype=torch.bfloat16)
+    sampler = ResponseSampler(
+        model, tokenizer, num_responses=2, sampling=SamplingArguments(max_new_tokens=4), compute_dtype=torch.bfloat16
+    )
     with matmul_dtypes(model) as seen:
         responses = sampler.generate(PROMPTS, seed=0)
     assert seen == {torch.bfloat16} and [len(r) for r in responses] == [2, 2]
@@ -81,12 +85,35 @@ def test_iterative_dpo_labels_in_the_runs_dtype(fp32_policy, hf_model, tmp_path,
 
     iterative = recipe("iterative_dpo")
     model, tokenizer = fp32_policy
-    script_args, config, _ = recipe("_common").parse(iterative.make_parser(), [
-        "--config", "iterative_dpo_smoke", "--output_dir", str(tmp_path), "--bf16", "true", "--use_cpu", "true",
-        "--max_new_tokens", "4", "--num_responses", "2"])
+    script_args, config, _ = recipe("_common").parse(
+        iterative.make_parser(),
+        [
+            "--config",
+            "iterative_dpo_smoke",
+            "--output_dir",
+            str(tmp_path),
+            "--bf16",
+            "true",
+            "--use_cpu",
+            "true",
+            "--max_new_tokens",
+            "4",
+            "--num_responses",
+            "2",
+        ],
+    )
     with matmul_dtypes(model) as seen:
-        iterative.label(config, 1, Dataset.from_dict({"prompt": PROMPTS}), model, tokenizer, hf_model, "tiny",
-                        PartialState(cpu=True), config.sampling())
+        iterative.label(
+            config,
+            1,
+            Dataset.from_dict({"prompt": PROMPTS}),
+            model,
+            tokenizer,
+            hf_model,
+            "tiny",
+            PartialState(cpu=True),
+            config.sampling(),
+        )
     assert seen == {torch.bfloat16}
 
 
@@ -128,19 +155,67 @@ def test_sppo_config_samples_as_the_authors_with_vllm(hf_model, tmp_path, monkey
 
         def chat(self, conversations, params, use_tqdm=True):
             built["params"] = params.kwargs
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"answer {i}" * (i + 1))
-                                                   for i in range(params.kwargs["n"])]) for _ in conversations]
+            return [
+                types.SimpleNamespace(
+                    outputs=[
+                        types.SimpleNamespace(text=f"answer {i}" * (i + 1), finish_reason="stop")
+                        for i in range(params.kwargs["n"])
+                    ]
+                )
+                for _ in conversations
+            ]
 
     module.LLM = LLM
     monkeypatch.setitem(sys.modules, "vllm", module)
     iterative = recipe("iterative_dpo")
-    _, config, _ = recipe("_common").parse(iterative.make_parser(), [
-        "--config", "iterative_dpo_sppo", "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
+    _, config, _ = recipe("_common").parse(
+        iterative.make_parser(),
+        ["--config", "iterative_dpo_sppo", "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"],
+    )
     assert config.sampling_backend == "vllm"
-    pairs = iterative.label(config, 1, Dataset.from_dict({"prompt": PROMPTS}), None, None, hf_model,
-                            "Qwen/Qwen2.5-0.5B-Instruct", PartialState(cpu=True), config.sampling())
+    pairs = iterative.label(
+        config,
+        1,
+        Dataset.from_dict({"prompt": PROMPTS}),
+        None,
+        None,
+        hf_model,
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        PartialState(cpu=True),
+        config.sampling(),
+    )
     assert built["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and len(pairs) == 2
     params = dict(built["params"])
     params.pop("seed")
-    assert params == {"n": 5, "max_tokens": 2048, "stop": None, "temperature": 0.7, "top_p": 0.9, "top_k": -1,
-                      "min_p": 0.0, "repetition_penalty": 1.0}
+    assert params == {
+        "n": 5,
+        "max_tokens": 2048,
+        "stop": None,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+    }
+
+
+def test_ppo_evaluates_in_the_runs_dtype(tmp_path, monkeypatch):
+    """PPO's held-out evaluator gets the run's compute dtype, as the other recipes' do."""
+    ppo = recipe("ppo")
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_evaluator(*args, **kwargs):
+        made.append(kwargs.get("dtype"))
+        raise Stop  # the evaluator is all this test needs: no training
+
+    monkeypatch.setattr(ppo, "Evaluator", recording_evaluator)
+    args = recipe("_common").parse(
+        ppo.make_parser(),
+        ["--config", "ppo_smoke", "--output_dir", str(tmp_path), "--bf16", "true", "--use_cpu", "true"],
+    )
+    with pytest.raises(Stop):
+        ppo.main(*args)
+    assert made == [torch.bfloat16]
