@@ -387,7 +387,7 @@ def test_server_keeps_serving_after_bad_requests(server, hf_model):
 
 def test_an_internal_error_keeps_its_details_in_the_servers_log(server, monkeypatch, caplog):
     def boom(*args, **kwargs):
-        raise RuntimeError("tokenizers: Truncation error: Sequence to truncate too short (/home/build/tokenizers.rs)")
+        raise RuntimeError("tokenizers: Truncation error: Sequence to truncate too short (src/utils/truncation.rs)")
 
     monkeypatch.setattr(server.service.pairrm, "compare", boom)  # the PairRM the routes call
     response = httpx2.post(server.url + "/compare", json=OK)
