@@ -47,7 +47,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.core import entry, generation
 from pairrm_rlhf.core.assets import TINY
-from pairrm_rlhf.core.distributed import end_distributed_run
+from pairrm_rlhf.core.distributed import cpu_deepspeed_backend, end_distributed_run
 from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, sample_responses
 from pairrm_rlhf.evaluation.length import length_controlled_win_rate
 from pairrm_rlhf.labeling import load_prompts
@@ -122,7 +122,11 @@ def make_recipe_parser(training_class: type, script_class: type = RecipeArgument
 
 def parse(parser: TrlParser, argv: list[str] | None = None) -> tuple[Any, ...]:
     """(script_args, training_args, model_args) from `argv` (default sys.argv); `--config NAME` may be bundled.
-    Every problem found here is a one-line error (`pairrm_rlhf.core.entry.parse`)."""
+    Every problem found here is a one-line error (`pairrm_rlhf.core.entry.parse`). DeepSpeed on a CPU-only machine
+    defaults `--ddp_backend` to gloo (`core.distributed.cpu_deepspeed_backend`: else every rank thinks it is alone)."""
+    backend = cpu_deepspeed_backend()
+    if backend and any("ddp_backend" in {f.name for f in dataclasses.fields(t)} for t in parser.dataclass_types):
+        parser.set_defaults(ddp_backend=backend)  # a config file or the command line still wins
     script_args, training_args, model_args = entry.parse(parser, argv, os.path.basename(sys.argv[0]))
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a hub id, a directory, or 'tiny')")

@@ -35,6 +35,7 @@ from _common import (
     run_recipe,
     sampling_kwargs,
     split_eval,
+    zero3_enabled,
 )
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
@@ -95,14 +96,19 @@ def main(
         )
         evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0)
         policy.train()
+    peft_config = get_peft_config(model_args)
+    # the reference: TRL copies the policy (with LoRA: disables the adapter); under ZeRO-3 a partitioned policy cannot
+    # be copied, so it is loaded like the policy (partitioned too) and TRL shards it with DeepSpeed
+    ref_model = load_policy(model_args)[0] if zero3_enabled() and peft_config is None else None
     trainer = quiet_log_dicts(
         OnlineDPOTrainer(
             model=policy,
+            ref_model=ref_model,
             reward_funcs=[reward],
             args=training_args,
             train_dataset=train_set,
             processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
+            peft_config=peft_config,
         )
     )
     trainer.train()

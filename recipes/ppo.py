@@ -40,6 +40,7 @@ from accelerate.utils import broadcast_object_list
 
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.pairrm import PairRM
+from pairrm_rlhf.trl import ppo_checkpoint
 from pairrm_rlhf.trl.ppo import PPOConfig, PPOTrainer, make_accelerator
 from pairrm_rlhf.trl.rewards import REWARD_OUTPUTS, PairwiseReward
 
@@ -109,10 +110,11 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
     # made first: under ZeRO-3 its DeepSpeed config partitions the models as they load (transformers' zero.Init),
     # so no rank holds a whole fp32 policy, let alone a copy of it; the reference is loaded the same way (not copied)
     accelerator = make_accelerator(training_args)
-    policy, tokenizer = load_policy(model_args)
-    ref_policy = load_policy(model_args)[0] if peft_config is None and zero3_enabled() else None
     # the dtype opt-in to training half-precision weights (with LoRA only the adapter trains: it stays fp32)
     training_args.keep_half_precision_weights |= peft_config is None and model_args.dtype not in (None, "float32")
+    ppo_checkpoint.check_before_loading(accelerator, training_args)  # a bad checkpoint: refused before any load
+    policy, tokenizer = load_policy(model_args)
+    ref_policy = load_policy(model_args)[0] if peft_config is None and zero3_enabled() else None
     judge = judge or judge_for(script_args, training_args.use_cpu)
     reward = PairwiseReward(judge, output=training_args.reward_output, name="pairrm",
                             batch_size=script_args.pairrm_batch_size)

@@ -185,6 +185,32 @@ def test_ppo_resume_latest_skips_an_interrupted_save(tmp_path):
         resumed.load_checkpoint(str(Path(t.config.output_dir) / "checkpoint-2"))
 
 
+@pytest.mark.parametrize("damage", ["flipped", "settings"])
+def test_ppo_recipe_refuses_a_bad_checkpoint_before_loading_a_model(tmp_path, monkeypatch, damage):
+    """At 7B the policy and the reference take minutes to load: a damaged or foreign checkpoint is refused first,
+    naming the file or the changed setting, and no model loads."""
+    ppo = recipe("ppo")
+    argv = ["--config", "ppo_smoke", "--output_dir", str(tmp_path), "--use_cpu", "true", "--save_steps", "1",
+            "--total_episodes", "8", "--eval_prompts", "0"]
+    ppo.main(*recipe("_common").parse(ppo.make_parser(), argv))
+    checkpoint = tmp_path / "checkpoint-1"
+    if damage == "flipped":
+        target = checkpoint / "trainable.safetensors"
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 1
+        target.write_bytes(bytes(data))
+        expected = "trainable.safetensors is damaged"
+    else:
+        argv += ["--learning_rate", "1e-3"]
+        expected = r"config\.learning_rate: .* -> 0\.001"
+    loads = []
+    monkeypatch.setattr(ppo, "load_policy", lambda model_args: loads.append(model_args) or tiny_policy())
+    args = recipe("_common").parse(ppo.make_parser(), argv + ["--resume_from_checkpoint", str(checkpoint)])
+    with pytest.raises(ValueError, match=f"resume_from_checkpoint: .*{expected}"):
+        ppo.main(*args)
+    assert loads == []
+
+
 # ---- reward scaling ---------------------------------------------------------------------------------------------
 class Scripted:
     """A reward function returning the next scores of a script (one list per call)."""

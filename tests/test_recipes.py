@@ -781,6 +781,14 @@ def test_iterative_dpo_two_processes_with_a_slow_rank(tmp_path):
 
 
 # ---- DeepSpeed ZeRO-3 (CPU, gloo) ---------------------------------------------------------------------------------
+ZERO3_ENV = dict(
+    ACCELERATE_USE_DEEPSPEED="true",
+    ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+    CUDA_VISIBLE_DEVICES="",
+    ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
+    ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
+)
+
 DEEPSPEED_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {recipes!r})
@@ -814,66 +822,25 @@ end_distributed_run()
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_ppo_deepspeed_zero3(tmp_path):
-    """PPO under DeepSpeed ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), one process: the policy and the
-    reference are partitioned as they load (no whole fp32 policy nor a copy of it), the batch sizes and
-    max_grad_norm reach DeepSpeed's config, the reference is a DeepSpeed engine, evaluation and generation run under
-    gathered parameters, and a checkpoint (the engine's own, checksummed) resumes to the same metrics."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
-    script = tmp_path / "ppo_zero3.py"
-    script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(
-        ACCELERATE_USE_DEEPSPEED="true",
-        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
-        CUDA_VISIBLE_DEVICES="",
-        ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
-        ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
-    )
-    proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads((tmp_path / "out" / "rank0-2.json").read_text())
-    assert r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine"
-    assert r["loaded"] == [0, 0]  # policy and reference: partitioned placeholders from the start
-    assert len(r["history"]) == 4 and all(np.isfinite(h["loss/policy_avg"]) for h in r["history"])
-    assert r["evals"] == 2  # before and after training
-    assert (tmp_path / "out" / "model.safetensors").exists()
-    assert (tmp_path / "out" / "checkpoint-2" / "manifest.json").exists()
-    # resume from the (checksummed) engine checkpoint of update 2: updates 3 and later are computed again
-    proc = launch(
-        script,
-        str(tmp_path / "out"),
-        "--resume_from_checkpoint",
-        str(tmp_path / "out" / "checkpoint-2"),
-        env=env,
-        processes=1,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed = json.loads((tmp_path / "out" / "rank0-4.json").read_text())
-    assert resumed["history"] == r["history"]  # the same numbers as the uninterrupted run
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
 def test_ppo_deepspeed_zero3_two_processes(tmp_path):
-    """Two processes under ZeRO-3 on the CPU (gloo; `make_accelerator` names the backend, without which accelerate
-    gives every rank num_processes=1): each rank loads its partitions only, trains, evaluates before and after
-    (every rank gathers and samples, as ZeRO-3 generation needs), saves a checkpoint, and a resumed run logs the
-    uninterrupted run's metrics on both ranks."""
+    """Two processes under ZeRO-3 on the CPU (DeepSpeed's CPU accelerator; gloo: `make_accelerator` names the
+    backend, without which accelerate gives every rank num_processes=1): each rank loads its partitions of the policy
+    and the reference only (no whole fp32 policy nor a copy of it), the batch sizes and max_grad_norm reach
+    DeepSpeed's config, the reference is a DeepSpeed engine, every rank evaluates before and after (generation under
+    ZeRO-3 needs every rank to gather), a checkpoint (the engine's own, checksummed) is saved, and a run resumed from
+    it logs the uninterrupted run's metrics on both ranks."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
     script = tmp_path / "ppo_zero3.py"
     script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(
-        ACCELERATE_USE_DEEPSPEED="true",
-        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
-        CUDA_VISIBLE_DEVICES="",
-        ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
-        ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
-    )
+    env = ZERO3_ENV
     out = tmp_path / "out"
     proc = launch(script, str(out), "--total_episodes", "32", env=env, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}-4.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["loaded"] for r in ranks] == [[0, 0], [0, 0]]
+    assert all(r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine" for r in ranks)
+    assert all(np.isfinite(h["loss/policy_avg"]) for h in ranks[0]["history"])
+    assert (out / "model.safetensors").exists() and (out / "checkpoint-2" / "manifest.json").exists()
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 4
     assert [r["evals"] for r in ranks] == [2, 2]
     proc = launch(
@@ -891,39 +858,63 @@ def test_ppo_deepspeed_zero3_two_processes(tmp_path):
     assert resumed[0]["history"] == resumed[1]["history"] == ranks[0]["history"]
 
 
-DEEPSPEED_ITERATIVE_SCRIPT = """
-import json, os, sys
+ZERO3_TRL_SCRIPT = """
+import importlib, json, os, sys
 sys.path.insert(0, {recipes!r})
-import _common, iterative_dpo
+import _common
+from accelerate import PartialState
 
-args = _common.parse(iterative_dpo.make_parser(), [
-    "--config", "iterative_dpo_smoke", "--output_dir", sys.argv[1], "--use_cpu", "false", "--max_prompts", "16",
-    "--num_train_epochs", "1", "--eval_prompts", "4"])
-summary = iterative_dpo.main(*args)
-with open(os.path.join(sys.argv[1], "zero3.json"), "w") as f:
-    json.dump(dict(zero3=_common.zero3_enabled(), steps=summary["iterations"][0]["steps"]), f)
+recipe = importlib.import_module(sys.argv[2])
+loaded, evaluations = [], []
+real_load = recipe.load_policy
+def load_policy(model_args):  # how much of the policy this process holds as it loads
+    model, tokenizer = real_load(model_args)
+    loaded.append(sum(p.numel() for p in model.parameters()))
+    return model, tokenizer
+recipe.load_policy = load_policy
+real_call = _common.Evaluator.__call__
+def call(self, model, tokenizer, step, write=True):  # which processes sample for the held-out evaluation
+    evaluations.append(step)
+    return real_call(self, model, tokenizer, step, write=write)
+_common.Evaluator.__call__ = call
+args = _common.parse(recipe.make_parser(), ["--config", sys.argv[2] + "_smoke", "--output_dir", sys.argv[1],
+                                            "--use_cpu", "false", "--eval_prompts", "4", *sys.argv[3:]])
+result = recipe.main(*args)
+state = PartialState()
+steps = result["iterations"][0]["steps"] if isinstance(result, dict) else result.state.global_step
+with open(os.path.join(sys.argv[1], f"rank{{state.process_index}}.json"), "w") as f:
+    json.dump(dict(world=state.num_processes, backend=args[1].ddp_backend, zero3=_common.zero3_enabled(),
+                   loaded=loaded, evaluations=evaluations, steps=steps), f)
 from pairrm_rlhf.core.distributed import end_distributed_run
 end_distributed_run()
 """
 
 
 @pytest.mark.multiprocess
-def test_iterative_dpo_deepspeed_zero3(tmp_path):
-    """Iterative DPO under ZeRO-3 (partitioned at load, `zero3_init`): labeling and evaluation sample from the gathered
-    policy, the reference is loaded and sharded by TRL (a partitioned model cannot be deep-copied)."""
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, extra, steps, saved",
+    [
+        ("online_dpo", ["--max_steps", "2"], 2, "model.safetensors"),
+        ("grpo", ["--max_steps", "2", "--beta", "0.04"], 2, "model.safetensors"),  # grpo.yaml: a KL reference
+        ("iterative_dpo", ["--max_prompts", "16", "--num_train_epochs", "1"], 2, "iteration_1/model/model.safetensors"),
+    ],
+)
+def test_trl_recipes_deepspeed_zero3_two_processes(recipe, extra, steps, saved, tmp_path):
+    """Each TRL recipe trains and evaluates in two processes under ZeRO-3 on the CPU. TRL builds the accelerator
+    from TrainingArguments; without `--ddp_backend gloo` (defaulted by `_common.parse` when DeepSpeed runs on a
+    CPU-only machine) accelerate gives every rank num_processes=1. Each rank loads its partition only (ZeRO-3 init),
+    and every rank samples for the held-out evaluation before and after training (generation under ZeRO-3 needs
+    every rank to gather the parameters: a main-process-only evaluation hangs)."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
-    script = tmp_path / "iterative_zero3.py"
-    script.write_text(textwrap.dedent(DEEPSPEED_ITERATIVE_SCRIPT.format(recipes=str(RECIPES))))
-    env = dict(
-        ACCELERATE_USE_DEEPSPEED="true",
-        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
-        CUDA_VISIBLE_DEVICES="",
-        ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="true",
-        ACCELERATE_DEEPSPEED_ZERO3_INIT="true",
-    )
-    proc = launch(script, str(tmp_path / "out"), env=env, processes=1)
+    script = tmp_path / "zero3.py"
+    script.write_text(textwrap.dedent(ZERO3_TRL_SCRIPT.format(recipes=str(RECIPES))))
+    out = tmp_path / "out"
+    proc = launch(script, str(out), recipe, *extra, env=ZERO3_ENV, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "zero3.json").read_text()) == {"zero3": True, "steps": 3}
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert [m["iteration"] for m in metrics] == [0, 1]
-    assert (tmp_path / "out" / "iteration_1" / "model" / "model.safetensors").exists()
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world"], r["backend"], r["zero3"]) for r in ranks] == [(2, "gloo", True)] * 2
+    assert all(r["loaded"] and set(r["loaded"]) == {0} for r in ranks)  # partitioned placeholders from the start
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] and len(ranks[0]["evaluations"]) == 2
+    assert [r["steps"] for r in ranks] == [steps, steps]
+    assert (out / saved).exists() and len(json.loads((out / "eval_metrics.json").read_text())) == 2

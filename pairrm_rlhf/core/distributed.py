@@ -27,6 +27,22 @@ import sys
 import threading
 
 
+def cpu_deepspeed_backend() -> str | None:
+    """"gloo" when DeepSpeed is requested (`ACCELERATE_USE_DEEPSPEED=true`, as `accelerate launch --use_deepspeed`
+    sets it) and torch sees no accelerator; else None (accelerate's own choice: NCCL on GPUs).
+
+    Why: for a non-CPU run accelerate asks the accelerator for its backend (`PartialState._prepare_backend`); on a
+    machine without one it finds none, and "no backend" means "no distributed training": every rank reports
+    num_processes=1 and process_index=0 while DeepSpeed's own process group spans all of them. Naming gloo makes it a
+    real multi-process run (ZeRO-3 on CPU: the multi-process tests). PPO passes it to its `Accelerator`; the TRL
+    recipes default `--ddp_backend` to it."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    import torch
+
+    return None if torch.accelerator.is_available() else "gloo"
+
+
 def _process_group_initialized() -> bool:
     if "torch.distributed" not in sys.modules:  # no torch.distributed imported: no process group (and no torch import)
         return False

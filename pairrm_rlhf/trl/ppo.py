@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..core.distributed import cpu_deepspeed_backend
 from ..core.generation import SamplingArguments, build_generation_config
 from ..core.progress import progress_enabled
 from . import ppo_checkpoint
@@ -82,11 +83,8 @@ RewardFn = Callable[..., list[float]]
 def make_accelerator(config: PPOConfig) -> Accelerator:
     """The run's accelerator, with the batch sizes in its DeepSpeed config (no prepared dataloader infers them).
     Made before the models are loaded, its DeepSpeed ZeRO-3 config (with `zero3_init`) partitions them at load."""
-    handlers = []
-    if not torch.accelerator.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        # DeepSpeed's CPU accelerator: without a named backend accelerate finds none for the CPU and gives every rank
-        # num_processes=1 / process_index=0; gloo makes it a real multi-process run
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    backend = cpu_deepspeed_backend()  # DeepSpeed on a CPU-only machine: gloo, or every rank thinks it is alone
+    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
     accelerator = Accelerator(cpu=config.use_cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
                               mixed_precision="bf16" if config.bf16 else None, log_with=config.report_to or None,
                               project_dir=config.output_dir, kwargs_handlers=handlers)

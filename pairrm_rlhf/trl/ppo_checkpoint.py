@@ -22,6 +22,7 @@ never read.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -68,14 +69,17 @@ def latest_complete(output_dir: str) -> str:
     raise FileNotFoundError(f"resume_from_checkpoint: no complete checkpoint-<update> in {output_dir}")
 
 
-def run_identity(config: Any, num_processes: int, model: torch.nn.Module) -> dict[str, Any]:
+def run_identity(config: Any, num_processes: int, model: torch.nn.Module | None) -> dict[str, Any]:
     """Everything a PPO run's numbers depend on that the checkpoint does not hold: the settings (but `VOLATILE`),
-    the number of processes, the policy's name and its trainable parameters (count and size)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    policy = model.policy.config.name_or_path if hasattr(model, "policy") else None
-    return canonical({"format": FORMAT, "config": {k: v for k, v in asdict(config).items() if k not in VOLATILE},
-                      "processes": num_processes, "policy": policy,
-                      "trainable": {"tensors": len(trainable), "parameters": sum(p.numel() for p in trainable)}})
+    the number of processes, the policy's name and its trainable parameters (count and size). Without `model`
+    (before it loads) the settings and processes only."""
+    identity = {"format": FORMAT, "config": {k: v for k, v in asdict(config).items() if k not in VOLATILE},
+                "processes": num_processes}
+    if model is not None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        identity["policy"] = model.policy.config.name_or_path if hasattr(model, "policy") else None
+        identity["trainable"] = {"tensors": len(trainable), "parameters": sum(p.numel() for p in trainable)}
+    return canonical(identity)
 
 
 # ---- saving -------------------------------------------------------------------------------------------------------
@@ -143,9 +147,39 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
+def check_before_loading(accelerator: Any, config: Any) -> None:
+    """Refuse a bad `config.resume_from_checkpoint` before the models load (minutes at 7B, and a crash after them
+    wastes them): the manifest, every file's SHA-256, and the settings and process count it records (collective,
+    as `load`). What needs the model (its trainable parameters) is checked again by `load`."""
+    if not config.resume_from_checkpoint:
+        return
+    directory = str(config.resume_from_checkpoint)
+    if directory.lower() == "true":
+        directory = latest_complete(config.output_dir)
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    _verify_everywhere(accelerator, directory, run_identity(config, accelerator.num_processes, None), deepspeed)
+
+
+def _verify_everywhere(accelerator: Any, directory: str, identity: dict[str, Any], deepspeed: bool) -> None:
+    """`verify` on the main process; every process gets its answer, so a refusal stops all of them."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            verify(directory, identity, accelerator.num_processes, deepspeed)
+        except CheckpointError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise CheckpointError(refusal)
+
+
 def verify(directory: str, identity: dict[str, Any], num_processes: int, deepspeed: bool) -> dict[str, Any]:
-    """The manifest of `directory` once every file it lists is present and intact and it records `identity`;
-    `CheckpointError` naming the file otherwise."""
+    """The manifest of `directory` once every file it lists is present and intact and it records `identity` (the keys
+    `identity` has: `run_identity` without a model checks the settings only); `CheckpointError` naming the file
+    otherwise."""
     path = Path(directory)
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
@@ -157,6 +191,7 @@ def verify(directory: str, identity: dict[str, Any], num_processes: int, deepspe
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"resume_from_checkpoint: {manifest_file} is unreadable ({type(error).__name__}: "
                               f"{error})") from None
+    saved = {k: v for k, v in saved.items() if k in identity}
     if saved != identity:
         raise CheckpointError(f"resume_from_checkpoint: {directory} is a checkpoint of a run with other settings: "
                               f"{MANIFEST} has {describe_changes(saved, identity)}; resume with the same settings")
@@ -169,7 +204,7 @@ def verify(directory: str, identity: dict[str, Any], num_processes: int, deepspe
             raise CheckpointError(f"resume_from_checkpoint: {path / name} is not in {manifest_file}")
         if not (path / name).is_file():
             raise CheckpointError(f"resume_from_checkpoint: {path / name} is missing")
-        if file_sha256(path / name) != files[name]:
+        if _sha256(path / name) != files[name]:
             raise CheckpointError(f"resume_from_checkpoint: {path / name} is damaged (its SHA-256 differs from the "
                                   f"one in {MANIFEST})")
     return manifest
@@ -179,18 +214,7 @@ def load(trainer: Any, directory: str) -> None:
     """Restore `trainer` from a verified `directory` (collective). The main process checks the files; every
     process gets its answer, so a refusal stops all of them."""
     acc = trainer.accelerator
-    refusal = None
-    if acc.is_main_process:
-        try:
-            verify(directory, trainer.identity, acc.num_processes, trainer.deepspeed)
-        except CheckpointError as error:
-            refusal = str(error)
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        raise CheckpointError(refusal)
+    _verify_everywhere(acc, directory, trainer.identity, trainer.deepspeed)
     path = Path(directory)
     if trainer.deepspeed:
         trainer.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
@@ -215,6 +239,18 @@ def load(trainer: Any, directory: str) -> None:
     state = _read_json(path / "trainer_state.json")
     trainer.update_step, trainer.log_history = int(state["update"]), list(state["log_history"])
     trainer.reward_scaler.load_state_dict(state["reward_scaling"])
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def _sha256(path: Path) -> str:
+    """`file_sha256`, computed once per file version: `check_before_loading` and `load` both verify a checkpoint
+    (a 7B full-parameter ZeRO-3 checkpoint is ~85 GB, about a minute of hashing)."""
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
