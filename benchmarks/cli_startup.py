@@ -24,6 +24,7 @@ CASES = {
     "pairrm-rlhf --help": (["--help"], 0),
     "pairrm-rlhf demo --examples 9 (argument error)": (["demo", "--examples", "9"], 2),
     "pairrm-rlhf demo --help": (["demo", "--help"], 0),
+    "pairrm-rlhf label --help": (["label", "--help"], 0),
 }
 
 

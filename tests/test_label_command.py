@@ -42,7 +42,7 @@ def no_models(monkeypatch):
         raise AssertionError("a model was loaded before the configuration was checked")
 
     monkeypatch.setattr(PairRM, "from_pretrained", refuse)
-    monkeypatch.setattr("pairrm_rlhf.labeling.command.load_policy", refuse)
+    monkeypatch.setattr("pairrm_rlhf.core.generation.load_policy", refuse)
 
 
 @pytest.fixture

@@ -21,34 +21,20 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from ..args import PairRMArguments
-from ..core import assets
 from ..core.distributed import end_distributed_run
 from ..core.entry import check_device, check_hub_id, check_hub_push, parse, run_command
-from ..core.formats import CONVERSATION_FORMATS
-from ..core.generation import SamplingArguments, load_policy
-from ..core.settings import check_choice
-from ..data import check_prompts
-from .generation import BACKENDS
-from .io import (
-    OUTPUT_FORMATS,
-    as_conversational,
-    companion_path,
-    dataset_card,
-    load_prompts,
-    margin_histogram,
-    output_format_of,
-    push_with_card,
-    save_dataset,
-)
-from .labeler import PreferenceLabeler, _process_state, check_columns
-from .pairs import AGGREGATIONS, STRATEGIES
-from .store import remove_store, writing
+from ..core.sampling import SamplingArguments
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .labeler import PreferenceLabeler
+
+# The flags parse without torch, transformers or datasets (`label --help` and argument errors answer at once); the
+# functions below import the labeling machinery when they run.
 logger = logging.getLogger(__name__)
 POLICY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -136,6 +122,13 @@ class LabelArguments:
 
 def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_args: SamplingArguments) -> None:
     """Check every setting that needs no data or model; one-line ValueError/FileNotFoundError naming the flag."""
+    from ..core import assets
+    from ..core.formats import CONVERSATION_FORMATS
+    from ..core.settings import check_choice
+    from .generation import BACKENDS
+    from .io import OUTPUT_FORMATS, output_format_of
+    from .pairs import AGGREGATIONS, STRATEGIES
+
     a = label_args
     if not a.dataset:
         raise ValueError("--dataset is required (a local path, a hub id or 'tiny')")
@@ -208,6 +201,11 @@ def run_label(
     Returns:
         The preference dataset.
     """
+    from ..core import generation
+    from ..data import check_prompts
+    from .io import as_conversational, load_prompts
+    from .labeler import PreferenceLabeler, _process_state, check_columns
+
     pairrm_args = pairrm_args or PairRMArguments()
     sampling_args = sampling_args or SamplingArguments()
     validate(label_args, pairrm_args, sampling_args)
@@ -226,7 +224,7 @@ def run_label(
     pairrm = pairrm_args.load(device=pairrm_args.pairrm_device or str(state.device))
     policy, tokenizer = a.policy, None
     if a.responses_column is None and a.backend == "transformers":
-        policy, tokenizer = load_policy(a.policy, a.policy_device or state.device, a.policy_dtype)
+        policy, tokenizer = generation.load_policy(a.policy, a.policy_device or state.device, a.policy_dtype)
     labeler = PreferenceLabeler(
         pairrm,
         policy,
@@ -270,6 +268,9 @@ def _write_outputs(
 
     A push that fails after the dataset is saved is an OSError, `saved to X; push failed: why`, raised after the
     summary is printed."""
+    from .io import companion_path, dataset_card, margin_histogram, push_with_card, save_dataset
+    from .store import remove_store, writing
+
     s = labeler.stats
     output_format = save_dataset(result, a.output_path, a.output_format)
     settings = {**dataclasses.asdict(a), **dataclasses.asdict(pairrm_args), **dataclasses.asdict(sampling_args)}
