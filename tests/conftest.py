@@ -43,6 +43,17 @@ def model(request, hf_model, blender_model) -> PairRM:
     return hf_model if request.param == "hf" else blender_model
 
 
+@pytest.fixture
+def no_models(monkeypatch):
+    """Any attempt to load the judge or the policy fails the test (the configuration and the data are checked first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration and the data were checked")
+
+    monkeypatch.setattr(PairRM, "from_pretrained", refuse)
+    monkeypatch.setattr("pairrm_rlhf.core.generation.load_policy", refuse)
+
+
 @pytest.fixture(autouse=True)
 def _restore_root_logging():
     """Tests that run the CLI in-process install its log handler and INFO level on the root logger: undo that."""

@@ -18,7 +18,6 @@ import pytest
 import yaml
 from datasets import Dataset, load_from_disk
 
-from pairrm_rlhf import PairRM
 from pairrm_rlhf.args import PairRMArguments, bundled_configs
 from pairrm_rlhf.core.generation import SamplingArguments
 from pairrm_rlhf.labeling import PreferenceLabeler, load_prompts
@@ -32,17 +31,6 @@ RESPONSES = [
     ["Blue", "Wet and big.", ""],
     ["A drink.", "Tea made from unoxidised leaves.", "tea"],
 ]
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Any attempt to load the judge or the policy fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the configuration was checked")
-
-    monkeypatch.setattr(PairRM, "from_pretrained", refuse)
-    monkeypatch.setattr("pairrm_rlhf.core.generation.load_policy", refuse)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from pairrm_rlhf import PairRM
 from pairrm_rlhf.core import generation as core_generation
 from pairrm_rlhf.core import identity as core_identity
 from pairrm_rlhf.core.assets import bundled
@@ -52,15 +51,6 @@ def one_line_error(argv, capsys) -> str:
     errors = [line for line in err.splitlines() if line.startswith("pairrm-rlhf label: error: ")]
     assert len(errors) == 1 and "Traceback" not in err and err.strip().splitlines()[-1] == errors[0], err
     return errors[0].removeprefix("pairrm-rlhf label: error: ")
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr(PairRM, "from_pretrained", refuse)
-    monkeypatch.setattr("pairrm_rlhf.core.generation.load_policy", refuse)
 
 
 # ---- one reader ----------------------------------------------------------------------------------------------
