@@ -702,6 +702,17 @@ def test_shipped_configs_parse():
         parse("ppo", ["--config", "nope"])
 
 
+def run_script(source: str, tmp_path: Path, *args: str, env: dict | None = None, processes: int = 2) -> Path:
+    """Run a test script (`source`, formatted with the recipes' folder) in `processes` processes (`torchrun`) with
+    output_dir `tmp_path/out` and `args`; asserts that every process succeeded; returns the output_dir."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source.format(recipes=str(RECIPES))))
+    out = tmp_path / "out"
+    proc = launch(script, str(out), *args, env=env, processes=processes)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
 # ---- two processes -----------------------------------------------------------------------------------------------
 PPO_SCRIPT = """
 import hashlib, json, os, sys
@@ -735,17 +746,14 @@ end_distributed_run()
 
 @pytest.mark.multiprocess
 def test_ppo_two_processes(tmp_path):
-    script = tmp_path / "ppo_2proc.py"
-    script.write_text(textwrap.dedent(PPO_SCRIPT.format(recipes=str(RECIPES))))
-    proc = launch(script, str(tmp_path / "out"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    out = run_script(PPO_SCRIPT, tmp_path)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # gradients were averaged: the replicas stayed identical
     assert ranks[0]["history"] == ranks[1]["history"]  # logged metrics are reduced over both processes
     assert [h["episode"] for h in ranks[0]["history"]] == [16, 32]
     assert all(h["rank0/only"] == 1.0 for h in ranks[0]["history"])  # the union of keys, averaged where present
-    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "value_head.safetensors").exists()
+    assert (out / "model.safetensors").exists() and (out / "value_head.safetensors").exists()
 
 
 ITERATIVE_SCRIPT = """
@@ -772,12 +780,9 @@ end_distributed_run()
 @pytest.mark.multiprocess
 def test_iterative_dpo_two_processes_with_a_slow_rank(tmp_path):
     """The chunks of the labeling run are removed only after every process has read them (a barrier)."""
-    script = tmp_path / "iterative_2proc.py"
-    script.write_text(textwrap.dedent(ITERATIVE_SCRIPT.format(recipes=str(RECIPES))))
-    proc = launch(script, str(tmp_path / "out"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "out" / "iteration_1" / "done.json").exists()
-    assert not (tmp_path / "out" / "iteration_1" / "pairs.chunks").exists()
+    out = run_script(ITERATIVE_SCRIPT, tmp_path)
+    assert (out / "iteration_1" / "done.json").exists()
+    assert not (out / "iteration_1" / "pairs.chunks").exists()
 
 
 # ---- DeepSpeed ZeRO-3 (CPU, gloo) ---------------------------------------------------------------------------------
@@ -830,12 +835,7 @@ def test_ppo_deepspeed_zero3_two_processes(tmp_path):
     ZeRO-3 needs every rank to gather), a checkpoint (the engine's own, checksummed) is saved, and a run resumed from
     it logs the uninterrupted run's metrics on both ranks."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
-    script = tmp_path / "ppo_zero3.py"
-    script.write_text(textwrap.dedent(DEEPSPEED_SCRIPT.format(recipes=str(RECIPES))))
-    env = ZERO3_ENV
-    out = tmp_path / "out"
-    proc = launch(script, str(out), "--total_episodes", "32", env=env, processes=2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_script(DEEPSPEED_SCRIPT, tmp_path, "--total_episodes", "32", env=ZERO3_ENV)
     ranks = [json.loads((out / f"rank{r}-4.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["loaded"] for r in ranks] == [[0, 0], [0, 0]]
     assert all(r["stage"] == 3 and r["clip"] == 0.5 and r["ref"] == "DeepSpeedEngine" for r in ranks)
@@ -843,17 +843,8 @@ def test_ppo_deepspeed_zero3_two_processes(tmp_path):
     assert (out / "model.safetensors").exists() and (out / "checkpoint-2" / "manifest.json").exists()
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 4
     assert [r["evals"] for r in ranks] == [2, 2]
-    proc = launch(
-        script,
-        str(out),
-        "--total_episodes",
-        "32",
-        "--resume_from_checkpoint",
-        str(out / "checkpoint-2"),
-        env=env,
-        processes=2,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(DEEPSPEED_SCRIPT, tmp_path, "--total_episodes", "32", "--resume_from_checkpoint",
+               str(out / "checkpoint-2"), env=ZERO3_ENV)
     resumed = [json.loads((out / f"rank{r}-6.json").read_text()) for r in (0, 1)]
     assert resumed[0]["history"] == resumed[1]["history"] == ranks[0]["history"]
 
@@ -907,11 +898,7 @@ def test_trl_recipes_deepspeed_zero3_two_processes(recipe, extra, steps, saved, 
     and every rank samples for the held-out evaluation before and after training (generation under ZeRO-3 needs
     every rank to gather the parameters: a main-process-only evaluation hangs)."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'pairrm-rlhf[deepspeed]')")
-    script = tmp_path / "zero3.py"
-    script.write_text(textwrap.dedent(ZERO3_TRL_SCRIPT.format(recipes=str(RECIPES))))
-    out = tmp_path / "out"
-    proc = launch(script, str(out), recipe, *extra, env=ZERO3_ENV, processes=2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_script(ZERO3_TRL_SCRIPT, tmp_path, recipe, *extra, env=ZERO3_ENV)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["world"], r["backend"], r["zero3"]) for r in ranks] == [(2, "gloo", True)] * 2
     assert all(r["loaded"] and set(r["loaded"]) == {0} for r in ranks)  # partitioned placeholders from the start
