@@ -680,6 +680,24 @@ def test_smoke_config_by_name(name, expected, tmp_path):
         )
 
 
+@pytest.mark.parametrize("recipe_name", ["online_dpo", "grpo", "iterative_dpo", "ppo"])
+def test_deepspeed_without_an_accelerator_defaults_ddp_backend_to_gloo(recipe_name, monkeypatch):
+    """accelerate gives every rank of a DeepSpeed run on a CPU-only machine num_processes=1 unless the backend is
+    named: the TRL recipes' parsers default --ddp_backend to gloo there (a config or the command line still wins:
+    argparse defaults); PPO has no such flag (its `make_accelerator` names the backend). The two-process ZeRO-3
+    tests run the whole path."""
+    common, seen = recipe("_common"), []
+    monkeypatch.setattr(common.entry, "parse", lambda parser, argv, prog: seen.append(parser) or (0, 0, None))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    with pytest.raises(AttributeError):  # the stand-in's model_args has no model_name_or_path: parsing ends here
+        parse(recipe_name, [])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(AttributeError):
+        parse(recipe_name, [])
+    before, after = (p.get_default("ddp_backend") for p in seen)
+    assert (before, after) == ((None, None) if recipe_name == "ppo" else (None, "gloo"))
+
+
 def test_shipped_configs_parse():
     """Every shipped config parses into its recipe's dataclasses by name (nothing is loaded)."""
     from pairrm_rlhf.args import bundled_configs
