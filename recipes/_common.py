@@ -17,7 +17,9 @@ built by `pairrm_rlhf.core.generation.build_generation_config` from the config's
 neutral (no top-k/top-p/min-p, no penalty), or the checkpoint's `generation_config` value with
 `use_checkpoint_sampling: true`. Labeling and evaluation sample in the run's compute dtype (`compute_dtype`: autocast
 to bf16 over the fp32 masters with `bf16: true`), through `core.generation.sample_responses`, and evaluate on every
-process (`evaluate_everywhere`: under ZeRO-3 each one gathers the parameters and samples).
+process (`evaluate_everywhere`: under ZeRO-3 each one gathers the parameters and samples). With a recipe's
+`sampling_backend: vllm` the evaluation samples with vLLM instead (`vllm_generate`: the labeler's vLLM backend, the
+same `SamplingParams`) from the model's saved path, on the main process only (see `evaluate_everywhere`).
 
 On a machine without CUDA the parser defaults to `use_cpu: true, bf16: false` (a config or flag still wins).
 """
@@ -28,17 +30,26 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
+from _evaluation import (  # the held-out evaluation, re-exported for the recipes
+    Evaluator,
+    check_sampling_backend,
+    check_vllm_evaluation,
+    compute_dtype,
+    evaluate_everywhere,
+    gathered,
+    generate,
+    vllm_generate,
+    win_rate,
+    zero3_enabled,
+)
 from datasets import Dataset
 from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
@@ -48,11 +59,9 @@ from pairrm_rlhf.args import PairRMArguments
 from pairrm_rlhf.core import entry, generation
 from pairrm_rlhf.core.assets import TINY
 from pairrm_rlhf.core.distributed import cpu_deepspeed_backend, end_distributed_run
-from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config, sample_responses
-from pairrm_rlhf.evaluation.length import length_controlled_win_rate
+from pairrm_rlhf.core.generation import NEUTRAL, OFF, SamplingArguments, build_generation_config
 from pairrm_rlhf.labeling import load_prompts
 from pairrm_rlhf.pairrm import PairRM
-from pairrm_rlhf.trl.judge import PairRMJudge
 
 __all__ = [
     "RecipeArguments",
@@ -68,9 +77,14 @@ __all__ = [
     "sampling_kwargs",
     "compute_dtype",
     "generate",
+    "vllm_generate",
+    "check_sampling_backend",
+    "check_vllm_evaluation",
     "win_rate",
     "Evaluator",
     "evaluate_everywhere",
+    "gathered",
+    "zero3_enabled",
     "judge_for",
     "lazy_judge",
 ]
@@ -102,6 +116,13 @@ class RecipeArguments(PairRMArguments):
     use_checkpoint_sampling: bool = field(
         default=False,
         metadata={"help": "sampling fields left unset come from the checkpoint's generation_config (default: neutral)"},
+    )
+    eval_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={
+            "help": "sampling_backend vllm: the share of the GPU's memory the held-out evaluation's vLLM engine may "
+            "take (vLLM's gpu_memory_utilization; the training state stays on the GPU beside it)"
+        },
     )
 
 
@@ -303,149 +324,6 @@ def sampling_kwargs(training_args: Any, model: Any, tokenizer: Any, script_args:
     config = build_generation_config(model, tokenizer, sampling)
     names = list(NEUTRAL) + ([] if getattr(training_args, "use_vllm", False) else list(OFF))  # vLLM: its own names
     return {**{k: getattr(config, k) for k in names}, **(training_args.generation_kwargs or {})}
-
-
-# ---- evaluation -----------------------------------------------------------------------------------------------
-def compute_dtype(training_args: Any) -> torch.dtype | None:
-    """The dtype the run computes in: bfloat16 with `bf16: true`, float16 with `fp16: true`, else None (the weights').
-    Sampling for labeling and evaluation uses it too, so fp32 master weights never sample in fp32 on a bf16 run."""
-    if getattr(training_args, "bf16", False):
-        return torch.bfloat16
-    return torch.float16 if getattr(training_args, "fp16", False) else None
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list,
-    sampling: SamplingArguments,
-    *,
-    seed: int,
-    batch_size: int = 32,
-    dtype: torch.dtype | None = None,
-) -> list[str]:
-    """One sampled response per prompt (`core.generation.sample_responses`), reproducible under `seed`, computed in
-    `dtype` (autocast; None: the weights' dtype)."""
-    model.eval()
-    config = build_generation_config(model, tokenizer, sampling)
-    device = next(model.parameters()).device
-    out: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for s in range(0, len(prompts), batch_size):
-            out += [
-                r[0]
-                for r in sample_responses(
-                    model, tokenizer, prompts[s : s + batch_size], 1, generation_config=config, compute_dtype=dtype
-                )
-            ]
-    return out
-
-
-def win_rate(pairrm: PairRM, prompts: list, first: list[str], second: list[str]) -> dict[str, float]:
-    """PairRM's verdicts of `first` over `second`: win rate (ties count 1/2), the length-controlled win rate (at zero
-    length difference in characters, `evaluation.length`), tie rate, mean two-order logit."""
-    z = PairRMJudge(pairrm).two_order_logits(prompts, [[a, b] for a, b in zip(first, second)])
-    wins = (z > 0) + 0.5 * (z == 0)
-    lc = length_controlled_win_rate(wins, [len(a) for a in first], [len(b) for b in second])
-    return {
-        "win_rate": float(np.mean(wins)),
-        "lc_win_rate": lc,
-        "ties": float(np.mean(z == 0)),
-        "mean_logit": float(np.mean(z)),
-    }
-
-
-class Evaluator:
-    """Held-out evaluation: the policy's samples vs the initial policy's (the first call's, kept in
-    `eval_before.json`) and vs the references, by the judge. Appends to `eval_metrics.json` and the completions
-    table `eval_completions.jsonl` in `output_dir`. Sampling runs under a forked RNG (training is unchanged)."""
-
-    def __init__(
-        self,
-        judge: PairRM,
-        prompts: list,
-        references: list[str] | None,
-        sampling: SamplingArguments,
-        seed: int,
-        output_dir: str,
-        dtype: torch.dtype | None = None,
-    ):
-        self.judge, self.prompts, self.references, self.sampling, self.seed = judge, prompts, references, sampling, seed
-        self.dtype = dtype  # the run's compute dtype (`compute_dtype`): sampling runs under autocast to it
-        self.output_dir, self.before, self.history = output_dir, None, []
-        history_file = os.path.join(output_dir, "eval_metrics.json")
-        if os.path.exists(history_file):  # a resumed run continues the history
-            with open(history_file) as f:
-                self.history = json.load(f)
-
-    def __call__(self, model: Any, tokenizer: Any, step: int, write: bool = True) -> dict[str, float]:
-        """The metrics of `model` at `step`; `write=False` (the other processes under ZeRO-3) skips the files."""
-        samples = generate(model, tokenizer, self.prompts, self.sampling, seed=self.seed, dtype=self.dtype)
-        before_file = os.path.join(self.output_dir, "eval_before.json")
-        if self.before is None and os.path.exists(before_file):  # a resumed run keeps the initial policy's samples
-            with open(before_file) as f:
-                self.before = json.load(f)
-        if self.before is None:
-            self.before = samples
-            if write:
-                os.makedirs(self.output_dir, exist_ok=True)
-                with open(before_file, "w") as f:
-                    json.dump(samples, f)
-        metrics: dict[str, float] = {"step": step, "mean_length": float(sum(len(s) for s in samples) / len(samples))}
-        for name, verdict in (
-            ("vs_initial", win_rate(self.judge, self.prompts, samples, self.before)),
-            ("vs_reference", self.references and win_rate(self.judge, self.prompts, samples, self.references)),
-        ):
-            if verdict:
-                metrics.update({f"{name}/{k}": v for k, v in verdict.items()})
-        self.history = [h for h in self.history if h["step"] < step] + [metrics]
-        if not write:
-            return metrics
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "eval_metrics.json"), "w") as f:
-            json.dump(self.history, f, indent=1)
-        with open(os.path.join(self.output_dir, "eval_completions.jsonl"), "a") as f:
-            for prompt, sample in zip(self.prompts, samples):
-                f.write(json.dumps({"step": step, "prompt": prompt, "completion": sample}) + "\n")
-        return metrics
-
-
-def zero3_enabled() -> bool:
-    """Is DeepSpeed ZeRO-3 active (parameters partitioned across processes)?"""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
-
-
-@contextlib.contextmanager
-def gathered(model: Any):
-    """Every parameter of `model` whole on this process for generation under ZeRO-3, as TRL's
-    `unwrap_model_for_generation` does (collective: every process must enter); nothing otherwise."""
-    if not zero3_enabled():
-        yield model
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield model
-
-
-def evaluate_everywhere(evaluator: Evaluator, model: Any, tokenizer: Any, step: int) -> dict[str, float]:
-    """`evaluator(model, ...)` as a multi-process run needs it (collective: every process must call it). Under ZeRO-3
-    every process gathers the parameters and samples (generation needs every rank; the main process writes the files);
-    otherwise the main process samples alone. Every process returns the main process's metrics."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    state = PartialState()
-    metrics: list[Any] = [None]
-    if state.is_main_process or zero3_enabled():
-        with gathered(model):
-            metrics = [evaluator(model, tokenizer, step, write=state.is_main_process)]
-    if state.num_processes > 1:
-        metrics = broadcast_object_list(metrics)
-    return metrics[0]
 
 
 def judge_for(script_args: PairRMArguments, use_cpu: bool) -> PairRM:

@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     Evaluator,
     RecipeArguments,
+    check_sampling_backend,
+    check_vllm_evaluation,
     compute_dtype,
     evaluate_everywhere,
     get_peft_config,
@@ -69,6 +71,13 @@ class GRPORecipeConfig(GRPOConfig):
             "text + bare response, as SPPO labelled)"
         },
     )
+    sampling_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "vllm: TRL's vLLM rollouts (use_vllm; vllm_mode colocate or server) and the held-out evaluation "
+            "sampled by vLLM from the saved model (pip install vllm)"
+        },
+    )
     missing_eos_penalty: float | None = field(
         default=1.0,
         metadata={
@@ -86,6 +95,7 @@ class GRPORecipeConfig(GRPOConfig):
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             raise ValueError(f"--missing_eos_penalty must be >= 0 or null, got {self.missing_eos_penalty}")
+        check_sampling_backend(self)  # vllm: TRL's vLLM rollouts too (use_vllm)
         super().__post_init__()
 
 
@@ -114,6 +124,7 @@ def main(
         conversation_format=training_args.conversation_format,
         eos_token_ids=None if training_args.missing_eos_penalty is None else policy_eos_token_ids(policy, tokenizer),
     )
+    check_vllm_evaluation(training_args.sampling_backend, model_args.use_peft, len(eval_set))
     evaluator = None
     if len(eval_set):
         sampling = SamplingArguments(
@@ -127,8 +138,11 @@ def main(
             training_args.seed,
             training_args.output_dir,
             dtype=compute_dtype(training_args),
+            backend=training_args.sampling_backend,
+            gpu_memory_utilization=script_args.eval_gpu_memory_utilization,
         )
-        evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0)
+        start = model_args.model_name_or_path  # vLLM samples the initial model from its path
+        evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0, saved=start)
         policy.train()
     trainer = quiet_log_dicts(
         GRPOTrainer(
@@ -142,8 +156,9 @@ def main(
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    if evaluator is not None:  # every process: under ZeRO-3 each gathers the parameters and samples
-        evaluate_everywhere(evaluator, trainer.model, tokenizer, trainer.state.global_step)
+    if evaluator is not None:  # every process: under ZeRO-3 each gathers and samples (vLLM: main samples the output)
+        step = trainer.state.global_step
+        evaluate_everywhere(evaluator, trainer.model, tokenizer, step, saved=training_args.output_dir)
     key = f"rewards/{reward.__name__}/mean"
     logs = [log for log in trainer.state.log_history if key in log]
     if trainer.is_world_process_zero() and logs:

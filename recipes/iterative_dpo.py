@@ -128,8 +128,8 @@ class IterativeDPOConfig(DPOConfig):
     sampling_backend: str = field(
         default="transformers",
         metadata={
-            "help": "labeling samples with transformers (the policy being trained) or vllm (a vllm.LLM of the "
-            "iteration's saved policy, as uclaml/SPPO's scripts/generate.py)"
+            "help": "labeling and the held-out evaluation sample with transformers (the policy being trained) or vllm "
+            "(a vllm.LLM of the saved policy, as uclaml/SPPO's scripts/generate.py)"
         },
     )
     aggregation: str = field(default="rank", metadata={"help": "labeler score: rank, copeland or bradley_terry"})
@@ -334,6 +334,7 @@ TRAINING_SETTINGS = (
 # fields of the recipe's own dataclasses that do not change the numbers
 NOT_IDENTITY = (
     "generation_batch_size",
+    "eval_gpu_memory_utilization",  # the evaluation engine's memory share, not its numbers
     "label_chunk_size",
     "dataset_hub_id",
     "dataset_hub_private",
@@ -421,8 +422,12 @@ def main(
             config.seed,
             str(out),
             dtype=compute_dtype(config),
+            backend=config.sampling_backend,
+            gpu_memory_utilization=script_args.eval_gpu_memory_utilization,
         )
-        if (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
+        if config.sampling_backend == "vllm" and state.is_main_process and not (out / "eval_before.json").exists():
+            evaluator(model_args.model_name_or_path, None, 0)  # vLLM samples the initial policy from its path
+        elif (state.is_main_process or zero3) and not (out / "eval_before.json").exists():
             policy, tokenizer = load_policy(model_args)  # the initial policy, even when resuming
             with gathered(policy.to(state.device)):
                 evaluator(policy, tokenizer, 0, write=state.is_main_process)
@@ -433,7 +438,8 @@ def main(
         """Held-out metrics of the iteration's policy (main process), shared with every process and logged."""
         if evaluator is None:
             return {}
-        result = evaluate_everywhere(evaluator, model, trainer.processing_class, iteration)  # ZeRO-3: every process
+        saved = str(out / f"iteration_{iteration}" / "model")  # vLLM samples the saved policy
+        result = evaluate_everywhere(evaluator, model, trainer.processing_class, iteration, saved=saved)
         metrics = {f"eval/{k}": v for k, v in result.items() if k != "step"}
         trainer.log(dict(metrics))  # to the configured report_to trackers
         return metrics

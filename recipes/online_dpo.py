@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     Evaluator,
     RecipeArguments,
+    check_sampling_backend,
+    check_vllm_evaluation,
     compute_dtype,
     evaluate_everywhere,
     get_peft_config,
@@ -56,10 +58,18 @@ class OnlineDPORecipeConfig(OnlineDPOConfig):
         metadata={"help": "judge: PairRM compares the two samples; reference: each vs the reference column"},
     )
     judge_soft: bool = field(default=True, metadata={"help": "judge: rewards (P, 1-P) instead of (1, 0)"})
+    sampling_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "vllm: TRL's vLLM rollouts (use_vllm; vllm_mode colocate or server) and the held-out evaluation "
+            "sampled by vLLM from the saved model (pip install vllm)"
+        },
+    )
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        check_sampling_backend(self)  # vllm: TRL's vLLM rollouts too (use_vllm)
         super().__post_init__()
 
 
@@ -82,6 +92,7 @@ def main(
         )
     else:
         reward = PairwiseReward(pairrm, batch_size=script_args.pairrm_batch_size)
+    check_vllm_evaluation(training_args.sampling_backend, model_args.use_peft, len(eval_set))
     evaluator = None
     if len(eval_set):
         sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
@@ -93,8 +104,11 @@ def main(
             training_args.seed,
             training_args.output_dir,
             dtype=compute_dtype(training_args),
+            backend=training_args.sampling_backend,
+            gpu_memory_utilization=script_args.eval_gpu_memory_utilization,
         )
-        evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0)
+        start = model_args.model_name_or_path  # vLLM samples the initial model from its path
+        evaluate_everywhere(evaluator, policy.to(training_args.device), tokenizer, 0, saved=start)
         policy.train()
     peft_config = get_peft_config(model_args)
     # the reference: TRL copies the policy (with LoRA: disables the adapter); under ZeRO-3 a partitioned policy cannot
@@ -113,8 +127,9 @@ def main(
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    if evaluator is not None:  # every process: under ZeRO-3 each gathers the parameters and samples
-        evaluate_everywhere(evaluator, trainer.model, tokenizer, trainer.state.global_step)
+    if evaluator is not None:  # every process: under ZeRO-3 each gathers and samples (vLLM: main samples the output)
+        step = trainer.state.global_step
+        evaluate_everywhere(evaluator, trainer.model, tokenizer, step, saved=training_args.output_dir)
     logs = [log for log in trainer.state.log_history if "objective/scores_margin" in log]
     if trainer.is_world_process_zero() and logs:
         first, last = logs[0], logs[-1]

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     Evaluator,
     RecipeArguments,
+    check_sampling_backend,
     compute_dtype,
     get_peft_config,
     judge_for,
@@ -59,6 +60,7 @@ class PPORecipeConfig(PPOConfig):
     def __post_init__(self):
         if self.reward_output not in REWARD_OUTPUTS:
             raise ValueError(f"--reward_output must be one of {', '.join(REWARD_OUTPUTS)}, got {self.reward_output!r}")
+        check_sampling_backend(self)  # vllm: the rollouts and the evaluation sample with a colocated vLLM engine
 
 
 class EvaluatingPPOTrainer(PPOTrainer):
@@ -75,12 +77,18 @@ class EvaluatingPPOTrainer(PPOTrainer):
     def evaluate(self) -> dict[str, float] | None:
         """The held-out metrics (on every process). Without ZeRO-3 the main process samples while the others wait;
         under ZeRO-3 every process gathers the partitioned parameters and samples the same prompts with the same
-        seed (generation needs every rank's shard), and only the main process writes the files."""
+        seed (generation needs every rank's shard), and only the main process writes the files. With
+        `sampling_backend: vllm` the main process samples with its rollout engine, the current weights pushed first
+        (under ZeRO-3 a collective: every process pushes its engine's)."""
         acc = self.accelerator
         if self.evaluator is None:
             return None
         metrics = [None]
-        if acc.is_main_process or self._zero3:
+        if self.vllm is not None:
+            self.vllm.sync(acc.unwrap_model(self.model).policy, self.update_step, self._zero3)
+            if acc.is_main_process:
+                metrics = [self.evaluator(self.vllm.llm, None, self.update_step)]
+        elif acc.is_main_process or self._zero3:
             policy = acc.unwrap_model(self.model).policy
             with self._gathered(policy):
                 metrics = [self.evaluator(policy, self.tokenizer, self.update_step, write=acc.is_main_process)]
@@ -124,7 +132,8 @@ def main(script_args: RecipeArguments, training_args: PPORecipeConfig, model_arg
         sampling = SamplingArguments(max_new_tokens=training_args.max_new_tokens, temperature=training_args.temperature)
         trainer.evaluator = Evaluator(judge, list(eval_set["prompt"]), list(eval_set["reference"]), sampling,
                                       training_args.seed, training_args.output_dir,
-                                      dtype=compute_dtype(training_args))  # sample in the run's compute dtype
+                                      dtype=compute_dtype(training_args),  # sample in the run's compute dtype
+                                      backend=training_args.sampling_backend)  # vllm: the rollout engine
         if not training_args.resume_from_checkpoint:
             trainer.evaluate()  # the initial policy's samples: the baseline of every later win rate
     history = trainer.train()

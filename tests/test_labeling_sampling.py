@@ -1,21 +1,18 @@
 """Labeling samples exactly what was asked: the checkpoint's generation_config applies only on request,
 and transformers and vLLM get the same parameters.
 
-vLLM is not installed here: its parameter mapping is tested with a stand-in `vllm` module (SamplingParams and LLM
-record what they are given; the names and arguments follow vllm/sampling_params.py and vllm/entrypoints/llm.py:
-`SamplingParams(n, seed, max_tokens, stop, temperature, top_p, top_k, min_p, repetition_penalty)`,
-`LLM.generate(prompts, params, use_tqdm=...)`, `LLM.chat(conversations, params, use_tqdm=...)`,
-`LLM.get_default_sampling_params()`).
+vLLM is not installed here: its parameter mapping is tested with a stand-in `vllm` module (`fake_vllm`: SamplingParams
+and LLM record what they are given, by vLLM's names and arguments).
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-import types
 
 import pytest
 from datasets import Dataset
+from fake_vllm import FakeLLM, install
 
 from pairrm_rlhf.core.generation import SamplingArguments, build_generation_config
 from pairrm_rlhf.labeling import PreferenceLabeler
@@ -70,49 +67,9 @@ def test_k_distinct_samples_despite_a_top_k_1_checkpoint(hf_model, greedy_checkp
 
 
 # ---- vLLM ---------------------------------------------------------------------------------------------------
-class FakeSamplingParams:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-
-class FakeLLM:
-    instances: list[FakeLLM] = []
-    defaults = types.SimpleNamespace(temperature=0.6, top_p=0.8, top_k=20, min_p=0.0, repetition_penalty=1.1)
-
-    def __init__(self, model, **kwargs):
-        self.model, self.calls = model, []
-        FakeLLM.instances.append(self)
-
-    def _outputs(self, method, prompts, params):
-        self.calls.append((method, prompts, params.kwargs))
-        text = (lambda p: p) if method == "generate" else (lambda p: p[-1]["content"])
-        return [
-            types.SimpleNamespace(
-                outputs=[
-                    types.SimpleNamespace(text=f"{text(p)} #{i}", finish_reason="length" if i == 0 else "stop")
-                    for i in range(params.kwargs["n"])
-                ]
-            )
-            for p in prompts
-        ]
-
-    def generate(self, prompts, params, use_tqdm=True):
-        return self._outputs("generate", prompts, params)
-
-    def chat(self, conversations, params, use_tqdm=True):
-        return self._outputs("chat", conversations, params)
-
-    def get_default_sampling_params(self):
-        return self.defaults
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    FakeLLM.instances = []
-    return module
+    return install(monkeypatch)
 
 
 def vllm_call(hf_model, sampling, prompts=PROMPTS, num_responses=3):

@@ -49,18 +49,34 @@ def _eos_ids(checkpoint: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def vllm_sampling_params(sampling: SamplingArguments, n: int, seed: int | None = None, checkpoint: Any = None) -> Any:
-    """The same sampling as `build_generation_config`, as vLLM `SamplingParams` (top_k 0 means off in both)."""
+def vllm_sampling_params(sampling: SamplingArguments, n: int, seed: int | None = None, checkpoint: Any = None,
+                         stop_token_ids: list[int] | None = None) -> Any:
+    """The same sampling as `build_generation_config`, as vLLM `SamplingParams` (top_k 0 means off in both).
+    `stop_token_ids`: the EOS ids `generate` stops on (PPO passes them, so both backends end on the same tokens)."""
     from vllm import SamplingParams
 
     values = sampling.resolved(checkpoint)
     if not sampling.do_sample:
         values = {**NEUTRAL, "temperature": 0.0}
+    stops = {"stop_token_ids": list(stop_token_ids)} if stop_token_ids else {}
     return SamplingParams(
         n=n, seed=seed, max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) if sampling.stop else None,
         temperature=values["temperature"], top_p=values["top_p"], top_k=values["top_k"] or -1,
-        min_p=values["min_p"], repetition_penalty=values["repetition_penalty"],
+        min_p=values["min_p"], repetition_penalty=values["repetition_penalty"], **stops,
     )
+
+
+def load_vllm(path: str, option: str = "backend", **engine_args: Any) -> Any:
+    """A `vllm.LLM` for `path` (`engine_args`: vLLM's, e.g. `gpu_memory_utilization`, `dtype`), or a one-line
+    ImportError naming `option` (the setting that asked for vLLM) when vLLM is not installed."""
+    try:
+        from vllm import LLM
+    except ImportError as error:
+        raise ImportError(
+            f"{option}='vllm' needs the vllm package, which is not importable here "
+            f"({error}); install it (pip install vllm) or use {option}='transformers'"
+        ) from error
+    return LLM(model=path, **engine_args)
 
 
 def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None, *,

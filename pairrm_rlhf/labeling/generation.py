@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from ..core.formats import Response
-from ..core.generation import SamplingArguments, build_generation_config, load_policy, render_prompts, sample_responses
+from ..core.generation import (
+    SamplingArguments,
+    build_generation_config,
+    load_policy,
+    load_vllm,
+    render_prompts,
+    sample_responses,
+)
 
 BACKENDS = ("transformers", "vllm")
 
@@ -172,18 +179,6 @@ class ResponseSampler:
         else:
             outputs = self.policy.chat(prompts, params, use_tqdm=False)
         return [[Response(o.text, finished=o.finish_reason != "length") for o in out.outputs] for out in outputs]
-
-
-def load_vllm(path: str) -> Any:
-    """A `vllm.LLM` for `path`, or an ImportError saying that vLLM is not installed."""
-    try:
-        from vllm import LLM
-    except ImportError as error:
-        raise ImportError(
-            "backend='vllm' needs the vllm package, which is not importable here "
-            f"({error}); install it (pip install vllm) or use backend='transformers'"
-        ) from error
-    return LLM(model=path)
 
 
 def _name_of(model: Any) -> str | None:

@@ -72,6 +72,7 @@ from .ppo_checkpoint import checkpoints, latest_complete, run_identity
 from .ppo_config import PPOConfig
 from .ppo_model import PolicyWithValueHead, masked_mean, prepare_models, separate_critic
 from .ppo_rewards import RewardScaler, gae, whiten
+from .ppo_vllm import make_rollouts
 
 __all__ = ["PPOConfig", "PPOTrainer", "PolicyWithValueHead", "checkpoints", "make_accelerator"]
 
@@ -170,6 +171,8 @@ class PPOTrainer:
         sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         self.generation_config = build_generation_config(policy, tokenizer, sampling)
         self.eos_ids = torch.tensor(self.generation_config.eos_token_id or [self.eos_id])
+        # `sampling_backend: vllm`: a colocated vLLM engine samples the rollouts (`ppo_vllm`); None: generate
+        self.vllm = make_rollouts(config, policy, self.accelerator, self.eos_ids.tolist(), self.pad_id)
         self.log_history: list[dict[str, float]] = []
         self.update_step = 0
         self._zero3 = getattr(deepspeed, "zero_stage", 0) == 3
@@ -237,12 +240,16 @@ class PPOTrainer:
         unwrapped.eval()  # generation with the KV cache (activation checkpointing is for training only)
         chunk = cfg.local_rollout_forward_batch_size
         responses = []
-        with self._gathered(unwrapped), acc.autocast():
-            for s in range(0, len(prompts), chunk):
-                out = unwrapped.policy.generate(input_ids=query[s : s + chunk],
-                                                attention_mask=query_mask[s : s + chunk],
-                                                generation_config=self.generation_config, synced_gpus=self._zero3)
-                responses.append(out[:, context:])
+        if self.vllm is not None:  # the policy's weights pushed first when an update changed them
+            self.vllm.sync(unwrapped.policy, self.update_step, self._zero3)
+            responses.append(self.vllm.generate(query, query_mask))
+        else:
+            with self._gathered(unwrapped), acc.autocast():
+                for s in range(0, len(prompts), chunk):
+                    out = unwrapped.policy.generate(input_ids=query[s : s + chunk],
+                                                    attention_mask=query_mask[s : s + chunk],
+                                                    generation_config=self.generation_config, synced_gpus=self._zero3)
+                    responses.append(out[:, context:])
         width = max(r.shape[1] for r in responses)
         response = torch.cat([F.pad(r, (0, width - r.shape[1]), value=self.pad_id) for r in responses])
         is_eos = torch.isin(response, self.eos_ids.to(response.device))

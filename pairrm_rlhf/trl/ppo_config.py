@@ -30,6 +30,12 @@ class PPOConfig:
     local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "rows per no-grad generate/forward"})
     max_prompt_length: int | None = field(default=512, metadata={"help": "prompts are cut from the left to this"})
     max_new_tokens: int = field(default=53, metadata={"help": "response length limit"})
+    sampling_backend: str = field(default="transformers", metadata={
+        "help": "rollouts sampled by transformers' generate or vllm (a vllm.LLM colocated on each GPU, the policy's "
+                "weights pushed after every update; pip install vllm)"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "sampling_backend vllm: the share of each GPU's memory the rollout engine takes (vLLM's "
+                "gpu_memory_utilization)"})
     temperature: float = field(default=0.7, metadata={
         "help": "sampling temperature (also applied when recomputing logprobs)"})
     missing_eos_penalty: float | None = field(default=None, metadata={
