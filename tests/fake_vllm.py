@@ -10,6 +10,7 @@ stop_token_ids)`, `LLM(model, **engine_args)`, `LLM.generate(prompts, params, us
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from collections.abc import Callable
@@ -43,6 +44,8 @@ class FakeLLM:
     defaults = types.SimpleNamespace(temperature=0.6, top_p=0.8, top_k=20, min_p=0.0, repetition_penalty=1.1)
     # what a token-id prompt gets: (prompt token ids, its SamplingParams kwargs, row) -> (token ids, finish reason)
     respond: Callable[[list[int], dict, int], tuple[list[int], str]] = staticmethod(default_tokens)
+    # what a text prompt's i-th sample reads: (the prompt's text, i) -> text
+    text: Callable[[str, int], str] = staticmethod(lambda prompt, i: f"{prompt} #{i}")
 
     def __init__(self, model, **engine_args):
         self.model, self.engine_args, self.calls = model, engine_args, []
@@ -64,8 +67,9 @@ class FakeLLM:
                 samples = [types.SimpleNamespace(text="", token_ids=ids, finish_reason=finish)]
             else:
                 text = prompt if method == "generate" else prompt[-1]["content"]
-                samples = [types.SimpleNamespace(text=f"{text} #{i}", token_ids=[], finish_reason="length" if i == 0
-                                                 else "stop") for i in range(p.kwargs["n"])]
+                samples = [types.SimpleNamespace(text=FakeLLM.text(text, i), token_ids=[],
+                                                 finish_reason="length" if i == 0 else "stop")
+                           for i in range(p.kwargs["n"])]
             out.append(types.SimpleNamespace(outputs=samples))
         return out
 
@@ -86,8 +90,10 @@ class FakeLLM:
 def install(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     """Make `import vllm` give the stand-in for one test (FakeLLM.instances: the engines made, newest last)."""
     module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # find_spec (TRL's package probe) works
     module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(FakeLLM, "instances", [])
     monkeypatch.setattr(FakeLLM, "respond", staticmethod(default_tokens))
+    monkeypatch.setattr(FakeLLM, "text", staticmethod(lambda prompt, i: f"{prompt} #{i}"))
     return module

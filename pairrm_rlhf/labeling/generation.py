@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..core.assets import resolve
 from ..core.formats import Response
 from ..core.generation import (
     SamplingArguments,
@@ -77,7 +78,8 @@ class ResponseSampler:
         self.compute_dtype = compute_dtype
         self.name = policy if isinstance(policy, str) else _name_of(policy)
         if backend == "vllm":
-            self.policy, self.tokenizer = (load_vllm(policy) if isinstance(policy, str) else policy), None
+            engine = load_vllm(resolve(policy, "policy")) if isinstance(policy, str) else policy  # tiny: bundled
+            self.policy, self.tokenizer = engine, None
             return
         self.policy, self.tokenizer = load_policy(policy) if isinstance(policy, str) else (policy.eval(), tokenizer)
         if self.tokenizer is None:
