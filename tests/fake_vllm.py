@@ -11,11 +11,14 @@ stop_token_ids)`, `LLM(model, **engine_args)`, `LLM.generate(prompts, params, us
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import sys
 import types
 from collections.abc import Callable
 
 import pytest
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class FakeSamplingParams:
@@ -87,8 +90,18 @@ class FakeLLM:
         self.engine_model.loading = {}
 
 
+def keep_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher variables PPO's vLLM engine sets (RANK, MASTER_PORT, ...) are restored after the test: a later
+    test's accelerate state would otherwise see a distributed launch."""
+    for name in LAUNCHER_ENV:
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # records the value before the test (or its absence)
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+
+
 def install(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     """Make `import vllm` give the stand-in for one test (FakeLLM.instances: the engines made, newest last)."""
+    keep_launcher_env(monkeypatch)
     module = types.ModuleType("vllm")
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # find_spec (TRL's package probe) works
     module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
-from fake_vllm import FakeLLM, install
+from fake_vllm import FakeLLM, install, keep_launcher_env
 
 from pairrm_rlhf import PairwiseReward
 from pairrm_rlhf.core.assets import bundled
@@ -74,8 +74,8 @@ def test_the_engine_and_the_exact_sampling_params(fake_vllm):
     t = trainer()
     (llm,) = FakeLLM.instances
     assert llm.model == bundled("policy")  # the policy's own checkpoint (its weights are replaced at the first push)
-    assert llm.engine_args == {"gpu_memory_utilization": 0.3, "max_model_len": 512 + 5, "seed": 1 + 0,
-                               "dtype": "auto", "distributed_executor_backend": "external_launcher"}
+    assert llm.engine_args == {"gpu_memory_utilization": 0.3, "seed": 1 + 0, "dtype": "auto",
+                               "distributed_executor_backend": "external_launcher"}
     t.rollout(DATA[:2])
     ((method, prompts, params),) = llm.calls
     eos = t.generation_config.eos_token_id
@@ -170,6 +170,7 @@ def test_a_resumed_run_draws_the_same_seeds(fake_vllm, tmp_path):
 
 
 def test_without_vllm_a_one_line_import_error(monkeypatch):
+    keep_launcher_env(monkeypatch)
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"^sampling_backend='vllm' needs the vllm package.*pip install vllm") as e:
         trainer()

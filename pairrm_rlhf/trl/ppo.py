@@ -19,6 +19,8 @@ Value function: a linear head on the policy's last hidden state (shared backbone
 `separate_critic` on a trainable copy of the initial policy's backbone (see `ppo_model.PolicyWithValueHead`).
 Reference policy: a frozen copy of the initial policy, or with LoRA (`peft_config`) the same model with its adapter
 disabled.
+Rollouts: the policy's `generate`, or with `sampling_backend: vllm` a colocated vLLM engine (`ppo_vllm`: the same
+sampling and EOS ids, the policy's weights pushed into it after every update).
 
 DeepSpeed: the batch sizes and `max_grad_norm` (as `gradient_clipping`) go into the DeepSpeed config; under
 ZeRO-3 generation gathers the sharded parameters, and the reference is wrapped by TRL's `prepare_deepspeed`

@@ -3,8 +3,9 @@ GPU, as TRL's `vllm_mode="colocate"` does for GRPO (`trl/generation/vllm_generat
 
 - Engine: one per process (each process samples its own rollouts, as with transformers), made with vLLM's
   `distributed_executor_backend="external_launcher"` so that it runs inside the launcher's process instead of
-  spawning its own; `vllm_gpu_memory_utilization` is its share of the GPU beside the training state;
-  `max_model_len` = `max_prompt_length` + `max_new_tokens`; bf16 with `bf16: true` (the policy's compute dtype).
+  spawning its own; `vllm_gpu_memory_utilization` is its share of the GPU beside the training state; the model's own
+  context length (the held-out prompts it also samples are not cut to `max_prompt_length`); bf16 with `bf16: true`
+  (the policy's compute dtype).
 - Weights: pushed into the engine (`load_weights`, as TRL) whenever the policy changed since the last push: before
   the first rollout, before each later one (after every update) and before an evaluation. Under ZeRO-3 each
   parameter is gathered for its push (a collective: every process syncs). A LoRA policy is gathered whole and each
@@ -59,11 +60,10 @@ class VLLMRollouts:
         os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
         os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
         ensure_master_addr_port()
-        length = config.max_prompt_length + config.max_new_tokens if config.max_prompt_length else None
         self.llm = load_vllm(
             policy_path, option="sampling_backend", gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-            max_model_len=length, seed=config.seed + accelerator.process_index,
-            dtype="bfloat16" if config.bf16 else "auto", distributed_executor_backend="external_launcher")
+            seed=config.seed + accelerator.process_index, dtype="bfloat16" if config.bf16 else "auto",
+            distributed_executor_backend="external_launcher")
         self.sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
         self.synced_step: int | None = None  # the update whose weights the engine holds
