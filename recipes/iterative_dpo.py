@@ -75,8 +75,9 @@ from datasets import Dataset, load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
+from pairrm_rlhf.core import assets
 from pairrm_rlhf.core.entry import check_hub_id
-from pairrm_rlhf.core.generation import SamplingArguments
+from pairrm_rlhf.core.generation import SamplingArguments, colocated_vllm
 from pairrm_rlhf.core.identity import check_run_identity
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
 from pairrm_rlhf.labeling.generation import BACKENDS
@@ -130,6 +131,13 @@ class IterativeDPOConfig(DPOConfig):
         metadata={
             "help": "labeling and the held-out evaluation sample with transformers (the policy being trained) or vllm "
             "(a vllm.LLM of the saved policy, as uclaml/SPPO's scripts/generate.py)"
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.5,
+        metadata={
+            "help": "sampling_backend vllm: the labeling engine's share of each GPU's memory (vLLM's "
+            "gpu_memory_utilization; the policy being trained stays on the GPU beside it)"
         },
     )
     aggregation: str = field(default="rank", metadata={"help": "labeler score: rank, copeland or bradley_terry"})
@@ -213,9 +221,14 @@ def label(
         logger.info("iteration %d: reusing the labeled pairs in %s", iteration, saved)
         return load_from_disk(str(saved))
     vllm = config.sampling_backend == "vllm"  # vLLM loads the saved policy itself (its path: policy_name)
+    engine = None
+    if vllm:  # one engine per process, on its own GPU (each process labels its share of the prompts)
+        engine = colocated_vllm(assets.resolve(policy_name, "policy"), state.process_index, state.local_process_index,
+                                state.num_processes, gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                                dtype="bfloat16" if config.bf16 else "auto", seed=config.seed + iteration)
     labeler = PreferenceLabeler(
         pairrm,
-        policy_name if vllm else policy,
+        engine if vllm else policy,
         None if vllm else tokenizer,
         backend=config.sampling_backend,
         num_responses=config.num_responses,
@@ -235,6 +248,11 @@ def label(
         labeler.sampler.compute_dtype = compute_dtype(config)  # fp32 masters sample in the run's compute dtype
     work = directory / "pairs.chunks"
     pairs = labeler.label(prompts, work, chunk_size=config.label_chunk_size)
+    if engine is not None:  # the engine's GPU memory goes back to training
+        del labeler, engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if config.sppo and config.sppo_probabilities == "authors" and len(pairs):
         win, lose = authors_probabilities(pairs["score_chosen"], pairs["score_rejected"], pairs["all_rm_scores"])
         pairs = (
@@ -335,6 +353,7 @@ TRAINING_SETTINGS = (
 NOT_IDENTITY = (
     "generation_batch_size",
     "eval_gpu_memory_utilization",  # the evaluation engine's memory share, not its numbers
+    "vllm_gpu_memory_utilization",  # the labeling engine's
     "label_chunk_size",
     "dataset_hub_id",
     "dataset_hub_private",

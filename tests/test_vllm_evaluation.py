@@ -122,7 +122,8 @@ def test_iterative_dpo_labels_and_evaluates_with_vllm_from_the_saved_policies(fa
         "2", "--max_prompts", "10",
         "--num_iterations", "2", "--num_responses", "2", "--max_new_tokens", "6", "--per_device_train_batch_size",
         "4", "--max_length", "64", "--report_to", "none", "--save_strategy", "no", "--allow_unfinished_chosen",
-        "true", "--sampling_backend", "vllm", "--eval_gpu_memory_utilization", "0.2", "--output_dir",
+        "true", "--sampling_backend", "vllm", "--eval_gpu_memory_utilization", "0.2", "--vllm_gpu_memory_utilization",
+        "0.4", "--output_dir",
         str(tmp_path / "run")])
     iterative.main(*args, judge=style_judge(), eval_judge=style_judge())
     out = str(tmp_path / "run")
@@ -130,7 +131,10 @@ def test_iterative_dpo_labels_and_evaluates_with_vllm_from_the_saved_policies(fa
     assert [(llm.model, llm.calls[0][2]["n"]) for llm in FakeLLM.instances] == [
         (bundled("policy"), 1), (bundled("policy"), 2), (f"{out}/iteration_1/model", 1),
         (f"{out}/iteration_1/model", 2), (f"{out}/iteration_2/model", 1)]
-    evaluation_engines = FakeLLM.instances[::2]
+    evaluation_engines, labeling_engines = FakeLLM.instances[::2], FakeLLM.instances[1::2]
     assert all(llm.engine_args["gpu_memory_utilization"] == 0.2 for llm in evaluation_engines)
+    # labeling: every process its own engine on its own GPU (vLLM's external launcher, as TRL's colocate mode)
+    assert [(llm.engine_args["distributed_executor_backend"], llm.engine_args["gpu_memory_utilization"])
+            for llm in labeling_engines] == [("external_launcher", 0.4)] * 2
     assert [h["step"] for h in json.loads((tmp_path / "run" / "eval_metrics.json").read_text())] == [0, 1, 2]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"][0]["pairs"] == 4

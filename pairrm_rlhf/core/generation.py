@@ -79,6 +79,25 @@ def load_vllm(path: str, option: str = "backend", **engine_args: Any) -> Any:
     return LLM(model=path, **engine_args)
 
 
+def colocated_vllm(path: str, process_index: int, local_process_index: int, num_processes: int,
+                   option: str = "sampling_backend", **engine_args: Any) -> Any:
+    """A `vllm.LLM` for `path` on this process's own GPU inside a multi-process launch, as TRL's colocate mode makes
+    it: vLLM's `distributed_executor_backend="external_launcher"` runs the engine in this process and reads the
+    launcher's layout from RANK / LOCAL_RANK / WORLD_SIZE (a plain `LLM` in every process would put every engine on
+    the first GPU). `engine_args`: vLLM's (`gpu_memory_utilization`, `dtype`, `seed`, ...)."""
+    import os
+    import socket
+
+    os.environ["RANK"], os.environ["LOCAL_RANK"] = str(process_index), str(local_process_index)
+    os.environ["WORLD_SIZE"] = str(num_processes)
+    os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR") or "localhost"
+    if not os.environ.get("MASTER_PORT"):  # one process without a launcher: any free port
+        with socket.socket() as probe:
+            probe.bind(("localhost", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    return load_vllm(path, option, distributed_executor_backend="external_launcher", **engine_args)
+
+
 def load_policy(name: str, device: str | torch.device | None = None, dtype: str | None = None, *,
                 revision: str | None = None, attn_implementation: str | None = None,
                 train: bool = False) -> tuple[Any, Any]:

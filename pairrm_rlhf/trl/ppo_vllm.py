@@ -26,7 +26,6 @@ sample from a distribution a little different from the policy's, which PPO's rat
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.generation import SamplingArguments, load_vllm, vllm_sampling_params
+from ..core.generation import SamplingArguments, colocated_vllm, vllm_sampling_params
 from .ppo_config import PPOConfig
 
 BACKENDS = ("transformers", "vllm")
@@ -53,17 +52,10 @@ class VLLMRollouts:
     """
 
     def __init__(self, policy_path: str, config: PPOConfig, accelerator: Any, eos_ids: list[int], pad_id: int):
-        # vLLM's external launcher reads the launcher's process layout from the environment (as TRL sets it)
-        from trl.trainer.utils import ensure_master_addr_port
-
-        os.environ["RANK"] = str(accelerator.process_index)
-        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
-        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-        ensure_master_addr_port()
-        self.llm = load_vllm(
-            policy_path, option="sampling_backend", gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-            seed=config.seed + accelerator.process_index, dtype="bfloat16" if config.bf16 else "auto",
-            distributed_executor_backend="external_launcher")
+        self.llm = colocated_vllm(
+            policy_path, accelerator.process_index, accelerator.local_process_index, accelerator.num_processes,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed + accelerator.process_index,
+            dtype="bfloat16" if config.bf16 else "auto")
         self.sampling = SamplingArguments(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
         self.synced_step: int | None = None  # the update whose weights the engine holds
