@@ -153,8 +153,8 @@ def test_flashdeberta_kernel_refuses_cpu_in_one_line():
 
 
 def test_long_route_depends_on_precision(monkeypatch):
-    """float32/64 past 2L-1 > 2*span gathers from the buckets; bfloat16 autocast keeps the skewed route (faster
-    there)."""
+    """float32/64 past 2L-1 > 2*span (L > 256) gathers from the buckets; bfloat16 autocast keeps the skewed route
+    up to L = 2*span (512; faster there), and gathers beyond."""
     from pairrm_rlhf.core import modeling
 
     routes = []
@@ -168,4 +168,46 @@ def test_long_route_depends_on_precision(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast_encoder(model.pretrained_model.encoder, hidden, mask)
         fast_encoder(model.pretrained_model.encoder, hidden[:, :256], mask[:, :256])
-    assert routes == ["_BucketedPositions", "_SkewedPositions", "_SkewedPositions"]
+        hidden, mask = torch.randn(1, 513, 32), torch.ones(1, 513, dtype=torch.bool)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_encoder(model.pretrained_model.encoder, hidden[:, :512], mask[:, :512])
+            fast_encoder(model.pretrained_model.encoder, hidden, mask)
+    assert routes == ["_BucketedPositions", "_SkewedPositions", "_SkewedPositions", "_SkewedPositions"] + [
+        "_BucketedPositions"
+    ]
+
+
+@pytest.mark.parametrize("terms", [["p2c", "c2p"], ["p2c"]], ids=["c2p+p2c", "p2c-only"])
+def test_bucketed_bias_equals_full_gathers_and_reuses_one_buffer(terms):
+    """The long route's bias, built per query block with the far keys (past the saturated log buckets) as an outer
+    sum, equals transformers' two full gathers bit for bit (padding masked through p2c), and every layer writes
+    the same [B, H, L, L] buffer (no fresh tensor per layer)."""
+    from pairrm_rlhf.core.modeling import _BucketedPositions, bucket_index
+
+    length, heads, d, span = 700, 2, 8, 256
+    generator = torch.Generator().manual_seed(0)
+    query, key = (
+        torch.randn(2, heads, length, d, generator=generator),
+        torch.randn(2, heads, length, d, generator=generator),
+    )
+    pos_query, pos_key = (
+        torch.randn(heads, 2 * span, d, generator=generator),
+        torch.randn(heads, 2 * span, d, generator=generator),
+    )
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[1, 600:] = False
+    index = bucket_index(length, span, 512, torch.device("cpu"))
+    positions = _BucketedPositions(index, mask)
+    assert 0 < positions.left_reach < length and 0 < positions.right_reach < length  # the far region exists
+    pos_key = pos_key if "c2p" in terms else None
+    got = positions.bias(query, key, pos_query, pos_key, 3.0).clone()
+    shape = (2, heads, length, length)
+    p2c = torch.matmul(key, pos_query.transpose(-1, -2) / 3.0)
+    p2c.masked_fill_(~mask[:, None, :, None], torch.finfo(p2c.dtype).min)
+    expected = torch.gather(p2c, -1, index.t().expand(shape)).transpose(-1, -2)
+    if pos_key is not None:
+        c2p = torch.matmul(query, pos_key.transpose(-1, -2) / 3.0)
+        expected = torch.gather(c2p, -1, index.expand(shape)) + expected
+    assert torch.equal(got, expected)
+    again = positions.bias(key, query, pos_query, pos_key, 3.0)  # the next layer
+    assert again.data_ptr() == positions.buffer.data_ptr() and not torch.equal(again, got)

@@ -167,18 +167,19 @@ def fast_encoder(
     """Run a DeBERTa-v2 encoder's layers on embeddings `hidden` [B, L, H] with key padding `mask` [B, L].
 
     The relative-position terms take the cheaper of two exact routes (measured in docs/BENCHMARKS.md): up to
-    2L-1 <= 2*span relative distances, or in half precision, one GEMM per term against every distance, skewed into
-    [L, L] by a strided view; beyond, in float32/64, one GEMM per term against the 2*span buckets (a third of the
-    work at L = 683), gathered into [L, L] by the bucket index. `_levers=False` (bench only): the skewed route at
-    every length, as issue 24 found the engine.
+    2L-1 <= 2*span relative distances (in half precision up to L <= 2*span), one GEMM per term against every
+    distance, skewed into [L, L] by a strided view; beyond, one GEMM per term against the 2*span buckets (a third
+    of the work at L = 683), gathered into [L, L] by the bucket index. `_levers=False` (bench only): the skewed
+    route at every length, as issue 24 found the engine.
     """
     if kernel != "sdpa":
         return _flashdeberta_encoder(encoder, hidden, mask, kernel)
     length = hidden.shape[1]
     span, max_position = encoder.position_buckets, encoder.max_relative_positions
-    # In bfloat16 autocast the gather is the slower part (measured: 2.8 vs 2.3 CPU-s, 2 layers, 4 x 683 tokens).
+    # In half precision the GEMMs are cheaper, so the gathers pay off later (measured, 2 layers, bfloat16 autocast:
+    # skewed 1.09 vs bucketed 1.31 CPU-s at 8 x 300 tokens, 1.79 vs 1.70 at 4 x 683, 7.64 vs 5.51 at 3 x 2000).
     half_precision = torch.is_autocast_enabled(hidden.device.type) or hidden.dtype in (torch.bfloat16, torch.float16)
-    if 2 * length - 1 <= 2 * span or half_precision or not _levers:
+    if length <= (2 * span if half_precision else span) or not _levers:
         positions = _SkewedPositions(relative_rows(length, span, max_position, hidden.device), mask)
         rel_embeddings = encoder.get_rel_embedding()[positions.rows]
     else:
