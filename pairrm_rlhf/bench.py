@@ -289,12 +289,12 @@ def timed(fn, device: torch.device):
 def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """Best dense-matmul GFLOP per CPU-second and per wall second in `dtype`, measured now (the % of peak
     denominators)."""
-    n, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
+    n, repeats = (8192, 10) if device.type == "cuda" else (2048, 3)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best_cpu = best_wall = float("inf")
-    for _ in range(3):
+    for _ in range(5):  # best of 5: on a shared machine one short burst can read 25% low
         _, clock = timed(lambda: [a @ b for _ in range(repeats)], device)
         best_cpu, best_wall = min(best_cpu, clock.cpu / repeats), min(best_wall, clock.wall / repeats)
     flops = 2 * n**3
