@@ -269,8 +269,8 @@ class _BucketedPositions:
             out[..., low:high] = near
         else:
             torch.add(torch.gather(c2p[:, :, start:stop], -1, rows), near, out=out[..., low:high])
-        for far, columns in ((self.far_left, slice(0, low)), (self.far_right, slice(high, None))):
-            if columns.start != columns.stop:
+        for far, columns in ((self.far_left, slice(0, low)), (self.far_right, slice(high, out.shape[-1]))):
+            if columns.start < columns.stop:
                 p2c_far = p2c[:, :, far, None, columns]
                 if c2p is None:
                     out[..., columns] = p2c_far
