@@ -209,5 +209,7 @@ def test_bucketed_bias_equals_full_gathers_and_reuses_one_buffer(terms):
         c2p = torch.matmul(query, pos_key.transpose(-1, -2) / 3.0)
         expected = torch.gather(c2p, -1, index.expand(shape)) + expected
     assert torch.equal(got, expected)
+    one_block = _BucketedPositions(index, mask, length)  # off the CPU: one block, every key gathered
+    assert torch.equal(one_block.bias(query, key, pos_query, pos_key, 3.0), expected)
     again = positions.bias(key, query, pos_query, pos_key, 3.0)  # the next layer
     assert again.data_ptr() == positions.buffer.data_ptr() and not torch.equal(again, got)

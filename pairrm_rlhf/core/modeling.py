@@ -169,8 +169,9 @@ def fast_encoder(
     The relative-position terms take the cheaper of two exact routes (measured in docs/BENCHMARKS.md): up to
     2L-1 <= 2*span relative distances (in half precision up to L <= 2*span), one GEMM per term against every
     distance, skewed into [L, L] by a strided view; beyond, one GEMM per term against the 2*span buckets (a third
-    of the work at L = 683), gathered into [L, L] by the bucket index. `_levers=False` (bench only): the skewed
-    route at every length, as issue 24 found the engine.
+    of the work at L = 683), gathered into [L, L] by the bucket index. Off the CPU, where none of this was measured,
+    half precision keeps the skewed route and the gathers are not split into blocks (the rules as measured in the
+    first round). `_levers=False` (bench only): the skewed route at every length, as issue 24 found the engine.
     """
     if kernel != "sdpa":
         return _flashdeberta_encoder(encoder, hidden, mask, kernel)
@@ -179,11 +180,13 @@ def fast_encoder(
     # In half precision the GEMMs are cheaper, so the gathers pay off later (measured, 2 layers, bfloat16 autocast:
     # skewed 1.09 vs bucketed 1.31 CPU-s at 8 x 300 tokens, 1.79 vs 1.70 at 4 x 683, 7.64 vs 5.51 at 3 x 2000).
     half_precision = torch.is_autocast_enabled(hidden.device.type) or hidden.dtype in (torch.bfloat16, torch.float16)
-    if length <= (2 * span if half_precision else span) or not _levers:
+    cpu = hidden.device.type == "cpu"
+    if length <= (span if not half_precision else 2 * span if cpu else length) or not _levers:
         positions = _SkewedPositions(relative_rows(length, span, max_position, hidden.device), mask)
         rel_embeddings = encoder.get_rel_embedding()[positions.rows]
     else:
-        positions = _BucketedPositions(bucket_index(length, span, max_position, hidden.device), mask)
+        index = bucket_index(length, span, max_position, hidden.device)
+        positions = _BucketedPositions(index, mask, None if cpu else length)
         rel_embeddings = encoder.get_rel_embedding()
     for layer in encoder.layer:
         attention = layer.attention
@@ -234,10 +237,10 @@ class _BucketedPositions:
     everything (the same values, added in the same order).
     """
 
-    block = 64  # query rows per block
+    block = 64  # query rows per block on CPU
 
-    def __init__(self, index: torch.Tensor, mask: torch.Tensor):
-        self.index = index
+    def __init__(self, index: torch.Tensor, mask: torch.Tensor, block: int | None = None):
+        self.index, self.block = index, block or self.block
         self.key_padding = None if bool(mask.all()) else ~mask[:, None, None, :]
         self.buffer: torch.Tensor | None = None
         # index[i, j] depends on i - j only and never decreases with it; its first row is i - j = -j.
