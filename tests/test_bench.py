@@ -12,18 +12,44 @@ from pairrm_rlhf.core.tokenization import load_text_tokenizer
 
 
 def test_bench_runs_and_matches_baseline(capsys):
-    """tiny shape, 1 prompt: batch sizes 1 and 8 are one schedule (one group), run once under both names."""
+    """tiny shape, 1 prompt: batch sizes 1 and 8 are one schedule (one group), run once under both names; the
+    engine as issue 24 found it ('levers off') is measured in the same run, next to the engine as it is."""
     config = BenchArguments(shape="tiny", workloads="typical", prompts=1, baseline_batch_sizes="1,8", dtypes="float32")
     rows = run_bench(config)["rows"]
-    assert [r["impl"] for r in rows] == ["reference bs=1=8", "engine float32"]
-    assert all(r["max_abs_diff"] <= 1e-4 for r in rows)  # fp32: same numbers
+    assert [r["impl"] for r in rows] == ["reference bs=1=8", "engine float32 levers off", "engine float32"]
+    assert all(r["max_abs_diff"] <= 1e-4 for r in rows)  # fp32: same numbers, both engines and the reference
     assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and 0 < r["peak_fraction"] for r in rows)
-    assert rows[1]["speedup_vs_best"] > 0 and rows[0]["speedup_vs_default"] == rows[0]["speedup_vs_best"] == 1.0
+    assert rows[2]["speedup_vs_best"] > 0 and rows[0]["speedup_vs_default"] == rows[0]["speedup_vs_best"] == 1.0
+    assert rows[2]["speedup_vs_levers_off"] == rows[1]["cpu_s"] / rows[2]["cpu_s"]
+    assert rows[0]["speedup_vs_levers_off"] is None and rows[1]["speedup_vs_levers_off"] == 1.0
     assert rows[0]["executed_flops"] > rows[0]["flops"]  # the reference pads
     out = capsys.readouterr().out
     assert "estimated" in out and "CPU-s" in out and "GFLOP per CPU-second" in out
-    assert "[1/2] typical  reference bs=1=8  started" in out and "[2/2] typical  engine float32    done" in out
-    assert "vs best ref" in out and "% peak" in out
+    assert "[1/3] typical  reference bs=1=8" in out and "[2/3] typical  engine float32 levers off  started" in out
+    assert "[3/3] typical  engine float32" in out and "done" in out
+    assert "vs best ref" in out and "% peak" in out and "vs levers off" in out
+
+
+def test_levers_off_is_the_skewed_route_at_every_length(monkeypatch):
+    """`PairRMModel._levers = False` (bench only) runs the engine as issue 24 found it: the skewed position route
+    even past 2L-1 > 2*span, where the engine now gathers from the buckets; both give the same logits (fp32)."""
+    from pairrm_rlhf.core import modeling
+
+    routes = []
+    for name in ("_SkewedPositions", "_BucketedPositions"):
+        cls = getattr(modeling, name)
+        monkeypatch.setattr(modeling, name, lambda *a, cls=cls, name=name: routes.append(name) or cls(*a))
+    pairrm = build_random_pairrm((2, 64, 2), torch.device("cpu"), torch.float32, 0)
+    triples = [(" ".join(["word"] * 200), " ".join(["reply"] * 60), "no")]  # ~270 tokens: past 256
+    model = pairrm.backend.model
+    on = pairrm.backend.score(triples)
+    model._levers = False
+    try:
+        off = pairrm.backend.score(triples)
+    finally:
+        model._levers = True
+    assert routes == ["_BucketedPositions", "_SkewedPositions"]
+    assert abs(on - off).max() <= 1e-4
 
 
 def test_baseline_pads_like_the_reference_collator():

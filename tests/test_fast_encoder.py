@@ -11,32 +11,10 @@ import math
 
 import pytest
 import torch
-from transformers import DebertaV2Config
 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position, scaled_size_sqrt
 
+from pairrm_rlhf.bench import encoder_config
 from pairrm_rlhf.core.modeling import PairRMModel, attention_scale, fast_encoder, log_buckets, supports_fast_encoder
-
-
-def v3_config(hidden: int, layers: int, heads: int, init: float) -> DebertaV2Config:
-    """A small encoder with DeBERTa-v3-large's position settings."""
-    return DebertaV2Config(
-        vocab_size=1000,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=512,
-        type_vocab_size=0,
-        relative_attention=True,
-        max_relative_positions=-1,
-        position_buckets=256,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pos_att_type=["p2c", "c2p"],
-        position_biased_input=False,
-        pad_token_id=0,
-        initializer_range=init,
-    )
 
 
 def encode_both(model: PairRMModel, lengths: list[int], dtype: torch.dtype, seed: int = 0):
@@ -79,7 +57,7 @@ def test_log_bucket_edge_follows_float32():
 @pytest.mark.parametrize("lengths", [[8], [200], [2048], [1100, 513, 129, 8]], ids=["8", "200", "2048", "padded"])
 def test_fast_encoder_equals_float64_oracle(lengths):
     """float64: the fast encoder equals the stock computation to ~1e-9, padding included (real tokens compared)."""
-    config = v3_config(hidden=32, layers=3, heads=2, init=0.2)
+    config = encoder_config(3, 32, 2, vocab_size=1000, initializer_range=0.2)
     assert supports_fast_encoder(config)
     torch.manual_seed(0)
     stock, fast, real = encode_both(PairRMModel(config), lengths, torch.float64)
@@ -89,7 +67,7 @@ def test_fast_encoder_equals_float64_oracle(lengths):
 def test_padding_does_not_change_real_tokens():
     """A row's hidden states in a padded batch equal the same row alone (float64, to rounding)."""
     torch.manual_seed(0)
-    model = PairRMModel(v3_config(hidden=32, layers=3, heads=2, init=0.2))
+    model = PairRMModel(encoder_config(3, 32, 2, vocab_size=1000, initializer_range=0.2))
     _, batched, _ = encode_both(model, [700, 300], torch.float64)
     _, alone, _ = encode_both(model, [700], torch.float64)
     assert (batched[0] - alone[0]).abs().max().item() < 1e-9
@@ -113,7 +91,7 @@ def test_fast_encoder_float32_error_within_stock_float32_error():
     The fast path in float32 must be no worse than twice that (measured: 4.1e-3, 0.76x).
     """
     torch.manual_seed(0)
-    model = PairRMModel(v3_config(hidden=384, layers=6, heads=6, init=0.2))
+    model = PairRMModel(encoder_config(6, 384, 6, vocab_size=1000, initializer_range=0.2))
     oracle, _, real = encode_both(model, [600, 562], torch.float64)
     stock, fast, _ = encode_both(model, [600, 562], torch.float32)
     stock_error = (stock.double() - oracle)[real].abs().max().item()
@@ -141,7 +119,7 @@ def test_both_position_routes_equal_float64_oracle(lengths):
     """2L-1 <= 2*span (L <= 256) takes the skewed route, longer sequences the bucketed one: both are exact."""
     torch.manual_seed(1)
     stock, fast, real = encode_both(
-        PairRMModel(v3_config(hidden=32, layers=2, heads=2, init=0.2)), lengths, torch.float64
+        PairRMModel(encoder_config(2, 32, 2, vocab_size=1000, initializer_range=0.2)), lengths, torch.float64
     )
     assert (fast - stock)[real].abs().max().item() < 1e-9
 
@@ -155,7 +133,7 @@ def test_flashdeberta_kernel_equals_sdpa_route(lengths):
     pytest.importorskip("flashdeberta", reason="flashdeberta is not installed (pip install flashdeberta)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    model = PairRMModel(v3_config(hidden=128, layers=2, heads=2, init=0.02)).cuda().eval()
+    model = PairRMModel(encoder_config(2, 128, 2, vocab_size=1000, initializer_range=0.02)).cuda().eval()
     ids = torch.randint(5, 1000, (len(lengths), max(lengths)), device="cuda")
     mask = (torch.arange(max(lengths), device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]).long()
     with torch.no_grad():
@@ -166,7 +144,7 @@ def test_flashdeberta_kernel_equals_sdpa_route(lengths):
 
 
 def test_flashdeberta_kernel_refuses_cpu_in_one_line():
-    model = PairRMModel(v3_config(hidden=32, layers=1, heads=2, init=0.02)).eval()
+    model = PairRMModel(encoder_config(1, 32, 2, vocab_size=1000, initializer_range=0.02)).eval()
     embeddings = torch.zeros(1, 4, 32)
     with pytest.raises(ValueError, match=r"^attention_kernel 'flashdeberta' needs a CUDA device, got cpu$"):
         fast_encoder(model.pretrained_model.encoder, embeddings, torch.ones(1, 4, dtype=torch.bool), "flashdeberta")
@@ -175,19 +153,63 @@ def test_flashdeberta_kernel_refuses_cpu_in_one_line():
 
 
 def test_long_route_depends_on_precision(monkeypatch):
-    """float32/64 past 2L-1 > 2*span gathers from the buckets; bfloat16 autocast keeps the skewed route (faster
-    there)."""
+    """float32/64 past 2L-1 > 2*span (L > 256) gathers from the buckets; bfloat16 autocast keeps the skewed route
+    up to L = 2*span (512; faster there), and gathers beyond."""
     from pairrm_rlhf.core import modeling
 
     routes = []
     for name in ("_SkewedPositions", "_BucketedPositions"):
         cls = getattr(modeling, name)
         monkeypatch.setattr(modeling, name, lambda *a, cls=cls, name=name: routes.append(name) or cls(*a))
-    model = PairRMModel(v3_config(hidden=32, layers=1, heads=2, init=0.02)).eval()
+    model = PairRMModel(encoder_config(1, 32, 2, vocab_size=1000, initializer_range=0.02)).eval()
     hidden, mask = torch.randn(1, 300, 32), torch.ones(1, 300, dtype=torch.bool)
     with torch.no_grad():
         fast_encoder(model.pretrained_model.encoder, hidden, mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast_encoder(model.pretrained_model.encoder, hidden, mask)
         fast_encoder(model.pretrained_model.encoder, hidden[:, :256], mask[:, :256])
-    assert routes == ["_BucketedPositions", "_SkewedPositions", "_SkewedPositions"]
+        hidden, mask = torch.randn(1, 513, 32), torch.ones(1, 513, dtype=torch.bool)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_encoder(model.pretrained_model.encoder, hidden[:, :512], mask[:, :512])
+            fast_encoder(model.pretrained_model.encoder, hidden, mask)
+    assert routes == ["_BucketedPositions", "_SkewedPositions", "_SkewedPositions", "_SkewedPositions"] + [
+        "_BucketedPositions"
+    ]
+
+
+@pytest.mark.parametrize("terms", [["p2c", "c2p"], ["p2c"]], ids=["c2p+p2c", "p2c-only"])
+def test_bucketed_bias_equals_full_gathers_and_reuses_one_buffer(terms):
+    """The long route's bias, built per query block with the far keys (past the saturated log buckets) as an outer
+    sum, equals transformers' two full gathers bit for bit (padding masked through p2c), and every layer writes
+    the same [B, H, L, L] buffer (no fresh tensor per layer)."""
+    from pairrm_rlhf.core.modeling import _BucketedPositions, bucket_index
+
+    length, heads, d, span = 700, 2, 8, 256
+    generator = torch.Generator().manual_seed(0)
+    query, key = (
+        torch.randn(2, heads, length, d, generator=generator),
+        torch.randn(2, heads, length, d, generator=generator),
+    )
+    pos_query, pos_key = (
+        torch.randn(heads, 2 * span, d, generator=generator),
+        torch.randn(heads, 2 * span, d, generator=generator),
+    )
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[1, 600:] = False
+    index = bucket_index(length, span, 512, torch.device("cpu"))
+    positions = _BucketedPositions(index, mask)
+    assert 0 < positions.left_reach < length and 0 < positions.right_reach < length  # the far region exists
+    pos_key = pos_key if "c2p" in terms else None
+    got = positions.bias(query, key, pos_query, pos_key, 3.0).clone()
+    shape = (2, heads, length, length)
+    p2c = torch.matmul(key, pos_query.transpose(-1, -2) / 3.0)
+    p2c.masked_fill_(~mask[:, None, :, None], torch.finfo(p2c.dtype).min)
+    expected = torch.gather(p2c, -1, index.t().expand(shape)).transpose(-1, -2)
+    if pos_key is not None:
+        c2p = torch.matmul(query, pos_key.transpose(-1, -2) / 3.0)
+        expected = torch.gather(c2p, -1, index.expand(shape)) + expected
+    assert torch.equal(got, expected)
+    one_block = _BucketedPositions(index, mask, length)  # off the CPU: one block, every key gathered
+    assert torch.equal(one_block.bias(query, key, pos_query, pos_key, 3.0), expected)
+    again = positions.bias(key, query, pos_query, pos_key, 3.0)  # the next layer
+    assert again.data_ptr() == positions.buffer.data_ptr() and not torch.equal(again, got)

@@ -23,6 +23,9 @@ class PairRMModel(nn.Module):
     """
 
     attention_kernel: str = "sdpa"
+    # False: the fast encoder as issue 24 found it (the skewed position route at every length and dtype), for
+    # `pairrm-rlhf bench`'s side-by-side rows only; not an option of the library.
+    _levers: bool = True
 
     def __init__(self, config: DebertaV2Config, n_tasks: int = 1, dropout: float = 0.05):
         super().__init__()
@@ -46,7 +49,8 @@ class PairRMModel(nn.Module):
         encoder = self.pretrained_model
         embeddings = encoder.embeddings(input_ids=input_ids, mask=attention_mask)
         if not self.training and supports_fast_encoder(self.config):
-            return fast_encoder(encoder.encoder, embeddings, attention_mask.bool(), self.attention_kernel)
+            mask = attention_mask.bool()
+            return fast_encoder(encoder.encoder, embeddings, mask, self.attention_kernel, _levers=self._levers)
         return encoder.encoder(embeddings, attention_mask, output_hidden_states=False).last_hidden_state
 
     def forward(
@@ -157,25 +161,32 @@ def skew(scores: torch.Tensor) -> torch.Tensor:
     )
 
 
-def fast_encoder(encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+def fast_encoder(
+    encoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, kernel: str = "sdpa", *, _levers: bool = True
+) -> torch.Tensor:
     """Run a DeBERTa-v2 encoder's layers on embeddings `hidden` [B, L, H] with key padding `mask` [B, L].
 
     The relative-position terms take the cheaper of two exact routes (measured in docs/BENCHMARKS.md): up to
-    2L-1 <= 2*span relative distances, or in half precision, one GEMM per term against every distance, skewed into
-    [L, L] by a strided view; beyond, in float32/64, one GEMM per term against the 2*span buckets (a third of the
-    work at L = 683), gathered into [L, L] by the bucket index.
+    2L-1 <= 2*span relative distances (in half precision up to L <= 2*span), one GEMM per term against every
+    distance, skewed into [L, L] by a strided view; beyond, one GEMM per term against the 2*span buckets (a third
+    of the work at L = 683), gathered into [L, L] by the bucket index. Off the CPU, where none of this was measured,
+    half precision keeps the skewed route and the gathers are not split into blocks (the rules as measured in the
+    first round). `_levers=False` (bench only): the skewed route at every length, as issue 24 found the engine.
     """
     if kernel != "sdpa":
         return _flashdeberta_encoder(encoder, hidden, mask, kernel)
     length = hidden.shape[1]
     span, max_position = encoder.position_buckets, encoder.max_relative_positions
-    # In bfloat16 autocast the gather is the slower part (measured: 2.8 vs 2.3 CPU-s, 2 layers, 4 x 683 tokens).
+    # In half precision the GEMMs are cheaper, so the gathers pay off later (measured, 2 layers, bfloat16 autocast:
+    # skewed 1.09 vs bucketed 1.31 CPU-s at 8 x 300 tokens, 1.79 vs 1.70 at 4 x 683, 7.64 vs 5.51 at 3 x 2000).
     half_precision = torch.is_autocast_enabled(hidden.device.type) or hidden.dtype in (torch.bfloat16, torch.float16)
-    if 2 * length - 1 <= 2 * span or half_precision:
+    cpu = hidden.device.type == "cpu"
+    if length <= (span if not half_precision else 2 * span if cpu else length) or not _levers:
         positions = _SkewedPositions(relative_rows(length, span, max_position, hidden.device), mask)
         rel_embeddings = encoder.get_rel_embedding()[positions.rows]
     else:
-        positions = _BucketedPositions(bucket_index(length, span, max_position, hidden.device), mask)
+        index = bucket_index(length, span, max_position, hidden.device)
+        positions = _BucketedPositions(index, mask, None if cpu else length)
         rel_embeddings = encoder.get_rel_embedding()
     for layer in encoder.layer:
         attention = layer.attention
@@ -214,24 +225,68 @@ class _SkewedPositions:
 
 
 class _BucketedPositions:
-    """c2p/p2c against the 2*span position buckets ([B, H, L, 2*span]), gathered into [B, H, L, L] by the bucket
-    index: c2p[i, j] = q_i . k_pos[index[i, j]] and p2c[i, j] = k_j . q_pos[index[i, j]] (transformers' two gathers,
-    without its per-batch copies of the position projections). Padding keys are masked by filling their p2c rows."""
+    """c2p/p2c against the 2*span position buckets, gathered into [B, H, L, L] by the bucket index:
+    c2p[i, j] = q_i . k_pos[index[i, j]] (from [B, H, L, 2*span]) and p2c[i, j] = k_j . q_pos[index[i, j]] (from
+    [B, H, 2*span, L], gathered along the buckets: no transpose), without transformers' per-batch copies of the
+    position projections. Padding keys are masked by filling their p2c columns.
 
-    def __init__(self, index: torch.Tensor, mask: torch.Tensor):
-        self.index, self.index_t = index, index.t().contiguous()
-        self.key_padding = None if bool(mask.all()) else ~mask[:, None, :, None]
+    Built per block of query rows into one [B, H, L, L] buffer kept for every layer of the forward (a fresh tensor
+    of that size costs more in page faults than filling it). Past the distance where the log buckets saturate
+    (|i - j| >= ~512 with DeBERTa-v3's settings) index[i, j] is constant, so there c2p + p2c is an outer sum
+    c2p[i, far] + p2c[far, j], written by one broadcast add instead of two gathers. Bit-identical to gathering
+    everything (the same values, added in the same order).
+    """
+
+    block = 64  # query rows per block on CPU
+
+    def __init__(self, index: torch.Tensor, mask: torch.Tensor, block: int | None = None):
+        self.index, self.block = index, block or self.block
+        self.key_padding = None if bool(mask.all()) else ~mask[:, None, None, :]
+        self.buffer: torch.Tensor | None = None
+        # index[i, j] depends on i - j only and never decreases with it; its first row is i - j = -j.
+        first_row, first_column = index[0], index[:, 0]
+        self.far_right, self.far_left = int(first_row[-1]), int(first_column[-1])
+        # the smallest distances from which every farther key has the far index (L: never within this length)
+        self.right_reach = _first(first_row == self.far_right, len(first_row))
+        self.left_reach = _first(first_column == self.far_left, len(first_column))
 
     def bias(self, query, key, pos_query, pos_key, scale: float) -> torch.Tensor:
-        shape = (*query.shape[:2], query.shape[2], query.shape[2])
-        p2c = torch.matmul(key, pos_query.transpose(-1, -2) / scale)
+        batch, heads, length, _ = query.shape
+        p2c = torch.matmul(pos_query / scale, key.transpose(-1, -2))
         if self.key_padding is not None:
             p2c.masked_fill_(self.key_padding, torch.finfo(p2c.dtype).min)
-        bias = torch.gather(p2c, -1, self.index_t.expand(shape)).transpose(-1, -2)
-        if pos_key is None:
-            return bias
-        c2p = torch.matmul(query, pos_key.transpose(-1, -2) / scale)
-        return torch.gather(c2p, -1, self.index.expand(shape)).add_(bias)
+        c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2) / scale)
+        if self.buffer is None or self.buffer.dtype != p2c.dtype:
+            self.buffer = torch.empty((batch, heads, length, length), dtype=p2c.dtype, device=p2c.device)
+        for start in range(0, length, self.block):
+            stop = min(start + self.block, length)
+            # keys left of `low` are far left of every query of the block, keys from `high` far right
+            low, high = max(0, start - self.left_reach + 1), min(length, stop - 1 + self.right_reach)
+            self._fill(self.buffer[:, :, start:stop], c2p, p2c, start, stop, low, high)
+        return self.buffer
+
+    def _fill(self, out, c2p, p2c, start: int, stop: int, low: int, high: int) -> None:
+        rows = self.index[start:stop, low:high].expand(*out.shape[:2], stop - start, high - low)
+        near = torch.gather(p2c[..., low:high], -2, rows)
+        if c2p is None:
+            out[..., low:high] = near
+        else:
+            torch.add(torch.gather(c2p[:, :, start:stop], -1, rows), near, out=out[..., low:high])
+        for far, columns in ((self.far_left, slice(0, low)), (self.far_right, slice(high, out.shape[-1]))):
+            if columns.start < columns.stop:
+                p2c_far = p2c[:, :, far, None, columns]
+                if c2p is None:
+                    out[..., columns] = p2c_far
+                else:
+                    torch.add(c2p[:, :, start:stop, far, None], p2c_far, out=out[..., columns])
+
+
+def _first(flags: torch.Tensor, default: int) -> int:
+    """Index of the first True from which all are True (`default` when the last is False)."""
+    if not bool(flags[-1]):
+        return default
+    false = (~flags).nonzero()
+    return int(false[-1]) + 1 if len(false) else 0
 
 
 def _disentangled_attention(
