@@ -144,14 +144,16 @@ def test_sppo_config_samples_as_the_authors_with_vllm(hf_model, tmp_path, monkey
 
     from accelerate import PartialState
     from datasets import Dataset
+    from fake_vllm import keep_launcher_env
 
+    keep_launcher_env(monkeypatch)  # the colocated engine sets RANK, MASTER_PORT, ...: restored after the test
     built = {}
     module = types.ModuleType("vllm")
     module.SamplingParams = lambda **kwargs: types.SimpleNamespace(kwargs=kwargs)
 
     class LLM:
         def __init__(self, model, **kwargs):
-            built["model"] = model
+            built["model"], built["engine"] = model, kwargs
 
         def chat(self, conversations, params, use_tqdm=True):
             built["params"] = params.kwargs
@@ -185,6 +187,7 @@ def test_sppo_config_samples_as_the_authors_with_vllm(hf_model, tmp_path, monkey
         config.sampling(),
     )
     assert built["model"] == "Qwen/Qwen2.5-0.5B-Instruct" and len(pairs) == 2
+    assert built["engine"]["distributed_executor_backend"] == "external_launcher"  # on this process's own GPU
     params = dict(built["params"])
     params.pop("seed")
     assert params == {
