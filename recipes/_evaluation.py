@@ -17,8 +17,9 @@ import torch
 
 from pairrm_rlhf.core import assets, generation
 from pairrm_rlhf.core.generation import SamplingArguments, build_generation_config, sample_responses
+from pairrm_rlhf.core.sampling import check_backend
 from pairrm_rlhf.evaluation.length import length_controlled_win_rate
-from pairrm_rlhf.labeling.generation import BACKENDS, ResponseSampler
+from pairrm_rlhf.labeling.generation import ResponseSampler
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.judge import PairRMJudge
 
@@ -89,8 +90,7 @@ def vllm_generate(
 def check_sampling_backend(config: Any) -> None:
     """A one-line ValueError for a `sampling_backend` that is neither transformers nor vllm; `vllm` also turns on the
     TRL trainer's own vLLM rollouts (`use_vllm`; `vllm_mode` colocate by default, or server) where it has them."""
-    if config.sampling_backend not in BACKENDS:
-        raise ValueError(f"--sampling_backend must be one of {', '.join(BACKENDS)}, got {config.sampling_backend!r}")
+    check_backend(config.sampling_backend)
     if hasattr(config, "use_vllm"):
         config.use_vllm |= config.sampling_backend == "vllm"
 
@@ -138,8 +138,7 @@ class Evaluator:
         backend: str = "transformers",
         gpu_memory_utilization: float = 0.3,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"--sampling_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.judge, self.prompts, self.references, self.sampling, self.seed = judge, prompts, references, sampling, seed
         self.dtype = dtype  # the run's compute dtype (`compute_dtype`): sampling runs under autocast to it
         self.backend, self.gpu_memory_utilization = backend, gpu_memory_utilization

@@ -79,8 +79,8 @@ from pairrm_rlhf.core import assets
 from pairrm_rlhf.core.entry import check_hub_id
 from pairrm_rlhf.core.generation import SamplingArguments, colocated_vllm
 from pairrm_rlhf.core.identity import check_run_identity
+from pairrm_rlhf.core.sampling import BACKENDS
 from pairrm_rlhf.labeling import PreferenceLabeler, save_dataset
-from pairrm_rlhf.labeling.generation import BACKENDS
 from pairrm_rlhf.labeling.store import remove_store
 from pairrm_rlhf.pairrm import PairRM
 from pairrm_rlhf.trl.sppo import PROB_COLUMNS, SPPO_PROBABILITIES, SPPOTrainer, authors_probabilities

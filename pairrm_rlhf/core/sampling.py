@@ -7,6 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Who samples: transformers' `generate` or vLLM (`core.generation.vllm_sampling_params`: the same sampling).
+BACKENDS = ("transformers", "vllm")
+
+
+def check_backend(value: str, flag: str = "--sampling_backend") -> None:
+    """A one-line ValueError naming `flag` when `value` is not one of `BACKENDS`."""
+    if value not in BACKENDS:
+        raise ValueError(f"{flag} must be one of {', '.join(BACKENDS)}, got {value!r}")
+
 # Sampling fields, their neutral values (what "not set" means unless the user opts in to the checkpoint's).
 NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 # Other logits processors a checkpoint may switch on; always set to their neutral values.

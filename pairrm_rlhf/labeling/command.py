@@ -124,8 +124,8 @@ def validate(label_args: LabelArguments, pairrm_args: PairRMArguments, sampling_
     """Check every setting that needs no data or model; one-line ValueError/FileNotFoundError naming the flag."""
     from ..core import assets
     from ..core.formats import CONVERSATION_FORMATS
+    from ..core.sampling import BACKENDS
     from ..core.settings import check_choice
-    from .generation import BACKENDS
     from .io import OUTPUT_FORMATS, output_format_of
     from .pairs import AGGREGATIONS, STRATEGIES
 

@@ -30,8 +30,7 @@ from ..core.generation import (
     render_prompts,
     sample_responses,
 )
-
-BACKENDS = ("transformers", "vllm")
+from ..core.sampling import check_backend
 
 
 class ResponseSampler:
@@ -65,8 +64,7 @@ class ResponseSampler:
         batch_size: int = 16,
         compute_dtype: torch.dtype | None = None,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend, "backend")
         if batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1, got {batch_size}")
         if sampling is not None and not isinstance(sampling, SamplingArguments):

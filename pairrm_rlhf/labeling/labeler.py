@@ -30,10 +30,11 @@ from ..core.backend import PairBackend
 from ..core.formats import CONVERSATION_FORMATS, is_finished, render
 from ..core.generation import SamplingArguments
 from ..core.progress import progress_enabled
+from ..core.sampling import check_backend
 from ..core.settings import check_choice
 from ..data import check_prompts, require_columns
 from ..pairrm import PairRM
-from .generation import BACKENDS, ResponseSampler
+from .generation import ResponseSampler
 from .pairs import AGGREGATIONS, STRATEGIES, LabelStats, aggregate, select_pairs
 from .store import WORK_FORMAT, ChunkStore
 
@@ -112,8 +113,7 @@ class PreferenceLabeler:
     ):
         check_choice("aggregation", aggregation, AGGREGATIONS)
         check_choice("strategy", strategy, STRATEGIES)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend, "backend")
         if responses_column is None and num_responses < 2:
             raise ValueError(f"num_responses must be >= 2 (a preference pair needs two responses), got {num_responses}")
         if pairs_per_prompt is not None and pairs_per_prompt < 1:

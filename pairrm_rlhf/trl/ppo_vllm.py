@@ -34,9 +34,8 @@ import torch
 from torch import nn
 
 from ..core.generation import SamplingArguments, colocated_vllm, vllm_sampling_params
+from ..core.sampling import check_backend
 from .ppo_config import PPOConfig
-
-BACKENDS = ("transformers", "vllm")
 
 
 class VLLMRollouts:
@@ -90,8 +89,7 @@ class VLLMRollouts:
 def make_rollouts(config: PPOConfig, policy: nn.Module, accelerator: Any, eos_ids: list[int],
                   pad_id: int) -> VLLMRollouts | None:
     """The vLLM rollout engine for `sampling_backend: vllm`, None for transformers; a one-line error otherwise."""
-    if config.sampling_backend not in BACKENDS:
-        raise ValueError(f"--sampling_backend must be one of {', '.join(BACKENDS)}, got {config.sampling_backend!r}")
+    check_backend(config.sampling_backend)
     if config.sampling_backend == "transformers":
         return None
     return VLLMRollouts(policy.name_or_path, config, accelerator, eos_ids, pad_id)
